@@ -1,0 +1,81 @@
+"""The key schema: every Redis key the transport owns, in one place.
+
+All keys start with ``<global_keyprefix>celery-streams:``, so they never collide
+with kombu's list transport (both can share one Redis during a migration) and
+one ``SCAN MATCH <prefix>celery-streams:*`` finds every key the transport owns.
+
+======================================  ======  =========================================
+key                                     type    holds
+======================================  ======  =========================================
+``{P}celery-streams:schema``            string  schema version of the keys below (``1``)
+``{P}celery-streams:queues``            hash    queue name -> kind (``task`` / ``fanout``)
+``{P}celery-streams:bind:{E}``          set     bindings of exchange E:
+                                                ``routing_key SEP pattern SEP queue``
+``{P}celery-streams:q:{Q}``             stream  messages of queue Q, one consumer group
+                                                (``consumer_group``) shared by all workers
+``{P}celery-streams:q:{Q}:dead``        stream  dead letters of queue Q
+======================================  ======  =========================================
+
+``P`` is kombu's ``global_keyprefix`` (empty by default). The braces around a
+queue or exchange name are a Redis Cluster hash tag: every key of one queue
+lands in one slot, so cluster support needs no new schema.
+
+A stream entry has the fields ``payload`` (kombu's JSON envelope) and, once a
+message was put back after a delivery, ``deliveries`` (how many times it was
+delivered before).
+"""
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+NAMESPACE = 'celery-streams:'
+SEP = '\x06\x16'   # the separator kombu's Redis transport uses in bindings
+
+TASK = 'task'
+FANOUT = 'fanout'
+
+
+class Keys:
+    """Builds the keys of one transport under one ``global_keyprefix``."""
+
+    def __init__(self, global_keyprefix: str = ''):
+        self.prefix = (global_keyprefix or '') + NAMESPACE
+        self.schema = self.prefix + 'schema'
+        self.queues = self.prefix + 'queues'
+        self._queue_head = self.prefix + 'q:{'
+
+    def queue(self, queue: str) -> str:
+        """The stream of ``queue``."""
+        return self._queue_head + queue + '}'
+
+    def dead_letters(self, queue: str) -> str:
+        """The dead-letter stream of ``queue``."""
+        return self._queue_head + queue + '}:dead'
+
+    def bindings(self, exchange: str) -> str:
+        """The set of bindings of ``exchange``."""
+        return self.prefix + 'bind:{' + exchange + '}'
+
+    def queue_of(self, stream_key: str) -> str:
+        """The queue name of a queue stream key (inverse of :meth:`queue`)."""
+        return stream_key[len(self._queue_head):-1]
+
+    @property
+    def match_all(self) -> str:
+        """A SCAN pattern matching every key of this transport, and nothing else."""
+        return glob_escape(self.prefix) + '*'
+
+
+def glob_escape(text: str) -> str:
+    """Escape the characters Redis' glob-style MATCH treats specially."""
+    return ''.join('\\' + c if c in '*?[]\\' else c for c in text)
+
+
+def binding_member(routing_key: str, pattern: str, queue: str) -> str:
+    return SEP.join([routing_key or '', pattern or '', queue or ''])
+
+
+def parse_binding(member: bytes | str) -> tuple[str, str, str]:
+    if isinstance(member, bytes):
+        member = member.decode()
+    routing_key, pattern, queue = member.split(SEP)
+    return routing_key, pattern, queue

@@ -1,0 +1,122 @@
+"""Transport options: one object, parsed and checked once.
+
+Set them as Celery's ``broker_transport_options`` (or kombu's
+``Connection(transport_options=...)``). Names follow kombu's Redis transport
+wherever the meaning is the same.
+
+=========================  ===============  ===========================================
+option                     default          meaning
+=========================  ===============  ===========================================
+``global_keyprefix``       ``''``           prefix of every key (kombu's option)
+``consumer_group``         ``'celery'``     the consumer group shared by all workers
+``polling_interval``       ``1.0``          seconds one ``XREADGROUP ... BLOCK`` waits
+                                            at most (kombu: the BRPOP timeout)
+``visibility_timeout``     ``3600``         seconds before a dead consumer's messages
+                                            may be handed to another consumer
+``max_deliveries``         ``10``           deliveries before a message is dead-lettered
+``dead_letter_maxlen``     ``10000``        dead letters kept per queue (oldest trimmed)
+``fanout_maxlen``          ``1000``         entries a broadcast queue keeps (oldest
+                                            trimmed), the window a reconnecting
+                                            worker can catch up on
+``max_connections``        ``10``           connections in the publish/ack pool
+``socket_timeout``         ``None``         redis-py socket timeout, seconds
+``socket_connect_timeout`` ``None``         redis-py connect timeout, seconds
+``socket_keepalive``       ``None``         TCP keepalive
+``socket_keepalive_options`` ``None``       TCP keepalive options
+``health_check_interval``  ``25``           seconds between redis-py health checks
+``retry_on_timeout``       ``None``         redis-py retry on timeout
+``client_name``            ``None``         ``CLIENT SETNAME`` of every connection
+``queue_order_strategy``   ``round_robin``  kombu's name; queues are read in one call,
+                                            the order only matters when the prefetch
+                                            budget is smaller than the queue count
+=========================  ===============  ===========================================
+
+Options kombu's Redis transport knows but that mean nothing here (its ack
+emulation, BRPOP and PUB/SUB settings) are accepted with one warning. A name
+neither kombu nor this transport knows is an error: a typo must not pass.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from .errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+#: kombu's Redis-transport options that have no meaning on streams.
+IGNORED = frozenset({
+    'ack_emulation', 'unacked_key', 'unacked_index_key', 'unacked_mutex_key',
+    'unacked_mutex_expire', 'unacked_restore_limit', 'unacked_restore_interval',
+    'unacked_restore_throttle', 'sep', 'fanout_prefix', 'fanout_patterns',
+    'priority_steps', 'reauth_check_interval', 'credential_provider',
+    'brpop_timeout',
+})
+
+#: Options read by kombu itself (the connection, the virtual channel, Celery).
+KOMBU_OWN = frozenset({
+    'max_retries', 'interval_start', 'interval_step', 'interval_max',
+    'connect_retries_timeout', 'body_encoding', 'deadletter_queue',
+    'confirm_publish', 'visibility_timeout_buffer', 'result_chord_ordered',
+})
+
+
+@dataclass(frozen=True)
+class Options:
+    global_keyprefix: str = ''
+    consumer_group: str = 'celery'
+    polling_interval: float = 1.0
+    visibility_timeout: float = 3600.0
+    max_deliveries: int = 10
+    dead_letter_maxlen: int = 10000
+    fanout_maxlen: int = 1000
+    max_connections: int = 10
+    socket_timeout: float | None = None
+    socket_connect_timeout: float | None = None
+    socket_keepalive: bool | None = None
+    socket_keepalive_options: dict | None = None
+    health_check_interval: float = 25
+    retry_on_timeout: bool | None = None
+    client_name: str | None = None
+    queue_order_strategy: str = 'round_robin'
+    ignored: tuple = field(default=(), compare=False)
+
+    @classmethod
+    def from_transport_options(cls, transport_options: Mapping[str, Any] | None) -> Options:
+        """Parse kombu's ``transport_options``; raise one line on a name nobody knows."""
+        given = dict(transport_options or {})
+        ours = {f.name: f for f in fields(cls) if f.name != 'ignored'}
+        unknown = sorted(k for k in given if k not in ours and k not in IGNORED and k not in KOMBU_OWN)
+        if unknown:
+            raise ConfigurationError(
+                'unknown transport option(s) %s for celery_streams; known: %s'
+                % (', '.join(map(repr, unknown)), ', '.join(sorted(ours))))
+        values = {k: given[k] for k in ours if k in given}
+        for name in ('polling_interval', 'visibility_timeout'):
+            if name in values:
+                values[name] = _positive(name, values[name], float)
+        for name in ('max_deliveries', 'dead_letter_maxlen', 'fanout_maxlen', 'max_connections'):
+            if name in values:
+                values[name] = _positive(name, values[name], int)
+        if not isinstance(values.get('consumer_group', 'x'), str) or not values.get('consumer_group', 'x'):
+            raise ConfigurationError('transport option consumer_group must be a non-empty string')
+        ignored = tuple(sorted(k for k in given if k in IGNORED))
+        return cls(ignored=ignored, **values)
+
+    def warn_ignored(self) -> None:
+        if self.ignored:
+            logger.warning(
+                'celery_streams: transport option(s) %s mean nothing on Redis Streams and are ignored',
+                ', '.join(self.ignored))
+
+
+def _positive(name, value, kind):
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number <= 0:
+        raise ConfigurationError(
+            'transport option %s must be a positive number, not %r' % (name, value))
+    return number

@@ -1,0 +1,151 @@
+"""The consume loop: one outstanding ``XREADGROUP ... BLOCK`` per consuming channel.
+
+Two drivers share this code:
+
+* the worker's event hub (prefork, the default): :meth:`Poller.attach` adds an
+  ``on_tick`` callback that *sends* a read for every channel that may consume
+  and registers its socket; the hub calls :meth:`Poller.on_readable` when the
+  reply is there, so the hub never blocks on Redis;
+* ``Connection.drain_events`` (``-P solo``, ``-P threads``, gevent, plain kombu):
+  :meth:`Poller.drain_events` sends the same reads and waits on the sockets
+  with ``poll()``.
+
+Reads always block with a bound (``polling_interval``), never ``BLOCK 0``: on
+Redis 6.2 a reader blocked on a deleted stream only learns about it from the
+next read (see docs/design).
+"""
+from __future__ import annotations
+
+import logging
+import select
+import socket
+from time import monotonic, sleep
+
+logger = logging.getLogger(__name__)
+
+#: Seconds past the server-side BLOCK after which a read without reply means a
+#: dead (half-open) connection.
+STALE_READ_MARGIN = 10.0
+
+
+class Poller:
+    """The channels of one transport that consume, and their outstanding reads."""
+
+    def __init__(self):
+        self.channels = []
+        self.hub = None
+        self._hub_fds = {}   # fd -> channel, registered with the hub
+
+    def add(self, channel):
+        if channel not in self.channels:
+            self.channels.append(channel)
+
+    def discard(self, channel):
+        if channel in self.channels:
+            self.channels.remove(channel)
+        for fd, owner in list(self._hub_fds.items()):
+            if owner is channel:
+                self._forget_fd(fd)
+
+    # -- the event hub --------------------------------------------------------
+
+    def attach(self, hub):
+        self.hub = hub
+        hub.on_tick.add(self.on_tick)
+        hub.on_close.add(lambda hub: self.detach())
+
+    def detach(self):
+        if self.hub is not None:
+            self.hub.on_tick.discard(self.on_tick)
+            for fd in list(self._hub_fds):
+                self._forget_fd(fd)
+            self.hub = None
+
+    def on_tick(self):
+        for channel in list(self.channels):
+            self._start(channel)
+
+    def on_readable(self, fd):
+        channel = self._hub_fds.get(fd)
+        if channel is None:
+            self._forget_fd(fd)
+            return
+        if not channel.reading:
+            # No reply is expected: the server closed the idle connection.
+            self._forget_fd(fd)
+            channel.drop_reader_connection()
+            return
+        try:
+            channel.finish_read()
+        except Exception:
+            self._forget_fd(fd)
+            raise
+        self._start(channel)
+
+    def _start(self, channel):
+        try:
+            fd = channel.start_read()
+        except Exception:
+            self._forget_channel_fds(channel)
+            raise
+        if fd is None:
+            self._forget_channel_fds(channel)
+        elif self._hub_fds.get(fd) is not channel:
+            self._forget_channel_fds(channel)
+            self._hub_fds[fd] = channel
+            self.hub.add_reader(fd, self.on_readable, fd)
+        channel.check_stale_read(STALE_READ_MARGIN)
+
+    def _forget_channel_fds(self, channel):
+        for fd, owner in list(self._hub_fds.items()):
+            if owner is channel:
+                self._forget_fd(fd)
+
+    def _forget_fd(self, fd):
+        self._hub_fds.pop(fd, None)
+        if self.hub is not None:
+            try:
+                self.hub.remove_reader(fd)
+            except (KeyError, ValueError, OSError):
+                pass
+
+    # -- drain_events ---------------------------------------------------------
+
+    def drain_events(self, timeout=None):
+        """Deliver what the next replies hold; raise ``socket.timeout`` when none came."""
+        deadline = None if timeout is None else monotonic() + timeout
+        while True:
+            reading = {}
+            for channel in list(self.channels):
+                fd = channel.start_read()
+                if fd is not None:
+                    reading[fd] = channel
+            remaining = None if deadline is None else max(deadline - monotonic(), 0)
+            if not reading:
+                if remaining == 0:
+                    raise socket.timeout()
+                # Nothing may be read now (no consumer, or QoS full): wait a bit.
+                sleep(0.05 if remaining is None else min(0.05, remaining))
+                continue
+            ready = _wait_readable(reading, remaining)
+            delivered = False
+            for fd in ready:
+                delivered = reading[fd].finish_read() or delivered
+            if delivered:
+                return
+            for channel in reading.values():
+                channel.check_stale_read(STALE_READ_MARGIN)
+            if deadline is not None and monotonic() >= deadline:
+                raise socket.timeout()
+
+
+def _wait_readable(fds, timeout):
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+    try:
+        events = poller.poll(None if timeout is None else timeout * 1000)
+    except InterruptedError:  # pragma: no cover
+        return []
+    return [fd for fd, _ in events]
+

@@ -1,0 +1,33 @@
+-- Put one delivered entry back at the tail of its stream, if it is still ours.
+--
+-- KEYS[1] - the queue stream
+-- ARGV[1] - consumer group
+-- ARGV[2] - consumer name that must still own the entry
+-- ARGV[3] - entry id
+--
+-- Returns the id of the new entry, or false when the entry is no longer
+-- pending for this consumer (acked, drained, purged, claimed by another
+-- consumer): such an entry must never come back.
+-- The new entry carries `deliveries` = old value + 1, so the count survives.
+local ok, pending = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
+if not ok or #pending == 0 then
+    return false
+end
+local entry = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+if #entry == 0 then
+    return false
+end
+local fields, copy, deliveries = entry[1][2], {}, 0
+for i = 1, #fields, 2 do
+    if fields[i] == 'deliveries' then
+        deliveries = tonumber(fields[i + 1]) or 0
+    else
+        copy[#copy + 1] = fields[i]
+        copy[#copy + 1] = fields[i + 1]
+    end
+end
+copy[#copy + 1] = 'deliveries'
+copy[#copy + 1] = tostring(deliveries + 1)
+return redis.call('XADD', KEYS[1], '*', unpack(copy))

@@ -1,0 +1,681 @@
+"""Kombu transport on Redis Streams consumer groups.
+
+Use it from Celery with two settings::
+
+    broker_url = 'redis://localhost:6379/0'
+    broker_transport = 'celery_streams.transport:Transport'
+
+or, once ``import celery_streams`` ran in the process, with a URL alone:
+``redis-streams://localhost:6379/0`` (``rediss-streams://`` for TLS).
+
+Each kombu queue is a stream; all workers share one consumer group per stream
+(``consumer_group``), so each message goes to one of them and stays in the
+group's pending entries list (PEL) until it is acked (``XACK``, then ``XDEL``).
+Broadcast (fanout) exchanges copy each message into the stream of every bound
+queue, trimmed to ``fanout_maxlen`` entries.
+
+A worker's consume loop heals itself: when a read fails with ``NOGROUP`` or
+``UNBLOCKED`` (a group or stream vanished), it re-creates the group with
+``MKSTREAM`` (at id ``0`` for task queues, so nothing published meanwhile is
+skipped), re-writes its queue registry and bindings, logs one line and reads
+again.
+
+Transport options: see :mod:`celery_streams.options`. Key schema: see
+:mod:`celery_streams.keys`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from fnmatch import fnmatchcase
+from functools import cached_property
+from time import monotonic, time
+
+import redis
+from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
+from kombu.utils.json import dumps, loads
+
+from . import errors
+from .keys import FANOUT, SCHEMA_VERSION, TASK, Keys, binding_member, parse_binding
+from .options import Options
+from .poller import Poller
+from .qos import QoS, make_tag, parse_tag
+from .scripts import Scripts
+
+logger = logging.getLogger(__name__)
+
+#: Messages read at once by a consumer without a prefetch limit (no_ack consumers).
+UNLIMITED_BATCH = 100
+#: URL schemes this transport answers to (registered by ``import celery_streams``).
+SCHEMES = ('redis-streams', 'rediss-streams')
+TLS_SCHEMES = ('rediss-streams',)
+
+
+class Channel(virtual.Channel):
+    """One kombu channel: a pooled client for writes, a dedicated one for the blocking read."""
+
+    QoS = QoS
+    supports_fanout = True
+    do_restore = True
+
+    #: The read outstanding on :attr:`client`: (connection, queues, noack, sent_at).
+    _reading = None
+
+    def __init__(self, connection, **kwargs):
+        super().__init__(connection, **kwargs)
+        options = self.options = connection.options
+        self.keys = Keys(options.global_keyprefix)
+        self.group = options.consumer_group
+        self.block_ms = int(options.polling_interval * 1000)
+        self.consumer_name = '%s:%s:%s' % (socket.gethostname(), os.getpid(), self.channel_id)
+        self._noack_queues = set()
+        self._fanout_queues = {}       # queue -> exchange, for queues bound to a fanout exchange
+        self._expires = {}             # queue -> x-expires in ms
+        self._message_ttl = {}         # queue -> x-message-ttl in ms
+        self._auto_delete = set()
+        self._expiry_refreshed_at = 0.0
+        self._rotation = 0
+        self.pool = redis.ConnectionPool(**self._connparams())
+        self.pool_client = redis.Redis(connection_pool=self.pool)
+        self.scripts = Scripts(self.pool_client)
+        try:
+            self._check_server()
+        except Exception:
+            self.pool.disconnect()
+            raise
+        connection.poller.add(self)
+
+    # -- connecting -----------------------------------------------------------
+
+    def _connparams(self):
+        conninfo = self.connection.client
+        options = self.options
+        params = {
+            'host': conninfo.hostname or '127.0.0.1',
+            'port': conninfo.port or DEFAULT_PORT,
+            'db': _database(conninfo.virtual_host),
+            'username': conninfo.userid,
+            'password': conninfo.password,
+            'max_connections': options.max_connections,
+            'socket_timeout': options.socket_timeout,
+            'socket_connect_timeout': options.socket_connect_timeout,
+            'socket_keepalive': options.socket_keepalive,
+            'socket_keepalive_options': options.socket_keepalive_options,
+            'health_check_interval': options.health_check_interval,
+            'retry_on_timeout': options.retry_on_timeout,
+            'client_name': options.client_name,
+        }
+        ssl = conninfo.ssl
+        if ssl or conninfo.transport_cls in TLS_SCHEMES:
+            params['connection_class'] = redis.SSLConnection
+            if isinstance(ssl, dict):
+                params.update(ssl)
+        return {k: v for k, v in params.items() if v is not None}
+
+    def _check_server(self):
+        """Fail early and in one line on credentials, schema or eviction trouble."""
+        try:
+            with self.pool_client.pipeline(transaction=False) as pipe:
+                pipe.ping()
+                pipe.set(self.keys.schema, SCHEMA_VERSION, nx=True)
+                pipe.get(self.keys.schema)
+                _, _, version = pipe.execute()
+        except redis.AuthenticationError as exc:
+            raise errors.ConfigurationError(
+                'Redis refused the credentials for %s: %s' % (self._where(), exc)) from None
+        except redis.ResponseError as exc:
+            if str(exc).startswith(('NOAUTH', 'WRONGPASS', 'NOPERM')):
+                raise errors.ConfigurationError(
+                    'Redis refused access for %s: %s' % (self._where(), exc)) from None
+            raise
+        if version is not None and int(version) != SCHEMA_VERSION:
+            raise errors.SchemaMismatch(
+                'keys under %r use schema %s, this celery_streams writes schema %s'
+                % (self.keys.prefix, int(version), SCHEMA_VERSION))
+        self.connection.check_eviction_policy(self.pool_client)
+
+    def _where(self):
+        conninfo = self.connection.client
+        return '%s:%s' % (conninfo.hostname or '127.0.0.1', conninfo.port or DEFAULT_PORT)
+
+    @cached_property
+    def client(self):
+        """The dedicated connection for the blocking read (``client.connection``)."""
+        return redis.Redis(connection_pool=redis.ConnectionPool(
+            **dict(self._connparams(), max_connections=1)), single_connection_client=True)
+
+    def drop_reader_connection(self):
+        client = self.__dict__.get('client')
+        if client is not None and client.connection is not None:
+            client.connection.disconnect()
+        self._reading = None
+
+    # -- declaring ------------------------------------------------------------
+
+    def _new_queue(self, queue, auto_delete=False, **kwargs):
+        arguments = kwargs.get('arguments') or {}
+        if auto_delete:
+            self._auto_delete.add(queue)
+        self._set_or_clear(self._expires, queue, arguments.get('x-expires'))
+        self._set_or_clear(self._message_ttl, queue, arguments.get('x-message-ttl'))
+        with self.pool_client.pipeline(transaction=False) as pipe:
+            pipe.xgroup_create(self.keys.queue(queue), self.group, id='0', mkstream=True)
+            pipe.hsetnx(self.keys.queues, queue, TASK)
+            if queue in self._expires:
+                pipe.pexpire(self.keys.queue(queue), self._expires[queue])
+            _raise_unless_busygroup(pipe.execute(raise_on_error=False))
+
+    @staticmethod
+    def _set_or_clear(mapping, queue, value):
+        try:
+            mapping[queue] = int(value)
+        except (TypeError, ValueError):
+            mapping.pop(queue, None)
+
+    def prepare_queue_arguments(self, arguments, **kwargs):
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
+
+    def _has_queue(self, queue, **kwargs):
+        return bool(self.pool_client.exists(self.keys.queue(queue)))
+
+    def _queue_bind(self, exchange, routing_key, pattern, queue):
+        with self.pool_client.pipeline(transaction=False) as pipe:
+            self._write_binding(pipe, exchange, routing_key, pattern, queue)
+            pipe.execute()
+
+    def _write_binding(self, pipe, exchange, routing_key, pattern, queue):
+        pipe.sadd(self.keys.bindings(exchange), binding_member(routing_key, pattern, queue))
+        if self.typeof(exchange).type == 'fanout':
+            self._fanout_queues[queue] = exchange
+            pipe.hset(self.keys.queues, queue, FANOUT)
+
+    def get_table(self, exchange):
+        members = self.pool_client.smembers(self.keys.bindings(exchange))
+        if members:
+            return [parse_binding(member) for member in members]
+        # The bindings are gone (nuked, or never written): fall back on what this
+        # process declared, and write them back so other processes see them again.
+        local = self.state.exchanges.get(exchange, {}).get('table') or []
+        if local:
+            with self.pool_client.pipeline(transaction=False) as pipe:
+                for routing_key, pattern, queue in local:
+                    self._write_binding(pipe, exchange, routing_key, pattern, queue)
+                pipe.execute()
+        return list(local)
+
+    def queue_delete(self, queue, if_unused=False, if_empty=False, **kwargs):
+        if if_empty and self._size(queue):
+            return
+        with self.pool_client.pipeline(transaction=False) as pipe:
+            for exchange, routing_key, args in self.state.queue_bindings(queue):
+                _, pattern, _ = self.typeof(exchange).prepare_bind(queue, exchange, routing_key, args)
+                pipe.srem(self.keys.bindings(exchange), binding_member(routing_key, pattern, queue))
+            pipe.delete(self.keys.queue(queue))
+            pipe.hdel(self.keys.queues, queue)
+            pipe.execute()
+        self.state.queue_bindings_delete(queue)
+        self._auto_delete.discard(queue)
+
+    # -- publishing -----------------------------------------------------------
+
+    def _put(self, queue, message, **kwargs):
+        key = self.keys.queue(queue)
+        try:
+            if queue in self._expires:
+                with self.pool_client.pipeline(transaction=False) as pipe:
+                    pipe.xadd(key, {'payload': dumps(message)})
+                    pipe.pexpire(key, self._expires[queue])
+                    pipe.execute()
+            else:
+                self.pool_client.xadd(key, {'payload': dumps(message)})
+        except redis.ResponseError as exc:
+            raise errors.translate_write_error(exc) from None
+
+    def _put_fanout(self, exchange, message, routing_key, **kwargs):
+        queues = [queue for bound_key, _, queue in self.get_table(exchange)
+                  if _fanout_matches(bound_key, routing_key)]
+        if not queues:
+            return
+        payload = dumps(message)
+        with self.pool_client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                self.scripts.fanout(keys=[self.keys.queue(queue)],
+                                    args=[self.options.fanout_maxlen, payload], client=pipe)
+            results = pipe.execute(raise_on_error=False)
+        for queue, result in zip(queues, results):
+            if isinstance(result, Exception):
+                raise errors.translate_write_error(result)
+            if result is None:   # the queue is gone: drop its stale binding
+                self.pool_client.srem(self.keys.bindings(exchange), *[
+                    binding_member(k, p, q) for k, p, q in self.get_table(exchange) if q == queue])
+
+    # -- consuming ------------------------------------------------------------
+
+    def basic_consume(self, queue, no_ack, *args, **kwargs):
+        if no_ack:
+            self._noack_queues.add(queue)
+        else:
+            self._noack_queues.discard(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def basic_cancel(self, consumer_tag):
+        queue = self._tag_to_queue.get(consumer_tag)
+        result = super().basic_cancel(consumer_tag)
+        if queue is not None and queue not in self._active_queues:
+            self._noack_queues.discard(queue)
+        return result
+
+    @property
+    def reading(self):
+        return self._reading is not None
+
+    def start_read(self):
+        """Send one ``XREADGROUP`` over the consumed streams unless one is out.
+
+        Returns the socket's file descriptor while a read is outstanding, else None.
+        """
+        if self._reading is not None:
+            return self._reading[0]._sock.fileno()
+        if self.closed or not self._active_queues:
+            return None
+        budget = self._read_budget()
+        if not budget:
+            return None
+        queues = self._queues_to_read(budget)
+        count = max(budget // len(queues), 1)
+        noack = all(queue in self._noack_queues for queue in queues)
+        self._refresh_expiry(queues)
+        args = ['XREADGROUP', 'GROUP', self.group, self.consumer_name,
+                'COUNT', count, 'BLOCK', self.block_ms]
+        if noack:
+            args.append('NOACK')
+        args += ['STREAMS', *[self.keys.queue(q) for q in queues], *['>'] * len(queues)]
+        connection = self.client.connection
+        try:
+            if connection._sock is None:
+                connection.connect()
+            connection.send_command(*args)
+        except errors.connection_errors:
+            connection.disconnect()
+            raise
+        self._reading = (connection, queues, noack, monotonic())
+        return connection._sock.fileno()
+
+    def _read_budget(self):
+        """How many messages the next read may return (kombu's prefetch rules)."""
+        qos = self.qos
+        if not qos.can_consume():
+            return 0
+        if 'can_consume' in vars(qos):
+            # Celery's worker_disable_prefetch patched can_consume: one at a time.
+            return 1
+        estimate = qos.can_consume_max_estimate()
+        return UNLIMITED_BATCH if estimate is None else estimate
+
+    def _queues_to_read(self, budget):
+        """The queues of the next read: all of them, or ``budget`` of them in turn.
+
+        COUNT applies per stream, so with fewer credits than queues only that many
+        streams are read, each with COUNT 1, rotating so none starves.
+        """
+        queues = list(dict.fromkeys(self._active_queues))
+        if self.options.queue_order_strategy == 'round_robin' and len(queues) > 1:
+            start = self._rotation % len(queues)
+            queues = queues[start:] + queues[:start]
+            self._rotation += 1
+        return queues[:budget]
+
+    def finish_read(self, deliver=True):
+        """Read the reply of the outstanding read and deliver it. True if anything was delivered."""
+        connection, queues, noack, _ = self._reading
+        try:
+            reply = self.client.parse_response(connection, 'XREADGROUP')
+        except redis.ResponseError as exc:
+            self._reading = None
+            if errors.is_missing_group(exc):
+                self.heal(queues, exc)
+                return False
+            raise
+        except BaseException:
+            self._reading = None
+            connection.disconnect()
+            raise
+        self._reading = None
+        if not reply:
+            return False
+        if not deliver:
+            self._put_back(reply, noack)
+            return False
+        return self._deliver_reply(reply, noack)
+
+    def check_stale_read(self, margin):
+        """Drop the connection of a read that got no reply long after its BLOCK ran out."""
+        if self._reading is not None:
+            waited = monotonic() - self._reading[3]
+            if waited > self.block_ms / 1000 + margin:
+                logger.warning('celery_streams: no reply to a read for %.0f s; reconnecting', waited)
+                self.drop_reader_connection()
+                raise redis.ConnectionError('no reply from Redis for %.0f s' % waited)
+
+    def _deliver_reply(self, reply, noack):
+        delivered, settle = False, []
+        first_error = None
+        for stream, entries in reply:
+            queue = self.keys.queue_of(_text(stream))
+            for entry_id, fields in entries:
+                entry_id = _text(entry_id)
+                payload = self._decode_entry(queue, entry_id, fields, noack)
+                if payload is None:
+                    continue
+                if queue in self._noack_queues:
+                    settle.append((queue, entry_id))
+                try:
+                    self.connection._deliver(payload, queue)
+                    delivered = True
+                except Exception as exc:   # deliver the rest, then report
+                    first_error = first_error or exc
+        if settle:
+            self._settle_noack(settle, noack)
+        if first_error is not None:
+            raise first_error
+        return delivered
+
+    def _decode_entry(self, queue, entry_id, fields, noack):
+        """The kombu payload of one entry, or None once a bad entry was dead-lettered."""
+        fields = {_text(k): v for k, v in (fields or {}).items()}
+        try:
+            payload = loads(fields['payload'])
+            properties = payload['properties']
+            delivery_info = properties.setdefault('delivery_info', {})
+            deliveries = int(fields.get('deliveries') or 0)
+        except Exception as exc:
+            self.dead_letter(queue, entry_id, fields, 'undecodable entry: %s' % _one_line(exc), noack)
+            return None
+        ttl = self._message_ttl.get(queue)
+        if ttl is not None and _entry_age_ms(entry_id) > ttl:
+            self._settle_noack([(queue, entry_id)], noack)
+            return None
+        properties['delivery_tag'] = make_tag(entry_id, self.consumer_name, queue)
+        if deliveries:
+            delivery_info['redelivered'] = True
+        return payload
+
+    def dead_letter(self, queue, entry_id, fields, reason, noack=False):
+        """Move one entry to the queue's dead-letter stream, with the reason."""
+        logger.warning('celery_streams: moved entry %s of queue %r to its dead letters: %s',
+                       entry_id, queue, reason)
+        key = self.keys.queue(queue)
+        record = {'reason': reason, 'queue': queue, 'id': entry_id}
+        record.update({'field:' + k: v for k, v in fields.items()})
+        with self.pool_client.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.dead_letters(queue), record,
+                      maxlen=self.options.dead_letter_maxlen, approximate=True)
+            if not noack:
+                pipe.xack(key, self.group, entry_id)
+            pipe.xdel(key, entry_id)
+            pipe.execute()
+
+    def _settle_noack(self, settled, noack):
+        """Ack (unless read with NOACK) and delete entries of no-ack consumers."""
+        with self.pool_client.pipeline(transaction=False) as pipe:
+            for queue, entry_id in settled:
+                key = self.keys.queue(queue)
+                if not noack:
+                    pipe.xack(key, self.group, entry_id)
+                if queue not in self._fanout_queues:
+                    pipe.xdel(key, entry_id)
+            pipe.execute()
+
+    def _put_back(self, reply, noack):
+        """Return what a read brought after its channel closed."""
+        tags = [make_tag(_text(entry_id), self.consumer_name, self.keys.queue_of(_text(stream)))
+                for stream, entries in reply for entry_id, _ in entries]
+        if not noack:
+            self.restore_tags(tags)
+
+    def heal(self, queues, error):
+        """Re-create the groups (and registry, bindings) of ``queues``; log once each."""
+        with self.pool_client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                start = '$' if queue in self._fanout_queues else '0'
+                pipe.xgroup_create(self.keys.queue(queue), self.group, id=start, mkstream=True)
+            results = pipe.execute(raise_on_error=False)
+        _raise_unless_busygroup(results)
+        for queue, result in zip(queues, results):
+            if result is True:
+                logger.info(
+                    'celery_streams: consumer group %r of queue %r was gone (%s); '
+                    're-created it at id %s and reading on',
+                    self.group, queue, _one_line(error), '$' if queue in self._fanout_queues else '0')
+        self.rewrite_declarations(queues)
+
+    def rewrite_declarations(self, queues):
+        """Write the registry entries and bindings of ``queues`` as this process declared them."""
+        with self.pool_client.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.schema, SCHEMA_VERSION, nx=True)
+            for queue in queues:
+                pipe.hsetnx(self.keys.queues, queue, TASK)
+                for exchange, routing_key, args in self.state.queue_bindings(queue):
+                    _, pattern, _ = self.typeof(exchange).prepare_bind(
+                        queue, exchange, routing_key, args)
+                    self._write_binding(pipe, exchange, routing_key, pattern, queue)
+            pipe.execute()
+
+    def _refresh_expiry(self, queues):
+        """Keep consumed queues with ``x-expires`` alive (at most every third of it)."""
+        expiring = [q for q in queues if q in self._expires]
+        if not expiring:
+            return
+        now = monotonic()
+        if now - self._expiry_refreshed_at < min(self._expires[q] for q in expiring) / 3000:
+            return
+        self._expiry_refreshed_at = now
+        with self.pool_client.pipeline(transaction=False) as pipe:
+            for queue in expiring:
+                pipe.pexpire(self.keys.queue(queue), self._expires[queue])
+            pipe.execute()
+
+    def _get(self, queue):
+        """Read one message of ``queue`` without blocking (``basic_get``)."""
+        key = self.keys.queue(queue)
+        for _ in range(100):   # skips dead-lettered and expired entries
+            try:
+                reply = self.pool_client.xreadgroup(
+                    self.group, self.consumer_name, {key: '>'}, count=1)
+            except redis.ResponseError as exc:
+                if not errors.is_missing_group(exc):
+                    raise
+                self.heal([queue], exc)
+                continue
+            if not reply:
+                break
+            entry_id, fields = reply[0][1][0]
+            payload = self._decode_entry(queue, _text(entry_id), fields, noack=False)
+            if payload is not None:
+                return payload
+        raise virtual.Empty()
+
+    def basic_get(self, queue, no_ack=False, **kwargs):
+        message = super().basic_get(queue, no_ack=no_ack, **kwargs)
+        if message is not None and no_ack:
+            self.ack_tags([message.delivery_tag])
+        return message
+
+    # -- acks and restores ----------------------------------------------------
+
+    def ack_tags(self, tags):
+        """XACK and XDEL the entries of ``tags`` in one round trip."""
+        with self.pool_client.pipeline(transaction=False) as pipe:
+            for tag in tags:
+                entry_id, _, queue = parse_tag(tag)
+                key = self.keys.queue(queue)
+                pipe.xack(key, self.group, entry_id)
+                pipe.xdel(key, entry_id)
+            pipe.execute()
+
+    def restore_tags(self, tags):
+        """Put entries back at the tail of their stream, if still pending for their reader.
+
+        Returns the tags that could not be restored because of an error.
+        """
+        if not tags:
+            return []
+        with self.pool_client.pipeline(transaction=False) as pipe:
+            for tag in tags:
+                entry_id, consumer, queue = parse_tag(tag)
+                self.scripts.restore(keys=[self.keys.queue(queue)],
+                                     args=[self.group, consumer, entry_id], client=pipe)
+            results = pipe.execute(raise_on_error=False)
+        return [(tag, result) for tag, result in zip(tags, results) if isinstance(result, Exception)]
+
+    def _restore(self, message):
+        failed = self.restore_tags([message.delivery_tag])
+        if failed:
+            raise failed[0][1]
+
+    # -- sizes, purge, close --------------------------------------------------
+
+    def _size(self, queue):
+        key = self.keys.queue(queue)
+        with self.pool_client.pipeline(transaction=False) as pipe:
+            pipe.xlen(key)
+            pipe.xpending(key, self.group)
+            length, pending = pipe.execute(raise_on_error=False)
+        if isinstance(length, Exception):
+            raise length
+        pending = 0 if isinstance(pending, Exception) else pending['pending']
+        return max(length - pending, 0)
+
+    def _purge(self, queue):
+        """Empty the queue; its consumer groups stay (``DEL`` would destroy them)."""
+        removed, _ = self.scripts.drain(keys=[self.keys.queue(queue)])
+        return removed
+
+    def close(self):
+        if self.closed:
+            return
+        if self._reading is not None:
+            try:
+                self.finish_read(deliver=False)
+            except Exception:   # the connection is gone: reclaim will return them
+                logger.debug('celery_streams: could not finish the last read', exc_info=True)
+        poller = getattr(self.connection, 'poller', None)
+        auto_delete = [q for q in self._auto_delete if q in self._active_queues]
+        super().close()
+        for queue in auto_delete:
+            try:
+                self.queue_delete(queue)
+            except Exception:
+                logger.debug('celery_streams: could not delete %r', queue, exc_info=True)
+        if poller is not None:
+            poller.discard(self)
+        client = self.__dict__.get('client')
+        if client is not None:
+            client.close()
+            client.connection_pool.disconnect()
+        self.pool.disconnect()
+
+
+class Transport(virtual.Transport):
+    """Kombu transport: Redis Streams with consumer groups."""
+
+    Channel = Channel
+
+    default_port = 6379
+    driver_type = 'redis'
+    driver_name = 'redis'
+    polling_interval = None
+
+    implements = virtual.Transport.implements.extend(
+        asynchronous=True,
+        exchange_type=frozenset(['direct', 'topic', 'fanout']),
+    )
+
+    connection_errors = errors.connection_errors
+    channel_errors = errors.channel_errors
+
+    def __init__(self, client, **kwargs):
+        self.options = Options.from_transport_options(client.transport_options)
+        _refuse_foreign_alternates(client)
+        super().__init__(client, **kwargs)
+        self.poller = Poller()
+        self._eviction_checked = False
+
+    def driver_version(self):
+        return redis.__version__
+
+    def register_with_event_loop(self, connection, loop):
+        self.poller.attach(loop)
+
+    def drain_events(self, connection, timeout=None):
+        self.poller.drain_events(timeout)
+
+    def check_eviction_policy(self, client):
+        """Warn once when the server may evict keys: a stream evicted is a queue lost."""
+        if self._eviction_checked:
+            return
+        self._eviction_checked = True
+        self.options.warn_ignored()
+        try:
+            policy = client.config_get('maxmemory-policy').get('maxmemory-policy', '')
+        except redis.ResponseError:   # CONFIG not allowed (ACL, managed Redis)
+            return
+        if policy and policy != 'noeviction':
+            logger.warning(
+                "celery_streams: Redis maxmemory-policy is %r: under memory pressure Redis may "
+                "evict queue streams and their messages; use 'noeviction'", policy)
+
+
+DEFAULT_PORT = Transport.default_port
+
+
+def _refuse_foreign_alternates(client):
+    """Failover URLs must select this transport too, or kombu switches to another one."""
+    for url in client.alt or ():
+        if not isinstance(url, str) or '://' not in url:
+            continue
+        scheme = url.split('://', 1)[0]
+        if scheme not in SCHEMES and scheme != 'celery_streams.transport:Transport':
+            raise errors.ConfigurationError(
+                'failover URL %s://... would switch to another transport on failover; '
+                'write every broker URL as redis-streams:// (or rediss-streams://) '
+                'and import celery_streams where the app is created' % scheme)
+
+
+def _raise_unless_busygroup(results):
+    for result in results:
+        if isinstance(result, Exception) and not errors.is_busy_group(result):
+            raise errors.translate_write_error(result)
+
+
+def _database(virtual_host):
+    if virtual_host in (None, '', '/'):
+        return 0
+    text = str(virtual_host).lstrip('/')
+    try:
+        return int(text)
+    except ValueError:
+        raise errors.ConfigurationError(
+            'the database in a redis URL is a number (as in redis://host:6379/0), not %r'
+            % text) from None
+
+
+def _fanout_matches(bound_key, routing_key):
+    """kombu Redis semantics: a binding key may be a pattern (``#`` and ``*``)."""
+    if not bound_key or bound_key == '#':
+        return True
+    return fnmatchcase(routing_key or '', bound_key.replace('#', '*'))
+
+
+def _entry_age_ms(entry_id):
+    return time() * 1000 - int(entry_id.split('-', 1)[0])
+
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _one_line(error):
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
