@@ -32,7 +32,9 @@ _redis_connection_errors, _redis_channel_errors = get_redis_error_classes()
 #: Errors that make Celery reconnect. Wrong credentials are turned into a
 #: ConfigurationError when a channel opens: retrying cannot fix a password.
 connection_errors = _redis_connection_errors
-channel_errors = _redis_channel_errors + (StreamsError,)
+#: A full Redis is reported, not retried. Configuration errors and schema
+#: mismatches are in neither tuple: they stop a worker at startup, in one line.
+channel_errors = _redis_channel_errors + (OutOfMemory,)
 
 
 def is_missing_group(error: Exception) -> bool:
@@ -47,7 +49,7 @@ def is_busy_group(error: Exception) -> bool:
 
 def translate_write_error(error: redis_errors.ResponseError) -> Exception:
     """Turn a refused write into an error a user can act on."""
-    if str(error).startswith('OOM'):
+    if isinstance(error, redis_errors.OutOfMemoryError) or str(error).startswith('OOM'):
         return OutOfMemory(
             'Redis is out of memory (maxmemory reached); the message was NOT published: %s' % error)
     return error

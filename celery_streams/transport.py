@@ -75,6 +75,7 @@ class Channel(virtual.Channel):
         self._expires = {}             # queue -> x-expires in ms
         self._message_ttl = {}         # queue -> x-message-ttl in ms
         self._auto_delete = set()
+        self._deleted = set()          # queues this process deleted: never healed
         self._expiry_refreshed_at = 0.0
         self._rotation = 0
         self.pool = redis.ConnectionPool(**self._connparams())
@@ -125,11 +126,10 @@ class Channel(virtual.Channel):
         except redis.AuthenticationError as exc:
             raise errors.ConfigurationError(
                 'Redis refused the credentials for %s: %s' % (self._where(), exc)) from None
-        except redis.ResponseError as exc:
-            if str(exc).startswith(('NOAUTH', 'WRONGPASS', 'NOPERM')):
-                raise errors.ConfigurationError(
-                    'Redis refused access for %s: %s' % (self._where(), exc)) from None
-            raise
+        except redis.exceptions.NoPermissionError as exc:
+            raise errors.ConfigurationError(
+                'the Redis user may not use the transport keys %s* on %s: %s'
+                % (self.keys.prefix, self._where(), exc)) from None
         if version is not None and int(version) != SCHEMA_VERSION:
             raise errors.SchemaMismatch(
                 'keys under %r use schema %s, this celery_streams writes schema %s'
@@ -156,6 +156,7 @@ class Channel(virtual.Channel):
 
     def _new_queue(self, queue, auto_delete=False, **kwargs):
         arguments = kwargs.get('arguments') or {}
+        self._deleted.discard(queue)
         if auto_delete:
             self._auto_delete.add(queue)
         self._set_or_clear(self._expires, queue, arguments.get('x-expires'))
@@ -217,6 +218,7 @@ class Channel(virtual.Channel):
             pipe.execute()
         self.state.queue_bindings_delete(queue)
         self._auto_delete.discard(queue)
+        self._deleted.add(queue)
 
     # -- publishing -----------------------------------------------------------
 
@@ -284,6 +286,8 @@ class Channel(virtual.Channel):
         if not budget:
             return None
         queues = self._queues_to_read(budget)
+        if not queues:
+            return None
         count = max(budget // len(queues), 1)
         noack = all(queue in self._noack_queues for queue in queues)
         self._refresh_expiry(queues)
@@ -320,7 +324,9 @@ class Channel(virtual.Channel):
         COUNT applies per stream, so with fewer credits than queues only that many
         streams are read, each with COUNT 1, rotating so none starves.
         """
-        queues = list(dict.fromkeys(self._active_queues))
+        queues = [q for q in dict.fromkeys(self._active_queues) if q not in self._deleted]
+        if not queues:
+            return []
         if self.options.queue_order_strategy == 'round_robin' and len(queues) > 1:
             start = self._rotation % len(queues)
             queues = queues[start:] + queues[:start]
@@ -436,13 +442,22 @@ class Channel(virtual.Channel):
             self.restore_tags(tags)
 
     def heal(self, queues, error):
-        """Re-create the groups (and registry, bindings) of ``queues``; log once each."""
+        """Re-create the groups (and registry, bindings) of ``queues``; log once each.
+
+        Queues this process deleted itself (a pidbox reply queue deleted while its
+        consumer still reads) are left deleted.
+        """
+        queues = [q for q in queues if q not in self._deleted]
+        if not queues:
+            return
         with self.pool_client.pipeline(transaction=False) as pipe:
             for queue in queues:
                 start = '$' if queue in self._fanout_queues else '0'
                 pipe.xgroup_create(self.keys.queue(queue), self.group, id=start, mkstream=True)
             results = pipe.execute(raise_on_error=False)
         _raise_unless_busygroup(results)
+        self._expiry_refreshed_at = 0.0
+        self._refresh_expiry(queues)
         for queue, result in zip(queues, results):
             if result is True:
                 logger.info(
@@ -595,6 +610,9 @@ class Transport(virtual.Transport):
 
     connection_errors = errors.connection_errors
     channel_errors = errors.channel_errors
+    #: Only these make kombu retry a connection (and fail over to an alternate URL).
+    recoverable_connection_errors = errors.connection_errors
+    recoverable_channel_errors = ()
 
     def __init__(self, client, **kwargs):
         self.options = Options.from_transport_options(client.transport_options)

@@ -1,0 +1,421 @@
+"""Kombu-level contract of the transport, on every server of the matrix.
+
+Each test uses its own key prefix (``unique_name``), so no test sees another's
+keys and no test needs FLUSHALL.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+
+import pytest
+import redis
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu.asynchronous import Hub
+
+import celery_streams
+from celery_streams import errors
+from celery_streams.keys import Keys
+
+
+def streams_url(server):
+    return server.url.replace('redis://', 'redis-streams://', 1).replace('rediss://', 'rediss-streams://', 1)
+
+
+@pytest.fixture
+def prefix(unique_name):
+    return unique_name + ':'
+
+
+@pytest.fixture
+def keys(prefix):
+    return Keys(prefix)
+
+
+@pytest.fixture
+def conn(redis_server, prefix):
+    with Connection(streams_url(redis_server), transport_options={'global_keyprefix': prefix}) as c:
+        yield c
+
+
+@pytest.fixture
+def r(redis_server):
+    client = redis_server.client()
+    yield client
+    client.close()
+
+
+def drain_all(conn, queues, count, no_ack=False, timeout=5, ack=True):
+    """Consume ``count`` messages from ``queues`` through drain_events."""
+    got = []
+
+    def on_message(body, message):
+        got.append((body, message))
+        if ack and not no_ack:
+            message.ack()
+
+    with Consumer(conn, queues, callbacks=[on_message], no_ack=no_ack):
+        while len(got) < count:
+            conn.drain_events(timeout=timeout)
+    return got
+
+
+def publish(conn, exchange, routing_key, bodies, declare=()):
+    producer = Producer(conn.default_channel)
+    for body in bodies:
+        producer.publish(body, exchange=exchange, routing_key=routing_key, declare=list(declare))
+
+
+def test_url_alias_selects_the_transport(conn):
+    assert celery_streams.TRANSPORT.endswith('transport:Transport')
+    assert type(conn.transport).__module__ == 'celery_streams.transport'
+    assert conn.transport.driver_type == 'redis'
+    assert 'fanout' in conn.transport.implements.exchange_type
+    assert conn.transport.implements.asynchronous
+
+
+def test_broker_transport_setting_with_plain_redis_url(redis_server, prefix, r, keys):
+    with Connection(redis_server.url, transport='celery_streams.transport:Transport',
+                    transport_options={'global_keyprefix': prefix}) as c:
+        q = Queue('plain', Exchange('plain'), 'plain')
+        publish(c, q.exchange, 'plain', [{'n': 1}], declare=[q])
+        assert r.xlen(keys.queue('plain')) == 1
+
+
+def test_publish_consume_ack(conn, r, keys):
+    q = Queue('work', Exchange('work'), 'work')
+    publish(conn, q.exchange, 'work', [{'n': i} for i in range(10)], declare=[q])
+    got = drain_all(conn, [q], 10)
+    assert [body['n'] for body, _ in got] == list(range(10))
+    # acked entries are deleted and nothing stays pending
+    assert r.xlen(keys.queue('work')) == 0
+    assert r.xpending(keys.queue('work'), 'celery')['pending'] == 0
+    tags = {message.delivery_tag for _, message in got}
+    assert len(tags) == 10
+
+
+def test_reject_requeue_marks_redelivered_and_reject_drops(conn, r, keys):
+    q = Queue('rej', Exchange('rej'), 'rej')
+    publish(conn, q.exchange, 'rej', [{'n': 1}], declare=[q])
+    channel = conn.default_channel
+    first = q(channel).get()
+    assert not first.delivery_info.get('redelivered')
+    first.requeue()
+    second = q(channel).get()
+    assert second.payload == {'n': 1}
+    assert second.delivery_info['redelivered'] is True
+    second.reject()
+    assert q(channel).get() is None
+    assert r.xlen(keys.queue('rej')) == 0
+    assert r.xpending(keys.queue('rej'), 'celery')['pending'] == 0
+
+
+def test_size_purge_keeps_group(conn, r, keys):
+    q = Queue('pq', Exchange('pq'), 'pq')
+    publish(conn, q.exchange, 'pq', [{'n': i} for i in range(7)], declare=[q])
+    channel = conn.default_channel
+    pending = q(channel).get()            # one in flight, unacked
+    assert pending is not None
+    assert q(channel).queue_declare(passive=True).message_count == 6
+    groups_before = [g['name'] for g in r.xinfo_groups(keys.queue('pq'))]
+    assert q(channel).purge() == 7
+    assert [g['name'] for g in r.xinfo_groups(keys.queue('pq'))] == groups_before
+    assert r.xlen(keys.queue('pq')) == 0
+    assert r.xpending(keys.queue('pq'), 'celery')['pending'] == 0
+    # the purged in-flight message never comes back, not even when its channel closes
+    conn.default_channel.close()
+    assert r.xlen(keys.queue('pq')) == 0
+
+
+def test_delete_queue_removes_stream_and_binding(conn, r, keys):
+    q = Queue('gone', Exchange('gone'), 'gone')
+    publish(conn, q.exchange, 'gone', [{'n': 1}], declare=[q])
+    q(conn.default_channel).delete()
+    assert not r.exists(keys.queue('gone'))
+    assert not r.smembers(keys.bindings('gone'))
+    assert not q(conn.default_channel).queue_declare(passive=False).message_count
+
+
+def test_passive_declare_of_missing_queue_fails(conn):
+    from amqp import ChannelError as AmqpChannelError  # kombu raises its own ChannelError
+    from kombu.exceptions import ChannelError
+    with pytest.raises((ChannelError, AmqpChannelError)):
+        Queue('nope')(conn.default_channel).queue_declare(passive=True)
+
+
+def test_topic_routing(conn):
+    ex = Exchange('topics', 'topic')
+    a = Queue('t-a', ex, routing_key='a.*')
+    b = Queue('t-b', ex, routing_key='#.b')
+    for queue in (a, b):
+        queue(conn.default_channel).declare()
+    publish(conn, ex, 'a.x', [{'to': 'a'}])
+    publish(conn, ex, 'y.b', [{'to': 'b'}])
+    publish(conn, ex, 'a.b', [{'to': 'both'}])
+    assert sorted(m['to'] for m, _ in drain_all(conn, [a], 2)) == ['a', 'both']
+    assert sorted(m['to'] for m, _ in drain_all(conn, [b], 2)) == ['b', 'both']
+
+
+def test_routing_is_shared_across_processes(redis_server, prefix, conn):
+    """A publisher that never declared the queue finds the binding in Redis."""
+    ex = Exchange('shared', 'direct')
+    q = Queue('shared-q', ex, routing_key='k')
+    q(conn.default_channel).declare()
+    with Connection(streams_url(redis_server), transport_options={'global_keyprefix': prefix}) as other:
+        publish(other, ex, 'k', [{'from': 'other'}], declare=[ex])
+    assert drain_all(conn, [q], 1)[0][0] == {'from': 'other'}
+
+
+def test_fanout_copies_to_every_bound_queue_with_own_tags(conn, r, keys):
+    ex = Exchange('bcast', 'fanout')
+    queues = [Queue('fan-%d' % i, ex) for i in range(3)]
+    for queue in queues:
+        queue(conn.default_channel).declare()
+    publish(conn, ex, '', [{'hello': 'all'}])
+    tags = set()
+    for queue in queues:
+        (body, message), = drain_all(conn, [queue], 1)
+        assert body == {'hello': 'all'}
+        tags.add(message.delivery_tag)
+    assert len(tags) == 3
+    assert r.hget(keys.queues, 'fan-0') == b'fanout'
+
+
+def test_fanout_streams_are_bounded(redis_server, prefix, r, keys):
+    with Connection(streams_url(redis_server), transport_options={
+            'global_keyprefix': prefix, 'fanout_maxlen': 50}) as c:
+        ex = Exchange('bounded', 'fanout')
+        q = Queue('bounded-q', ex)
+        q(c.default_channel).declare()
+        publish(c, ex, '', [{'n': i} for i in range(1000)])
+    assert r.xlen(keys.queue('bounded-q')) < 250   # MAXLEN ~ trims in whole nodes
+
+
+def test_several_queues_and_prefetch_limit_over_streams(conn, r, keys):
+    queues = [Queue('multi-%d' % i, Exchange('multi'), 'multi-%d' % i) for i in range(3)]
+    for queue in queues:
+        publish(conn, queue.exchange, queue.routing_key, [{'q': queue.name}] * 10, declare=[queue])
+    got = []
+    channel = conn.channel()
+    channel.basic_qos(0, 4, False)
+    consumer = Consumer(channel, queues, callbacks=[lambda body, message: got.append(message)])
+    consumer.consume()
+    for _ in range(5):
+        try:
+            conn.drain_events(timeout=0.3)
+        except socket.timeout:
+            pass
+    # never more in flight than the prefetch window, though 30 are waiting
+    assert len(got) == 4
+    pending = sum(r.xpending(keys.queue(q.name), 'celery')['pending'] for q in queues)
+    assert pending == 4
+    for message in got:
+        message.ack()
+    while len(got) < 30:
+        conn.drain_events(timeout=2)
+        for message in got:
+            if not message.acknowledged:
+                message.ack()
+    assert {m.payload['q'] for m in got} == {q.name for q in queues}
+    consumer.cancel()
+    channel.close()
+
+
+def test_no_ack_consumer_leaves_nothing_pending(conn, r, keys):
+    q = Queue('noack', Exchange('noack'), 'noack')
+    publish(conn, q.exchange, 'noack', [{'n': i} for i in range(5)], declare=[q])
+    drain_all(conn, [q], 5, no_ack=True)
+    assert r.xpending(keys.queue('noack'), 'celery')['pending'] == 0
+    assert r.xlen(keys.queue('noack')) == 0
+
+
+def test_unacked_messages_are_restored_when_the_channel_closes(redis_server, prefix, r, keys):
+    q = Queue('restore', Exchange('restore'), 'restore')
+    with Connection(streams_url(redis_server), transport_options={'global_keyprefix': prefix}) as c:
+        publish(c, q.exchange, 'restore', [{'n': i} for i in range(4)], declare=[q])
+        got = drain_all(c, [q], 4, ack=False)
+        got[0][1].ack()
+    # three come back, marked redelivered; the acked one does not
+    with Connection(streams_url(redis_server), transport_options={'global_keyprefix': prefix}) as c:
+        again = drain_all(c, [q], 3)
+        assert sorted(body['n'] for body, _ in again) == [1, 2, 3]
+        assert all(m.delivery_info['redelivered'] for _, m in again)
+    assert r.xlen(keys.queue('restore')) == 0
+
+
+def test_hub_path_reads_without_blocking(conn, r, keys):
+    """The event-loop path: XREADGROUP sent on tick, parsed when readable."""
+    q = Queue('hubq', Exchange('hubq'), 'hubq')
+    publish(conn, q.exchange, 'hubq', [{'n': i} for i in range(20)], declare=[q])
+    hub = Hub()
+    got = []
+    try:
+        conn.register_with_event_loop(hub)
+        with Consumer(conn, [q], callbacks=[lambda b, m: (got.append(b), m.ack())]):
+            for _ in range(200):
+                if len(got) == 20:
+                    break
+                hub.run_once()
+    finally:
+        hub.close()
+    assert [b['n'] for b in got] == list(range(20))
+    assert r.xpending(keys.queue('hubq'), 'celery')['pending'] == 0
+
+
+@pytest.mark.parametrize('vanish', ['destroy_group', 'delete_stream'])
+def test_consumer_heals_when_group_or_stream_vanishes(conn, r, keys, vanish, caplog):
+    q = Queue('heal', Exchange('heal'), 'heal')
+    publish(conn, q.exchange, 'heal', [{'n': 0}], declare=[q])
+    got = []
+    with Consumer(conn, [q], callbacks=[lambda b, m: (got.append(b), m.ack())]):
+        conn.drain_events(timeout=5)
+        if vanish == 'destroy_group':
+            r.xgroup_destroy(keys.queue('heal'), 'celery')
+        else:
+            r.delete(keys.queue('heal'))
+        assert not r.exists(keys.queue('heal')) or not r.xinfo_groups(keys.queue('heal'))
+        # published while the group is gone: must not be skipped
+        publish(conn, q.exchange, 'heal', [{'n': 1}, {'n': 2}])
+        with caplog.at_level(logging.INFO, logger='celery_streams'):
+            while len(got) < 3:
+                conn.drain_events(timeout=5)
+    assert [b['n'] for b in got] == [0, 1, 2]
+    assert [g['name'] for g in r.xinfo_groups(keys.queue('heal'))] == [b'celery']
+    assert any("re-created it at id 0" in rec.getMessage() for rec in caplog.records)
+
+
+def test_bindings_heal_from_own_declarations(conn, r, keys, prefix):
+    ex = Exchange('rebind', 'direct')
+    q = Queue('rebind-q', ex, routing_key='rk')
+    q(conn.default_channel).declare()
+    for key in r.scan_iter(match=keys.match_all):
+        r.delete(key)
+    publish(conn, ex, 'rk', [{'after': 'nuke'}])
+    assert r.smembers(keys.bindings('rebind'))
+    assert drain_all(conn, [q], 1)[0][0] == {'after': 'nuke'}
+
+
+def test_malformed_entries_are_dead_lettered_and_good_ones_delivered(conn, r, keys):
+    q = Queue('junk', Exchange('junk'), 'junk')
+    publish(conn, q.exchange, 'junk', [{'n': 1}], declare=[q])
+    key = keys.queue('junk')
+    r.xadd(key, {'payload': b'not json'})
+    r.xadd(key, {'other': b'field'})
+    r.xadd(key, {'payload': b'\xff\xfe\x00binary'})
+    r.xadd(key, {'payload': b'{"no": "properties"}'})
+    publish(conn, q.exchange, 'junk', [{'n': 2}])
+    got = drain_all(conn, [q], 2)
+    assert [b['n'] for b, _ in got] == [1, 2]
+    assert r.xlen(keys.dead_letters('junk')) == 4
+    assert r.xlen(key) == 0
+    reasons = [fields[b'reason'] for _, fields in r.xrange(keys.dead_letters('junk'))]
+    assert all(reason.startswith(b'undecodable entry') for reason in reasons)
+
+
+def test_every_key_carries_the_global_prefix(conn, r, prefix):
+    ex = Exchange('pfx', 'topic')
+    q = Queue('pfx-q', ex, routing_key='x.#')
+    publish(conn, ex, 'x.y', [{'n': 1}], declare=[q])
+    drain_all(conn, [q], 1)
+    written = [k.decode() for k in r.scan_iter(match='*' + prefix.rstrip(':') + '*')]
+    assert written and all(k.startswith(prefix + 'celery-streams:') for k in written)
+
+
+def test_unknown_transport_option_fails_in_one_line(redis_server):
+    with pytest.raises(errors.ConfigurationError) as info:
+        Connection(streams_url(redis_server), transport_options={'visibilty_timeout': 5}).connect()
+    assert "'visibilty_timeout'" in str(info.value) and '\n' not in str(info.value)
+
+
+def test_kombu_option_without_meaning_warns_once(redis_server, prefix, caplog):
+    with caplog.at_level(logging.WARNING, logger='celery_streams'):
+        with Connection(streams_url(redis_server), transport_options={
+                'global_keyprefix': prefix, 'ack_emulation': True}) as c:
+            c.connect()
+            c.channel().close()
+    assert sum('ack_emulation' in rec.getMessage() for rec in caplog.records) == 1
+
+
+def test_plain_redis_failover_url_is_refused(redis_server):
+    url = streams_url(redis_server) + ';redis://127.0.0.1:1/0'
+    with pytest.raises(errors.ConfigurationError, match='redis-streams://'):
+        Connection(url).connect()
+
+
+def test_wrong_password_is_one_clear_line(fresh_redis_server):
+    server = fresh_redis_server(password='s3cret-pass')
+    url = 'redis-streams://:wrong-pass@127.0.0.1:%d/0' % server.port
+    with pytest.raises(errors.ConfigurationError) as info:
+        Connection(url).connect()
+    text = str(info.value)
+    assert 'credentials' in text or 'refused' in text
+    assert 'wrong-pass' not in text and '\n' not in text
+
+
+def test_bad_database_in_url(redis_server):
+    url = 'redis-streams://127.0.0.1:%d/notanumber' % redis_server.port
+    with pytest.raises(errors.ConfigurationError, match='database'):
+        Connection(url).connect()
+
+
+def test_out_of_memory_publish_is_a_clear_error(fresh_redis_server, unique_name):
+    server = fresh_redis_server(extra_args=('--maxmemory', '2mb', '--maxmemory-policy', 'noeviction'))
+    with Connection('redis-streams://127.0.0.1:%d/0' % server.port) as c:
+        q = Queue('oom', Exchange('oom'), 'oom')
+        with pytest.raises(errors.OutOfMemory, match='NOT published'):
+            publish(c, q.exchange, 'oom', ['x' * 100_000] * 100, declare=[q])
+
+
+def test_eviction_policy_warning(fresh_redis_server, caplog):
+    server = fresh_redis_server(extra_args=('--maxmemory', '100mb', '--maxmemory-policy', 'allkeys-lru'))
+    with caplog.at_level(logging.WARNING, logger='celery_streams'):
+        with Connection('redis-streams://127.0.0.1:%d/0' % server.port) as c:
+            c.connect()
+            c.default_channel
+    assert any('allkeys-lru' in rec.getMessage() for rec in caplog.records)
+
+
+def test_tls_through_the_rediss_alias(tls_redis_server, unique_name):
+    url = 'rediss-streams://127.0.0.1:%d/0?ssl_cert_reqs=required&ssl_ca_certs=%s' % (
+        tls_redis_server.port, tls_redis_server.tls.ca_cert)
+    with Connection(url, transport_options={'global_keyprefix': unique_name}) as c:
+        q = Queue('tls', Exchange('tls'), 'tls')
+        publish(c, q.exchange, 'tls', [{'secure': True}], declare=[q])
+        assert drain_all(c, [q], 1)[0][0] == {'secure': True}
+
+
+def test_tls_through_broker_use_ssl(tls_redis_server, unique_name):
+    with Connection('redis://127.0.0.1:%d/0' % tls_redis_server.port,
+                    transport='celery_streams.transport:Transport',
+                    ssl={'ssl_cert_reqs': 'required', 'ssl_ca_certs': tls_redis_server.tls.ca_cert},
+                    transport_options={'global_keyprefix': unique_name}) as c:
+        q = Queue('tls2', Exchange('tls2'), 'tls2')
+        publish(c, q.exchange, 'tls2', [{'secure': 2}], declare=[q])
+        assert drain_all(c, [q], 1)[0][0] == {'secure': 2}
+
+
+ACL_COMMANDS = ('-@all', '+ping', '+xadd', '+xreadgroup', '+xack', '+xdel', '+xgroup|create',
+                '+xlen', '+xpending', '+xtrim', '+xinfo|groups', '+xrange', '+exists', '+pexpire',
+                '+set', '+get', '+del', '+hset', '+hsetnx', '+hdel', '+sadd', '+srem', '+smembers',
+                '+evalsha', '+eval', '+script|load', '+client|setname', '+multi', '+exec')
+
+
+def test_acl_user_limited_to_the_transport_keys(redis_server, unique_name, r):
+    from tests.servers import create_acl_user
+    prefix = unique_name + ':'
+    create_acl_user(r, unique_name, 'pw-' + unique_name, key_patterns=[prefix + 'celery-streams:*'],
+                    commands=ACL_COMMANDS)
+    url = 'redis-streams://%s:pw-%s@127.0.0.1:%d/0' % (unique_name, unique_name, redis_server.port)
+    with Connection(url, transport_options={'global_keyprefix': prefix}) as c:
+        q = Queue('acl', Exchange('acl'), 'acl')
+        publish(c, q.exchange, 'acl', [{'n': i} for i in range(3)], declare=[q])
+        got = drain_all(c, [q], 3)
+        assert len(got) == 3
+        got2 = None
+        publish(c, q.exchange, 'acl', [{'n': 9}])
+        got2 = drain_all(c, [q], 1, ack=False)
+        assert q(c.default_channel).purge() == 1
+        assert got2
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        redis.Redis(port=redis_server.port, username=unique_name,
+                    password='pw-' + unique_name).set('outside', 1)
