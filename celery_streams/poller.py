@@ -80,7 +80,11 @@ class Poller:
         except Exception:
             self._forget_fd(fd)
             raise
-        self._start(channel)
+        # The hub's pools do not block: hand over the whole batch, then read on.
+        try:
+            channel.deliver_buffered()
+        finally:
+            self._start(channel)
 
     def _start(self, channel):
         try:
@@ -115,6 +119,11 @@ class Poller:
         """Deliver what the next replies hold; raise ``socket.timeout`` when none came."""
         deadline = None if timeout is None else monotonic() + timeout
         while True:
+            # One message per call: a solo pool runs it inside this call, and
+            # Celery checks for shutdown between calls.
+            for channel in list(self.channels):
+                if channel.deliver_buffered(limit=1):
+                    return
             reading = {}
             for channel in list(self.channels):
                 fd = channel.start_read()
@@ -128,10 +137,9 @@ class Poller:
                 sleep(0.05 if remaining is None else min(0.05, remaining))
                 continue
             ready = _wait_readable(reading, remaining)
-            delivered = False
             for fd in ready:
-                delivered = reading[fd].finish_read() or delivered
-            if delivered:
+                reading[fd].finish_read()
+            if any(channel.deliver_buffered(limit=1) for channel in reading.values()):
                 return
             for channel in reading.values():
                 channel.check_stale_read(STALE_READ_MARGIN)

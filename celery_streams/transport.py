@@ -28,6 +28,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
+from collections import deque
 from fnmatch import fnmatchcase
 from functools import cached_property
 from time import monotonic, time
@@ -78,6 +80,7 @@ class Channel(virtual.Channel):
         self._deleted = set()          # queues this process deleted: never healed
         self._expiry_refreshed_at = 0.0
         self._rotation = 0
+        self._buffer = deque()         # (queue, payload) read but not yet delivered
         self.pool = redis.ConnectionPool(**self._connparams())
         self.pool_client = redis.Redis(connection_pool=self.pool)
         self.scripts = Scripts(self.pool_client)
@@ -280,7 +283,7 @@ class Channel(virtual.Channel):
         """
         if self._reading is not None:
             return self._reading[0]._sock.fileno()
-        if self.closed or not self._active_queues:
+        if self.closed or self._buffer or not self._active_queues:
             return None
         budget = self._read_budget()
         if not budget:
@@ -333,8 +336,8 @@ class Channel(virtual.Channel):
             self._rotation += 1
         return queues[:budget]
 
-    def finish_read(self, deliver=True):
-        """Read the reply of the outstanding read and deliver it. True if anything was delivered."""
+    def finish_read(self):
+        """Read the reply of the outstanding read into the buffer. True if it brought messages."""
         connection, queues, noack, _ = self._reading
         try:
             reply = self.client.parse_response(connection, 'XREADGROUP')
@@ -349,12 +352,25 @@ class Channel(virtual.Channel):
             connection.disconnect()
             raise
         self._reading = None
-        if not reply:
-            return False
-        if not deliver:
-            self._put_back(reply, noack)
-            return False
-        return self._deliver_reply(reply, noack)
+        self._buffer_reply(reply or (), noack)
+        return bool(self._buffer)
+
+    def deliver_buffered(self, limit=None):
+        """Hand buffered messages to their consumers (at most ``limit``). True if any."""
+        delivered, first_error = 0, None
+        buffer = self._buffer
+        while buffer and (limit is None or delivered < limit):
+            if delivered and _worker_shutting_down():
+                break   # a blocking pool (solo) ran one: the rest go back at close
+            queue, payload = buffer.popleft()
+            try:
+                self.connection._deliver(payload, queue)
+            except Exception as exc:   # deliver the rest, then report
+                first_error = first_error or exc
+            delivered += 1
+        if first_error is not None:
+            raise first_error
+        return bool(delivered)
 
     def check_stale_read(self, margin):
         """Drop the connection of a read that got no reply long after its BLOCK ran out."""
@@ -365,9 +381,8 @@ class Channel(virtual.Channel):
                 self.drop_reader_connection()
                 raise redis.ConnectionError('no reply from Redis for %.0f s' % waited)
 
-    def _deliver_reply(self, reply, noack):
-        delivered, settle = False, []
-        first_error = None
+    def _buffer_reply(self, reply, noack):
+        settle = []
         for stream, entries in reply:
             queue = self.keys.queue_of(_text(stream))
             for entry_id, fields in entries:
@@ -377,16 +392,9 @@ class Channel(virtual.Channel):
                     continue
                 if queue in self._noack_queues:
                     settle.append((queue, entry_id))
-                try:
-                    self.connection._deliver(payload, queue)
-                    delivered = True
-                except Exception as exc:   # deliver the rest, then report
-                    first_error = first_error or exc
+                self._buffer.append((queue, payload))
         if settle:
             self._settle_noack(settle, noack)
-        if first_error is not None:
-            raise first_error
-        return delivered
 
     def _decode_entry(self, queue, entry_id, fields, noack):
         """The kombu payload of one entry, or None once a bad entry was dead-lettered."""
@@ -434,12 +442,11 @@ class Channel(virtual.Channel):
                     pipe.xdel(key, entry_id)
             pipe.execute()
 
-    def _put_back(self, reply, noack):
-        """Return what a read brought after its channel closed."""
-        tags = [make_tag(_text(entry_id), self.consumer_name, self.keys.queue_of(_text(stream)))
-                for stream, entries in reply for entry_id, _ in entries]
-        if not noack:
-            self.restore_tags(tags)
+    def _restore_buffered(self):
+        """Return messages read but never handed to a consumer (the channel closes)."""
+        buffered, self._buffer = self._buffer, deque()
+        self.restore_tags([payload['properties']['delivery_tag'] for queue, payload in buffered
+                           if queue not in self._noack_queues])
 
     def heal(self, queues, error):
         """Re-create the groups (and registry, bindings) of ``queues``; log once each.
@@ -571,11 +578,12 @@ class Channel(virtual.Channel):
     def close(self):
         if self.closed:
             return
-        if self._reading is not None:
-            try:
-                self.finish_read(deliver=False)
-            except Exception:   # the connection is gone: reclaim will return them
-                logger.debug('celery_streams: could not finish the last read', exc_info=True)
+        try:
+            if self._reading is not None:
+                self.finish_read()
+            self._restore_buffered()
+        except Exception:   # the connection is gone: reclaim will return them
+            logger.debug('celery_streams: could not return the last read', exc_info=True)
         poller = getattr(self.connection, 'poller', None)
         auto_delete = [q for q in self._auto_delete if q in self._active_queues]
         super().close()
@@ -685,6 +693,18 @@ def _fanout_matches(bound_key, routing_key):
     if not bound_key or bound_key == '#':
         return True
     return fnmatchcase(routing_key or '', bound_key.replace('#', '*'))
+
+
+def _worker_shutting_down():
+    """True once a Celery worker in this process began its shutdown.
+
+    A pool that runs tasks inside the delivery (``-P solo``) would otherwise run
+    a whole prefetched batch after a warm shutdown was asked for.
+    """
+    state = sys.modules.get('celery.worker.state')
+    if state is None:
+        return False
+    return any(flag not in (None, False) for flag in (state.should_stop, state.should_terminate))
 
 
 def _entry_age_ms(entry_id):

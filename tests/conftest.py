@@ -1,0 +1,137 @@
+"""Shared fixtures: private Redis / Valkey servers (see ``tests/servers.py``).
+
+* ``redis_server`` -- one long-lived server per kind found on this machine
+  (``redis7``, ``valkey8``, ``redis6.2``...); tests using it run once per kind.
+  Never FLUSHALL it: use ``unique_name`` for keys and queues instead.
+* ``tls_redis_server`` -- the same over TLS, skipped where unsupported.
+* ``fresh_redis_server`` -- a factory for private servers a test may kill,
+  restart or reconfigure; they are stopped at the end of the test.
+
+``CELERY_STREAMS_TEST_SERVERS=redis7,valkey8`` narrows the matrix.
+"""
+from __future__ import annotations
+
+import secrets
+import signal
+import threading
+
+import pytest
+
+from tests import servers
+from tests.servers import RedisServer, ServerBinary, TlsFiles
+
+try:
+    SERVERS = servers.available_servers()
+    _DISCOVERY_ERROR = ""
+except servers.NoServerFound as exc:
+    SERVERS, _DISCOVERY_ERROR = [], str(exc)
+
+
+def _interrupt(signum, frame):
+    """Treat SIGTERM like Ctrl-C: pytest stops and tears everything down."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    """Abort early without servers; make SIGTERM run the cleanup."""
+    if _DISCOVERY_ERROR:
+        raise pytest.UsageError(_DISCOVERY_ERROR)
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def pytest_report_header(config):
+    """Show which servers the session tests against."""
+    return "servers: " + ", ".join(f"{s.name} ({s.path})" for s in SERVERS)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop every server still running, whatever happened."""
+    servers.stop_all()
+
+
+def _server_id(binary: ServerBinary) -> str:
+    return binary.name
+
+
+@pytest.fixture(scope="session")
+def _server_pool():
+    """Long-lived servers keyed by kind, so each kind starts only once."""
+    pool: dict[str, RedisServer] = {}
+    yield pool
+    for server in pool.values():
+        server.close()
+
+
+def _pooled(pool: dict, key: str, **kwargs) -> RedisServer:
+    """The pooled server ``key``, started (or revived) on demand."""
+    if key not in pool:
+        pool[key] = RedisServer(**kwargs)
+    return pool[key].start()
+
+
+@pytest.fixture(scope="session", params=SERVERS, ids=_server_id)
+def redis_server(request, _server_pool) -> RedisServer:
+    """A running server of each available kind, shared by the session."""
+    binary: ServerBinary = request.param
+    return _pooled(_server_pool, binary.name,
+                   binary=binary.path, name=binary.name)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory) -> TlsFiles:
+    """A test CA and server certificate (skips without ``openssl``)."""
+    if not servers.openssl_available():
+        pytest.skip("openssl CLI not installed: no TLS tests")
+    return servers.generate_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+def _require_tls(binary: ServerBinary, tls: TlsFiles) -> None:
+    """Skip the test unless ``binary`` was built with TLS."""
+    if not servers.supports_tls(binary.path, tls):
+        pytest.skip(f"{binary.name} was built without TLS support")
+
+
+@pytest.fixture(scope="session", params=SERVERS, ids=_server_id)
+def tls_redis_server(request, _server_pool, tls_files) -> RedisServer:
+    """Like ``redis_server`` but TLS only (``rediss://``, see ssl_kwargs)."""
+    binary: ServerBinary = request.param
+    _require_tls(binary, tls_files)
+    return _pooled(_server_pool, f"{binary.name}-tls",
+                   binary=binary.path, name=binary.name, tls=tls_files)
+
+
+@pytest.fixture
+def fresh_redis_server(request):
+    """Factory ``make_server(name=None, *, tls=False, **kwargs)``.
+
+    Starts a private server of kind ``name`` (default: the first available)
+    and returns the running :class:`RedisServer`; ``kwargs`` go to it
+    (``extra_args``, ``password``...).  Skips if ``name`` is not available.
+    All servers made are closed when the test ends.
+    """
+    made: list[RedisServer] = []
+
+    def make_server(name: str | None = None, *, tls: bool = False,
+                    **kwargs) -> RedisServer:
+        try:
+            binary = servers.find_server(name)
+        except servers.NoServerFound as exc:
+            pytest.skip(str(exc))
+        if tls:
+            kwargs["tls"] = request.getfixturevalue("tls_files")
+            _require_tls(binary, kwargs["tls"])
+        server = RedisServer(binary=binary.path, name=binary.name, **kwargs)
+        made.append(server)
+        return server.start()
+
+    yield make_server
+    for server in made:
+        server.close()
+
+
+@pytest.fixture
+def unique_name() -> str:
+    """A short unique string for queue names and key prefixes."""
+    return f"t{secrets.token_hex(5)}"

