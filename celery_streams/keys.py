@@ -14,6 +14,9 @@ key                                     type    holds
 ``{P}celery-streams:q:{Q}``             stream  messages of queue Q, one consumer group
                                                 (``consumer_group``) shared by all workers
 ``{P}celery-streams:q:{Q}:dead``        stream  dead letters of queue Q
+``{P}celery-streams:q:{Q}:alive:{C}``   string  present while consumer C of queue Q lives
+                                                (its worker renews it; expires after
+                                                ``visibility_timeout``)
 ======================================  ======  =========================================
 
 ``P`` is kombu's ``global_keyprefix`` (empty by default). The braces around a
@@ -22,7 +25,8 @@ lands in one slot, so cluster support needs no new schema.
 
 A stream entry has the fields ``payload`` (kombu's JSON envelope) and, once a
 message was put back after a delivery, ``deliveries`` (how many times it was
-delivered before).
+delivered before). The count travels with the message across requeues,
+restores and reclaims, so ``max_deliveries`` bounds a poison message.
 """
 from __future__ import annotations
 
@@ -50,6 +54,13 @@ class Keys:
     def dead_letters(self, queue: str) -> str:
         """The dead-letter stream of ``queue``."""
         return self._queue_head + queue + '}:dead'
+
+    def alive_prefix(self, queue: str) -> str:
+        """Liveness keys of the consumers of ``queue`` are this plus the consumer name."""
+        return self._queue_head + queue + '}:alive:'
+
+    def alive(self, queue: str, consumer: str) -> str:
+        return self.alive_prefix(queue) + consumer
 
     def bindings(self, exchange: str) -> str:
         """The set of bindings of ``exchange``."""
@@ -79,3 +90,21 @@ def parse_binding(member: bytes | str) -> tuple[str, str, str]:
         member = member.decode()
     routing_key, pattern, queue = member.split(SEP)
     return routing_key, pattern, queue
+
+
+#: Every command the transport sends (workers and publishers), for a Redis ACL.
+COMMANDS = (
+    'ping', 'client|setname', 'multi', 'exec', 'get', 'set', 'del', 'exists', 'pexpire',
+    'hset', 'hsetnx', 'hdel', 'sadd', 'srem', 'smembers',
+    'xadd', 'xreadgroup', 'xack', 'xdel', 'xlen', 'xrange', 'xtrim', 'xpending', 'xclaim',
+    'xgroup|create', 'xgroup|delconsumer', 'xinfo|groups', 'xinfo|consumers',
+    'eval', 'evalsha', 'script|load', 'script|exists',
+)
+
+
+def acl_rules(global_keyprefix: str = '') -> list[str]:
+    """``ACL SETUSER`` rules that allow the transport and nothing else.
+
+    Example: ``ACL SETUSER celery on >secret`` followed by these rules.
+    """
+    return ['~' + Keys(global_keyprefix).match_all, '-@all', *('+' + c for c in COMMANDS)]

@@ -11,8 +11,10 @@ option                     default          meaning
 ``consumer_group``         ``'celery'``     the consumer group shared by all workers
 ``polling_interval``       ``1.0``          seconds one ``XREADGROUP ... BLOCK`` waits
                                             at most (kombu: the BRPOP timeout)
-``visibility_timeout``     ``3600``         seconds before a dead consumer's messages
-                                            may be handed to another consumer
+``visibility_timeout``     ``300``          seconds a consumer's messages stay its own
+                                            after its worker stopped renewing them
+                                            (died, or lost Redis); then another
+                                            worker takes them over
 ``max_deliveries``         ``10``           deliveries before a message is dead-lettered
 ``dead_letter_maxlen``     ``10000``        dead letters kept per queue (oldest trimmed)
 ``fanout_maxlen``          ``1000``         entries a broadcast queue keeps (oldest
@@ -67,7 +69,7 @@ class Options:
     global_keyprefix: str = ''
     consumer_group: str = 'celery'
     polling_interval: float = 1.0
-    visibility_timeout: float = 3600.0
+    visibility_timeout: float = 300.0
     max_deliveries: int = 10
     dead_letter_maxlen: int = 10000
     fanout_maxlen: int = 1000

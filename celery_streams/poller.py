@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import threading
 from time import monotonic, sleep
 
 logger = logging.getLogger(__name__)
@@ -31,14 +32,21 @@ STALE_READ_MARGIN = 10.0
 class Poller:
     """The channels of one transport that consume, and their outstanding reads."""
 
-    def __init__(self):
+    def __init__(self, renew_every=None):
         self.channels = []
         self.hub = None
         self._hub_fds = {}   # fd -> channel, registered with the hub
+        self._renewer = Renewer(self, renew_every) if renew_every else None
 
     def add(self, channel):
         if channel not in self.channels:
             self.channels.append(channel)
+        if self._renewer is not None:
+            self._renewer.ensure_started()
+
+    def close(self):
+        if self._renewer is not None:
+            self._renewer.stop()
 
     def discard(self, channel):
         if channel in self.channels:
@@ -88,6 +96,8 @@ class Poller:
 
     def _start(self, channel):
         try:
+            channel.maybe_reclaim()
+            channel.deliver_buffered()
             fd = channel.start_read()
         except Exception:
             self._forget_channel_fds(channel)
@@ -122,6 +132,7 @@ class Poller:
             # One message per call: a solo pool runs it inside this call, and
             # Celery checks for shutdown between calls.
             for channel in list(self.channels):
+                channel.maybe_reclaim()
                 if channel.deliver_buffered(limit=1):
                     return
             reading = {}
@@ -157,3 +168,33 @@ def _wait_readable(fds, timeout):
         return []
     return [fd for fd, _ in events]
 
+
+class Renewer:
+    """A daemon thread that renews the liveness keys of every consuming channel.
+
+    It runs off the hub's thread, so a worker busy in a long task (``-P solo``
+    blocks its hub) still shows it lives and keeps its messages.
+    """
+
+    def __init__(self, poller, every):
+        self.poller = poller
+        self.every = every
+        self._stopped = threading.Event()
+        self._thread = None
+
+    def ensure_started(self):
+        if self._thread is None or not self._thread.is_alive():
+            self._stopped.clear()
+            self._thread = threading.Thread(target=self._run, name='celery-streams-renewer', daemon=True)
+            self._thread.start()
+
+    def stop(self):
+        self._stopped.set()
+
+    def _run(self):
+        while not self._stopped.wait(self.every):
+            for channel in list(self.poller.channels):
+                try:
+                    channel.renew_liveness()
+                except Exception as exc:   # Redis away: the consume loop reports it
+                    logger.debug('celery_streams: liveness renewal failed: %s', exc)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import sys
 from collections import deque
@@ -71,7 +72,13 @@ class Channel(virtual.Channel):
         self.keys = Keys(options.global_keyprefix)
         self.group = options.consumer_group
         self.block_ms = int(options.polling_interval * 1000)
-        self.consumer_name = '%s:%s:%s' % (socket.gethostname(), os.getpid(), self.channel_id)
+        # Unique per channel instance: a reconnected channel must not inherit the
+        # entries of its predecessor (they are reclaimed once its liveness lapses).
+        self.consumer_name = '%s:%s:%s' % (socket.gethostname(), os.getpid(), secrets.token_hex(3))
+        self.visibility_ms = int(options.visibility_timeout * 1000)
+        self.reclaim_every = min(max(options.visibility_timeout / 4, 0.5), 60.0)
+        self._next_reclaim = 0.0
+        self._alive_queues = frozenset()
         self._noack_queues = set()
         self._fanout_queues = {}       # queue -> exchange, for queues bound to a fanout exchange
         self._expires = {}             # queue -> x-expires in ms
@@ -293,6 +300,9 @@ class Channel(virtual.Channel):
             return None
         count = max(budget // len(queues), 1)
         noack = all(queue in self._noack_queues for queue in queues)
+        if not noack and not self._alive_queues.issuperset(
+                q for q in queues if q not in self._noack_queues):
+            self.renew_liveness()
         self._refresh_expiry(queues)
         args = ['XREADGROUP', 'GROUP', self.group, self.consumer_name,
                 'COUNT', count, 'BLOCK', self.block_ms]
@@ -396,8 +406,13 @@ class Channel(virtual.Channel):
         if settle:
             self._settle_noack(settle, noack)
 
-    def _decode_entry(self, queue, entry_id, fields, noack):
-        """The kombu payload of one entry, or None once a bad entry was dead-lettered."""
+    def _decode_entry(self, queue, entry_id, fields, noack, times_in_pel=1):
+        """The kombu payload of one entry, or None once a bad entry was dead-lettered.
+
+        ``times_in_pel`` is the group's delivery count of this entry id (1 for a
+        fresh read); ``deliveries`` carries the count of earlier entries of the
+        same message (requeues, restores).
+        """
         fields = {_text(k): v for k, v in (fields or {}).items()}
         try:
             payload = loads(fields['payload'])
@@ -407,12 +422,17 @@ class Channel(virtual.Channel):
         except Exception as exc:
             self.dead_letter(queue, entry_id, fields, 'undecodable entry: %s' % _one_line(exc), noack)
             return None
+        delivered = deliveries + times_in_pel
+        if delivered > self.options.max_deliveries and not noack:
+            self.dead_letter(queue, entry_id, fields, 'delivered %d times, more than max_deliveries=%d'
+                             % (delivered, self.options.max_deliveries), noack)
+            return None
         ttl = self._message_ttl.get(queue)
         if ttl is not None and _entry_age_ms(entry_id) > ttl:
             self._settle_noack([(queue, entry_id)], noack)
             return None
         properties['delivery_tag'] = make_tag(entry_id, self.consumer_name, queue)
-        if deliveries:
+        if delivered > 1:
             delivery_info['redelivered'] = True
         return payload
 
@@ -447,6 +467,75 @@ class Channel(virtual.Channel):
         buffered, self._buffer = self._buffer, deque()
         self.restore_tags([payload['properties']['delivery_tag'] for queue, payload in buffered
                            if queue not in self._noack_queues])
+
+    # -- reclaim and liveness (at-least-once under failure) -------------------
+
+    def acked_queues(self):
+        return [q for q in dict.fromkeys(self._active_queues)
+                if q not in self._noack_queues and q not in self._deleted]
+
+    def maybe_reclaim(self):
+        """Every ``visibility_timeout / 4``: take over messages of dead consumers.
+
+        They are buffered like a read, within the prefetch budget, and carry
+        ``redelivered``. Runs between reads, never while one is outstanding.
+        """
+        now = monotonic()
+        if self._reading is not None or self._buffer or now < self._next_reclaim:
+            return
+        self._next_reclaim = now + self.reclaim_every
+        queues = self.acked_queues()
+        budget = self._read_budget() if queues else 0
+        if not budget:
+            return
+        self.renew_liveness()
+        limit = max(budget // len(queues), 1)
+        with self.pool_client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                self.scripts.reclaim(
+                    keys=[self.keys.queue(queue)], client=pipe,
+                    args=[self.group, self.consumer_name, self.visibility_ms, limit,
+                          self.keys.alive_prefix(queue)])
+            results = pipe.execute(raise_on_error=False)
+        for queue, claimed in zip(queues, results):
+            if isinstance(claimed, Exception):
+                logger.warning('celery_streams: reclaim on queue %r failed: %s', queue, _one_line(claimed))
+                continue
+            for i in range(0, len(claimed), 3):
+                entry_id, times, flat = _text(claimed[i]), int(claimed[i + 1]), claimed[i + 2]
+                fields = dict(zip(flat[::2], flat[1::2]))
+                payload = self._decode_entry(queue, entry_id, fields, noack=False, times_in_pel=times)
+                if payload is not None:
+                    self._buffer.append((queue, payload))
+            if claimed:
+                logger.info('celery_streams: took over %d message(s) of queue %r from consumers '
+                            'silent for more than visibility_timeout', len(claimed) // 3, queue)
+
+    def liveness_queues(self):
+        """The queues this consumer holds or may hold messages of."""
+        queues = set(self.acked_queues())
+        queues.update(parse_tag(tag)[2] for tag in list(self.qos._delivered))
+        return queues
+
+    def renew_liveness(self):
+        """Say this consumer lives, for ``visibility_timeout``, on every queue it holds.
+
+        Called from the renewal thread (so a busy ``-P solo`` worker still renews)
+        and before the first read of a queue.
+        """
+        queues = self.liveness_queues()
+        if queues:
+            with self.pool_client.pipeline(transaction=False) as pipe:
+                for queue in queues:
+                    pipe.set(self.keys.alive(queue, self.consumer_name), 1, px=self.visibility_ms)
+                pipe.execute()
+        self._alive_queues = frozenset(queues)
+
+    def _forget_liveness(self):
+        """At close: whatever this consumer still holds may be reclaimed at once."""
+        if self._alive_queues:
+            self.pool_client.delete(*[self.keys.alive(q, self.consumer_name) for q in self._alive_queues])
+            self._alive_queues = frozenset()
 
     def heal(self, queues, error):
         """Re-create the groups (and registry, bindings) of ``queues``; log once each.
@@ -587,6 +676,10 @@ class Channel(virtual.Channel):
         poller = getattr(self.connection, 'poller', None)
         auto_delete = [q for q in self._auto_delete if q in self._active_queues]
         super().close()
+        try:
+            self._forget_liveness()
+        except Exception:
+            logger.debug('celery_streams: could not remove liveness keys', exc_info=True)
         for queue in auto_delete:
             try:
                 self.queue_delete(queue)
@@ -626,11 +719,15 @@ class Transport(virtual.Transport):
         self.options = Options.from_transport_options(client.transport_options)
         _refuse_foreign_alternates(client)
         super().__init__(client, **kwargs)
-        self.poller = Poller()
+        self.poller = Poller(renew_every=min(max(self.options.visibility_timeout / 3, 0.2), 60.0))
         self._eviction_checked = False
 
     def driver_version(self):
         return redis.__version__
+
+    def close_connection(self, connection):
+        super().close_connection(connection)
+        self.poller.close()
 
     def register_with_event_loop(self, connection, loop):
         self.poller.attach(loop)

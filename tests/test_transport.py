@@ -15,7 +15,7 @@ from kombu.asynchronous import Hub
 
 import celery_streams
 from celery_streams import errors
-from celery_streams.keys import Keys
+from celery_streams.keys import Keys, acl_rules
 
 
 def streams_url(server):
@@ -394,17 +394,10 @@ def test_tls_through_broker_use_ssl(tls_redis_server, unique_name):
         assert drain_all(c, [q], 1)[0][0] == {'secure': 2}
 
 
-ACL_COMMANDS = ('-@all', '+ping', '+xadd', '+xreadgroup', '+xack', '+xdel', '+xgroup|create',
-                '+xlen', '+xpending', '+xtrim', '+xinfo|groups', '+xrange', '+exists', '+pexpire',
-                '+set', '+get', '+del', '+hset', '+hsetnx', '+hdel', '+sadd', '+srem', '+smembers',
-                '+evalsha', '+eval', '+script|load', '+client|setname', '+multi', '+exec')
-
-
 def test_acl_user_limited_to_the_transport_keys(redis_server, unique_name, r):
-    from tests.servers import create_acl_user
     prefix = unique_name + ':'
-    create_acl_user(r, unique_name, 'pw-' + unique_name, key_patterns=[prefix + 'celery-streams:*'],
-                    commands=ACL_COMMANDS)
+    r.execute_command('ACL', 'SETUSER', unique_name, 'reset', 'on', '>pw-' + unique_name,
+                      *acl_rules(prefix))
     url = 'redis-streams://%s:pw-%s@127.0.0.1:%d/0' % (unique_name, unique_name, redis_server.port)
     with Connection(url, transport_options={'global_keyprefix': prefix}) as c:
         q = Queue('acl', Exchange('acl'), 'acl')

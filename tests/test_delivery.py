@@ -1,0 +1,175 @@
+"""At-least-once under failure, at the kombu level: reclaim, renewal, dead letters.
+
+A consumer "dies" for real here: it runs in a child process killed with SIGKILL
+while it holds unacked messages.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from kombu import Connection, Consumer, Exchange, Queue
+
+from celery_streams.keys import Keys
+from tests.test_transport import publish, streams_url
+
+VT = 1.0   # a short visibility_timeout keeps these tests fast
+
+
+@pytest.fixture
+def prefix(unique_name):
+    return unique_name + ':'
+
+
+@pytest.fixture
+def keys(prefix):
+    return Keys(prefix)
+
+
+@pytest.fixture
+def r(redis_server):
+    client = redis_server.client()
+    yield client
+    client.close()
+
+
+def connection(server, prefix, **options):
+    return Connection(streams_url(server), transport_options={
+        'global_keyprefix': prefix, 'visibility_timeout': VT, **options})
+
+
+HOLDER = '''
+import sys, time, celery_streams
+from kombu import Connection, Consumer, Queue, Exchange
+url, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+q = Queue('work', Exchange('work'), 'work')
+conn = Connection(url, transport_options={'global_keyprefix': prefix, 'visibility_timeout': %r})
+got = []
+with Consumer(conn, [q], callbacks=[lambda b, m: got.append(m)]):
+    while len(got) < count:
+        conn.drain_events(timeout=10)
+print('holding', len(got), flush=True)
+time.sleep(600)
+''' % VT
+
+
+def hold_then_die(server, prefix, count):
+    """A child process that takes ``count`` messages without acking, then is killed."""
+    child = subprocess.Popen([sys.executable, '-c', HOLDER, streams_url(server), prefix, str(count)],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().startswith('holding')
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+
+
+def consume(conn, queue, count, timeout=15, ack=True):
+    got = []
+    deadline = time.monotonic() + timeout
+    with Consumer(conn, [queue], callbacks=[lambda b, m: (got.append(m), ack and m.ack())]):
+        while len(got) < count and time.monotonic() < deadline:
+            try:
+                conn.drain_events(timeout=0.5)
+            except TimeoutError:
+                pass
+    return got
+
+
+def test_messages_of_a_killed_consumer_are_reclaimed_and_marked_redelivered(redis_server, prefix, r, keys):
+    q = Queue('work', Exchange('work'), 'work')
+    with connection(redis_server, prefix) as conn:
+        publish(conn, q.exchange, 'work', [{'n': i} for i in range(5)], declare=[q])
+        hold_then_die(redis_server, prefix, 5)
+        started = time.monotonic()
+        got = consume(conn, q, 5)
+        took = time.monotonic() - started
+    print('\nreclaimed 5 messages of a killed consumer in %.2fs (visibility_timeout %.1fs)' % (took, VT))
+    assert sorted(m.payload['n'] for m in got) == list(range(5))
+    assert all(m.delivery_info['redelivered'] for m in got)
+    assert r.xpending(keys.queue('work'), 'celery')['pending'] == 0
+    # the dead consumer, now owning nothing, is removed from the group by a later reclaim
+    deadline = time.monotonic() + 10
+    with connection(redis_server, prefix) as conn:
+        while time.monotonic() < deadline:
+            consume(conn, q, 1, timeout=1)
+            if len(r.xinfo_consumers(keys.queue('work'), 'celery')) <= 1:
+                break
+    assert len(r.xinfo_consumers(keys.queue('work'), 'celery')) <= 1
+
+
+def test_a_live_consumer_keeps_its_messages_past_the_visibility_timeout(redis_server, prefix, keys, r):
+    q = Queue('work', Exchange('work'), 'work')
+    with connection(redis_server, prefix) as holder, connection(redis_server, prefix) as other:
+        publish(holder, q.exchange, 'work', [{'n': 1}], declare=[q])
+        held = consume(holder, q, 1, ack=False)
+        assert len(held) == 1
+        # the other consumer reads for 3x the visibility timeout and gets nothing
+        stolen = consume(other, q, 1, timeout=3 * VT)
+        assert stolen == []
+        held[0].ack()
+    assert r.xlen(keys.queue('work')) == 0
+
+
+def test_reclaim_never_overfills_the_prefetch_window(redis_server, prefix):
+    q = Queue('work', Exchange('work'), 'work')
+    with connection(redis_server, prefix) as conn:
+        publish(conn, q.exchange, 'work', [{'n': i} for i in range(10)], declare=[q])
+        hold_then_die(redis_server, prefix, 10)
+        channel = conn.channel()
+        channel.basic_qos(0, 3, False)
+        got = []
+        with Consumer(channel, [q], callbacks=[lambda b, m: got.append(m)]):
+            deadline = time.monotonic() + 3 * VT + 2
+            while time.monotonic() < deadline:
+                try:
+                    conn.drain_events(timeout=0.3)
+                except TimeoutError:
+                    pass
+                assert len([m for m in got if not m.acknowledged]) <= 3
+        assert len(got) == 3
+
+
+def test_requeued_poison_message_is_dead_lettered_after_max_deliveries(redis_server, prefix, keys, r):
+    q = Queue('work', Exchange('work'), 'work')
+    with connection(redis_server, prefix, max_deliveries=3) as conn:
+        publish(conn, q.exchange, 'work', [{'poison': True}, {'good': True}], declare=[q])
+        seen = []
+
+        def on_message(body, message):
+            seen.append(body)
+            if body.get('poison'):
+                message.requeue()
+            else:
+                message.ack()
+
+        with Consumer(conn, [q], callbacks=[on_message]):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and r.xlen(keys.queue('work')):
+                try:
+                    conn.drain_events(timeout=0.5)
+                except TimeoutError:
+                    pass
+    assert seen.count({'poison': True}) == 3
+    assert {'good': True} in seen
+    dead = r.xrange(keys.dead_letters('work'))
+    assert len(dead) == 1
+    assert b'max_deliveries=3' in dead[0][1][b'reason']
+    assert json.loads(dead[0][1][b'field:payload'])['body']
+    assert r.xlen(keys.queue('work')) == 0
+
+
+def test_drained_entries_of_a_dead_consumer_are_never_reclaimed(redis_server, prefix, keys, r):
+    q = Queue('work', Exchange('work'), 'work')
+    with connection(redis_server, prefix) as conn:
+        publish(conn, q.exchange, 'work', [{'n': i} for i in range(4)], declare=[q])
+        hold_then_die(redis_server, prefix, 4)
+        removed, cleared = r.eval(open(os.path.join(os.path.dirname(__file__), '..', 'celery_streams',
+                                                    'scripts', 'drain.lua')).read(),
+                                  1, keys.queue('work'))
+        assert (removed, cleared) == (4, 4)
+        assert consume(conn, q, 1, timeout=3 * VT) == []
+    assert [g['name'] for g in r.xinfo_groups(keys.queue('work'))] == [b'celery']
