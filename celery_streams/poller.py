@@ -71,6 +71,7 @@ class Poller:
 
     def on_tick(self):
         for channel in list(self.channels):
+            channel.flush_acks()
             self._start(channel)
 
     def on_readable(self, fd):
@@ -92,9 +93,11 @@ class Poller:
         try:
             channel.deliver_buffered()
         finally:
+            channel.flush_acks()
             self._start(channel)
 
     def _start(self, channel):
+        channel._loop_thread = threading.get_ident()   # acks wait for the next tick
         try:
             channel.maybe_reclaim()
             channel.deliver_buffered()
@@ -126,12 +129,27 @@ class Poller:
     # -- drain_events ---------------------------------------------------------
 
     def drain_events(self, timeout=None):
-        """Deliver what the next replies hold; raise ``socket.timeout`` when none came."""
+        """Deliver the next message; raise ``socket.timeout`` when none came in time.
+
+        Acks made by the callback are sent before this returns.
+        """
+        thread = threading.get_ident()
+        for channel in list(self.channels):
+            channel._loop_thread = thread     # acks wait until this call returns
+        try:
+            self._drain_events(timeout)
+        finally:
+            for channel in list(self.channels):
+                channel._loop_thread = None
+                channel.flush_acks()
+
+    def _drain_events(self, timeout):
         deadline = None if timeout is None else monotonic() + timeout
         while True:
             # One message per call: a solo pool runs it inside this call, and
             # Celery checks for shutdown between calls.
             for channel in list(self.channels):
+                channel.flush_acks()
                 channel.maybe_reclaim()
                 if channel.deliver_buffered(limit=1):
                     return

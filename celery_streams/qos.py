@@ -23,7 +23,7 @@ class QoS(virtual.QoS):
     """kombu's prefetch accounting, with acks and restores sent to Redis."""
 
     def ack(self, delivery_tag):
-        self.channel.ack_tags([delivery_tag])
+        self.channel.ack_later(delivery_tag)
         super().ack(delivery_tag)
 
     def reject(self, delivery_tag, requeue=False):

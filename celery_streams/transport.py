@@ -30,6 +30,7 @@ import os
 import secrets
 import socket
 import sys
+import threading
 from collections import deque
 from fnmatch import fnmatchcase
 from functools import cached_property
@@ -51,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 #: Messages read at once by a consumer without a prefetch limit (no_ack consumers).
 UNLIMITED_BATCH = 100
+#: Queued acks are sent at the latest when this many are waiting.
+ACK_BATCH = 256
 #: URL schemes this transport answers to (registered by ``import celery_streams``).
 SCHEMES = ('redis-streams', 'rediss-streams')
 TLS_SCHEMES = ('rediss-streams',)
@@ -88,6 +91,8 @@ class Channel(virtual.Channel):
         self._expiry_refreshed_at = 0.0
         self._rotation = 0
         self._buffer = deque()         # (queue, payload) read but not yet delivered
+        self._acks = deque()           # tags acked by the app, not yet sent
+        self._loop_thread = None       # the thread whose acks wait for the next turn
         self.pool = redis.ConnectionPool(**self._connparams())
         self.pool_client = redis.Redis(connection_pool=self.pool)
         self.scripts = Scripts(self.pool_client)
@@ -372,6 +377,7 @@ class Channel(virtual.Channel):
         while buffer and (limit is None or delivered < limit):
             if delivered and _worker_shutting_down():
                 break   # a blocking pool (solo) ran one: the rest go back at close
+            self.flush_acks()   # with -P solo, the previous task's ack goes out now
             queue, payload = buffer.popleft()
             try:
                 self.connection._deliver(payload, queue)
@@ -616,14 +622,42 @@ class Channel(virtual.Channel):
 
     # -- acks and restores ----------------------------------------------------
 
+    def ack_later(self, tag):
+        """Queue an ack: the consume loop sends the queued acks once per turn.
+
+        An ack from another thread (``-P threads``), or with no consume loop
+        running, is sent at once. Until an ack reaches Redis the message is
+        pending: a crash then means a redelivery, never a loss.
+        """
+        self._acks.append(tag)
+        if threading.get_ident() != self._loop_thread or len(self._acks) >= ACK_BATCH:
+            self.flush_acks()
+
+    def flush_acks(self):
+        tags = []
+        while True:
+            try:
+                tags.append(self._acks.popleft())
+            except IndexError:
+                break
+        if tags:
+            try:
+                self.ack_tags(tags)
+            except Exception:
+                self._acks.extendleft(reversed(tags))
+                raise
+
     def ack_tags(self, tags):
-        """XACK and XDEL the entries of ``tags`` in one round trip."""
+        """XACK and XDEL the entries of ``tags``: one XACK and one XDEL per stream, one round trip."""
+        by_queue = {}
+        for tag in tags:
+            entry_id, _, queue = parse_tag(tag)
+            by_queue.setdefault(queue, []).append(entry_id)
         with self.pool_client.pipeline(transaction=False) as pipe:
-            for tag in tags:
-                entry_id, _, queue = parse_tag(tag)
+            for queue, ids in by_queue.items():
                 key = self.keys.queue(queue)
-                pipe.xack(key, self.group, entry_id)
-                pipe.xdel(key, entry_id)
+                pipe.xack(key, self.group, *ids)
+                pipe.xdel(key, *ids)
             pipe.execute()
 
     def restore_tags(self, tags):
@@ -633,6 +667,7 @@ class Channel(virtual.Channel):
         """
         if not tags:
             return []
+        self.flush_acks()   # an acked message must never be restored
         with self.pool_client.pipeline(transaction=False) as pipe:
             for tag in tags:
                 entry_id, consumer, queue = parse_tag(tag)
@@ -668,6 +703,7 @@ class Channel(virtual.Channel):
         if self.closed:
             return
         try:
+            self.flush_acks()
             if self._reading is not None:
                 self.finish_read()
             self._restore_buffered()
