@@ -45,6 +45,7 @@ from . import errors
 from .keys import FANOUT, SCHEMA_VERSION, TASK, Keys, binding_member, parse_binding
 from .options import Options
 from .poller import Poller
+from .publish import PublishBatch
 from .qos import QoS, make_tag, parse_tag
 from .scripts import Scripts
 
@@ -237,30 +238,42 @@ class Channel(virtual.Channel):
 
     # -- publishing -----------------------------------------------------------
 
-    def _put(self, queue, message, **kwargs):
-        key = self.keys.queue(queue)
+    def create_publish_batch(self, max_size):
+        return PublishBatch(self, max_size)
+
+    def _put(self, queue, message, _publish_batch=None, **kwargs):
+        key, fields = self.keys.queue(queue), {'payload': dumps(message)}
+        expires = self._expires.get(queue)
+        if _publish_batch is not None:
+            _publish_batch.add(lambda pipe: _xadd(pipe, key, fields, expires))
+            return
         try:
-            if queue in self._expires:
-                with self.pool_client.pipeline(transaction=False) as pipe:
-                    pipe.xadd(key, {'payload': dumps(message)})
-                    pipe.pexpire(key, self._expires[queue])
-                    pipe.execute()
+            if expires is None:
+                self.pool_client.xadd(key, fields)
             else:
-                self.pool_client.xadd(key, {'payload': dumps(message)})
+                with self.pool_client.pipeline(transaction=False) as pipe:
+                    _xadd(pipe, key, fields, expires).execute()
         except redis.ResponseError as exc:
             raise errors.translate_write_error(exc) from None
 
-    def _put_fanout(self, exchange, message, routing_key, **kwargs):
+    def _put_fanout(self, exchange, message, routing_key, _publish_batch=None, **kwargs):
         queues = [queue for bound_key, _, queue in self.get_table(exchange)
                   if _fanout_matches(bound_key, routing_key)]
         if not queues:
             return
         payload = dumps(message)
-        with self.pool_client.pipeline(transaction=False) as pipe:
+
+        def copy_to_queues(pipe):
             for queue in queues:
                 self.scripts.fanout(keys=[self.keys.queue(queue)],
                                     args=[self.options.fanout_maxlen, payload], client=pipe)
-            results = pipe.execute(raise_on_error=False)
+            return pipe
+
+        if _publish_batch is not None:
+            _publish_batch.add(copy_to_queues)
+            return
+        with self.pool_client.pipeline(transaction=False) as pipe:
+            results = copy_to_queues(pipe).execute(raise_on_error=False)
         for queue, result in zip(queues, results):
             if isinstance(result, Exception):
                 raise errors.translate_write_error(result)
@@ -742,6 +755,7 @@ class Transport(virtual.Transport):
 
     implements = virtual.Transport.implements.extend(
         asynchronous=True,
+        batch_publish=True,
         exchange_type=frozenset(['direct', 'topic', 'fanout']),
     )
 
@@ -801,6 +815,13 @@ def _refuse_foreign_alternates(client):
                 'failover URL %s://... would switch to another transport on failover; '
                 'write every broker URL as redis-streams:// (or rediss-streams://) '
                 'and import celery_streams where the app is created' % scheme)
+
+
+def _xadd(pipe, key, fields, expires):
+    pipe.xadd(key, fields)
+    if expires is not None:
+        pipe.pexpire(key, expires)
+    return pipe
 
 
 def _raise_unless_busygroup(results):

@@ -412,3 +412,15 @@ def test_acl_user_limited_to_the_transport_keys(redis_server, unique_name, r):
     with pytest.raises(redis.exceptions.NoPermissionError):
         redis.Redis(port=redis_server.port, username=unique_name,
                     password='pw-' + unique_name).set('outside', 1)
+
+
+def test_producer_batch_publishes_in_one_pipeline(conn, r, keys):
+    q = Queue('batched', Exchange('batched'), 'batched')
+    q(conn.default_channel).declare()
+    producer = Producer(conn.default_channel)
+    with producer.batch(max_size=100):
+        for i in range(250):
+            producer.publish({'n': i}, exchange='', routing_key='batched')
+        assert r.xlen(keys.queue('batched')) == 200   # two full batches flushed, 50 buffered
+    assert r.xlen(keys.queue('batched')) == 250
+    assert [b['n'] for b, _ in drain_all(conn, [q], 250)] == list(range(250))
