@@ -13,6 +13,9 @@ key                                     type    holds
                                                 ``routing_key SEP pattern SEP queue``
 ``{P}celery-streams:q:{Q}``             stream  messages of queue Q, one consumer group
                                                 (``consumer_group``) shared by all workers
+``{P}celery-streams:q:{Q}:p{N}``        stream  messages of queue Q in priority bucket N
+                                                (N in ``priority_steps`` but 0), made
+                                                when first used
 ``{P}celery-streams:q:{Q}:dead``        stream  dead letters of queue Q
 ``{P}celery-streams:q:{Q}:alive:{C}``   string  present while consumer C of queue Q lives
                                                 (its worker renews it; expires after
@@ -31,6 +34,8 @@ restores and reclaims, so ``max_deliveries`` bounds a poison message.
 from __future__ import annotations
 
 SCHEMA_VERSION = 1
+#: kombu's Redis transport default: priorities 0-9 fall into 4 buckets.
+DEFAULT_PRIORITY_STEPS = (0, 3, 6, 9)
 NAMESPACE = 'celery-streams:'
 SEP = '\x06\x16'   # the separator kombu's Redis transport uses in bindings
 
@@ -41,15 +46,30 @@ FANOUT = 'fanout'
 class Keys:
     """Builds the keys of one transport under one ``global_keyprefix``."""
 
-    def __init__(self, global_keyprefix: str = ''):
+    def __init__(self, global_keyprefix: str = '', priority_steps=DEFAULT_PRIORITY_STEPS):
         self.prefix = (global_keyprefix or '') + NAMESPACE
+        self.priority_steps = tuple(sorted(priority_steps))
         self.schema = self.prefix + 'schema'
         self.queues = self.prefix + 'queues'
         self._queue_head = self.prefix + 'q:{'
 
-    def queue(self, queue: str) -> str:
-        """The stream of ``queue``."""
+    def queue(self, queue: str, bucket: int = 0) -> str:
+        """The stream of ``queue`` (of its priority ``bucket``, when not 0)."""
+        if bucket:
+            return '%s%s}:p%d' % (self._queue_head, queue, bucket)
         return self._queue_head + queue + '}'
+
+    def queue_streams(self, queue: str) -> list[str]:
+        """Every stream of ``queue``: bucket 0 first, then the other priority buckets."""
+        return [self.queue(queue, bucket) for bucket in self.priority_steps]
+
+    def parse_stream(self, stream_key: str) -> tuple[str, int]:
+        """``(queue, bucket)`` of a queue stream key (inverse of :meth:`queue`)."""
+        body = stream_key[len(self._queue_head):]
+        if body.endswith('}'):
+            return body[:-1], 0
+        queue, _, bucket = body.rpartition('}:p')
+        return queue, int(bucket)
 
     def dead_letters(self, queue: str) -> str:
         """The dead-letter stream of ``queue``."""
@@ -67,8 +87,8 @@ class Keys:
         return self.prefix + 'bind:{' + exchange + '}'
 
     def queue_of(self, stream_key: str) -> str:
-        """The queue name of a queue stream key (inverse of :meth:`queue`)."""
-        return stream_key[len(self._queue_head):-1]
+        """The queue name of a queue stream key."""
+        return self.parse_stream(stream_key)[0]
 
     @property
     def match_all(self) -> str:

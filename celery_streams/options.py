@@ -28,9 +28,14 @@ option                     default          meaning
 ``health_check_interval``  ``25``           seconds between redis-py health checks
 ``retry_on_timeout``       ``None``         redis-py retry on timeout
 ``client_name``            ``None``         ``CLIENT SETNAME`` of every connection
-``queue_order_strategy``   ``round_robin``  kombu's name; queues are read in one call,
-                                            the order only matters when the prefetch
-                                            budget is smaller than the queue count
+``queue_order_strategy``   ``round_robin``  kombu's: ``round_robin`` rotates the queues
+                                            a worker consumes between reads, ``sorted``
+                                            reads them by name, ``priority`` in the
+                                            order given (first queue first)
+``priority_steps``         ``[0,3,6,9]``    kombu's: priority buckets of every queue
+``priority_semantics``     ``'kombu'``      ``kombu``: lower number first, no priority
+                                            = 0 (kombu's Redis transport);
+                                            ``rabbitmq``: higher number first
 =========================  ===============  ===========================================
 
 Options kombu's Redis transport knows but that mean nothing here (its ack
@@ -44,6 +49,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from .errors import ConfigurationError
+from .keys import DEFAULT_PRIORITY_STEPS
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +88,8 @@ class Options:
     retry_on_timeout: bool | None = None
     client_name: str | None = None
     queue_order_strategy: str = 'round_robin'
+    priority_steps: tuple = DEFAULT_PRIORITY_STEPS
+    priority_semantics: str = 'kombu'
     ignored: tuple = field(default=(), compare=False)
 
     @classmethod
@@ -103,6 +111,18 @@ class Options:
                 values[name] = _positive(name, values[name], int)
         if not isinstance(values.get('consumer_group', 'x'), str) or not values.get('consumer_group', 'x'):
             raise ConfigurationError('transport option consumer_group must be a non-empty string')
+        _choice('queue_order_strategy', values, ('round_robin', 'sorted', 'priority'))
+        _choice('priority_semantics', values, ('kombu', 'rabbitmq'))
+        if 'priority_steps' in values:
+            try:
+                steps = tuple(sorted({int(step) for step in values['priority_steps']}))
+            except (TypeError, ValueError):
+                steps = ()
+            if not steps or steps[0] != 0 or steps[-1] > 9:
+                raise ConfigurationError(
+                    'transport option priority_steps must be numbers from 0 to 9 starting at 0, '
+                    'not %r' % (values['priority_steps'],))
+            values['priority_steps'] = steps
         ignored = tuple(sorted(k for k in given if k in IGNORED))
         return cls(ignored=ignored, **values)
 
@@ -111,6 +131,12 @@ class Options:
             logger.warning(
                 'celery_streams: transport option(s) %s mean nothing on Redis Streams and are ignored',
                 ', '.join(self.ignored))
+
+
+def _choice(name, values, allowed):
+    if name in values and values[name] not in allowed:
+        raise ConfigurationError('transport option %s must be one of %s, not %r'
+                                 % (name, ', '.join(allowed), values[name]))
 
 
 def _positive(name, value, kind):

@@ -1,22 +1,31 @@
 """Delivery tags and the QoS of a channel: acks, rejects and restores go to Redis.
 
-A delivery tag names the entry it was made for, ``"<entry id>/<consumer>/<queue>"``,
-so an ack works from any channel and after a reconnect, and every delivered copy
-(a broadcast reaches several queues) has its own tag.
+A delivery tag names the entry it was made for,
+``"<entry id>/<consumer>/<priority bucket>/<queue>"``, so an ack works from any
+channel and after a reconnect, and every delivered copy (a broadcast reaches
+several queues) has its own tag.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from kombu.transport import virtual
 
 
-def make_tag(entry_id: str, consumer: str, queue: str) -> str:
-    return '%s/%s/%s' % (entry_id, consumer, queue)
+class Tag(NamedTuple):
+    entry_id: str
+    consumer: str
+    bucket: int
+    queue: str
 
 
-def parse_tag(tag: str) -> tuple[str, str, str]:
-    """``(entry id, consumer, queue)`` of a delivery tag."""
-    entry_id, consumer, queue = tag.split('/', 2)
-    return entry_id, consumer, queue
+def make_tag(entry_id: str, consumer: str, queue: str, bucket: int = 0) -> str:
+    return '%s/%s/%d/%s' % (entry_id, consumer, bucket, queue)
+
+
+def parse_tag(tag: str) -> Tag:
+    entry_id, consumer, bucket, queue = tag.split('/', 3)
+    return Tag(entry_id, consumer, int(bucket), queue)
 
 
 class QoS(virtual.QoS):

@@ -32,9 +32,11 @@ import socket
 import sys
 import threading
 from collections import deque
+from bisect import bisect
 from fnmatch import fnmatchcase
 from functools import cached_property
 from time import monotonic, time
+from typing import NamedTuple
 
 import redis
 from kombu.transport import virtual
@@ -67,13 +69,13 @@ class Channel(virtual.Channel):
     supports_fanout = True
     do_restore = True
 
-    #: The read outstanding on :attr:`client`: (connection, queues, noack, sent_at).
+    #: The read outstanding on :attr:`client` (a :class:`Read`).
     _reading = None
 
     def __init__(self, connection, **kwargs):
         super().__init__(connection, **kwargs)
         options = self.options = connection.options
-        self.keys = Keys(options.global_keyprefix)
+        self.keys = Keys(options.global_keyprefix, options.priority_steps)
         self.group = options.consumer_group
         self.block_ms = int(options.polling_interval * 1000)
         # Unique per channel instance: a reconnected channel must not inherit the
@@ -91,6 +93,8 @@ class Channel(virtual.Channel):
         self._deleted = set()          # queues this process deleted: never healed
         self._expiry_refreshed_at = 0.0
         self._rotation = 0
+        self._block_next = False       # the last read found nothing: wait for new entries
+        self._buckets_in_use = set()   # priority bucket streams (not 0) known to exist
         self._buffer = deque()         # (queue, payload) read but not yet delivered
         self._acks = deque()           # tags acked by the app, not yet sent
         self._loop_thread = None       # the thread whose acks wait for the next turn
@@ -138,7 +142,8 @@ class Channel(virtual.Channel):
                 pipe.ping()
                 pipe.set(self.keys.schema, SCHEMA_VERSION, nx=True)
                 pipe.get(self.keys.schema)
-                _, _, version = pipe.execute()
+                pipe.script_load(self.scripts.read.script)
+                _, _, version, _ = pipe.execute()
         except redis.AuthenticationError as exc:
             raise errors.ConfigurationError(
                 'Redis refused the credentials for %s: %s' % (self._where(), exc)) from None
@@ -181,7 +186,8 @@ class Channel(virtual.Channel):
             pipe.xgroup_create(self.keys.queue(queue), self.group, id='0', mkstream=True)
             pipe.hsetnx(self.keys.queues, queue, TASK)
             if queue in self._expires:
-                pipe.pexpire(self.keys.queue(queue), self._expires[queue])
+                for stream in self.keys.queue_streams(queue):
+                    pipe.pexpire(stream, self._expires[queue])
             _raise_unless_busygroup(pipe.execute(raise_on_error=False))
 
     @staticmethod
@@ -229,7 +235,7 @@ class Channel(virtual.Channel):
             for exchange, routing_key, args in self.state.queue_bindings(queue):
                 _, pattern, _ = self.typeof(exchange).prepare_bind(queue, exchange, routing_key, args)
                 pipe.srem(self.keys.bindings(exchange), binding_member(routing_key, pattern, queue))
-            pipe.delete(self.keys.queue(queue))
+            pipe.delete(*self.keys.queue_streams(queue))
             pipe.hdel(self.keys.queues, queue)
             pipe.execute()
         self.state.queue_bindings_delete(queue)
@@ -241,8 +247,14 @@ class Channel(virtual.Channel):
     def create_publish_batch(self, max_size):
         return PublishBatch(self, max_size)
 
+    def _bucket(self, message):
+        """The priority bucket of ``message`` (kombu: the step at or below its priority)."""
+        steps = self.options.priority_steps
+        return steps[bisect(steps, self._get_message_priority(message)) - 1]
+
     def _put(self, queue, message, _publish_batch=None, **kwargs):
-        key, fields = self.keys.queue(queue), {'payload': dumps(message)}
+        key = self.keys.queue(queue, self._bucket(message))
+        fields = {'payload': dumps(message)}
         expires = self._expires.get(queue)
         if _publish_batch is not None:
             _publish_batch.add(lambda pipe: _xadd(pipe, key, fields, expires))
@@ -302,41 +314,71 @@ class Channel(virtual.Channel):
         return self._reading is not None
 
     def start_read(self):
-        """Send one ``XREADGROUP`` over the consumed streams unless one is out.
+        """Send one read over the consumed streams, unless one is out or nothing may be read.
 
         Returns the socket's file descriptor while a read is outstanding, else None.
+        While messages wait, the read is the ``read`` script: it takes the
+        prefetch budget from the streams in priority order and returns at once.
+        When the last read found nothing, it is ``XREADGROUP ... BLOCK`` over the
+        same streams (COUNT 1 each), which returns as soon as anything arrives.
         """
         if self._reading is not None:
-            return self._reading[0]._sock.fileno()
+            return self._reading.connection._sock.fileno()
         if self.closed or self._buffer or not self._active_queues:
             return None
         budget = self._read_budget()
         if not budget:
             return None
-        queues = self._queues_to_read(budget)
-        if not queues:
+        plan = self._read_plan()
+        if not plan:
             return None
-        count = max(budget // len(queues), 1)
+        queues = list(dict.fromkeys(queue for queue, _ in plan))
         noack = all(queue in self._noack_queues for queue in queues)
-        if not noack and not self._alive_queues.issuperset(
-                q for q in queues if q not in self._noack_queues):
+        if not noack and not self._alive_queues.issuperset(self.acked_queues()):
             self.renew_liveness()
         self._refresh_expiry(queues)
-        args = ['XREADGROUP', 'GROUP', self.group, self.consumer_name,
-                'COUNT', count, 'BLOCK', self.block_ms]
-        if noack:
-            args.append('NOACK')
-        args += ['STREAMS', *[self.keys.queue(q) for q in queues], *['>'] * len(queues)]
+        command = self._blocking_read(plan, noack) if self._block_next else self._budget_read(plan, budget, noack)
         connection = self.client.connection
         try:
             if connection._sock is None:
                 connection.connect()
-            connection.send_command(*args)
+            connection.send_command(*command)
         except errors.connection_errors:
             connection.disconnect()
             raise
-        self._reading = (connection, queues, noack, monotonic())
+        self._reading = Read(connection, command[0], queues, noack, monotonic())
         return connection._sock.fileno()
+
+    def _read_plan(self):
+        """``(queue, bucket)`` pairs in reading order: priority buckets, then queues.
+
+        Queues bound to a fanout exchange have no priority buckets.
+        """
+        queues = [q for q in dict.fromkeys(self._active_queues) if q not in self._deleted]
+        strategy = self.options.queue_order_strategy
+        if strategy == 'sorted':
+            queues.sort()
+        elif strategy == 'round_robin' and len(queues) > 1:
+            start = self._rotation % len(queues)
+            queues = queues[start:] + queues[:start]
+            self._rotation += 1
+        return [(queue, bucket) for bucket in self._read_plan_buckets() for queue in queues
+                if not bucket or queue not in self._fanout_queues]
+
+    def _budget_read(self, plan, budget, noack):
+        streams = [self.keys.queue(queue, bucket) for queue, bucket in plan]
+        optional = ''.join('1' if bucket else '0' for _, bucket in plan)
+        return ['EVALSHA', self.scripts.read.sha, len(streams), *streams,
+                self.group, self.consumer_name, budget, '1' if noack else '0', optional]
+
+    def _blocking_read(self, plan, noack):
+        streams = [self.keys.queue(queue, bucket) for queue, bucket in plan
+                   if not bucket or self.keys.queue(queue, bucket) in self._buckets_in_use]
+        command = ['XREADGROUP', 'GROUP', self.group, self.consumer_name,
+                   'COUNT', 1, 'BLOCK', self.block_ms]
+        if noack:
+            command.append('NOACK')
+        return command + ['STREAMS', *streams, *['>'] * len(streams)]
 
     def _read_budget(self):
         """How many messages the next read may return (kombu's prefetch rules)."""
@@ -349,45 +391,35 @@ class Channel(virtual.Channel):
         estimate = qos.can_consume_max_estimate()
         return UNLIMITED_BATCH if estimate is None else estimate
 
-    def _queues_to_read(self, budget):
-        """The queues of the next read: all of them, or ``budget`` of them in turn.
-
-        COUNT applies per stream, so with fewer credits than queues only that many
-        streams are read, each with COUNT 1, rotating so none starves.
-        """
-        queues = [q for q in dict.fromkeys(self._active_queues) if q not in self._deleted]
-        if not queues:
-            return []
-        if self.options.queue_order_strategy == 'round_robin' and len(queues) > 1:
-            start = self._rotation % len(queues)
-            queues = queues[start:] + queues[:start]
-            self._rotation += 1
-        return queues[:budget]
-
     def finish_read(self):
         """Read the reply of the outstanding read into the buffer. True if it brought messages."""
-        connection, queues, noack, _ = self._reading
+        read, self._reading = self._reading, None
         try:
-            reply = self.client.parse_response(connection, 'XREADGROUP')
+            if read.command == 'EVALSHA':
+                replies, existing = self.client.parse_response(read.connection, 'EVALSHA')
+                self._buckets_in_use = {_text(key) for key in existing}
+            else:
+                replies = self.client.parse_response(read.connection, 'XREADGROUP')
+        except redis.exceptions.NoScriptError:   # the server restarted or flushed its scripts
+            self.pool_client.script_load(self.scripts.read.script)
+            return False
         except redis.ResponseError as exc:
-            self._reading = None
             if errors.is_missing_group(exc):
-                self.heal(queues, exc)
+                self.heal(read.queues, exc)
                 return False
             raise
         except BaseException:
-            self._reading = None
-            connection.disconnect()
+            read.connection.disconnect()
             raise
-        self._reading = None
-        self._buffer_reply(reply or (), noack)
+        self._buffer_reply(replies or (), read.noack)
+        self._block_next = not self._buffer
         return bool(self._buffer)
 
     def deliver_buffered(self, limit=None):
-        """Hand buffered messages to their consumers (at most ``limit``). True if any."""
+        """Hand buffered messages to their consumers while the QoS allows. True if any."""
         delivered, first_error = 0, None
-        buffer = self._buffer
-        while buffer and (limit is None or delivered < limit):
+        buffer, qos = self._buffer, self.qos
+        while buffer and (limit is None or delivered < limit) and qos.can_consume():
             if delivered and _worker_shutting_down():
                 break   # a blocking pool (solo) ran one: the rest go back at close
             self.flush_acks()   # with -P solo, the previous task's ack goes out now
@@ -404,28 +436,31 @@ class Channel(virtual.Channel):
     def check_stale_read(self, margin):
         """Drop the connection of a read that got no reply long after its BLOCK ran out."""
         if self._reading is not None:
-            waited = monotonic() - self._reading[3]
+            waited = monotonic() - self._reading.sent_at
             if waited > self.block_ms / 1000 + margin:
                 logger.warning('celery_streams: no reply to a read for %.0f s; reconnecting', waited)
                 self.drop_reader_connection()
                 raise redis.ConnectionError('no reply from Redis for %.0f s' % waited)
 
-    def _buffer_reply(self, reply, noack):
+    def _buffer_reply(self, replies, noack):
+        """Decode what a read returned (XREADGROUP or script shape) into the buffer."""
         settle = []
-        for stream, entries in reply:
-            queue = self.keys.queue_of(_text(stream))
+        for stream, entries in replies:
+            queue, bucket = self.keys.parse_stream(_text(stream))
             for entry_id, fields in entries:
                 entry_id = _text(entry_id)
-                payload = self._decode_entry(queue, entry_id, fields, noack)
+                if isinstance(fields, list):   # the script's raw reply
+                    fields = dict(zip(fields[::2], fields[1::2]))
+                payload = self._decode_entry(queue, entry_id, fields, noack, bucket=bucket)
                 if payload is None:
                     continue
                 if queue in self._noack_queues:
-                    settle.append((queue, entry_id))
+                    settle.append((queue, bucket, entry_id))
                 self._buffer.append((queue, payload))
         if settle:
             self._settle_noack(settle, noack)
 
-    def _decode_entry(self, queue, entry_id, fields, noack, times_in_pel=1):
+    def _decode_entry(self, queue, entry_id, fields, noack, times_in_pel=1, bucket=0):
         """The kombu payload of one entry, or None once a bad entry was dead-lettered.
 
         ``times_in_pel`` is the group's delivery count of this entry id (1 for a
@@ -439,28 +474,30 @@ class Channel(virtual.Channel):
             delivery_info = properties.setdefault('delivery_info', {})
             deliveries = int(fields.get('deliveries') or 0)
         except Exception as exc:
-            self.dead_letter(queue, entry_id, fields, 'undecodable entry: %s' % _one_line(exc), noack)
+            self.dead_letter(queue, bucket, entry_id, fields,
+                             'undecodable entry: %s' % _one_line(exc), noack)
             return None
         delivered = deliveries + times_in_pel
         if delivered > self.options.max_deliveries and not noack:
-            self.dead_letter(queue, entry_id, fields, 'delivered %d times, more than max_deliveries=%d'
+            self.dead_letter(queue, bucket, entry_id, fields,
+                             'delivered %d times, more than max_deliveries=%d'
                              % (delivered, self.options.max_deliveries), noack)
             return None
         ttl = self._message_ttl.get(queue)
         if ttl is not None and _entry_age_ms(entry_id) > ttl:
-            self._settle_noack([(queue, entry_id)], noack)
+            self._settle_noack([(queue, bucket, entry_id)], noack)
             return None
-        properties['delivery_tag'] = make_tag(entry_id, self.consumer_name, queue)
+        properties['delivery_tag'] = make_tag(entry_id, self.consumer_name, queue, bucket)
         if delivered > 1:
             delivery_info['redelivered'] = True
         return payload
 
-    def dead_letter(self, queue, entry_id, fields, reason, noack=False):
+    def dead_letter(self, queue, bucket, entry_id, fields, reason, noack=False):
         """Move one entry to the queue's dead-letter stream, with the reason."""
         logger.warning('celery_streams: moved entry %s of queue %r to its dead letters: %s',
                        entry_id, queue, reason)
-        key = self.keys.queue(queue)
-        record = {'reason': reason, 'queue': queue, 'id': entry_id}
+        key = self.keys.queue(queue, bucket)
+        record = {'reason': reason, 'queue': queue, 'id': entry_id, 'stream': key}
         record.update({'field:' + k: v for k, v in fields.items()})
         with self.pool_client.pipeline(transaction=True) as pipe:
             pipe.xadd(self.keys.dead_letters(queue), record,
@@ -473,8 +510,8 @@ class Channel(virtual.Channel):
     def _settle_noack(self, settled, noack):
         """Ack (unless read with NOACK) and delete entries of no-ack consumers."""
         with self.pool_client.pipeline(transaction=False) as pipe:
-            for queue, entry_id in settled:
-                key = self.keys.queue(queue)
+            for queue, bucket, entry_id in settled:
+                key = self.keys.queue(queue, bucket)
                 if not noack:
                     pipe.xack(key, self.group, entry_id)
                 if queue not in self._fanout_queues:
@@ -508,22 +545,24 @@ class Channel(virtual.Channel):
         if not budget:
             return
         self.renew_liveness()
-        limit = max(budget // len(queues), 1)
+        streams = [(queue, bucket) for queue in queues for bucket in self.options.priority_steps]
+        limit = max(budget // len(streams), 1)
         with self.pool_client.pipeline(transaction=False) as pipe:
-            for queue in queues:
+            for queue, bucket in streams:
                 self.scripts.reclaim(
-                    keys=[self.keys.queue(queue)], client=pipe,
+                    keys=[self.keys.queue(queue, bucket)], client=pipe,
                     args=[self.group, self.consumer_name, self.visibility_ms, limit,
                           self.keys.alive_prefix(queue)])
             results = pipe.execute(raise_on_error=False)
-        for queue, claimed in zip(queues, results):
+        for (queue, bucket), claimed in zip(streams, results):
             if isinstance(claimed, Exception):
                 logger.warning('celery_streams: reclaim on queue %r failed: %s', queue, _one_line(claimed))
                 continue
             for i in range(0, len(claimed), 3):
                 entry_id, times, flat = _text(claimed[i]), int(claimed[i + 1]), claimed[i + 2]
                 fields = dict(zip(flat[::2], flat[1::2]))
-                payload = self._decode_entry(queue, entry_id, fields, noack=False, times_in_pel=times)
+                payload = self._decode_entry(queue, entry_id, fields, noack=False,
+                                             times_in_pel=times, bucket=bucket)
                 if payload is not None:
                     self._buffer.append((queue, payload))
             if claimed:
@@ -533,7 +572,7 @@ class Channel(virtual.Channel):
     def liveness_queues(self):
         """The queues this consumer holds or may hold messages of."""
         queues = set(self.acked_queues())
-        queues.update(parse_tag(tag)[2] for tag in list(self.qos._delivered))
+        queues.update(parse_tag(tag).queue for tag in list(self.qos._delivered))
         return queues
 
     def renew_liveness(self):
@@ -571,6 +610,8 @@ class Channel(virtual.Channel):
                 pipe.xgroup_create(self.keys.queue(queue), self.group, id=start, mkstream=True)
             results = pipe.execute(raise_on_error=False)
         _raise_unless_busygroup(results)
+        self._buckets_in_use.clear()   # the next read (the script) finds them again
+        self._block_next = False
         self._expiry_refreshed_at = 0.0
         self._refresh_expiry(queues)
         for queue, result in zip(queues, results):
@@ -604,28 +645,35 @@ class Channel(virtual.Channel):
         self._expiry_refreshed_at = now
         with self.pool_client.pipeline(transaction=False) as pipe:
             for queue in expiring:
-                pipe.pexpire(self.keys.queue(queue), self._expires[queue])
+                for stream in self.keys.queue_streams(queue):
+                    pipe.pexpire(stream, self._expires[queue])
             pipe.execute()
 
     def _get(self, queue):
-        """Read one message of ``queue`` without blocking (``basic_get``)."""
-        key = self.keys.queue(queue)
+        """Read one message of ``queue``, highest priority first, without blocking (``basic_get``)."""
+        plan = [(queue, bucket) for bucket in self._read_plan_buckets()]
+        command = self._budget_read(plan, 1, noack=False)
         for _ in range(100):   # skips dead-lettered and expired entries
             try:
-                reply = self.pool_client.xreadgroup(
-                    self.group, self.consumer_name, {key: '>'}, count=1)
+                replies, _ = self.pool_client.execute_command(*command)
+            except redis.exceptions.NoScriptError:
+                self.pool_client.script_load(self.scripts.read.script)
+                continue
             except redis.ResponseError as exc:
                 if not errors.is_missing_group(exc):
                     raise
                 self.heal([queue], exc)
                 continue
-            if not reply:
+            if not replies:
                 break
-            entry_id, fields = reply[0][1][0]
-            payload = self._decode_entry(queue, _text(entry_id), fields, noack=False)
-            if payload is not None:
-                return payload
+            self._buffer_reply(replies, noack=False)
+            if self._buffer:
+                return self._buffer.popleft()[1]
         raise virtual.Empty()
+
+    def _read_plan_buckets(self):
+        buckets = self.options.priority_steps
+        return buckets[::-1] if self.options.priority_semantics == 'rabbitmq' else buckets
 
     def basic_get(self, queue, no_ack=False, **kwargs):
         message = super().basic_get(queue, no_ack=no_ack, **kwargs)
@@ -662,13 +710,11 @@ class Channel(virtual.Channel):
 
     def ack_tags(self, tags):
         """XACK and XDEL the entries of ``tags``: one XACK and one XDEL per stream, one round trip."""
-        by_queue = {}
-        for tag in tags:
-            entry_id, _, queue = parse_tag(tag)
-            by_queue.setdefault(queue, []).append(entry_id)
+        by_stream = {}
+        for tag in map(parse_tag, tags):
+            by_stream.setdefault(self.keys.queue(tag.queue, tag.bucket), []).append(tag.entry_id)
         with self.pool_client.pipeline(transaction=False) as pipe:
-            for queue, ids in by_queue.items():
-                key = self.keys.queue(queue)
+            for key, ids in by_stream.items():
                 pipe.xack(key, self.group, *ids)
                 pipe.xdel(key, *ids)
             pipe.execute()
@@ -682,10 +728,9 @@ class Channel(virtual.Channel):
             return []
         self.flush_acks()   # an acked message must never be restored
         with self.pool_client.pipeline(transaction=False) as pipe:
-            for tag in tags:
-                entry_id, consumer, queue = parse_tag(tag)
-                self.scripts.restore(keys=[self.keys.queue(queue)],
-                                     args=[self.group, consumer, entry_id], client=pipe)
+            for tag in map(parse_tag, tags):
+                self.scripts.restore(keys=[self.keys.queue(tag.queue, tag.bucket)],
+                                     args=[self.group, tag.consumer, tag.entry_id], client=pipe)
             results = pipe.execute(raise_on_error=False)
         return [(tag, result) for tag, result in zip(tags, results) if isinstance(result, Exception)]
 
@@ -697,20 +742,27 @@ class Channel(virtual.Channel):
     # -- sizes, purge, close --------------------------------------------------
 
     def _size(self, queue):
-        key = self.keys.queue(queue)
+        """Messages no consumer received yet, over every priority bucket."""
+        streams = self.keys.queue_streams(queue)
         with self.pool_client.pipeline(transaction=False) as pipe:
-            pipe.xlen(key)
-            pipe.xpending(key, self.group)
-            length, pending = pipe.execute(raise_on_error=False)
-        if isinstance(length, Exception):
-            raise length
-        pending = 0 if isinstance(pending, Exception) else pending['pending']
-        return max(length - pending, 0)
+            for key in streams:
+                pipe.xlen(key)
+                pipe.xpending(key, self.group)
+            results = pipe.execute(raise_on_error=False)
+        size = 0
+        for length, pending in zip(results[::2], results[1::2]):
+            if isinstance(length, Exception):
+                raise length
+            pending = 0 if isinstance(pending, Exception) else pending['pending']
+            size += max(length - pending, 0)
+        return size
 
     def _purge(self, queue):
         """Empty the queue; its consumer groups stay (``DEL`` would destroy them)."""
-        removed, _ = self.scripts.drain(keys=[self.keys.queue(queue)])
-        return removed
+        with self.pool_client.pipeline(transaction=False) as pipe:
+            for key in self.keys.queue_streams(queue):
+                self.scripts.drain(keys=[key], client=pipe)
+            return sum(removed for removed, _ in pipe.execute())
 
     def close(self):
         if self.closed:
@@ -741,6 +793,16 @@ class Channel(virtual.Channel):
             client.close()
             client.connection_pool.disconnect()
         self.pool.disconnect()
+
+
+class Read(NamedTuple):
+    """A read sent on a channel's reader connection, its reply not yet parsed."""
+
+    connection: object
+    command: str
+    queues: list
+    noack: bool
+    sent_at: float
 
 
 class Transport(virtual.Transport):

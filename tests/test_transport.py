@@ -424,3 +424,51 @@ def test_producer_batch_publishes_in_one_pipeline(conn, r, keys):
         assert r.xlen(keys.queue('batched')) == 200   # two full batches flushed, 50 buffered
     assert r.xlen(keys.queue('batched')) == 250
     assert [b['n'] for b, _ in drain_all(conn, [q], 250)] == list(range(250))
+
+
+def publish_with_priorities(conn, queue, priorities):
+    producer = Producer(conn.default_channel)
+    queue(conn.default_channel).declare()
+    for n, priority in enumerate(priorities):
+        producer.publish({'n': n, 'priority': priority}, exchange='', routing_key=queue.name,
+                         priority=priority)
+
+
+def consume_one_at_a_time(conn, queue, count):
+    channel = conn.channel()
+    channel.basic_qos(0, 1, False)
+    got = []
+    with Consumer(channel, [queue], callbacks=[lambda b, m: (got.append(b), m.ack())]):
+        while len(got) < count:
+            conn.drain_events(timeout=5)
+    channel.close()
+    return got
+
+
+def test_priorities_follow_kombu_redis_semantics(conn, r, keys):
+    """Lower number first; no priority counts as 0; a backlog never hides a higher one."""
+    q = Queue('prio', Exchange('prio'), 'prio')
+    publish_with_priorities(conn, q, [9] * 30 + [5, None, 0])
+    got = consume_one_at_a_time(conn, q, 33)
+    assert [m['priority'] for m in got[:2]] == [None, 0]
+    assert got[2]['priority'] == 5
+    assert all(m['priority'] == 9 for m in got[3:])
+    assert r.exists(keys.queue('prio', 9)) and r.exists(keys.queue('prio', 3))
+
+
+def test_rabbitmq_priority_semantics_option(redis_server, prefix):
+    with Connection(streams_url(redis_server), transport_options={
+            'global_keyprefix': prefix, 'priority_semantics': 'rabbitmq'}) as c:
+        q = Queue('rprio', Exchange('rprio'), 'rprio')
+        publish_with_priorities(c, q, [0] * 10 + [9, 4])
+        got = consume_one_at_a_time(c, q, 12)
+    assert [m['priority'] for m in got[:2]] == [9, 4]
+
+
+def test_basic_get_takes_the_highest_priority(conn):
+    q = Queue('gprio', Exchange('gprio'), 'gprio')
+    publish_with_priorities(conn, q, [9, 9, 0])
+    message = q(conn.default_channel).get()
+    assert message.payload['priority'] == 0
+    message.ack()
+    assert q(conn.default_channel).queue_declare(passive=True).message_count == 2

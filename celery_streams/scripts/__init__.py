@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib import resources
 
-NAMES = ('restore', 'drain', 'fanout', 'reclaim')
+NAMES = ('restore', 'drain', 'fanout', 'reclaim', 'read')
 
 
 @lru_cache(maxsize=None)

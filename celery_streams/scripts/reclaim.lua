@@ -20,6 +20,9 @@
 local key, group, me = KEYS[1], ARGV[1], ARGV[2]
 local min_idle, limit, alive = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 
+if redis.call('EXISTS', key) == 0 then
+    return {}
+end
 local ok, pending = pcall(redis.call, 'XPENDING', key, group, 'IDLE', min_idle, '-', '+', limit * 10)
 if not ok then
     return {}
