@@ -51,6 +51,19 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 SCAN_COUNT = 1000
 
 
+#: Every command these functions send (the drain script's included), for a Redis ACL.
+COMMANDS = (
+    'scan', 'type', 'exists', 'get', 'hgetall', 'del', 'time', 'info', 'client|setname',
+    'xlen', 'xinfo|groups', 'xinfo|consumers', 'xpending', 'xtrim', 'xack', 'xgroup|destroy',
+    'eval', 'evalsha', 'script|load', 'script|exists',
+)
+
+
+def acl_rules(global_keyprefix: str = '') -> list[str]:
+    """``ACL SETUSER`` rules for an operator: these commands, on the keys of the prefix only."""
+    return ['~' + Keys(global_keyprefix).match_all, '-@all', *('+' + c for c in COMMANDS)]
+
+
 class UnknownQueue(StreamsError):
     """A queue named by the operator has neither a registry entry nor a stream."""
 
@@ -68,6 +81,7 @@ class DrainedQueue:
     removed: int                  # stream entries trimmed
     pending_cleared: int          # PEL entries acked, summed over the groups
     groups_kept: list[str] = field(default_factory=list)
+    streams: list[str] = field(default_factory=list)   # bucket 0 first, then priority buckets
     dead_letters_removed: int | None = None   # None: dead letters left alone
 
 
@@ -177,9 +191,44 @@ def _database(virtual_host: str | None) -> int:
 
 # -- finding queues -----------------------------------------------------------
 
-def registered_queues(client: redis.Redis, keys: Keys) -> dict[str, str]:
-    """The queue registry: queue name -> kind (``task`` / ``fanout``)."""
-    return {_text(q): _text(kind) for q, kind in client.hgetall(keys.queues).items()}
+@dataclass
+class QueueKeys:
+    """The keys of one queue found under the prefix (see :mod:`celery_streams.keys`)."""
+
+    queue: str
+    streams: dict[int, str] = field(default_factory=dict)   # priority bucket -> stream key
+    dead_letters: str | None = None
+    alive: dict[str, str] = field(default_factory=dict)     # consumer -> liveness key
+
+    @property
+    def found(self) -> bool:
+        """Whether the queue has a stream or dead letters (liveness keys alone do not count)."""
+        return bool(self.streams) or self.dead_letters is not None
+
+
+_BUCKET = re.compile(r'(.*)\}:p(\d+)$', re.S)
+
+
+def parse_queue_key(keys: Keys, key: str) -> tuple[str, str, Any] | None:
+    """``(queue, role, detail)`` of a per-queue key, or None for another key.
+
+    Roles: ``('stream', bucket)``, ``('dead', None)``, ``('alive', consumer)``.
+    """
+    head = keys.queue('\0').split('\0')[0]
+    if not key.startswith(head):
+        return None
+    body = key[len(head):]
+    if body.endswith('}'):
+        return body[:-1], 'stream', 0
+    if '}:alive:' in body:
+        queue, _, consumer = body.partition('}:alive:')
+        return queue, 'alive', consumer
+    if body.endswith('}:dead'):
+        return body[:-len('}:dead')], 'dead', None
+    bucket = _BUCKET.match(body)
+    if bucket:
+        return bucket.group(1), 'stream', int(bucket.group(2))
+    return None
 
 
 def scan_keys(client: redis.Redis, pattern: str) -> list[str]:
@@ -187,76 +236,84 @@ def scan_keys(client: redis.Redis, pattern: str) -> list[str]:
     return sorted({_text(key) for key in client.scan_iter(match=pattern, count=SCAN_COUNT)})
 
 
-def scan_queue_streams(client: redis.Redis, keys: Keys) -> tuple[set[str], set[str]]:
-    """The queues that have a stream, and those that have a dead-letter stream."""
-    queues, dead = set(), set()
-    for key in scan_keys(client, glob_escape(keys.queue('\0').split('\0')[0]) + '*'):
-        queue, is_dead = parse_stream_key(keys, key)
-        if queue is not None:
-            (dead if is_dead else queues).add(queue)
-    return queues, dead
+def scan_queue_keys(client: redis.Redis, keys: Keys) -> dict[str, QueueKeys]:
+    """Queue name -> its keys, for every queue with a key under the prefix (one SCAN)."""
+    head = keys.queue('\0').split('\0')[0]
+    found: dict[str, QueueKeys] = {}
+    for key in scan_keys(client, glob_escape(head) + '*'):
+        parsed = parse_queue_key(keys, key)
+        if parsed is None:
+            continue
+        queue, role, detail = parsed
+        entry = found.setdefault(queue, QueueKeys(queue))
+        if role == 'stream':
+            entry.streams[detail] = key
+        elif role == 'dead':
+            entry.dead_letters = key
+        else:
+            entry.alive[detail] = key
+    return found
 
 
-def parse_stream_key(keys: Keys, key: str) -> tuple[str | None, bool]:
-    """``(queue, is_dead_letters)`` for a queue or dead-letter stream key, else ``(None, False)``."""
-    head, queue_tail = keys.queue('\0').split('\0')
-    dead_tail = keys.dead_letters('\0').split('\0')[1]
-    if not key.startswith(head):
-        return None, False
-    if key.endswith(dead_tail):
-        return key[len(head):-len(dead_tail)], True
-    if key.endswith(queue_tail):
-        return key[len(head):-len(queue_tail)], False
-    return None, False
+def registered_queues(client: redis.Redis, keys: Keys) -> dict[str, str]:
+    """The queue registry: queue name -> kind (``task`` / ``fanout``)."""
+    return {_text(q): _text(kind) for q, kind in client.hgetall(keys.queues).items()}
 
 
-def known_queues(client: redis.Redis, keys: Keys) -> dict[str, str | None]:
-    """Every queue of the registry or with a (dead-letter) stream -> its kind (None if unregistered)."""
-    registry = registered_queues(client, keys)
-    streams, dead = scan_queue_streams(client, keys)
-    found = {queue: registry.get(queue) for queue in streams | dead}
-    found.update(registry)
-    return dict(sorted(found.items()))
+def queue_streams(keys: Keys, queue: str, found: QueueKeys | None) -> list[str]:
+    """The streams of ``queue``: bucket 0 (even if missing), then the priority buckets found."""
+    buckets = dict(found.streams) if found else {}
+    buckets.setdefault(0, keys.queue(queue))
+    return [buckets[b] for b in sorted(buckets)]
 
 
-def named_queues(client: redis.Redis, keys: Keys, names: Iterable[str]) -> dict[str, str | None]:
-    """``names`` -> their kind.
+class Inventory:
+    """The registry and the per-queue keys under one prefix, read once."""
 
-    Raises :class:`UnknownQueue` for a name with neither registry entry nor stream.
-    """
-    names = list(dict.fromkeys(names))
-    registry = registered_queues(client, keys)
-    with client.pipeline(transaction=False) as pipe:
-        for queue in names:
-            pipe.exists(keys.queue(queue), keys.dead_letters(queue))
-        exists = dict(zip(names, pipe.execute()))
-    unknown = [q for q in names if q not in registry and not exists[q]]
-    if unknown:
-        raise UnknownQueue('unknown queue%s %s under prefix %r: no registry entry and no stream'
-                           % ('s' if len(unknown) > 1 else '', ', '.join(map(repr, unknown)),
-                              keys.prefix))
-    return {q: registry.get(q) for q in names}
+    def __init__(self, client: redis.Redis, keys: Keys):
+        self.keys = keys
+        self.registry = registered_queues(client, keys)
+        self.found = scan_queue_keys(client, keys)
 
+    def kind(self, queue: str) -> str | None:
+        return self.registry.get(queue)
 
-def select_queues(client: redis.Redis, keys: Keys, names: Iterable[str] | None = None, *,
-                  include_broadcast: bool = False) -> dict[str, str | None]:
-    """The queues a drain works on -> their kind.
+    def streams(self, queue: str) -> list[str]:
+        return queue_streams(self.keys, queue, self.found.get(queue))
 
-    Without ``names``: every ``task`` queue of the registry (and ``fanout`` ones
-    with ``include_broadcast``). With ``names``: those queues (see
-    :func:`named_queues`); raises :class:`BroadcastQueue` for a broadcast queue
-    without ``include_broadcast``.
-    """
-    if not names:
-        wanted = (TASK, FANOUT) if include_broadcast else (TASK,)
-        return {q: kind for q, kind in sorted(registered_queues(client, keys).items())
-                if kind in wanted}
-    selected = named_queues(client, keys, names)
-    broadcast = [q for q, kind in selected.items() if kind == FANOUT]
-    if broadcast and not include_broadcast:
-        raise BroadcastQueue('%s %s a broadcast queue; add --include-broadcast to drain it'
-                             % (', '.join(map(repr, broadcast)), 'are' if len(broadcast) > 1 else 'is'))
-    return selected
+    def all_queues(self) -> list[str]:
+        """Registered queues plus every queue with a stream or dead letters."""
+        return sorted(set(self.registry) | {q for q, f in self.found.items() if f.found})
+
+    def check_known(self, names: Iterable[str]) -> list[str]:
+        """``names`` without duplicates; raises :class:`UnknownQueue` for any never seen."""
+        names = list(dict.fromkeys(names))
+        unknown = [q for q in names
+                   if q not in self.registry and not (q in self.found and self.found[q].found)]
+        if unknown:
+            raise UnknownQueue('unknown queue%s %s under prefix %r: no registry entry and no stream'
+                               % ('s' if len(unknown) > 1 else '', ', '.join(map(repr, unknown)),
+                                  self.keys.prefix))
+        return names
+
+    def select(self, names: Iterable[str] | None = None, include_broadcast: bool = False) -> list[str]:
+        """The queues a drain works on.
+
+        Without ``names``: every ``task`` queue of the registry (and ``fanout``
+        ones with ``include_broadcast``). With ``names``: those queues; raises
+        :class:`UnknownQueue`, or :class:`BroadcastQueue` for a broadcast queue
+        without ``include_broadcast``.
+        """
+        if not names:
+            wanted = (TASK, FANOUT) if include_broadcast else (TASK,)
+            return sorted(q for q, kind in self.registry.items() if kind in wanted)
+        names = self.check_known(names)
+        broadcast = [q for q in names if self.kind(q) == FANOUT]
+        if broadcast and not include_broadcast:
+            raise BroadcastQueue('%s %s a broadcast queue; add --include-broadcast to drain it'
+                                 % (', '.join(map(repr, broadcast)),
+                                    'are' if len(broadcast) > 1 else 'is'))
+        return names
 
 
 # -- drain --------------------------------------------------------------------
@@ -264,38 +321,54 @@ def select_queues(client: redis.Redis, keys: Keys, names: Iterable[str] | None =
 def drain(client: redis.Redis, *, global_keyprefix: str = '', queues: Iterable[str] | None = None,
           include_broadcast: bool = False, dead_letters: bool = False,
           dry_run: bool = False) -> list[DrainedQueue]:
-    """Empty queues and their pending entries lists, keeping every consumer group.
+    """Empty queues (every priority bucket) and their PELs, keeping every consumer group.
 
     ``queues`` defaults to every task queue of the registry (see
-    :func:`select_queues`); all names are checked before anything changes.
+    :meth:`Inventory.select`); all names are checked before anything changes.
     ``dead_letters`` empties the queues' dead-letter streams too.
     """
-    keys = Keys(global_keyprefix)
-    selected = select_queues(client, keys, queues, include_broadcast=include_broadcast)
-    return [drain_queue(client, keys, queue, kind=kind, dead_letters=dead_letters, dry_run=dry_run)
-            for queue, kind in selected.items()]
+    inventory = Inventory(client, Keys(global_keyprefix))
+    return [drain_queue(client, inventory.keys, queue, kind=inventory.kind(queue),
+                        streams=inventory.streams(queue), dead_letters=dead_letters, dry_run=dry_run)
+            for queue in inventory.select(queues, include_broadcast)]
 
 
 def drain_queue(client: redis.Redis, keys: Keys, queue: str, *, kind: str | None = None,
-                dead_letters: bool = False, dry_run: bool = False) -> DrainedQueue:
-    """Drain one queue with the ``drain`` script; the key and its groups stay."""
-    stream = keys.queue(queue)
+                streams: list[str] | None = None, dead_letters: bool = False,
+                dry_run: bool = False) -> DrainedQueue:
+    """Drain the ``streams`` of one queue (default: every bucket of ``keys``) with the ``drain`` script."""
+    streams = streams or keys.queue_streams(queue)
+    dead = keys.dead_letters(queue)
     if dry_run:
-        groups = stream_groups(client, stream)
-        result = DrainedQueue(queue, kind, client.xlen(stream),
-                              sum(g['pending'] for g in groups), [g['name'] for g in groups])
+        groups = {s: stream_groups(client, s) for s in streams}
+        result = DrainedQueue(queue, kind, sum(client.xlen(s) for s in streams),
+                              sum(g['pending'] for gs in groups.values() for g in gs),
+                              _names(groups), streams)
         if dead_letters:
-            result.dead_letters_removed = client.xlen(keys.dead_letters(queue))
+            result.dead_letters_removed = client.xlen(dead)
         return result
     script = client.register_script(source('drain'))
-    removed, cleared = script(keys=[stream])
-    result = DrainedQueue(queue, kind, removed, cleared,
-                          [g['name'] for g in stream_groups(client, stream)])
+    with client.pipeline(transaction=False) as pipe:
+        for stream in streams + ([dead] if dead_letters else []):
+            script(keys=[stream], client=pipe)
+        counts = pipe.execute()
+    result = DrainedQueue(queue, kind, sum(c[0] for c in counts[:len(streams)]),
+                          sum(c[1] for c in counts[:len(streams)]),
+                          _names({s: stream_groups(client, s) for s in streams}), streams)
     if dead_letters:
-        result.dead_letters_removed = script(keys=[keys.dead_letters(queue)])[0]
+        result.dead_letters_removed = counts[-1][0]
     logger.info('celery_streams: drained queue %r: %s entries removed, %s pending cleared',
-                queue, removed, cleared)
+                queue, result.removed, result.pending_cleared)
     return result
+
+
+def _is_dead_letters(keys: Keys, key: str) -> bool:
+    parsed = parse_queue_key(keys, key)
+    return parsed is not None and parsed[1] == 'dead'
+
+
+def _names(groups: Mapping[str, list[dict]]) -> list[str]:
+    return sorted({g['name'] for gs in groups.values() for g in gs})
 
 
 def stream_groups(client: redis.Redis, stream: str) -> list[dict]:
@@ -329,14 +402,13 @@ def nuke(client: redis.Redis, *, global_keyprefix: str = '', keep_dead_letters: 
     for key, kind in zip(found, types):
         if kind == 'none':
             continue
-        if kind == 'stream':
-            if keep_dead_letters and parse_stream_key(keys, key)[1]:
-                result.kept.append(key)
-                continue
+        if kind != 'stream':
+            result.other_keys.append(key)
+        elif keep_dead_letters and _is_dead_letters(keys, key):
+            result.kept.append(key)
+        else:
             result.streams.append(key)
             result.groups += [(key, g['name']) for g in stream_groups(client, key)]
-        else:
-            result.other_keys.append(key)
     if dry_run:
         return result
     with client.pipeline(transaction=False) as pipe:
@@ -357,19 +429,18 @@ def nuke(client: redis.Redis, *, global_keyprefix: str = '', keep_dead_letters: 
 def status(client: redis.Redis, *, global_keyprefix: str = '', consumer_group: str = 'celery',
            queues: Iterable[str] | None = None) -> dict:
     """A JSON-ready description of the queues (shape: see :mod:`celery_streams.cli`)."""
-    keys = Keys(global_keyprefix)
-    known = named_queues(client, keys, queues) if queues else known_queues(client, keys)
+    inventory = Inventory(client, Keys(global_keyprefix))
+    names = inventory.check_known(queues) if queues else inventory.all_queues()
     seconds, micros = client.time()
     now_ms = int(seconds) * 1000 + int(micros) // 1000
-    schema = client.get(keys.schema)
+    schema = client.get(inventory.keys.schema)
     return {
         'server': server_version(client),
         'global_keyprefix': global_keyprefix or '',
-        'namespace': keys.prefix,
+        'namespace': inventory.keys.prefix,
         'consumer_group': consumer_group,
         'schema': int(schema) if schema is not None else None,
-        'queues': [queue_status(client, keys, queue, kind, consumer_group, now_ms)
-                   for queue, kind in known.items()],
+        'queues': [queue_status(client, inventory, queue, consumer_group, now_ms) for queue in names],
     }
 
 
@@ -379,43 +450,50 @@ def server_version(client: redis.Redis) -> dict:
     return {'flavor': flavor, 'version': str(info.get('valkey_version') or info['redis_version'])}
 
 
-def queue_status(client: redis.Redis, keys: Keys, queue: str, kind: str | None,
-                 consumer_group: str, now_ms: int) -> dict:
-    """The status of one queue; ``waiting`` as the transport counts it."""
-    stream = keys.queue(queue)
-    with client.pipeline(transaction=False) as pipe:
-        pipe.type(stream)
-        pipe.xlen(stream)
-        pipe.xlen(keys.dead_letters(queue))
-        key_type, length, dead = pipe.execute(raise_on_error=False)
-    exists = _text(key_type) == 'stream'
-    groups = [group_status(client, stream, g, now_ms)
-              for g in stream_groups(client, stream)] if exists else []
-    own = next((g for g in groups if g['name'] == consumer_group), None)
-    pending = own['pending'] if own else 0
-    length = length if exists else 0
-    if kind == FANOUT:   # read entries stay until trimmed: what the group has not read yet
-        lag = own['lag'] if own else None
-        waiting = None if lag is None else min(lag, length)
-    else:
-        waiting = max(length - pending, 0)
+def queue_status(client: redis.Redis, inventory: Inventory, queue: str, consumer_group: str,
+                 now_ms: int) -> dict:
+    """One queue, summed over its priority buckets; ``waiting`` as the transport counts it."""
+    kind, keys = inventory.kind(queue), inventory.keys
+    found = inventory.found.get(queue) or QueueKeys(queue)
+    streams = [(bucket, found.streams[bucket]) for bucket in sorted(found.streams)]
+    alive = None if kind == FANOUT else set(found.alive)
+    groups, length, waiting, pending = [], 0, 0, 0
+    for bucket, stream in streams:
+        stream_length = client.xlen(stream)
+        described = [group_status(client, stream, bucket, g, alive, now_ms)
+                     for g in stream_groups(client, stream)]
+        own = next((g for g in described if g['name'] == consumer_group), None)
+        own_pending = own['pending'] if own else 0
+        if kind == FANOUT:   # read entries stay until trimmed: what the group has not read yet
+            lag = own['lag'] if own else None
+            waiting = None if lag is None or waiting is None else waiting + min(lag, stream_length)
+        else:
+            waiting += max(stream_length - own_pending, 0)
+        groups += described
+        length += stream_length
+        pending += own_pending
     ages = [g['oldest_pending_age'] for g in groups if g['oldest_pending_age'] is not None]
     return {
         'name': queue,
         'kind': kind,
-        'stream': stream,
-        'exists': exists,
+        'stream': keys.queue(queue),
+        'streams': [stream for _, stream in streams],
+        'exists': bool(streams),
         'length': length,
         'waiting': waiting,
         'pending': pending,
         'oldest_pending_age': max(ages) if ages else None,
-        'dead_letters': dead if isinstance(dead, int) else 0,
+        'dead_letters': client.xlen(found.dead_letters) if found.dead_letters else 0,
         'groups': groups,
     }
 
 
-def group_status(client: redis.Redis, stream: str, group: Mapping, now_ms: int) -> dict:
-    """One consumer group: counts, consumers, and the age of its oldest pending entry."""
+def group_status(client: redis.Redis, stream: str, bucket: int, group: Mapping,
+                 alive: set | None, now_ms: int) -> dict:
+    """One consumer group of one stream: counts, consumers, age of its oldest pending entry.
+
+    ``alive``: the consumers with a liveness key, None where consumers keep none (broadcast).
+    """
     name = group['name']
     with client.pipeline(transaction=False) as pipe:
         pipe.xinfo_consumers(stream, name)
@@ -424,14 +502,21 @@ def group_status(client: redis.Redis, stream: str, group: Mapping, now_ms: int) 
     oldest = summary.get('min') if summary.get('pending') else None
     return {
         'name': name,
-        'consumers': [{'name': _text(c['name']), 'pending': c['pending'], 'idle_ms': c['idle']}
-                      for c in consumers],
+        'stream': stream,
+        'bucket': bucket,
+        'consumers': [consumer_status(c, alive) for c in consumers],
         'pending': group['pending'],
         'last_delivered_id': _text(group['last-delivered-id']),
         'entries_read': group.get('entries-read'),
         'lag': group.get('lag'),
         'oldest_pending_age': _age_seconds(_text(oldest), now_ms) if oldest else None,
     }
+
+
+def consumer_status(consumer: Mapping, alive: set | None) -> dict:
+    name = _text(consumer['name'])
+    return {'name': name, 'pending': consumer['pending'], 'idle_ms': consumer['idle'],
+            'alive': None if alive is None else name in alive}
 
 
 def _age_seconds(entry_id: str, now_ms: int) -> float:

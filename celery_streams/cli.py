@@ -29,17 +29,22 @@ credentials.
           "name": "celery",
           "kind": "task",                   # "task" | "fanout" | null (not in the registry)
           "stream": "proj:celery-streams:q:{celery}",
-          "exists": true,                   # the stream key exists
-          "length": 12,                     # XLEN
-          "waiting": 9,                     # task: XLEN - pending of consumer_group;
+          "streams": ["proj:celery-streams:q:{celery}",      # existing streams: bucket 0,
+                      "proj:celery-streams:q:{celery}:p3"],  # then priority buckets
+          "exists": true,                   # the queue has a stream
+          "length": 12,                     # XLEN, summed over the streams
+          "waiting": 9,                     # task: XLEN - pending of consumer_group, summed;
                                             # fanout: lag of consumer_group (null before 7.0)
-          "pending": 3,                     # pending entries of consumer_group
+          "pending": 3,                     # pending entries of consumer_group, summed
           "oldest_pending_age": 41.5,       # seconds, oldest pending entry of any group, or null
           "dead_letters": 0,                # XLEN of the queue's dead-letter stream
-          "groups": [
+          "groups": [                       # one per consumer group of each stream
             {
               "name": "celery",
-              "consumers": [{"name": "host:123:1", "pending": 3, "idle_ms": 1520}],
+              "stream": "proj:celery-streams:q:{celery}",
+              "bucket": 0,                  # priority bucket of that stream
+              "consumers": [{"name": "host:123:1a2b", "pending": 3, "idle_ms": 1520,
+                             "alive": true}],   # liveness key present; null on broadcast queues
               "pending": 3,
               "last_delivered_id": "1700000000000-0",
               "entries_read": 12,           # null before Redis 7.0
@@ -220,9 +225,10 @@ def drain(ctx, queues, force, dry_run, include_broadcast, dead_letters, prefix, 
 
 def _echo_drained(obj, drained, verb):
     for d in drained:
-        line = '%s queue %r (%s): %s, %s' % (
-            verb, d.queue, d.kind or 'not in registry', _count(d.removed, 'message'),
-            _count(d.pending_cleared, 'pending entry', 'pending entries'))
+        line = '%s queue %r (%s%s): %s, %s' % (
+            verb, d.queue, d.kind or 'not in registry',
+            ', %d priority streams' % len(d.streams) if len(d.streams) > 1 else '',
+            _count(d.removed, 'message'), _count(d.pending_cleared, 'pending entry', 'pending entries'))
         if d.dead_letters_removed is not None:
             line += ', %s' % _count(d.dead_letters_removed, 'dead letter')
         line += '; groups kept: %s' % (', '.join(d.groups_kept) or 'none')
@@ -334,13 +340,14 @@ def _echo_groups(obj, queue):
     if not queue['exists']:
         obj.echo('    (no stream)')
     for g in queue['groups']:
-        obj.echo('    group %s: %s, pending %s, last delivered %s, entries read %s, lag %s, oldest %s'
-                 % (g['name'], _count(len(g['consumers']), 'consumer'), g['pending'],
-                    g['last_delivered_id'], _cell(g['entries_read']), _cell(g['lag']),
-                    _seconds(g['oldest_pending_age'])))
+        obj.echo('    group %s%s: %s, pending %s, last delivered %s, entries read %s, lag %s, oldest %s'
+                 % (g['name'], ' (priority bucket %s)' % g['bucket'] if g['bucket'] else '',
+                    _count(len(g['consumers']), 'consumer'), g['pending'], g['last_delivered_id'],
+                    _cell(g['entries_read']), _cell(g['lag']), _seconds(g['oldest_pending_age'])))
         for c in g['consumers']:
-            obj.echo('      consumer %s: pending %s, idle %s ms'
-                     % (c['name'], c['pending'], c['idle_ms']))
+            alive = {True: ', alive', False: ', no liveness key', None: ''}[c['alive']]
+            obj.echo('      consumer %s: pending %s, idle %s ms%s'
+                     % (c['name'], c['pending'], c['idle_ms'], alive))
 
 
 def _cell(value):

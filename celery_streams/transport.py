@@ -44,7 +44,7 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps, loads
 
 from . import errors
-from .keys import FANOUT, SCHEMA_VERSION, TASK, Keys, binding_member, parse_binding
+from .keys import FANOUT, SCHEMA_VERSION, TASK, Keys, binding_member, glob_escape, parse_binding
 from .options import Options
 from .poller import Poller
 from .publish import PublishBatch
@@ -90,6 +90,7 @@ class Channel(virtual.Channel):
         self._expires = {}             # queue -> x-expires in ms
         self._message_ttl = {}         # queue -> x-message-ttl in ms
         self._auto_delete = set()
+        self._consumed = set()         # every queue this channel consumed from
         self._deleted = set()          # queues this process deleted: never healed
         self._expiry_refreshed_at = 0.0
         self._rotation = 0
@@ -268,34 +269,73 @@ class Channel(virtual.Channel):
         except redis.ResponseError as exc:
             raise errors.translate_write_error(exc) from None
 
-    def _put_fanout(self, exchange, message, routing_key, _publish_batch=None, **kwargs):
+    def basic_publish(self, message, exchange, routing_key, **kwargs):
+        """Route one message and append it to the streams of its queues.
+
+        Through the default exchange, and to queues this process declared, a
+        missing stream is created: nothing published before a worker declared
+        its queue, or after a nuke, is lost. Queues known only from bindings
+        another process wrote (a reply queue, a broadcast queue) receive the
+        message only while their stream exists: a queue that expired or was
+        deleted leaves a stale binding, which is removed here.
+        """
+        self._inplace_augment_message(message, exchange, routing_key)
+        if not exchange:
+            return self._put(routing_key, message, **kwargs)
+        if self.typeof(exchange).type == 'fanout':
+            return self._put_fanout(exchange, message, routing_key, **kwargs)
+        declared_here = {queue for _, _, queue in self.state.exchanges.get(exchange, {}).get('table') or ()}
+        queues = [q for q in self._lookup(exchange, routing_key) if q and q != self.deadletter_queue]
+        for queue in queues:
+            if queue in declared_here:
+                self._put(queue, message, **kwargs)
+        elsewhere = [q for q in queues if q not in declared_here]
+        if elsewhere:
+            self._append_if_exists(exchange, elsewhere, message, self._bucket(message), 0, **kwargs)
+
+    def _put_fanout(self, exchange, message, routing_key, **kwargs):
+        """Copy a broadcast into the stream of every bound queue (priority bucket 0), trimmed."""
         queues = [queue for bound_key, _, queue in self.get_table(exchange)
                   if _fanout_matches(bound_key, routing_key)]
-        if not queues:
-            return
+        if queues:
+            self._append_if_exists(exchange, queues, message, 0, self.options.fanout_maxlen, **kwargs)
+
+    def _append_if_exists(self, exchange, queues, message, bucket, maxlen, _publish_batch=None, **kwargs):
         payload = dumps(message)
 
-        def copy_to_queues(pipe):
+        def append(pipe):
             for queue in queues:
-                self.scripts.fanout(keys=[self.keys.queue(queue)],
-                                    args=[self.options.fanout_maxlen, payload], client=pipe)
+                self.scripts.append(keys=[self.keys.queue(queue, bucket)], client=pipe,
+                                    args=[maxlen, payload, self._expires.get(queue, 0)])
             return pipe
 
         if _publish_batch is not None:
-            _publish_batch.add(copy_to_queues)
+            _publish_batch.add(append)
             return
         with self.pool_client.pipeline(transaction=False) as pipe:
-            results = copy_to_queues(pipe).execute(raise_on_error=False)
-        for queue, result in zip(queues, results):
+            results = append(pipe).execute(raise_on_error=False)
+        for result in results:
             if isinstance(result, Exception):
                 raise errors.translate_write_error(result)
-            if result is None:   # the queue is gone: drop its stale binding
-                self.pool_client.srem(self.keys.bindings(exchange), *[
-                    binding_member(k, p, q) for k, p, q in self.get_table(exchange) if q == queue])
+        gone = {queue for queue, result in zip(queues, results) if result is None}
+        if gone:
+            stale = [binding_member(k, p, q) for k, p, q in self.get_table(exchange) if q in gone]
+            if stale:
+                logger.debug('celery_streams: dropping stale bindings of %r to %s', exchange, sorted(gone))
+                self.pool_client.srem(self.keys.bindings(exchange), *stale)
+
+    def list_bindings(self):
+        """Every binding stored in Redis (``celery list bindings``), not only this process's."""
+        head = self.keys.bindings('')[:-2]
+        for key in self.pool_client.scan_iter(match=glob_escape(head) + '{*}', count=500):
+            exchange = _text(key)[len(head) + 1:-1]
+            for routing_key, _, queue in self.get_table(exchange):
+                yield queue, exchange, routing_key
 
     # -- consuming ------------------------------------------------------------
 
     def basic_consume(self, queue, no_ack, *args, **kwargs):
+        self._consumed.add(queue)
         if no_ack:
             self._noack_queues.add(queue)
         else:
@@ -595,6 +635,15 @@ class Channel(virtual.Channel):
             self.pool_client.delete(*[self.keys.alive(q, self.consumer_name) for q in self._alive_queues])
             self._alive_queues = frozenset()
 
+    def _leave_groups(self, queues):
+        """Remove this consumer from the groups it read, where it owns nothing any more."""
+        with self.pool_client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                for stream in self.keys.queue_streams(queue):
+                    self.scripts.forget_consumer(keys=[stream], args=[self.group, self.consumer_name],
+                                                 client=pipe)
+            pipe.execute()
+
     def heal(self, queues, error):
         """Re-create the groups (and registry, bindings) of ``queues``; log once each.
 
@@ -775,12 +824,14 @@ class Channel(virtual.Channel):
         except Exception:   # the connection is gone: reclaim will return them
             logger.debug('celery_streams: could not return the last read', exc_info=True)
         poller = getattr(self.connection, 'poller', None)
-        auto_delete = [q for q in self._auto_delete if q in self._active_queues]
+        consumed = [q for q in self._consumed if q not in self._deleted]
+        auto_delete = [q for q in self._auto_delete if q in consumed]
         super().close()
         try:
             self._forget_liveness()
+            self._leave_groups([q for q in consumed if q not in auto_delete])
         except Exception:
-            logger.debug('celery_streams: could not remove liveness keys', exc_info=True)
+            logger.debug('celery_streams: could not leave the consumer groups', exc_info=True)
         for queue in auto_delete:
             try:
                 self.queue_delete(queue)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from kombu import Exchange, Queue
 import redis
 
 from celery_streams import admin
@@ -149,8 +150,13 @@ def test_status_describes_queues_groups_and_consumers(state):
     assert group['name'] == 'celery' and group['pending'] == 2
     [consumer] = group['consumers']
     assert consumer['pending'] == 2 and consumer['idle_ms'] >= 0
-    assert set(group) == {'name', 'consumers', 'pending', 'last_delivered_id', 'entries_read',
-                          'lag', 'oldest_pending_age'}
+    assert consumer['alive'] is False   # a basic_get consumer: no renewal yet
+    state.channel.renew_liveness()      # what the worker's renewal thread does
+    [group] = admin.status(state.redis, global_keyprefix=state.prefix, queues=['a'])['queues'][0]['groups']
+    assert group['consumers'][0]['alive'] is True
+    assert set(group) == {'name', 'stream', 'bucket', 'consumers', 'pending', 'last_delivered_id',
+                          'entries_read', 'lag', 'oldest_pending_age'}
+    assert (group['stream'], group['bucket']) == (state.keys.queue('a'), 0)
     assert queues['b']['waiting'] == 3 and queues['b']['oldest_pending_age'] is None
     assert queues['bq']['kind'] == 'fanout' and queues['bq']['length'] == 2
 
@@ -192,6 +198,35 @@ def test_client_refuses_other_urls():
 
 def test_keys_helpers_round_trip():
     keys = Keys('p:')
-    assert admin.parse_stream_key(keys, keys.queue('a:b')) == ('a:b', False)
-    assert admin.parse_stream_key(keys, keys.dead_letters('a')) == ('a', True)
-    assert admin.parse_stream_key(keys, keys.queues) == (None, False)
+    assert admin.parse_queue_key(keys, keys.queue('a:b')) == ('a:b', 'stream', 0)
+    assert admin.parse_queue_key(keys, keys.queue('a}:b', 6)) == ('a}:b', 'stream', 6)
+    assert admin.parse_queue_key(keys, keys.dead_letters('a')) == ('a', 'dead', None)
+    assert admin.parse_queue_key(keys, keys.alive('a', 'host:1:x')) == ('a', 'alive', 'host:1:x')
+    assert admin.parse_queue_key(keys, keys.queues) is None
+
+
+def test_priority_buckets_are_counted_drained_and_nuked(redis_server, unique_name,
+                                                        streams_state):  # noqa: F811
+    st = streams_state(redis_server, unique_name + ':')
+    st.task_queue('pq')
+    for priority in (0, 5, 5, 9):
+        st.producer.publish({'p': priority}, exchange='pq', routing_key='pq', priority=priority)
+    held = Queue('pq', Exchange('pq'), 'pq')(st.channel).get()
+    assert held.payload == {'p': 0}   # kombu semantics: the lowest number first
+    buckets = [st.keys.queue('pq'), st.keys.queue('pq', 3), st.keys.queue('pq', 9)]
+
+    [queue] = admin.status(st.redis, global_keyprefix=st.prefix)['queues']
+    assert queue['streams'] == buckets
+    assert (queue['length'], queue['waiting'], queue['pending']) == (4, 3, 1)
+    assert (queue['groups'][0]['bucket'], queue['groups'][0]['pending']) == (0, 1)
+    groups = {stream: groups_without_pending(st.redis, stream) for stream in buckets}
+
+    [drained] = admin.drain(st.redis, global_keyprefix=st.prefix)
+    assert (drained.removed, drained.pending_cleared, drained.streams) == (4, 1, buckets)
+    for stream in buckets:
+        assert st.redis.xlen(stream) == 0
+        assert groups_without_pending(st.redis, stream) == groups[stream]
+
+    result = admin.nuke(st.redis, global_keyprefix=st.prefix)
+    assert set(buckets) <= set(result.streams)
+    assert not st.redis.exists(*buckets)

@@ -15,6 +15,7 @@ import pytest
 from celery.bin.celery import celery
 from click.testing import CliRunner
 
+from celery_streams import admin
 from tests import servers
 from tests.kombu_state import snapshot, streams_state  # noqa: F401  (fixture)
 
@@ -188,14 +189,14 @@ def test_status_json_is_one_document_of_the_documented_shape(run, state):
                         'schema', 'queues'}
     assert doc['consumer_group'] == 'celery' and doc['namespace'] == state.keys.prefix
     queues = {q['name']: q for q in doc['queues']}
-    assert set(queues['a']) == {'name', 'kind', 'stream', 'exists', 'length', 'waiting', 'pending',
-                                'oldest_pending_age', 'dead_letters', 'groups'}
+    assert set(queues['a']) == {'name', 'kind', 'stream', 'streams', 'exists', 'length', 'waiting',
+                                'pending', 'oldest_pending_age', 'dead_letters', 'groups'}
     a = queues['a']
     assert (a['length'], a['waiting'], a['pending'], a['dead_letters']) == (5, 3, 2, 1)
     [group] = a['groups']
-    assert set(group) == {'name', 'consumers', 'pending', 'last_delivered_id', 'entries_read',
-                          'lag', 'oldest_pending_age'}
-    assert set(group['consumers'][0]) == {'name', 'pending', 'idle_ms'}
+    assert set(group) == {'name', 'stream', 'bucket', 'consumers', 'pending', 'last_delivered_id',
+                          'entries_read', 'lag', 'oldest_pending_age'}
+    assert set(group['consumers'][0]) == {'name', 'pending', 'idle_ms', 'alive'}
     assert queues['bq']['kind'] == 'fanout'
 
     only = json.loads(run('--broker', state.url, 'streams', 'status', '--prefix', state.prefix,
@@ -359,3 +360,17 @@ def test_an_acl_user_limited_to_the_prefix_and_without_keys_or_flush(run, state,
         assert 'refused the command' in one_line(result)
     finally:
         admin_client.acl_deluser(unique_name)
+
+
+def test_the_documented_acl_rules_are_enough(run, state, redis_server, unique_name):
+    state.redis.execute_command('ACL', 'SETUSER', unique_name, 'reset', 'on', '>pw',
+                                *admin.acl_rules(state.prefix))
+    try:
+        url = redis_server.url_for(unique_name, 'pw')
+        for args in (['status'], ['drain', '-f', '--include-broadcast', '--dead-letters'],
+                     ['nuke', '-f']):
+            result = run('--broker', url, 'streams', '--prefix', state.prefix, *args)
+            assert result.exit_code == 0, result.output
+        assert list(state.redis.scan_iter(match=state.keys.match_all)) == []
+    finally:
+        state.redis.acl_deluser(unique_name)

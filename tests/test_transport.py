@@ -472,3 +472,33 @@ def test_basic_get_takes_the_highest_priority(conn):
     assert message.payload['priority'] == 0
     message.ack()
     assert q(conn.default_channel).queue_declare(passive=True).message_count == 2
+
+
+def test_replies_to_a_deleted_queue_do_not_recreate_it(redis_server, prefix, r, keys):
+    """A binding written by another process to a queue that is gone is stale: drop it."""
+    ex = Exchange('replies', 'direct')
+    q = Queue('client-reply', ex, routing_key='client-reply')
+    with Connection(streams_url(redis_server), transport_options={'global_keyprefix': prefix}) as client:
+        q(client.default_channel).declare()
+        r.delete(*keys.queue_streams('client-reply'))   # the client's reply queue expired
+        with Connection(streams_url(redis_server), transport_options={'global_keyprefix': prefix}) as worker:
+            publish(worker, ex, 'client-reply', [{'reply': 1}], declare=[ex])
+    assert not r.exists(keys.queue('client-reply'))
+    assert not r.smembers(keys.bindings('replies'))
+
+
+def test_list_bindings_shows_bindings_of_other_processes(redis_server, prefix, conn):
+    ex = Exchange('listed', 'topic')
+    Queue('listed-q', ex, routing_key='a.#')(conn.default_channel).declare()
+    with Connection(streams_url(redis_server), transport_options={'global_keyprefix': prefix}) as other:
+        bindings = set(other.default_channel.list_bindings())
+    assert ('listed-q', 'listed', 'a.#') in bindings
+
+
+def test_a_closed_consumer_leaves_its_groups(redis_server, prefix, r, keys):
+    q = Queue('leave', Exchange('leave'), 'leave')
+    for _ in range(3):
+        with Connection(streams_url(redis_server), transport_options={'global_keyprefix': prefix}) as c:
+            publish(c, q.exchange, 'leave', [{'n': 1}], declare=[q])
+            drain_all(c, [q], 1)
+    assert r.xinfo_consumers(keys.queue('leave'), 'celery') == []

@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib import resources
 
-NAMES = ('restore', 'drain', 'fanout', 'reclaim', 'read')
+NAMES = ('restore', 'drain', 'append', 'reclaim', 'read', 'forget_consumer')
 
 
 @lru_cache(maxsize=None)

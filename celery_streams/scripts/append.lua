@@ -1,0 +1,24 @@
+-- Append a message to a queue stream, only if that queue still exists.
+--
+-- KEYS[1] - the queue stream
+-- ARGV[1] - MAXLEN the stream is trimmed to (approximately); 0: no trimming
+-- ARGV[2] - the payload
+-- ARGV[3] - PEXPIRE to set on the stream (the queue's x-expires), ms; 0: none
+--
+-- For copies to queues found through bindings that another process wrote
+-- (broadcasts, replies): a queue that expired or was deleted has left a stale
+-- binding behind, and must not be re-created by a publish.
+-- Returns the new entry id, or false when the stream is gone.
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    return false
+end
+local id
+if tonumber(ARGV[1]) > 0 then
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'payload', ARGV[2])
+else
+    id = redis.call('XADD', KEYS[1], '*', 'payload', ARGV[2])
+end
+if tonumber(ARGV[3]) > 0 then
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return id
