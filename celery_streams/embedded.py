@@ -70,11 +70,18 @@ class EmbeddedServer:
                 return self
             except redis.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
+                    log = self._log_tail()
                     self.stop()
-                    raise RuntimeError('%s did not start; see %s/server.log' % (self.binary, self.dir))
+                    raise RuntimeError('%s did not start: %s' % (self.binary, log)) from None
                 time.sleep(0.05)
             finally:
                 client.close()
+
+    def _log_tail(self) -> str:
+        try:
+            return (Path(self.dir) / 'server.log').read_text().strip().splitlines()[-1]
+        except (OSError, IndexError):
+            return 'no log'
 
     def version(self) -> str:
         info = redis.Redis(port=self.port).info('server')

@@ -377,7 +377,10 @@ class Channel(virtual.Channel):
         if not noack and not self._alive_queues.issuperset(self.acked_queues()):
             self.renew_liveness()
         self._refresh_expiry(queues)
-        command = self._blocking_read(plan, noack) if self._block_next else self._budget_read(plan, budget, noack)
+        if self._block_next:
+            command = self._blocking_read(plan, noack)
+        else:
+            command = self._budget_read(plan, budget, noack)
         connection = self.client.connection
         try:
             if connection._sock is None:

@@ -135,3 +135,24 @@ def fresh_redis_server(request):
 def unique_name() -> str:
     """A short unique string for queue names and key prefixes."""
     return f"t{secrets.token_hex(5)}"
+
+
+@pytest.fixture
+def prefix(unique_name) -> str:
+    """A ``global_keyprefix`` of this test's own: no test sees another's keys."""
+    return unique_name + ":"
+
+
+@pytest.fixture
+def keys(prefix):
+    """The transport's key schema under :func:`prefix`."""
+    from celery_streams.keys import Keys
+    return Keys(prefix)
+
+
+@pytest.fixture
+def r(redis_server):
+    """A plain redis-py client of ``redis_server``, to look at what the transport wrote."""
+    client = redis_server.client()
+    yield client
+    client.close()

@@ -12,30 +12,11 @@ import subprocess
 import sys
 import time
 
-import pytest
 from kombu import Connection, Consumer, Exchange, Queue
 
-from celery_streams.keys import Keys
 from tests.test_transport import publish, streams_url
 
 VT = 1.0   # a short visibility_timeout keeps these tests fast
-
-
-@pytest.fixture
-def prefix(unique_name):
-    return unique_name + ':'
-
-
-@pytest.fixture
-def keys(prefix):
-    return Keys(prefix)
-
-
-@pytest.fixture
-def r(redis_server):
-    client = redis_server.client()
-    yield client
-    client.close()
 
 
 def connection(server, prefix, **options):

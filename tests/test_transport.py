@@ -15,7 +15,7 @@ from kombu.asynchronous import Hub
 
 import celery_streams
 from celery_streams import errors
-from celery_streams.keys import Keys, acl_rules
+from celery_streams.keys import acl_rules
 
 
 def streams_url(server):
@@ -23,26 +23,9 @@ def streams_url(server):
 
 
 @pytest.fixture
-def prefix(unique_name):
-    return unique_name + ':'
-
-
-@pytest.fixture
-def keys(prefix):
-    return Keys(prefix)
-
-
-@pytest.fixture
 def conn(redis_server, prefix):
     with Connection(streams_url(redis_server), transport_options={'global_keyprefix': prefix}) as c:
         yield c
-
-
-@pytest.fixture
-def r(redis_server):
-    client = redis_server.client()
-    yield client
-    client.close()
 
 
 def drain_all(conn, queues, count, no_ack=False, timeout=5, ack=True):
@@ -371,7 +354,7 @@ def test_eviction_policy_warning(fresh_redis_server, caplog):
     with caplog.at_level(logging.WARNING, logger='celery_streams'):
         with Connection('redis-streams://127.0.0.1:%d/0' % server.port) as c:
             c.connect()
-            c.default_channel
+            assert c.default_channel
     assert any('allkeys-lru' in rec.getMessage() for rec in caplog.records)
 
 

@@ -19,11 +19,6 @@ TASKS = 'tests.apps.e2e.'
 
 
 @pytest.fixture
-def prefix(unique_name):
-    return unique_name + ':'
-
-
-@pytest.fixture
 def client_app(redis_server, prefix):
     app = Celery('client', broker=streams_url(redis_server),
                  backend='redis://127.0.0.1:%d/1' % redis_server.port)
