@@ -341,12 +341,20 @@ def test_bad_database_in_url(redis_server):
         Connection(url).connect()
 
 
-def test_out_of_memory_publish_is_a_clear_error(fresh_redis_server, unique_name):
+def test_out_of_memory_publish_is_a_clear_error_and_consumers_still_drain(fresh_redis_server):
     server = fresh_redis_server(extra_args=('--maxmemory', '2mb', '--maxmemory-policy', 'noeviction'))
     with Connection('redis-streams://127.0.0.1:%d/0' % server.port) as c:
         q = Queue('oom', Exchange('oom'), 'oom')
+        producer = Producer(c.default_channel)
+        published = 0
         with pytest.raises(errors.OutOfMemory, match='NOT published'):
-            publish(c, q.exchange, 'oom', ['x' * 100_000] * 100, declare=[q])
+            for _ in range(100):
+                producer.publish('x' * 100_000, exchange='', routing_key='oom', declare=[q])
+                published += 1
+        # reads, acks and deletes still work on a full server, and free it
+        assert len(drain_all(c, [q], published)) == published
+        producer.publish('after', exchange='', routing_key='oom')
+        assert drain_all(c, [q], 1)[0][0] == 'after'
 
 
 def test_eviction_policy_warning(fresh_redis_server, caplog):
