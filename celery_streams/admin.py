@@ -209,12 +209,17 @@ class QueueKeys:
 _BUCKET = re.compile(r'(.*)\}:p(\d+)$', re.S)
 
 
+def queue_key_head(keys: Keys) -> str:
+    """What every per-queue key starts with (``<prefix>celery-streams:q:{``)."""
+    return keys.queue('\0').split('\0')[0]
+
+
 def parse_queue_key(keys: Keys, key: str) -> tuple[str, str, Any] | None:
     """``(queue, role, detail)`` of a per-queue key, or None for another key.
 
     Roles: ``('stream', bucket)``, ``('dead', None)``, ``('alive', consumer)``.
     """
-    head = keys.queue('\0').split('\0')[0]
+    head = queue_key_head(keys)
     if not key.startswith(head):
         return None
     body = key[len(head):]
@@ -238,9 +243,8 @@ def scan_keys(client: redis.Redis, pattern: str) -> list[str]:
 
 def scan_queue_keys(client: redis.Redis, keys: Keys) -> dict[str, QueueKeys]:
     """Queue name -> its keys, for every queue with a key under the prefix (one SCAN)."""
-    head = keys.queue('\0').split('\0')[0]
     found: dict[str, QueueKeys] = {}
-    for key in scan_keys(client, glob_escape(head) + '*'):
+    for key in scan_keys(client, glob_escape(queue_key_head(keys)) + '*'):
         parsed = parse_queue_key(keys, key)
         if parsed is None:
             continue

@@ -97,6 +97,7 @@ class Target:
             options = Options.from_transport_options(transport_options)
             self.client = admin.client_from_url(url, ssl=app.conf.broker_use_ssl,
                                                 transport_options=transport_options)
+        ctx.call_on_close(self.client.close)
         if prefix is None:
             prefix = ctx.meta.get(PREFIX_META)
         self.prefix = options.global_keyprefix if prefix is None else prefix

@@ -28,8 +28,9 @@ lands in one slot, so cluster support needs no new schema.
 
 A stream entry has the fields ``payload`` (kombu's JSON envelope) and, once a
 message was put back after a delivery, ``deliveries`` (how many times it was
-delivered before). The count travels with the message across requeues,
-restores and reclaims, so ``max_deliveries`` bounds a poison message.
+delivered before) and ``redelivered``. The count travels with the message
+across requeues and reclaims, so ``max_deliveries`` bounds a poison message; a
+message put back unstarted (at a worker's shutdown) keeps its count.
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ COMMANDS = (
     'hset', 'hsetnx', 'hdel', 'sadd', 'srem', 'smembers',
     'xadd', 'xreadgroup', 'xack', 'xdel', 'xlen', 'xrange', 'xtrim', 'xpending', 'xclaim',
     'xgroup|create', 'xgroup|delconsumer', 'xinfo|groups', 'xinfo|consumers',
-    'eval', 'evalsha', 'script|load', 'script|exists',
+    'eval', 'evalsha', 'script|load', 'script|exists', 'scan',
 )
 
 

@@ -4,39 +4,39 @@ Set them as Celery's ``broker_transport_options`` (or kombu's
 ``Connection(transport_options=...)``). Names follow kombu's Redis transport
 wherever the meaning is the same.
 
-=========================  ===============  ===========================================
-option                     default          meaning
-=========================  ===============  ===========================================
-``global_keyprefix``       ``''``           prefix of every key (kombu's option)
-``consumer_group``         ``'celery'``     the consumer group shared by all workers
-``polling_interval``       ``1.0``          seconds one ``XREADGROUP ... BLOCK`` waits
-                                            at most (kombu: the BRPOP timeout)
-``visibility_timeout``     ``300``          seconds a consumer's messages stay its own
-                                            after its worker stopped renewing them
-                                            (died, or lost Redis); then another
-                                            worker takes them over
-``max_deliveries``         ``10``           deliveries before a message is dead-lettered
-``dead_letter_maxlen``     ``10000``        dead letters kept per queue (oldest trimmed)
-``fanout_maxlen``          ``1000``         entries a broadcast queue keeps (oldest
-                                            trimmed), the window a reconnecting
-                                            worker can catch up on
-``max_connections``        ``10``           connections in the publish/ack pool
-``socket_timeout``         ``None``         redis-py socket timeout, seconds
-``socket_connect_timeout`` ``None``         redis-py connect timeout, seconds
-``socket_keepalive``       ``None``         TCP keepalive
-``socket_keepalive_options`` ``None``       TCP keepalive options
-``health_check_interval``  ``25``           seconds between redis-py health checks
-``retry_on_timeout``       ``None``         redis-py retry on timeout
-``client_name``            ``None``         ``CLIENT SETNAME`` of every connection
-``queue_order_strategy``   ``round_robin``  kombu's: ``round_robin`` rotates the queues
-                                            a worker consumes between reads, ``sorted``
-                                            reads them by name, ``priority`` in the
-                                            order given (first queue first)
-``priority_steps``         ``[0,3,6,9]``    kombu's: priority buckets of every queue
-``priority_semantics``     ``'kombu'``      ``kombu``: lower number first, no priority
-                                            = 0 (kombu's Redis transport);
-                                            ``rabbitmq``: higher number first
-=========================  ===============  ===========================================
+============================  ===============  ===========================================
+option                        default          meaning
+============================  ===============  ===========================================
+``global_keyprefix``          ``''``           prefix of every key (kombu's option)
+``consumer_group``            ``'celery'``     the consumer group shared by all workers
+``polling_interval``          ``1.0``          seconds one ``XREADGROUP ... BLOCK`` waits
+                                               at most (kombu: the BRPOP timeout)
+``visibility_timeout``        ``300``          seconds a consumer's messages stay its own
+                                               after its worker stopped renewing them
+                                               (died, or lost Redis); then another
+                                               worker takes them over
+``max_deliveries``            ``10``           deliveries before a message is dead-lettered
+``dead_letter_maxlen``        ``10000``        dead letters kept per queue (oldest trimmed)
+``fanout_maxlen``             ``1000``         entries a broadcast queue keeps (oldest
+                                               trimmed), the window a reconnecting
+                                               worker can catch up on
+``max_connections``           ``10``           connections in the publish/ack pool
+``socket_timeout``            ``None``         redis-py socket timeout, seconds
+``socket_connect_timeout``    ``None``         redis-py connect timeout, seconds
+``socket_keepalive``          ``None``         TCP keepalive
+``socket_keepalive_options``  ``None``         TCP keepalive options
+``health_check_interval``     ``25``           seconds between redis-py health checks
+``retry_on_timeout``          ``None``         redis-py retry on timeout
+``client_name``               ``None``         ``CLIENT SETNAME`` of every connection
+``queue_order_strategy``      ``round_robin``  kombu's: ``round_robin`` rotates the queues
+                                               a worker consumes between reads, ``sorted``
+                                               reads them by name, ``priority`` in the
+                                               order given (first queue first)
+``priority_steps``            ``[0,3,6,9]``    kombu's: priority buckets of every queue
+``priority_semantics``        ``'kombu'``      ``kombu``: lower number first, no priority
+                                               = 0 (kombu's Redis transport);
+                                               ``rabbitmq``: higher number first
+============================  ===============  ===========================================
 
 Options kombu's Redis transport knows but that mean nothing here (its ack
 emulation, BRPOP and PUB/SUB settings) are accepted with one warning. A name
@@ -58,7 +58,7 @@ IGNORED = frozenset({
     'ack_emulation', 'unacked_key', 'unacked_index_key', 'unacked_mutex_key',
     'unacked_mutex_expire', 'unacked_restore_limit', 'unacked_restore_interval',
     'unacked_restore_throttle', 'sep', 'fanout_prefix', 'fanout_patterns',
-    'priority_steps', 'reauth_check_interval', 'credential_provider',
+    'reauth_check_interval', 'credential_provider',
     'brpop_timeout',
 })
 

@@ -2,11 +2,12 @@
 
 Two drivers share this code:
 
-* the worker's event hub (prefork, the default): :meth:`Poller.attach` adds an
-  ``on_tick`` callback that *sends* a read for every channel that may consume
-  and registers its socket; the hub calls :meth:`Poller.on_readable` when the
-  reply is there, so the hub never blocks on Redis;
-* ``Connection.drain_events`` (``-P solo``, ``-P threads``, gevent, plain kombu):
+* the worker's event hub (every pool but gevent/eventlet: prefork, solo,
+  threads): :meth:`Poller.attach` adds an ``on_tick`` callback that *sends* a
+  read for every channel that may consume and registers its socket; the hub
+  calls :meth:`Poller.on_readable` when the reply is there, so the hub never
+  blocks on Redis;
+* ``Connection.drain_events`` (gevent, eventlet, plain kombu):
   :meth:`Poller.drain_events` sends the same reads and waits on the sockets
   with ``poll()``.
 

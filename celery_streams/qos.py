@@ -37,7 +37,7 @@ class QoS(virtual.QoS):
 
     def reject(self, delivery_tag, requeue=False):
         if requeue:
-            failed = self.channel.restore_tags([delivery_tag])
+            failed = self.channel.restore_tags([delivery_tag], attempted=True)
             if failed:
                 raise failed[0][1]
         else:

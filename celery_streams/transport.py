@@ -531,7 +531,7 @@ class Channel(virtual.Channel):
             self._settle_noack([(queue, bucket, entry_id)], noack)
             return None
         properties['delivery_tag'] = make_tag(entry_id, self.consumer_name, queue, bucket)
-        if delivered > 1:
+        if delivered > 1 or fields.get('redelivered'):
             delivery_info['redelivered'] = True
         return payload
 
@@ -588,29 +588,27 @@ class Channel(virtual.Channel):
         if not budget:
             return
         self.renew_liveness()
-        streams = [(queue, bucket) for queue in queues for bucket in self.options.priority_steps]
-        limit = max(budget // len(streams), 1)
-        with self.pool_client.pipeline(transaction=False) as pipe:
-            for queue, bucket in streams:
-                self.scripts.reclaim(
-                    keys=[self.keys.queue(queue, bucket)], client=pipe,
-                    args=[self.group, self.consumer_name, self.visibility_ms, limit,
-                          self.keys.alive_prefix(queue)])
-            results = pipe.execute(raise_on_error=False)
-        for (queue, bucket), claimed in zip(streams, results):
-            if isinstance(claimed, Exception):
-                logger.warning('celery_streams: reclaim on queue %r failed: %s', queue, _one_line(claimed))
-                continue
-            for i in range(0, len(claimed), 3):
-                entry_id, times, flat = _text(claimed[i]), int(claimed[i + 1]), claimed[i + 2]
-                fields = dict(zip(flat[::2], flat[1::2]))
-                payload = self._decode_entry(queue, entry_id, fields, noack=False,
-                                             times_in_pel=times, bucket=bucket)
-                if payload is not None:
-                    self._buffer.append((queue, payload))
-            if claimed:
-                logger.info('celery_streams: took over %d message(s) of queue %r from consumers '
-                            'silent for more than visibility_timeout', len(claimed) // 3, queue)
+        streams = [self.keys.queue(queue, bucket)
+                   for bucket in self._read_plan_buckets() for queue in queues]
+        try:
+            claimed = self.scripts.reclaim(
+                keys=streams, args=[self.group, self.consumer_name, self.visibility_ms, budget,
+                                    *[self.keys.alive_prefix(self.keys.queue_of(k)) for k in streams]])
+        except redis.ResponseError as exc:   # e.g. an ACL without XCLAIM: consuming goes on
+            logger.warning('celery_streams: reclaim failed: %s', _one_line(exc))
+            return
+        taken = {}
+        for i in range(0, len(claimed), 4):
+            queue, bucket = self.keys.parse_stream(_text(claimed[i]))
+            entry_id, times, flat = _text(claimed[i + 1]), int(claimed[i + 2]), claimed[i + 3]
+            payload = self._decode_entry(queue, entry_id, dict(zip(flat[::2], flat[1::2])),
+                                         noack=False, times_in_pel=times, bucket=bucket)
+            taken[queue] = taken.get(queue, 0) + 1
+            if payload is not None:
+                self._buffer.append((queue, payload))
+        for queue, count in taken.items():
+            logger.info('celery_streams: took over %d message(s) of queue %r from consumers '
+                        'silent for more than visibility_timeout', count, queue)
 
     def liveness_queues(self):
         """The queues this consumer holds or may hold messages of."""
@@ -771,9 +769,12 @@ class Channel(virtual.Channel):
                 pipe.xdel(key, *ids)
             pipe.execute()
 
-    def restore_tags(self, tags):
+    def restore_tags(self, tags, attempted=False):
         """Put entries back at the tail of their stream, if still pending for their reader.
 
+        ``attempted``: the consumer tried the message and gave up (a reject with
+        requeue), so this delivery counts towards ``max_deliveries``; a message
+        restored unstarted (at shutdown) keeps its count.
         Returns the tags that could not be restored because of an error.
         """
         if not tags:
@@ -781,8 +782,8 @@ class Channel(virtual.Channel):
         self.flush_acks()   # an acked message must never be restored
         with self.pool_client.pipeline(transaction=False) as pipe:
             for tag in map(parse_tag, tags):
-                self.scripts.restore(keys=[self.keys.queue(tag.queue, tag.bucket)],
-                                     args=[self.group, tag.consumer, tag.entry_id], client=pipe)
+                self.scripts.restore(keys=[self.keys.queue(tag.queue, tag.bucket)], client=pipe,
+                                     args=[self.group, tag.consumer, tag.entry_id, int(attempted)])
             results = pipe.execute(raise_on_error=False)
         return [(tag, result) for tag, result in zip(tags, results) if isinstance(result, Exception)]
 

@@ -154,3 +154,17 @@ def test_drained_entries_of_a_dead_consumer_are_never_reclaimed(redis_server, pr
         assert (removed, cleared) == (4, 4)
         assert consume(conn, q, 1, timeout=3 * VT) == []
     assert [g['name'] for g in r.xinfo_groups(keys.queue('work'))] == [b'celery']
+
+
+def test_restore_at_shutdown_does_not_count_as_a_delivery(redis_server, prefix, keys, r):
+    """An ETA task held across many restarts is never dead-lettered for it."""
+    q = Queue('work', Exchange('work'), 'work')
+    with connection(redis_server, prefix, max_deliveries=2) as conn:
+        publish(conn, q.exchange, 'work', [{'eta': True}], declare=[q])
+    for _ in range(4):   # four workers take it and shut down without running it
+        with connection(redis_server, prefix, max_deliveries=2) as conn:
+            assert len(consume(conn, q, 1, ack=False)) == 1
+    with connection(redis_server, prefix, max_deliveries=2) as conn:
+        (message,) = consume(conn, q, 1)
+    assert message.payload == {'eta': True}
+    assert r.xlen(keys.dead_letters('work')) == 0
