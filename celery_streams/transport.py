@@ -177,6 +177,10 @@ class Channel(virtual.Channel):
     # -- declaring ------------------------------------------------------------
 
     def _new_queue(self, queue, auto_delete=False, **kwargs):
+        if '{' in queue or '}' in queue:
+            raise errors.ConfigurationError(
+                'queue name %r: braces are not allowed (they delimit the queue in its Redis keys)'
+                % queue)
         arguments = kwargs.get('arguments') or {}
         self._deleted.discard(queue)
         if auto_delete:
@@ -718,6 +722,10 @@ class Channel(virtual.Channel):
                 break
             self._buffer_reply(replies, noack=False)
             if self._buffer:
+                if queue not in self._alive_queues:
+                    self._alive_queues |= {queue}   # renewed from now on by the renewer
+                    self.pool_client.set(self.keys.alive(queue, self.consumer_name), 1,
+                                         px=self.visibility_ms)
                 return self._buffer.popleft()[1]
         raise virtual.Empty()
 

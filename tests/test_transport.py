@@ -493,3 +493,8 @@ def test_a_closed_consumer_leaves_its_groups(redis_server, prefix, r, keys):
             publish(c, q.exchange, 'leave', [{'n': 1}], declare=[q])
             drain_all(c, [q], 1)
     assert r.xinfo_consumers(keys.queue('leave'), 'celery') == []
+
+
+def test_queue_names_with_braces_are_refused_in_one_line(conn):
+    with pytest.raises(errors.ConfigurationError, match='braces'):
+        Queue('bad}:p3')(conn.default_channel).declare()
