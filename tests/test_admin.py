@@ -150,7 +150,7 @@ def test_status_describes_queues_groups_and_consumers(state):
     assert group['name'] == 'celery' and group['pending'] == 2
     [consumer] = group['consumers']
     assert consumer['pending'] == 2 and consumer['idle_ms'] >= 0
-    assert consumer['alive'] is False   # a basic_get consumer: no renewal yet
+    assert consumer['alive'] is True   # basic_get marks its consumer alive at once
     state.channel.renew_liveness()      # what the worker's renewal thread does
     [group] = admin.status(state.redis, global_keyprefix=state.prefix, queues=['a'])['queues'][0]['groups']
     assert group['consumers'][0]['alive'] is True

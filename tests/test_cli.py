@@ -142,7 +142,7 @@ def test_dry_runs_say_what_they_would_do_and_change_nothing(run, state):
 
     result = run('--broker', state.url, 'streams', 'nuke', '--prefix', state.prefix, '--dry-run')
     assert result.exit_code == 0, result.output
-    assert 'Would destroy 3 consumer groups, 4 streams and 5 other keys.' in result.output
+    assert 'Would destroy 3 consumer groups, 4 streams and 6 other keys.' in result.output
     assert state.keys.queues in result.output
     assert snapshot(state.redis, state.prefix) == before
 
@@ -161,7 +161,7 @@ def test_nuke_from_the_app_settings_leaves_other_keys_alone(run, state, app_modu
     result = run('-A', module, 'streams', 'nuke', '-f')
 
     assert result.exit_code == 0, result.output
-    assert 'Destroyed 3 consumer groups, 4 streams and 5 other keys.' in result.output
+    assert 'Destroyed 3 consumer groups, 4 streams and 6 other keys.' in result.output
     assert list(state.redis.scan_iter(match=state.keys.match_all)) == []
     assert snapshot(state.redis, other.prefix) == other_before
     assert state.redis.get(outside) == 'x'
