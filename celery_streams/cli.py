@@ -5,6 +5,9 @@
     celery -A proj streams status [-Q a,b] [--json]
     celery -A proj streams drain  [-Q a,b] [-f] [--dry-run] [--include-broadcast] [--dead-letters]
     celery -A proj streams nuke   [-f] [--dry-run] [--keep-dead-letters]
+    celery -A proj streams dead-letters list    [-Q a,b] [--json] [--limit N]
+    celery -A proj streams dead-letters requeue [-Q a,b] [--id ID ...] [-f] [--dry-run]
+    celery -A proj streams dead-letters purge   [-Q a,b] [-f] [--dry-run]
     celery --broker redis://host:6379/0 streams [--prefix P] status
 
 The broker URL, ``global_keyprefix`` and ``consumer_group`` come from the app
@@ -58,6 +61,46 @@ credentials.
 
 Ages are measured with the server's clock (``TIME``) from the time part of
 the oldest pending entry id (when the message was published or put back).
+
+``dead-letters`` works on every queue with a dead-letter stream (found with
+``SCAN``), or on the queues of ``-Q``. ``dead-letters list --json`` prints one
+JSON document; dead letters are listed oldest first, at most ``--limit`` per
+queue (default 100, 0 for all)::
+
+    {
+      "broker": "redis://127.0.0.1:6379/0",
+      "global_keyprefix": "proj:",
+      "namespace": "proj:celery-streams:",
+      "limit": 100,                                 # null with --limit 0
+      "queues": [
+        {
+          "name": "celery",
+          "stream": "proj:celery-streams:q:{celery}:dead",
+          "count": 2,                               # XLEN: every dead letter, listed or not
+          "truncated": false,                       # count > len(dead_letters)
+          "dead_letters": [
+            {
+              "queue": "celery",
+              "id": "1700000000123-0",              # the dead letter's id (for requeue --id)
+              "age": 41.5,                          # seconds since it was dead-lettered
+              "reason": "delivered 11 times, more than max_deliveries=10",
+              "source_stream": "proj:celery-streams:q:{celery}",   # null if not recorded
+              "source_id": "1700000000000-0",       # its id there
+              "task": "proj.tasks.add",             # headers.task; null if not a Celery message
+              "task_id": "d9b1...",                 # headers.id; null likewise
+              "payload_size": 612,                  # bytes; null without a payload field
+              "deliveries": 10,                     # its deliveries field, or null
+              "decodable": true,                    # the payload is a kombu message
+              "fields": ["payload", "deliveries", "redelivered"]   # the original fields
+            }
+          ]
+        }
+      ]
+    }
+
+``dead-letters requeue`` moves dead letters back to their source stream
+(without ``deliveries``: ``max_deliveries`` counts afresh) and ``purge``
+deletes dead-letter streams; both confirm like ``drain``.
 """
 from __future__ import annotations
 
@@ -361,3 +404,191 @@ def _seconds(value):
 
 def _count(n, singular, plural=None):
     return '%s %s' % (n, singular if n == 1 else plural or singular + 's')
+
+
+# -- dead letters -----------------------------------------------------------------
+
+DEAD_LETTER_LIMIT = 100
+UNDECODABLE_NOTE = 'undecodable payload: a worker will dead-letter it again'
+
+
+def _queues_option(group):
+    return click.option('-Q', '--queues', cls=CeleryOption, type=COMMA_SEPARATED_LIST, help_group=group,
+                        help='Comma separated queue names; default: every queue with dead letters.')
+
+
+@streams.group(name='dead-letters')
+@click.pass_context
+def dead_letters(ctx, **kwargs):
+    """List, requeue or purge the dead letters of queues."""
+    _obj(ctx)
+
+
+@dead_letters.command(name='list', cls=CeleryCommand)
+@_queues_option('List Options')
+@click.option('--json', 'as_json', cls=CeleryOption, is_flag=True, help_group='List Options',
+              help='Print one JSON document (shape: see docs/cli.md).')
+@click.option('--limit', cls=CeleryOption, type=click.IntRange(min=0), default=DEAD_LETTER_LIMIT,
+              show_default=True, help_group='List Options',
+              help='Show at most this many dead letters per queue, the oldest first; 0: all.')
+@prefix_option
+@click.pass_context
+def list_dead_letters(ctx, queues, as_json, limit, prefix, **kwargs):
+    """Show each dead letter: id, age, reason, source, task, payload size."""
+    obj = _obj(ctx)
+    target = Target(ctx, prefix)
+    with target.errors():
+        found = admin.dead_letters(target.client, global_keyprefix=target.prefix, queues=queues,
+                                   limit=limit)
+    if as_json:
+        obj.echo(json.dumps({
+            'broker': target.url, 'global_keyprefix': target.prefix or '',
+            'namespace': Keys(target.prefix).prefix, 'limit': limit or None,
+            'queues': [q.as_dict() for q in found]}, indent=2))
+        return
+    obj.echo(target.describe())
+    if not found:
+        obj.echo('No dead letters.')
+        return
+    for q in found:
+        obj.echo(obj.style('Queue %r: %s (%s)' % (q.queue, _count(q.count, 'dead letter'), q.stream),
+                           bold=True))
+        if not q.dead_letters:
+            continue
+        rows = [('ID', 'AGE', 'SOURCE ID', 'TASK', 'TASK ID', 'SIZE', 'REASON')]
+        for d in q.dead_letters:
+            rows.append((d.id, _age(d.age), _source(d), d.task or '-', d.task_id or '-',
+                         _cell(d.payload_size), _cell(d.reason)))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            obj.echo('  ' + '  '.join(cell.rjust(w) if i in (1, 5) else cell.ljust(w)
+                                      for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+        if q.truncated:
+            obj.echo('  ... %s more (--limit 0 shows all)' % (q.count - len(q.dead_letters)))
+
+
+@dead_letters.command(cls=CeleryCommand)
+@_queues_option('Requeue Options')
+@click.option('--id', 'ids', cls=CeleryOption, multiple=True, help_group='Requeue Options',
+              help='Requeue only this dead letter (its id in `dead-letters list`); repeatable, '
+                   'or comma separated.')
+@click.option('-f', '--force', cls=CeleryOption, is_flag=True, help_group='Requeue Options',
+              help="Don't prompt for confirmation.")
+@click.option('--dry-run', cls=CeleryOption, is_flag=True, help_group='Requeue Options',
+              help='Show what would be requeued; change nothing.')
+@prefix_option
+@click.pass_context
+def requeue(ctx, queues, ids, force, dry_run, prefix, **kwargs):
+    """Move dead letters back to their queues.
+
+    Each one goes back to the stream it came from, with its original fields
+    but `deliveries` (max_deliveries counts afresh), and is deleted from the
+    dead letters, atomically. Undecodable ones go back too: a worker
+    dead-letters them again.
+    """
+    obj = _obj(ctx)
+    target = Target(ctx, prefix)
+    ids = [i for value in ids for i in value.split(',') if i.strip()]
+    with target.errors():
+        plan = admin.requeue_dead_letters(target.client, global_keyprefix=target.prefix,
+                                          queues=queues, ids=ids, dry_run=True)
+        movable = [item for item in plan if item.outcome != 'empty']
+        if movable and not dry_run:
+            names = list(dict.fromkeys(item.dead_letter.queue for item in movable))
+            confirm(obj, 'requeue', force, target,
+                    'This will move %s of %s (%s) back to their queues, delivery counts reset.' % (
+                        _count(len(movable), 'dead letter'), _count(len(names), 'queue'),
+                        ', '.join(names)))
+            # exactly the dead letters confirmed, not any dead-lettered since
+            plan = admin.apply_requeue(target.client, plan, global_keyprefix=target.prefix)
+    obj.echo(target.describe())
+    if not plan:
+        obj.echo('No dead letters: nothing to requeue.')
+        return
+    for item in plan:
+        obj.echo(_requeue_line(item))
+    requeued = [i for i in plan if i.outcome in ('requeued', 'would requeue')]
+    obj.echo('Total: %s %s %s.' % (
+        _count(len(requeued), 'dead letter'), 'would be requeued' if dry_run else 'requeued',
+        'from ' + _count(len({i.dead_letter.queue for i in requeued}), 'queue')))
+    if dry_run:
+        obj.echo(DRY_RUN_NOTE)
+
+
+def _requeue_line(item) -> str:
+    d = item.dead_letter
+    verb = {'requeued': 'Requeued', 'would requeue': 'Would requeue', 'gone': 'Skipped',
+            'empty': 'Skipped'}[item.outcome]
+    line = '%s dead letter %s of queue %r' % (verb, d.id, d.queue)
+    if item.outcome == 'gone':
+        return line + ': no longer there (requeued or purged meanwhile)'
+    if item.outcome == 'empty':
+        return line + ': it holds no original field to put back'
+    line += ' to %s' % item.stream
+    if item.new_id:
+        line += ' as %s' % item.new_id
+    if item.fallback:
+        line += ' (its source stream is %s: the queue\'s main stream instead)' % (
+            'not recorded' if d.source_stream is None else 'not a stream of this queue')
+    if d.task:
+        line += ': task %s[%s]' % (d.task, d.task_id or '?')
+    if not d.decodable:
+        line += ' (%s)' % UNDECODABLE_NOTE
+    return line
+
+
+@dead_letters.command(cls=CeleryCommand)
+@_queues_option('Purge Options')
+@click.option('-f', '--force', cls=CeleryOption, is_flag=True, help_group='Purge Options',
+              help="Don't prompt for confirmation.")
+@click.option('--dry-run', cls=CeleryOption, is_flag=True, help_group='Purge Options',
+              help='Show what would be deleted; change nothing.')
+@prefix_option
+@click.pass_context
+def purge(ctx, queues, force, dry_run, prefix, **kwargs):
+    """Delete the dead letters of queues (their dead-letter streams)."""
+    obj = _obj(ctx)
+    target = Target(ctx, prefix)
+    with target.errors():
+        plan = admin.purge_dead_letters(target.client, global_keyprefix=target.prefix,
+                                        queues=queues, dry_run=True)
+        if plan and not dry_run:
+            confirm(obj, 'purge dead letters', force, target,
+                    'This will delete %s of %s: %s.' % (
+                        _count(sum(p.removed for p in plan), 'dead letter'),
+                        _count(len(plan), 'queue'), ', '.join(p.queue for p in plan)))
+            done = admin.purge_dead_letters(target.client, global_keyprefix=target.prefix,
+                                            queues=[p.queue for p in plan])
+    obj.echo(target.describe())
+    if not plan:
+        obj.echo('No dead letters: nothing to purge.')
+        return
+    result, verb = (plan, 'Would delete') if dry_run else (done, 'Deleted')
+    for p in result:
+        obj.echo('%s %s of queue %r (%s)' % (verb, _count(p.removed, 'dead letter'), p.queue, p.stream))
+    obj.echo('Total: %s from %s.' % (_count(sum(p.removed for p in result), 'dead letter'),
+                                     _count(len(result), 'queue')))
+    if dry_run:
+        obj.echo(DRY_RUN_NOTE)
+
+
+def _source(d) -> str:
+    if d.source_id is None:
+        return '-'
+    parsed = d.source_stream and d.source_stream.rpartition('}:p')
+    if parsed and parsed[1] and parsed[2].isdigit():
+        return '%s (p%s)' % (d.source_id, parsed[2])
+    return d.source_id
+
+
+def _age(seconds) -> str:
+    if seconds is None:
+        return '-'
+    if seconds < 60:
+        return '%.1fs' % seconds
+    minutes, hours, days = int(seconds // 60), int(seconds // 3600), int(seconds // 86400)
+    if hours < 1:
+        return '%dm%02ds' % (minutes, seconds % 60)
+    if days < 1:
+        return '%dh%02dm' % (hours, minutes % 60)
+    return '%dd%02dh' % (days, hours % 24)

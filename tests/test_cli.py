@@ -24,7 +24,9 @@ CELERY = str(Path(sys.executable).with_name('celery'))
 @pytest.fixture
 def run(monkeypatch):
     """``run(*args, input=None)``: invoke ``celery *args`` in-process."""
-    monkeypatch.delenv('CELERY_BROKER_URL', raising=False)   # `--broker` sets it for good
+    # `--broker` sets CELERY_BROKER_URL for good: setenv first, so that teardown removes it
+    monkeypatch.setenv('CELERY_BROKER_URL', '')
+    monkeypatch.delenv('CELERY_BROKER_URL')
     runner = CliRunner()
 
     def invoke(*args, input=None):

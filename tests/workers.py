@@ -17,7 +17,8 @@ def streams_url(server, db=0):
 
 
 def app_env(server, prefix, **extra):
-    env = dict(os.environ)
+    # Celery settings from the environment would override the app's (CELERY_BROKER_URL...)
+    env = {k: v for k, v in os.environ.items() if not k.startswith('CELERY_')}
     env.update({
         'E2E_BROKER': streams_url(server),
         'E2E_BACKEND': 'redis://127.0.0.1:%d/1' % server.port,

@@ -1,0 +1,30 @@
+-- Move one dead letter back to a queue stream, without its delivery count.
+--
+-- KEYS[1] - the dead-letter stream of a queue
+-- KEYS[2] - the stream of that queue to put it on (same queue: same hash tag)
+-- ARGV[1] - the dead letter's entry id
+--
+-- The new entry gets the fields of the original entry (the dead letter's
+-- `field:NAME` fields, as NAME) except `deliveries`: an operator decided to
+-- retry, so max_deliveries counts afresh. Then the dead letter is deleted.
+-- Returns {'requeued', new entry id}; {'gone'} when there is no such dead
+-- letter (requeued or purged meanwhile); {'empty'} when it holds no field to
+-- put back (it is left where it is).
+local entry = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #entry == 0 then
+    return {'gone'}
+end
+local fields, copy = entry[1][2], {}
+for i = 1, #fields, 2 do
+    local name = fields[i]
+    if string.sub(name, 1, 6) == 'field:' and name ~= 'field:deliveries' then
+        copy[#copy + 1] = string.sub(name, 7)
+        copy[#copy + 1] = fields[i + 1]
+    end
+end
+if #copy == 0 then
+    return {'empty'}
+end
+local id = redis.call('XADD', KEYS[2], '*', unpack(copy))
+redis.call('XDEL', KEYS[1], ARGV[1])
+return {'requeued', id}

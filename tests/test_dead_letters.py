@@ -1,0 +1,341 @@
+"""``celery streams dead-letters list|requeue|purge`` and their admin functions, on real servers.
+
+Dead letters are made for real: junk XADDed into a queue stream and read
+through kombu (the transport dead-letters it as undecodable), and a Celery
+task message requeued by its consumer until ``max_deliveries=1`` moves it.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+from celery import Celery
+from celery.bin.celery import celery
+from click.testing import CliRunner
+from kombu import Connection, Consumer, Exchange, Queue
+
+import celery_streams  # noqa: F401  (registers redis-streams://)
+from celery_streams import admin
+from celery_streams.keys import Keys
+from tests.kombu_state import snapshot
+
+JUNK = b'\xff not json'
+
+
+@pytest.fixture
+def run(monkeypatch):
+    """``run(*args, input=None)``: invoke ``celery *args`` in-process."""
+    # `--broker` sets CELERY_BROKER_URL for good: setenv first so that teardown removes it
+    monkeypatch.setenv('CELERY_BROKER_URL', '')
+    monkeypatch.delenv('CELERY_BROKER_URL')
+    runner = CliRunner()
+
+    def invoke(*args, input=None):
+        return runner.invoke(celery, list(args), input=input, catch_exceptions=False)
+    return invoke
+
+
+def one_line(result):
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def url_of(server):
+    return 'redis-streams://127.0.0.1:%d/0' % server.port
+
+
+def connection(server, prefix, **options):
+    return Connection(url_of(server), transport_options=dict(options, global_keyprefix=prefix))
+
+
+def work_queue(name='work'):
+    return Queue(name, Exchange(name), name)
+
+
+def consume(conn, queue, *, requeue=False, until, timeout=10):
+    """Consume ``queue`` through drain_events until ``until()``; ack (or requeue) each message."""
+    got = []
+
+    def on_message(body, message):
+        got.append((body, message))
+        if requeue:
+            message.requeue()
+        else:
+            message.ack()
+
+    with Consumer(conn, [queue], callbacks=[on_message]):
+        deadline = time.monotonic() + timeout
+        while not until(got):
+            assert time.monotonic() < deadline, 'timed out; got %r' % (got,)
+            try:
+                conn.drain_events(timeout=0.3)
+            except TimeoutError:
+                pass
+    return got
+
+
+class DeadLetters:
+    """Queue ``work`` under ``prefix`` with two dead letters: ``junk`` first, then ``task``."""
+
+    def __init__(self, server, prefix):
+        self.server, self.prefix, self.url = server, prefix, url_of(server)
+        self.keys = Keys(prefix)
+        # the junk payload is not UTF-8: keep its bytes as surrogates
+        self.redis = server.client(decode_responses=True, encoding_errors='surrogateescape')
+        self.dead = self.keys.dead_letters('work')
+        app = Celery('deadletters', broker=self.url, set_as_current=False)
+        app.conf.broker_transport_options = {'global_keyprefix': prefix}
+        try:
+            with connection(server, prefix) as conn:   # declare the queue (stream, group, binding)
+                work_queue()(conn.default_channel).declare()
+            self.junk_source_id = self.redis.xadd(self.keys.queue('work'), {'payload': JUNK})
+            self.task_id = app.send_task('proj.add', args=(2, 2), queue='work').id
+        finally:
+            app.close()
+        with connection(server, prefix, max_deliveries=1) as conn:
+            self.seen = consume(conn, work_queue(), requeue=True,
+                                until=lambda got: self.redis.xlen(self.dead) == 2)
+        assert len(self.seen) == 1   # delivered once, requeued, dead-lettered on the next read
+        (self.junk_id, junk), (self.task_dead_id, task) = self.redis.xrange(self.dead)
+        assert junk['reason'].startswith('undecodable entry')
+        assert 'max_deliveries=1' in task['reason'] and task['field:deliveries'] == '1'
+        self.task_payload = task['field:payload']
+        assert self.redis.xlen(self.keys.queue('work')) == 0
+
+    def cli(self, run, *args):
+        return run('--broker', self.url, 'streams', '--prefix', self.prefix, *args)
+
+    def delete_keys(self):
+        for key in list(self.redis.scan_iter(match=self.keys.match_all, count=1000)):
+            self.redis.delete(key)
+        self.redis.close()
+
+
+@pytest.fixture
+def dl(redis_server, prefix, monkeypatch):
+    # Celery prefers CELERY_BROKER_URL to the app's broker: one leaked by an earlier
+    # `celery --broker` would send the task to another server
+    monkeypatch.delenv('CELERY_BROKER_URL', raising=False)
+    state = DeadLetters(redis_server, prefix)
+    yield state
+    state.delete_keys()
+
+
+# -- list -------------------------------------------------------------------------
+
+def test_list_json_describes_each_dead_letter(run, dl):
+    result = dl.cli(run, 'dead-letters', 'list', '--json')
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert set(doc) == {'broker', 'global_keyprefix', 'namespace', 'limit', 'queues'}
+    assert (doc['global_keyprefix'], doc['namespace'], doc['limit']) == (
+        dl.prefix, dl.keys.prefix, 100)
+    [queue] = doc['queues']
+    assert set(queue) == {'name', 'stream', 'count', 'truncated', 'dead_letters'}
+    assert (queue['name'], queue['stream'], queue['count'], queue['truncated']) == (
+        'work', dl.dead, 2, False)
+    junk, task = queue['dead_letters']
+    assert set(task) == {'queue', 'id', 'age', 'reason', 'source_stream', 'source_id', 'task',
+                         'task_id', 'payload_size', 'deliveries', 'decodable', 'fields'}
+    assert (junk['id'], task['id']) == (dl.junk_id, dl.task_dead_id)
+    assert junk['reason'].startswith('undecodable entry') and junk['decodable'] is False
+    assert (junk['task'], junk['task_id'], junk['payload_size'], junk['deliveries']) == (
+        None, None, len(JUNK), None)
+    assert (task['task'], task['task_id'], task['deliveries'], task['decodable']) == (
+        'proj.add', dl.task_id, 1, True)
+    assert task['payload_size'] == len(dl.task_payload.encode())
+    assert 'max_deliveries=1' in task['reason']
+    assert task['source_stream'] == junk['source_stream'] == dl.keys.queue('work')
+    assert junk['source_id'] == dl.junk_source_id
+    assert re.fullmatch(r'\d+-\d+', task['source_id'])   # the requeued entry's id
+    assert set(task['fields']) == {'payload', 'deliveries', 'redelivered'}
+    assert 0 <= task['age'] < 60
+
+    limited = json.loads(dl.cli(run, 'dead-letters', 'list', '--json', '--limit', '1').output)
+    [queue] = limited['queues']
+    assert (queue['count'], queue['truncated'], len(queue['dead_letters'])) == (2, True, 1)
+    assert queue['dead_letters'][0]['id'] == dl.junk_id   # the oldest first
+
+
+def test_list_table(run, dl):
+    result = dl.cli(run, 'dead-letters', 'list')
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "Queue 'work': 2 dead letters (%s)" % dl.dead in lines
+    header = next(line for line in lines if line.strip().startswith('ID'))
+    assert header.split() == ['ID', 'AGE', 'SOURCE', 'ID', 'TASK', 'TASK', 'ID', 'SIZE', 'REASON']
+    task_row = next(line for line in lines if line.strip().startswith(dl.task_dead_id))
+    assert 'proj.add' in task_row and dl.task_id in task_row and 'max_deliveries=1' in task_row
+    junk_row = next(line for line in lines if line.strip().startswith(dl.junk_id))
+    assert 'undecodable entry' in junk_row and ' %d ' % len(JUNK) in junk_row
+
+    result = dl.cli(run, 'dead-letters', 'list', '--limit', '1')
+    assert '1 more (--limit 0 shows all)' in result.output and dl.task_dead_id not in result.output
+
+
+def test_list_selects_queues(run, dl):
+    with connection(dl.server, dl.prefix) as conn:
+        work_queue('clean')(conn.default_channel).declare()
+    doc = json.loads(dl.cli(run, 'dead-letters', 'list', '--json').output)
+    assert [q['name'] for q in doc['queues']] == ['work']   # default: queues with dead letters
+    doc = json.loads(dl.cli(run, 'dead-letters', 'list', '--json', '-Q', 'clean,work').output)
+    assert [(q['name'], q['count']) for q in doc['queues']] == [('clean', 0), ('work', 2)]
+
+    result = dl.cli(run, 'dead-letters', 'list', '-Q', 'nope')
+    assert result.exit_code != 0 and "unknown queue 'nope'" in one_line(result)
+
+
+def test_status_shows_the_dead_letter_count(run, dl):
+    doc = json.loads(dl.cli(run, 'status', '--json').output)
+    assert [(q['name'], q['dead_letters']) for q in doc['queues']] == [('work', 2)]
+    row = next(line for line in dl.cli(run, 'status').output.splitlines() if line.startswith('work '))
+    assert row.split()[-1] == '2'
+
+
+# -- requeue ----------------------------------------------------------------------
+
+def test_requeue_by_id_resets_the_delivery_count(run, dl):
+    result = dl.cli(run, 'dead-letters', 'requeue', '--id', dl.task_dead_id, '-f')
+    assert result.exit_code == 0, result.output
+    [(new_id, fields)] = dl.redis.xrange(dl.keys.queue('work'))
+    assert ("Requeued dead letter %s of queue 'work' to %s as %s: task proj.add[%s]"
+            % (dl.task_dead_id, dl.keys.queue('work'), new_id, dl.task_id)) in result.output
+    assert 'Total: 1 dead letter requeued from 1 queue.' in result.output
+    assert 'deliveries' not in fields and fields['payload'] == dl.task_payload
+    assert [i for i, _ in dl.redis.xrange(dl.dead)] == [dl.junk_id]   # the other one stays
+
+    # with max_deliveries=1, a carried count would dead-letter it at once: it is delivered
+    with connection(dl.server, dl.prefix, max_deliveries=1) as conn:
+        [(body, message)] = consume(conn, work_queue(), until=lambda got: got)
+    assert message.headers['task'] == 'proj.add' and message.headers['id'] == dl.task_id
+    assert body[0] == [2, 2]
+    assert dl.redis.xlen(dl.dead) == 1 and dl.redis.xlen(dl.keys.queue('work')) == 0
+
+
+def test_requeue_all_says_undecodable_ones_come_back(run, dl):
+    result = dl.cli(run, 'dead-letters', 'requeue', '-f')
+    assert result.exit_code == 0, result.output
+    junk_line = next(line for line in result.output.splitlines() if dl.junk_id in line)
+    assert junk_line.startswith('Requeued') and 'a worker will dead-letter it again' in junk_line
+    assert 'Total: 2 dead letters requeued from 1 queue.' in result.output
+    assert not dl.redis.exists(dl.dead) or dl.redis.xlen(dl.dead) == 0
+    entries = [fields for _, fields in dl.redis.xrange(dl.keys.queue('work'))]
+    assert [set(f) for f in entries] == [{'payload'}, {'payload', 'redelivered'}]
+
+    with connection(dl.server, dl.prefix, max_deliveries=1) as conn:
+        got = consume(conn, work_queue(), until=lambda got: got and dl.redis.xlen(dl.dead) == 1)
+    assert [m.headers['id'] for _, m in got] == [dl.task_id]
+    [(_, dead)] = dl.redis.xrange(dl.dead)
+    assert dead['reason'].startswith('undecodable entry')
+
+
+def test_requeue_dry_run_says_what_it_would_do_and_changes_nothing(run, dl):
+    before = snapshot(dl.redis, dl.prefix)
+    result = dl.cli(run, 'dead-letters', 'requeue', '--dry-run')
+    assert result.exit_code == 0, result.output
+    assert ("Would requeue dead letter %s of queue 'work' to %s: task proj.add[%s]"
+            % (dl.task_dead_id, dl.keys.queue('work'), dl.task_id)) in result.output
+    assert ("Would requeue dead letter %s of queue 'work' to %s (undecodable payload: "
+            "a worker will dead-letter it again)" % (dl.junk_id, dl.keys.queue('work'))) in result.output
+    assert 'Total: 2 dead letters would be requeued from 1 queue.' in result.output
+    assert 'Dry run: nothing was changed.' in result.output
+    assert snapshot(dl.redis, dl.prefix) == before
+
+
+def test_requeue_of_an_unknown_id_fails_in_one_line_and_changes_nothing(run, dl):
+    before = snapshot(dl.redis, dl.prefix)
+    for wrong, message in (('1-1', "no dead letter '1-1'"), ('junk', "not a dead-letter id: 'junk'")):
+        result = dl.cli(run, 'dead-letters', 'requeue', '-f', '--id', dl.task_dead_id, '--id', wrong)
+        assert result.exit_code == 1
+        assert message in one_line(result)
+    assert snapshot(dl.redis, dl.prefix) == before
+
+
+def test_requeue_goes_back_to_the_priority_bucket_it_came_from(dl):
+    bucket = dl.keys.queue('work', 6)
+    dl.redis.xadd(bucket, {'payload': 'not json either'})
+    with connection(dl.server, dl.prefix) as conn:
+        consume(conn, work_queue(), until=lambda got: dl.redis.xlen(dl.dead) == 3)
+    [letter] = [d for d in admin.dead_letters(dl.redis, global_keyprefix=dl.prefix)[0].dead_letters
+                if d.source_stream == bucket]
+
+    [item] = admin.requeue_dead_letters(dl.redis, global_keyprefix=dl.prefix, ids=[letter.id])
+
+    assert (item.outcome, item.stream, item.fallback) == ('requeued', bucket, False)
+    assert [i for i, _ in dl.redis.xrange(bucket)] == [item.new_id]
+
+
+def test_requeue_never_writes_outside_the_queue_a_record_names(dl):
+    """A dead letter whose record names no stream, or another key, goes to its queue's main stream."""
+    foreign = dl.keys.queue('other')
+    dl.redis.xadd(dl.dead, {'reason': 'old record', 'field:payload': '{}'})
+    dl.redis.xadd(dl.dead, {'reason': 'odd record', 'stream': foreign, 'field:payload': '{}'})
+    plan = admin.requeue_dead_letters(dl.redis, global_keyprefix=dl.prefix, dry_run=True)
+    assert [(i.stream, i.fallback) for i in plan] == [(dl.keys.queue('work'), False)] * 2 + [
+        (dl.keys.queue('work'), True)] * 2
+
+    done = admin.requeue_dead_letters(dl.redis, global_keyprefix=dl.prefix)
+    assert [i.outcome for i in done] == ['requeued'] * 4
+    assert not dl.redis.exists(foreign) and dl.redis.xlen(dl.keys.queue('work')) == 4
+
+
+def test_apply_requeue_skips_dead_letters_gone_meanwhile(dl):
+    plan = admin.requeue_dead_letters(dl.redis, global_keyprefix=dl.prefix, dry_run=True)
+    dl.redis.xdel(dl.dead, dl.junk_id)   # another operator got there first
+    done = admin.apply_requeue(dl.redis, plan, global_keyprefix=dl.prefix)
+    assert [(i.dead_letter.id, i.outcome) for i in done] == [
+        (dl.junk_id, 'gone'), (dl.task_dead_id, 'requeued')]
+    assert dl.redis.xlen(dl.keys.queue('work')) == 1
+
+
+# -- purge ------------------------------------------------------------------------
+
+def test_purge_dry_run_then_purge(run, dl):
+    before = snapshot(dl.redis, dl.prefix)
+    result = dl.cli(run, 'dead-letters', 'purge', '--dry-run')
+    assert result.exit_code == 0, result.output
+    assert "Would delete 2 dead letters of queue 'work' (%s)" % dl.dead in result.output
+    assert 'Dry run: nothing was changed.' in result.output
+    assert snapshot(dl.redis, dl.prefix) == before
+
+    result = dl.cli(run, 'dead-letters', 'purge', '-f', '-Q', 'work')
+    assert result.exit_code == 0, result.output
+    assert "Deleted 2 dead letters of queue 'work'" in result.output
+    assert not dl.redis.exists(dl.dead)
+    assert dl.redis.xinfo_groups(dl.keys.queue('work'))   # the queue itself is untouched
+    assert 'No dead letters.' in dl.cli(run, 'dead-letters', 'list').output
+    assert 'nothing to purge' in dl.cli(run, 'dead-letters', 'purge', '-f').output
+    assert 'nothing to requeue' in dl.cli(run, 'dead-letters', 'requeue', '-f').output
+
+
+@pytest.mark.parametrize('command', ['requeue', 'purge'])
+def test_without_a_terminal_or_force_nothing_happens(run, dl, command):
+    before = snapshot(dl.redis, dl.prefix)
+    result = dl.cli(run, 'dead-letters', command)
+    assert result.exit_code == 1
+    assert 'stdin is not a terminal' in one_line(result)
+    assert snapshot(dl.redis, dl.prefix) == before
+
+
+def test_help_lists_the_dead_letter_commands(run):
+    result = run('streams', 'dead-letters', '--help')
+    assert result.exit_code == 0
+    for name in ('list', 'requeue', 'purge'):
+        assert name in result.output
+    assert '--id' in run('streams', 'dead-letters', 'requeue', '--help').output
+
+
+def test_the_documented_acl_rules_are_enough(run, dl, redis_server, unique_name):
+    dl.redis.execute_command('ACL', 'SETUSER', unique_name, 'reset', 'on', '>pw',
+                             *admin.acl_rules(dl.prefix))
+    try:
+        url = redis_server.url_for(unique_name, 'pw')
+        for args in (['list', '--json'], ['requeue', '-f', '--id', dl.task_dead_id], ['purge', '-f']):
+            result = run('--broker', url, 'streams', '--prefix', dl.prefix, 'dead-letters', *args)
+            assert result.exit_code == 0, result.output
+        assert not dl.redis.exists(dl.dead) and dl.redis.xlen(dl.keys.queue('work')) == 1
+    finally:
+        dl.redis.acl_deluser(unique_name)
