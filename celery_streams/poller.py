@@ -147,13 +147,14 @@ class Poller:
     def _drain_events(self, timeout):
         deadline = None if timeout is None else monotonic() + timeout
         while True:
-            # One message per call: a solo pool runs it inside this call, and
-            # Celery checks for shutdown between calls.
+            # Hand over what is buffered (as far as the QoS allows); the acks
+            # the callbacks make go out in one round trip when this returns.
+            delivered = False
             for channel in list(self.channels):
-                channel.flush_acks()
                 channel.maybe_reclaim()
-                if channel.deliver_buffered(limit=1):
-                    return
+                delivered = channel.deliver_buffered() or delivered
+            if delivered:
+                return
             reading = {}
             for channel in list(self.channels):
                 fd = channel.start_read()
@@ -169,7 +170,7 @@ class Poller:
             ready = _wait_readable(reading, remaining)
             for fd in ready:
                 reading[fd].finish_read()
-            if any(channel.deliver_buffered(limit=1) for channel in reading.values()):
+            if any([channel.deliver_buffered() for channel in reading.values()]):
                 return
             for channel in reading.values():
                 channel.check_stale_read(STALE_READ_MARGIN)

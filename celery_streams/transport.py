@@ -44,7 +44,8 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps, loads
 
 from . import errors
-from .keys import FANOUT, SCHEMA_VERSION, TASK, Keys, binding_member, glob_escape, parse_binding
+from .keys import (FANOUT, SCHEMA_VERSION, SEP, TASK, Keys, binding_member, glob_escape,
+                   parse_binding)
 from .options import Options
 from .poller import Poller
 from .publish import PublishBatch
@@ -55,8 +56,13 @@ logger = logging.getLogger(__name__)
 
 #: Messages read at once by a consumer without a prefetch limit (no_ack consumers).
 UNLIMITED_BATCH = 100
-#: Queued acks are sent at the latest when this many are waiting.
+#: While messages are held, a consumer reads again once this many (or half its
+#: prefetch window) are free, so a busy worker reads in batches.
+REFILL_AT = 4
+#: Queued acks are sent at the latest when this many are waiting, or when
+#: handing over a batch has taken this many seconds.
 ACK_BATCH = 256
+ACK_DELAY = 0.005
 #: URL schemes this transport answers to (registered by ``import celery_streams``).
 SCHEMES = ('redis-streams', 'rediss-streams')
 TLS_SCHEMES = ('rediss-streams',)
@@ -286,8 +292,12 @@ class Channel(virtual.Channel):
         self._inplace_augment_message(message, exchange, routing_key)
         if not exchange:
             return self._put(routing_key, message, **kwargs)
-        if self.typeof(exchange).type == 'fanout':
+        kind = self.typeof(exchange).type
+        if kind == 'fanout':
             return self._put_fanout(exchange, message, routing_key, **kwargs)
+        if kwargs.get('_publish_batch') is None and not self.deadletter_queue:
+            if self._route(exchange, kind, routing_key, message) >= 0:
+                return
         declared_here = {queue for _, _, queue in self.state.exchanges.get(exchange, {}).get('table') or ()}
         queues = [q for q in self._lookup(exchange, routing_key) if q and q != self.deadletter_queue]
         for queue in queues:
@@ -296,6 +306,23 @@ class Channel(virtual.Channel):
         elsewhere = [q for q in queues if q not in declared_here]
         if elsewhere:
             self._append_if_exists(exchange, elsewhere, message, self._bucket(message), 0, **kwargs)
+
+    def _route(self, exchange, kind, routing_key, message):
+        """Look up the bindings and append, in one round trip (the ``route`` script).
+
+        Returns how many queues got the message, or -1 when Redis has no
+        bindings for the exchange (nuked): the caller restores them.
+        """
+        declared = {}
+        for _, _, queue in self.state.exchanges.get(exchange, {}).get('table') or ():
+            declared[queue] = self._expires.get(queue, 0)
+        try:
+            return self.scripts.route(
+                keys=[self.keys.bindings(exchange)],
+                args=[kind, routing_key or '', dumps(message), self.keys.queue('')[:-1],
+                      self._bucket(message), SEP, *[x for pair in declared.items() for x in pair]])
+        except redis.ResponseError as exc:
+            raise errors.translate_write_error(exc) from None
 
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
         """Copy a broadcast into the stream of every bound queue (priority bucket 0), trimmed."""
@@ -436,7 +463,12 @@ class Channel(virtual.Channel):
             # Celery's worker_disable_prefetch patched can_consume: one at a time.
             return 1
         estimate = qos.can_consume_max_estimate()
-        return UNLIMITED_BATCH if estimate is None else estimate
+        if estimate is None:
+            return UNLIMITED_BATCH
+        if estimate < qos.prefetch_count and estimate < min(qos.prefetch_count // 2, REFILL_AT):
+            # Messages are still held: refill in batches, not one read per ack.
+            return 0
+        return estimate
 
     def finish_read(self):
         """Read the reply of the outstanding read into the buffer. True if it brought messages."""
@@ -464,12 +496,14 @@ class Channel(virtual.Channel):
 
     def deliver_buffered(self, limit=None):
         """Hand buffered messages to their consumers while the QoS allows. True if any."""
-        delivered, first_error = 0, None
+        delivered, first_error, started = 0, None, monotonic()
         buffer, qos = self._buffer, self.qos
         while buffer and (limit is None or delivered < limit) and qos.can_consume():
             if delivered and _worker_shutting_down():
                 break   # a blocking pool (solo) ran one: the rest go back at close
-            self.flush_acks()   # with -P solo, the previous task's ack goes out now
+            if self._acks and monotonic() - started > ACK_DELAY:
+                self.flush_acks()   # callbacks that run tasks (-P solo): acks go out between them
+                started = monotonic()
             queue, payload = buffer.popleft()
             try:
                 self.connection._deliver(payload, queue)

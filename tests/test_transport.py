@@ -498,3 +498,21 @@ def test_a_closed_consumer_leaves_its_groups(redis_server, prefix, r, keys):
 def test_queue_names_with_braces_are_refused_in_one_line(conn):
     with pytest.raises(errors.ConfigurationError, match='braces'):
         Queue('bad}:p3')(conn.default_channel).declare()
+
+
+@pytest.mark.parametrize('binding_key,routing_key,expected', [
+    ('a-1.*', 'a-1.x', True), ('a-1.*', 'a-1.x.y', False), ('a%.#', 'a%.x.y', True),
+    ('#', 'anything.at.all', True), ('*.b', 'a.b', True), ('*.b', 'b', False),
+    ('a.#', 'a', False), ('[x].y', '[x].y', True), ('[x].y', 'x.y', False),
+])
+def test_topic_matching_in_redis_agrees_with_kombu(conn, binding_key, routing_key, expected):
+    from kombu.transport.virtual.exchange import TopicExchange
+    pattern = TopicExchange(None).key_to_pattern(binding_key)
+    assert bool(TopicExchange(None)._match(pattern, routing_key)) is expected
+    ex = Exchange('tm', 'topic')
+    q = Queue('tm-q', ex, routing_key=binding_key)
+    q(conn.default_channel).declare()
+    publish(conn, ex, routing_key, [{'k': routing_key}])
+    size = q(conn.default_channel).queue_declare(passive=True).message_count
+    q(conn.default_channel).delete()
+    assert size == (1 if expected else 0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib import resources
 
-NAMES = ('restore', 'drain', 'append', 'reclaim', 'read', 'forget_consumer', 'requeue_dead')
+NAMES = ('restore', 'drain', 'append', 'reclaim', 'read', 'forget_consumer', 'route', 'requeue_dead')
 
 
 @lru_cache(maxsize=None)
