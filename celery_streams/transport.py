@@ -555,8 +555,8 @@ class Channel(virtual.Channel):
             delivery_info = properties.setdefault('delivery_info', {})
             deliveries = int(fields.get('deliveries') or 0)
         except Exception as exc:
-            self.dead_letter(queue, bucket, entry_id, fields,
-                             'undecodable entry: %s' % _one_line(exc), noack)
+            problem = 'missing field %s' % exc if isinstance(exc, KeyError) else _one_line(exc)
+            self.dead_letter(queue, bucket, entry_id, fields, 'undecodable entry: %s' % problem, noack)
             return None
         delivered = deliveries + times_in_pel
         if delivered > self.options.max_deliveries and not noack:
