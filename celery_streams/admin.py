@@ -474,7 +474,9 @@ def queue_status(client: redis.Redis, inventory: Inventory, queue: str, consumer
     found = inventory.found.get(queue) or QueueKeys(queue)
     streams = [(bucket, found.streams[bucket]) for bucket in sorted(found.streams)]
     alive = None if kind == FANOUT else set(found.alive)
-    groups, length, waiting, pending = [], 0, 0, 0
+    groups: list[dict] = []
+    length, pending = 0, 0
+    waiting: int | None = 0
     for bucket, stream in streams:
         stream_length = client.xlen(stream)
         described = [group_status(client, stream, bucket, g, alive, now_ms)
@@ -485,7 +487,7 @@ def queue_status(client: redis.Redis, inventory: Inventory, queue: str, consumer
             lag = own['lag'] if own else None
             waiting = None if lag is None or waiting is None else waiting + min(lag, stream_length)
         else:
-            waiting += max(stream_length - own_pending, 0)
+            waiting = (waiting or 0) + max(stream_length - own_pending, 0)
         groups += described
         length += stream_length
         pending += own_pending
@@ -735,7 +737,7 @@ def requeue_target(keys: Keys, queue: str, source_stream: str | None) -> tuple[s
     one hash slot.
     """
     parsed = parse_queue_key(keys, source_stream) if source_stream else None
-    if parsed is not None and parsed[0] == queue and parsed[1] == 'stream':
+    if source_stream and parsed is not None and parsed[0] == queue and parsed[1] == 'stream':
         return source_stream, False
     return keys.queue(queue), True
 
@@ -797,7 +799,8 @@ def _select_dead_letters(client: redis.Redis, keys: Keys, queues: list[str],
 
 def _read_entries(client: redis.Redis, stream: str, limit: int | None = None) -> list[tuple[str, dict]]:
     """The entries of ``stream``, oldest first, at most ``limit``, read in pages."""
-    entries, start = [], '-'
+    entries: list[tuple[str, dict]] = []
+    start = '-'
     while limit is None or len(entries) < limit:
         count = PAGE if limit is None else min(PAGE, limit - len(entries))
         page = _xrange(client, stream, start, '+', count)

@@ -202,7 +202,7 @@ def confirm(obj: CLIContext, action: str, force: bool, target: Target, what: str
     """Ask like ``celery purge``; without a terminal, refuse unless --force."""
     if force:
         return
-    if not click.get_text_stream('stdin').isatty():
+    if not click.get_text_stream('stdin').isatty():  # type: ignore[operator]
         raise click.ClickException(
             'refusing to %s without confirmation: stdin is not a terminal '
             '(pass -f/--force to skip the prompt, or --dry-run to see what it would do)' % action)

@@ -907,10 +907,10 @@ class Transport(virtual.Transport):
 
     Channel = Channel
 
-    default_port = 6379
+    default_port = 6379  # type: ignore[assignment]
     driver_type = 'redis'
     driver_name = 'redis'
-    polling_interval = None
+    polling_interval = None  # type: ignore[assignment]
 
     implements = virtual.Transport.implements.extend(
         asynchronous=True,
