@@ -58,9 +58,12 @@ IGNORED = frozenset({
     'ack_emulation', 'unacked_key', 'unacked_index_key', 'unacked_mutex_key',
     'unacked_mutex_expire', 'unacked_restore_limit', 'unacked_restore_interval',
     'unacked_restore_throttle', 'sep', 'fanout_prefix', 'fanout_patterns',
-    'reauth_check_interval', 'credential_provider',
-    'brpop_timeout',
+    'reauth_check_interval', 'credential_provider', 'brpop_timeout',
 })
+
+#: kombu's Sentinel transport options: refused, so nobody believes failover works.
+SENTINEL = frozenset({'master_name', 'min_other_sentinels', 'sentinel_kwargs',
+                      'sentinel_fanout_compat'})
 
 #: Options read by kombu itself (the connection, the virtual channel, Celery).
 KOMBU_OWN = frozenset({
@@ -96,6 +99,11 @@ class Options:
     def from_transport_options(cls, transport_options: Mapping[str, Any] | None) -> Options:
         """Parse kombu's ``transport_options``; raise one line on a name nobody knows."""
         given = dict(transport_options or {})
+        sentinel = sorted(k for k in given if k in SENTINEL)
+        if sentinel:
+            raise ConfigurationError(
+                'transport option(s) %s: Redis Sentinel is not supported by celery_streams; '
+                'use failover URLs (redis-streams://a;redis-streams://b)' % ', '.join(sentinel))
         ours = {f.name: f for f in fields(cls) if f.name != 'ignored'}
         unknown = sorted(k for k in given if k not in ours and k not in IGNORED and k not in KOMBU_OWN)
         if unknown:

@@ -516,3 +516,8 @@ def test_topic_matching_in_redis_agrees_with_kombu(conn, binding_key, routing_ke
     size = q(conn.default_channel).queue_declare(passive=True).message_count
     q(conn.default_channel).delete()
     assert size == (1 if expected else 0)
+
+
+def test_sentinel_options_are_refused_in_one_line(redis_server):
+    with pytest.raises(errors.ConfigurationError, match='Sentinel is not supported'):
+        Connection(streams_url(redis_server), transport_options={'master_name': 'mymaster'}).connect()
