@@ -132,7 +132,8 @@ class Poller:
     def drain_events(self, timeout=None):
         """Deliver the next message; raise ``socket.timeout`` when none came in time.
 
-        Acks made by the callback are sent before this returns.
+        Acks made by callbacks are sent before this returns, or, while read
+        messages wait in the buffer, with a later call (or at close).
         """
         thread = threading.get_ident()
         for channel in list(self.channels):
@@ -142,19 +143,20 @@ class Poller:
         finally:
             for channel in list(self.channels):
                 channel._loop_thread = None
-                channel.flush_acks()
+                if not channel.has_buffered():
+                    # Acks made by callbacks go out now, or with the next call's
+                    # while buffered messages make more calls certain (or at close).
+                    channel.flush_acks()
 
     def _drain_events(self, timeout):
         deadline = None if timeout is None else monotonic() + timeout
         while True:
-            # Hand over what is buffered (as far as the QoS allows); the acks
-            # the callbacks make go out in one round trip when this returns.
-            delivered = False
+            # One message per call (kombu's contract: Mailbox._collect counts
+            # replies by calls), from what a read buffered.
             for channel in list(self.channels):
                 channel.maybe_reclaim()
-                delivered = channel.deliver_buffered() or delivered
-            if delivered:
-                return
+                if channel.deliver_buffered(limit=1):
+                    return
             reading = {}
             for channel in list(self.channels):
                 fd = channel.start_read()
@@ -170,7 +172,7 @@ class Poller:
             ready = _wait_readable(reading, remaining)
             for fd in ready:
                 reading[fd].finish_read()
-            if any([channel.deliver_buffered() for channel in reading.values()]):
+            if any(channel.deliver_buffered(limit=1) for channel in reading.values()):
                 return
             for channel in reading.values():
                 channel.check_stale_read(STALE_READ_MARGIN)

@@ -59,6 +59,8 @@ UNLIMITED_BATCH = 100
 #: While messages are held, a consumer reads again once this many (or half its
 #: prefetch window) are free, so a busy worker reads in batches.
 REFILL_AT = 4
+#: Seconds between two prunings of the queue registry by a consuming channel.
+PRUNE_EVERY = 600.0
 #: Queued acks are sent at the latest when this many are waiting, or when
 #: handing over a batch has taken this many seconds.
 ACK_BATCH = 256
@@ -77,6 +79,8 @@ class Channel(virtual.Channel):
 
     #: The read outstanding on :attr:`client` (a :class:`Read`).
     _reading = None
+    #: Set when kombu collects the connection after it was lost.
+    _collected = False
 
     #: kombu's option, with one more value as the default: ``auto`` stores a
     #: text body (JSON) as it is and a binary one in base64, where kombu's
@@ -100,6 +104,7 @@ class Channel(virtual.Channel):
         self.visibility_ms = int(options.visibility_timeout * 1000)
         self.reclaim_every = min(max(options.visibility_timeout / 4, 0.5), 60.0)
         self._next_reclaim = 0.0
+        self._next_prune = monotonic() + PRUNE_EVERY
         self._alive_queues = frozenset()
         self._noack_queues = set()
         self._fanout_queues = {}       # queue -> exchange, for queues bound to a fanout exchange
@@ -504,6 +509,9 @@ class Channel(virtual.Channel):
         self._block_next = not self._buffer
         return bool(self._buffer)
 
+    def has_buffered(self):
+        return bool(self._buffer)
+
     def deliver_buffered(self, limit=None):
         """Hand buffered messages to their consumers while the QoS allows. True if any."""
         delivered, first_error, started = 0, None, monotonic()
@@ -631,6 +639,9 @@ class Channel(virtual.Channel):
         if self._reading is not None or self._buffer or now < self._next_reclaim:
             return
         self._next_reclaim = now + self.reclaim_every
+        if now >= self._next_prune:
+            self._next_prune = now + PRUNE_EVERY
+            self.prune_registry()
         queues = self.acked_queues()
         budget = self._read_budget() if queues else 0
         if not budget:
@@ -657,6 +668,10 @@ class Channel(virtual.Channel):
         for queue, count in taken.items():
             logger.info('celery_streams: took over %d message(s) of queue %r from consumers '
                         'silent for more than visibility_timeout', count, queue)
+
+    def prune_registry(self):
+        """Forget registered queues whose streams expired; returns how many."""
+        return self.scripts.prune_registry(keys=[self.keys.queues], args=[self.keys.queue('')[:-1]])
 
     def liveness_queues(self):
         """The queues this consumer holds or may hold messages of."""
@@ -881,18 +896,23 @@ class Channel(virtual.Channel):
             logger.debug('celery_streams: could not return the last read', exc_info=True)
         poller = getattr(self.connection, 'poller', None)
         consumed = [q for q in self._consumed if q not in self._deleted]
-        auto_delete = [q for q in self._auto_delete if q in consumed]
-        super().close()
-        try:
-            self._forget_liveness()
-            self._leave_groups([q for q in consumed if q not in auto_delete])
-        except Exception:
-            logger.debug('celery_streams: could not leave the consumer groups', exc_info=True)
+        # A clean close deletes the auto-delete queues it consumed (a worker's
+        # Broadcast and event queues); a lost connection (kombu's collect) does
+        # not: the worker comes back for them and for what was sent meanwhile.
+        auto_delete = [] if self._collected else [q for q in self._auto_delete if q in consumed]
         for queue in auto_delete:
             try:
                 self.queue_delete(queue)
+            except Exception as exc:
+                logger.warning('celery_streams: could not delete auto-delete queue %r: %s',
+                               queue, _one_line(exc))
+        super().close()
+        if not self._collected:
+            try:
+                self._forget_liveness()
+                self._leave_groups([q for q in consumed if q not in auto_delete])
             except Exception:
-                logger.debug('celery_streams: could not delete %r', queue, exc_info=True)
+                logger.debug('celery_streams: could not leave the consumer groups', exc_info=True)
         if poller is not None:
             poller.discard(self)
         client = self.__dict__.get('client')
@@ -947,6 +967,17 @@ class Transport(virtual.Transport):
     def close_connection(self, connection):
         super().close_connection(connection)
         self.poller.close()
+
+    def _collect(self, connection):
+        """The connection was lost (kombu's ``Connection.collect``): close without cleaning up.
+
+        Auto-delete queues stay, and so do liveness keys and group membership:
+        the worker reconnects for them, and a broadcast sent meanwhile waits in
+        its queue. Unacked messages are still put back if Redis answers.
+        """
+        for channel in list(self.channels) + list(self._avail_channels):
+            channel._collected = True
+        self.close_connection(connection)
 
     def register_with_event_loop(self, connection, loop):
         self.poller.attach(loop)

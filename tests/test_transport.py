@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 
 import pytest
 import redis
@@ -521,3 +522,13 @@ def test_topic_matching_in_redis_agrees_with_kombu(conn, binding_key, routing_ke
 def test_sentinel_options_are_refused_in_one_line(redis_server):
     with pytest.raises(errors.ConfigurationError, match='Sentinel is not supported'):
         Connection(streams_url(redis_server), transport_options={'master_name': 'mymaster'}).connect()
+
+
+def test_expired_queues_leave_the_registry(conn, r, keys):
+    q = Queue('short-lived', Exchange('short-lived'), 'short-lived', expires=0.2)
+    q(conn.default_channel).declare()
+    assert r.hexists(keys.queues, 'short-lived')
+    time.sleep(0.4)   # x-expires fired: the stream and its group are gone
+    assert not r.exists(keys.queue('short-lived'))
+    assert conn.default_channel.prune_registry() >= 1
+    assert not r.hexists(keys.queues, 'short-lived')

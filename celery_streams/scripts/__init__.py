@@ -8,7 +8,8 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib import resources
 
-NAMES = ('restore', 'drain', 'append', 'reclaim', 'read', 'forget_consumer', 'route', 'requeue_dead')
+NAMES = ('restore', 'drain', 'append', 'reclaim', 'read', 'forget_consumer', 'route', 'requeue_dead',
+         'prune_registry')
 
 
 @lru_cache(maxsize=None)
