@@ -43,7 +43,7 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps, loads
 
-from . import errors
+from . import errors, wire
 from .keys import (FANOUT, SCHEMA_VERSION, SEP, TASK, Keys, binding_member, glob_escape,
                    parse_binding)
 from .options import Options
@@ -285,12 +285,11 @@ class Channel(virtual.Channel):
         if _publish_batch is not None:
             _publish_batch.add(lambda pipe: _xadd(pipe, key, fields, expires))
             return
+        commands = [('XADD', key, '*', 'payload', fields['payload'])]
+        if expires is not None:
+            commands.append(('PEXPIRE', key, expires))
         try:
-            if expires is None:
-                self.pool_client.xadd(key, fields)
-            else:
-                with self.pool_client.pipeline(transaction=False) as pipe:
-                    _xadd(pipe, key, fields, expires).execute()
+            wire.calls(self.pool, commands, raise_on_error=True)
         except redis.ResponseError as exc:
             raise errors.translate_write_error(exc) from None
 
@@ -331,11 +330,15 @@ class Channel(virtual.Channel):
         declared = {}
         for _, _, queue in self.state.exchanges.get(exchange, {}).get('table') or ():
             declared[queue] = self._expires.get(queue, 0)
+        command = ('EVALSHA', self.scripts.route.sha, 1, self.keys.bindings(exchange),
+                   kind, routing_key or '', _serialize(message), self.keys.queue('')[:-1],
+                   self._bucket(message), SEP, *[x for pair in declared.items() for x in pair])
         try:
-            return self.scripts.route(
-                keys=[self.keys.bindings(exchange)],
-                args=[kind, routing_key or '', _serialize(message), self.keys.queue('')[:-1],
-                      self._bucket(message), SEP, *[x for pair in declared.items() for x in pair]])
+            try:
+                return wire.call(self.pool, *command)
+            except redis.exceptions.NoScriptError:   # the server restarted or flushed its scripts
+                self.pool_client.script_load(self.scripts.route.script)
+                return wire.call(self.pool, *command)
         except redis.ResponseError as exc:
             raise errors.translate_write_error(exc) from None
 
@@ -392,6 +395,7 @@ class Channel(virtual.Channel):
         queue = self._tag_to_queue.get(consumer_tag)
         result = super().basic_cancel(consumer_tag)
         if queue is not None and queue not in self._active_queues:
+            self._restore_buffered(queue)   # read for this consumer, never handed over
             self._noack_queues.discard(queue)
         return result
 
@@ -617,10 +621,14 @@ class Channel(virtual.Channel):
                     pipe.xdel(key, entry_id)
             pipe.execute()
 
-    def _restore_buffered(self):
-        """Return messages read but never handed to a consumer (the channel closes)."""
-        buffered, self._buffer = self._buffer, deque()
-        self.restore_tags([payload['properties']['delivery_tag'] for queue, payload in buffered
+    def _restore_buffered(self, only_queue=None):
+        """Return messages read but never handed to a consumer (cancelled, or the channel closes)."""
+        # Changed in place: a delivery loop may be iterating this very deque.
+        returned = [item for item in self._buffer if only_queue in (None, item[0])]
+        kept = [item for item in self._buffer if only_queue not in (None, item[0])]
+        self._buffer.clear()
+        self._buffer.extend(kept)
+        self.restore_tags([payload['properties']['delivery_tag'] for queue, payload in returned
                            if queue not in self._noack_queues])
 
     # -- reclaim and liveness (at-least-once under failure) -------------------
@@ -830,11 +838,10 @@ class Channel(virtual.Channel):
         by_stream = {}
         for tag in map(parse_tag, tags):
             by_stream.setdefault(self.keys.queue(tag.queue, tag.bucket), []).append(tag.entry_id)
-        with self.pool_client.pipeline(transaction=False) as pipe:
-            for key, ids in by_stream.items():
-                pipe.xack(key, self.group, *ids)
-                pipe.xdel(key, *ids)
-            pipe.execute()
+        commands = []
+        for key, ids in by_stream.items():
+            commands += [('XACK', key, self.group, *ids), ('XDEL', key, *ids)]
+        wire.calls(self.pool, commands, raise_on_error=True)
 
     def restore_tags(self, tags, attempted=False):
         """Put entries back at the tail of their stream, if still pending for their reader.

@@ -532,3 +532,20 @@ def test_expired_queues_leave_the_registry(conn, r, keys):
     assert not r.exists(keys.queue('short-lived'))
     assert conn.default_channel.prune_registry() >= 1
     assert not r.hexists(keys.queues, 'short-lived')
+
+
+def test_scripts_survive_script_flush(conn, r):
+    """Every script the transport sends by SHA is loaded again after SCRIPT FLUSH (or a restart)."""
+    ex = Exchange('flushed', 'direct')
+    q = Queue('flushed-q', ex, routing_key='k')
+    publish(conn, ex, 'k', [{'n': 1}], declare=[q])
+    assert drain_all(conn, [q], 1)[0][0] == {'n': 1}
+    r.script_flush()
+    publish(conn, ex, 'k', [{'n': 2}, {'n': 3}])           # route.lua
+    assert drain_all(conn, [q], 1)[0][0] == {'n': 2}      # read.lua
+    r.script_flush()
+    message = q(conn.default_channel).get()                # read.lua through basic_get
+    assert message.payload == {'n': 3}
+    message.requeue()                                      # restore.lua (redis-py Script)
+    r.script_flush()
+    assert q(conn.default_channel).purge() == 1            # drain.lua
