@@ -20,6 +20,7 @@ class PublishBatch:
         self._buffered = 0
         self._failed = None
         self._closed = False
+        self._on_results = []   # (index of the write's first reply, callback)
 
     def publish(self, message, **kwargs):
         self._check_usable()
@@ -28,8 +29,14 @@ class PublishBatch:
             self.flush()
         return result
 
-    def add(self, write):
-        """Buffer one write: ``write(pipeline)`` queues its commands."""
+    def add(self, write, on_result=None):
+        """Buffer one write: ``write(pipeline)`` queues its commands.
+
+        ``on_result(reply)`` is called with the reply of the write's first
+        command when the batch is flushed.
+        """
+        if on_result is not None:
+            self._on_results.append((len(self.pipeline.command_stack), on_result))
         write(self.pipeline)
         self._buffered += 1
 
@@ -45,6 +52,10 @@ class PublishBatch:
         finally:
             self._buffered = 0
             self.pipeline.reset()
+            callbacks, self._on_results = self._on_results, []
+        for index, on_result in callbacks:
+            if not isinstance(results[index], Exception):
+                on_result(results[index])
         errors = [r for r in results if isinstance(r, Exception)]
         if errors:
             self._failed = errors[0]
@@ -53,6 +64,7 @@ class PublishBatch:
 
     def discard(self):
         self._buffered = 0
+        self._on_results = []
         self.pipeline.reset()
 
     def close(self):

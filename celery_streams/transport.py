@@ -309,7 +309,11 @@ class Channel(virtual.Channel):
         kind = self.typeof(exchange).type
         if kind == 'fanout':
             return self._put_fanout(exchange, message, routing_key, **kwargs)
-        if kwargs.get('_publish_batch') is None and not self.deadletter_queue:
+        if not self.deadletter_queue:
+            batch = kwargs.get('_publish_batch')
+            if batch is not None:
+                self._route_in_batch(batch, exchange, kind, routing_key, message, kwargs)
+                return
             if self._route(exchange, kind, routing_key, message) >= 0:
                 return
         declared_here = {queue for _, _, queue in self.state.exchanges.get(exchange, {}).get('table') or ()}
@@ -321,18 +325,21 @@ class Channel(virtual.Channel):
         if elsewhere:
             self._append_if_exists(exchange, elsewhere, message, self._bucket(message), 0, **kwargs)
 
+    def _route_command(self, exchange, kind, routing_key, message):
+        declared = {}
+        for _, _, queue in self.state.exchanges.get(exchange, {}).get('table') or ():
+            declared[queue] = self._expires.get(queue, 0)
+        return ('EVALSHA', self.scripts.route.sha, 1, self.keys.bindings(exchange),
+                kind, routing_key or '', _serialize(message), self.keys.queue('')[:-1],
+                self._bucket(message), SEP, *[x for pair in declared.items() for x in pair])
+
     def _route(self, exchange, kind, routing_key, message):
         """Look up the bindings and append, in one round trip (the ``route`` script).
 
         Returns how many queues got the message, or -1 when Redis has no
         bindings for the exchange (nuked): the caller restores them.
         """
-        declared = {}
-        for _, _, queue in self.state.exchanges.get(exchange, {}).get('table') or ():
-            declared[queue] = self._expires.get(queue, 0)
-        command = ('EVALSHA', self.scripts.route.sha, 1, self.keys.bindings(exchange),
-                   kind, routing_key or '', _serialize(message), self.keys.queue('')[:-1],
-                   self._bucket(message), SEP, *[x for pair in declared.items() for x in pair])
+        command = self._route_command(exchange, kind, routing_key, message)
         try:
             try:
                 return wire.call(self.pool, *command)
@@ -341,6 +348,18 @@ class Channel(virtual.Channel):
                 return wire.call(self.pool, *command)
         except redis.ResponseError as exc:
             raise errors.translate_write_error(exc) from None
+
+    def _route_in_batch(self, batch, exchange, kind, routing_key, message, kwargs):
+        """The ``route`` script in a publish batch; without bindings, publish as below at flush."""
+        command = self._route_command(exchange, kind, routing_key, message)
+
+        def fall_back(reply):
+            if reply == -1:   # no bindings in Redis: restore them from this process's declarations
+                for queue in self._lookup(exchange, routing_key):
+                    self._put(queue, message)
+
+        batch.add(lambda pipe: self.scripts.route(keys=[command[3]], args=command[4:], client=pipe),
+                  on_result=fall_back)
 
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
         """Copy a broadcast into the stream of every bound queue (priority bucket 0), trimmed."""

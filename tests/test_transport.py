@@ -549,3 +549,21 @@ def test_scripts_survive_script_flush(conn, r):
     message.requeue()                                      # restore.lua (redis-py Script)
     r.script_flush()
     assert q(conn.default_channel).purge() == 1            # drain.lua
+
+
+def test_producer_batch_through_an_exchange_routes_in_redis(conn, r, keys):
+    ex = Exchange('batchex', 'topic')
+    q = Queue('batchex-q', ex, routing_key='a.#')
+    q(conn.default_channel).declare()
+    producer = Producer(conn.default_channel)
+    with producer.batch(max_size=50):
+        for i in range(120):
+            producer.publish({'n': i}, exchange=ex, routing_key='a.b')
+    assert [b['n'] for b, _ in drain_all(conn, [q], 120)] == list(range(120))
+    # after a nuke the bindings are gone: the batch restores them at flush
+    for key in r.scan_iter(match=keys.match_all):
+        r.delete(key)
+    with producer.batch(max_size=50):
+        producer.publish({'after': 'nuke'}, exchange=ex, routing_key='a.b')
+    assert r.smembers(keys.bindings('batchex'))
+    assert drain_all(conn, [q], 1)[0][0] == {'after': 'nuke'}
