@@ -606,8 +606,9 @@ class Channel(virtual.Channel):
                              % (delivered, self.options.max_deliveries), noack)
             return None
         ttl = self._message_ttl.get(queue)
-        if ttl is not None and _entry_age_ms(entry_id) > ttl:
-            self._settle_noack([(queue, bucket, entry_id)], noack)
+        deadline = payload.get('x-deadline')
+        if (ttl is not None and _entry_age_ms(entry_id) > ttl) or (deadline and time() * 1000 > deadline):
+            self._settle_noack([(queue, bucket, entry_id)], noack)   # expired: dropped, as AMQP does
             return None
         properties['delivery_tag'] = make_tag(entry_id, self.consumer_name, queue, bucket)
         if delivered > 1 or fields.get('redelivered'):
@@ -1047,9 +1048,18 @@ def _serialize(message):
     """The stored form of kombu's envelope: its JSON, less the delivery tag.
 
     A tag names one delivery, so readers make their own; stored, it would
-    only cost ~50 bytes per message.
+    only cost ~50 bytes per message. A message with an ``expiration`` (kombu's
+    per-message TTL, Celery's ``expires``) carries its deadline, in ms since the
+    epoch, as ``x-deadline``: requeues and restores keep it.
     """
-    message['properties'].pop('delivery_tag', None)
+    properties = message['properties']
+    properties.pop('delivery_tag', None)
+    expiration = properties.get('expiration')
+    if expiration is not None and 'x-deadline' not in message:
+        try:
+            message['x-deadline'] = int(time() * 1000 + float(expiration))
+        except (TypeError, ValueError):
+            pass
     return dumps(message)
 
 
