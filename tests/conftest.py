@@ -19,6 +19,8 @@ import pytest
 
 from tests import servers
 from tests.servers import RedisServer, ServerBinary, TlsFiles
+# Fixtures shared by the CLI and admin tests
+from tests.kombu_state import run, state, streams_state  # noqa: F401
 
 try:
     SERVERS = servers.available_servers()

@@ -10,6 +10,8 @@ worker had crashed, and the keys under the prefix are deleted.
 from __future__ import annotations
 
 import pytest
+from celery.bin.celery import celery
+from click.testing import CliRunner
 from kombu import Connection, Exchange, Queue
 
 import celery_streams  # noqa: F401  (registers redis-streams://)
@@ -105,3 +107,33 @@ def snapshot(client, prefix: str) -> dict:
         else:
             shot[key] = client.dump(key)
     return shot
+
+
+@pytest.fixture
+def state(redis_server, unique_name, streams_state):
+    """Task queues a (5 published, 2 reserved, 1 dead letter) and b (3), broadcast queue bq."""
+    st = streams_state(redis_server, unique_name + ':')
+    st.held = st.task_queue('a', published=5, reserved=2, dead=1)
+    st.task_queue('b', published=3)
+    st.broadcast_queue('bq', exchange='bcast', published=2)
+    return st
+
+
+@pytest.fixture
+def run(monkeypatch):
+    """``run(*args, input=None)``: invoke ``celery *args`` in-process."""
+    # `--broker` sets CELERY_BROKER_URL for good: setenv first, so that teardown removes it
+    monkeypatch.setenv('CELERY_BROKER_URL', '')
+    monkeypatch.delenv('CELERY_BROKER_URL')
+    runner = CliRunner()
+
+    def invoke(*args, input=None):
+        return runner.invoke(celery, list(args), input=input, catch_exceptions=False)
+    return invoke
+
+
+def one_line(result):
+    """The only line a CLI result printed (fails if it printed more)."""
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    return lines[0]

@@ -8,17 +8,7 @@ import redis
 from celery_streams import admin
 from celery_streams.errors import ConfigurationError
 from celery_streams.keys import Keys
-from tests.kombu_state import snapshot, streams_state  # noqa: F401  (fixture)
-
-
-@pytest.fixture
-def state(redis_server, unique_name, streams_state):  # noqa: F811
-    """Task queues a (5 published, 2 reserved, 1 dead letter) and b (3), broadcast queue bq."""
-    st = streams_state(redis_server, unique_name + ':')
-    st.held = st.task_queue('a', published=5, reserved=2, dead=1)
-    st.task_queue('b', published=3)
-    st.broadcast_queue('bq', exchange='bcast', published=2)
-    return st
+from tests.kombu_state import snapshot
 
 
 def groups_without_pending(client, stream):

@@ -11,27 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from celery.bin.celery import celery
-from click.testing import CliRunner
 
 from celery_streams import admin
 from tests import servers
-from tests.kombu_state import snapshot, streams_state  # noqa: F401  (fixture)
+from tests.kombu_state import one_line, snapshot
 
 CELERY = str(Path(sys.executable).with_name('celery'))
-
-
-@pytest.fixture
-def run(monkeypatch):
-    """``run(*args, input=None)``: invoke ``celery *args`` in-process."""
-    # `--broker` sets CELERY_BROKER_URL for good: setenv first, so that teardown removes it
-    monkeypatch.setenv('CELERY_BROKER_URL', '')
-    monkeypatch.delenv('CELERY_BROKER_URL')
-    runner = CliRunner()
-
-    def invoke(*args, input=None):
-        return runner.invoke(celery, list(args), input=input, catch_exceptions=False)
-    return invoke
 
 
 @pytest.fixture
@@ -50,22 +35,6 @@ def app_module(tmp_path, monkeypatch, unique_name):
             ''' % (name, broker_url, settings)))
         return name
     return make
-
-
-@pytest.fixture
-def state(redis_server, unique_name, streams_state):  # noqa: F811
-    """Task queues a (5 published, 2 reserved, 1 dead letter) and b (3), broadcast queue bq."""
-    st = streams_state(redis_server, unique_name + ':')
-    st.held = st.task_queue('a', published=5, reserved=2, dead=1)
-    st.task_queue('b', published=3)
-    st.broadcast_queue('bq', exchange='bcast', published=2)
-    return st
-
-
-def one_line(result):
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 # -- help and drain -------------------------------------------------------------

@@ -12,35 +12,14 @@ import time
 
 import pytest
 from celery import Celery
-from celery.bin.celery import celery
-from click.testing import CliRunner
 from kombu import Connection, Consumer, Exchange, Queue
 
 import celery_streams  # noqa: F401  (registers redis-streams://)
 from celery_streams import admin
 from celery_streams.keys import Keys
-from tests.kombu_state import snapshot
+from tests.kombu_state import one_line, snapshot
 
 JUNK = b'\xff not json'
-
-
-@pytest.fixture
-def run(monkeypatch):
-    """``run(*args, input=None)``: invoke ``celery *args`` in-process."""
-    # `--broker` sets CELERY_BROKER_URL for good: setenv first so that teardown removes it
-    monkeypatch.setenv('CELERY_BROKER_URL', '')
-    monkeypatch.delenv('CELERY_BROKER_URL')
-    runner = CliRunner()
-
-    def invoke(*args, input=None):
-        return runner.invoke(celery, list(args), input=input, catch_exceptions=False)
-    return invoke
-
-
-def one_line(result):
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def url_of(server):
