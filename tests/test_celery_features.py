@@ -35,7 +35,7 @@ from celery_streams.keys import Keys
 from tests import servers
 from tests.apps.features import TASKS, journal_key, make_app
 from tests.servers import RedisServer
-from tests.workers import ROOT, streams_url
+from tests.workers import ROOT, clean_env, streams_url
 
 HOST = socket.gethostname()
 APP_MODULE = 'tests.apps.features'
@@ -50,7 +50,7 @@ def backend_url(server):
 
 
 def feature_env(server, prefix, **extra):
-    env = dict(os.environ)
+    env = clean_env()
     env.update({
         'FEAT_BROKER': streams_url(server),
         'FEAT_BACKEND': backend_url(server),

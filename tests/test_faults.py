@@ -25,7 +25,7 @@ from celery_streams import admin
 from celery_streams.keys import Keys
 from tests import servers
 from tests.apps.faults import ROUTED_QUEUES, journal_key
-from tests.workers import ROOT, Worker, streams_url
+from tests.workers import ROOT, Worker, clean_env, streams_url
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,7 @@ class Rig:
         self.apps = []
 
     def worker_env(self, **extra):
-        env = dict(os.environ)
+        env = clean_env()
         env.update({
             'FAULTS_BROKER': streams_url(self.broker),
             'FAULTS_JOURNAL': 'redis://127.0.0.1:%d/0' % self.journal_server.port,

@@ -16,9 +16,14 @@ def streams_url(server, db=0):
     return 'redis-streams://127.0.0.1:%d/%d' % (server.port, db)
 
 
+def clean_env():
+    """This process's environment without Celery settings, which would override an app's
+    (a ``celery --broker`` run in-process leaves CELERY_BROKER_URL behind)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith('CELERY_')}
+
+
 def app_env(server, prefix, **extra):
-    # Celery settings from the environment would override the app's (CELERY_BROKER_URL...)
-    env = {k: v for k, v in os.environ.items() if not k.startswith('CELERY_')}
+    env = clean_env()
     env.update({
         'E2E_BROKER': streams_url(server),
         'E2E_BACKEND': 'redis://127.0.0.1:%d/1' % server.port,
