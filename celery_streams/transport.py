@@ -669,12 +669,14 @@ class Channel(virtual.Channel):
         self._next_reclaim = now + self.reclaim_every
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_EVERY
-            self.prune_registry()
+            try:
+                self.prune_registry()
+            except redis.ResponseError as exc:   # e.g. an ACL without HKEYS: consuming goes on
+                logger.warning('celery_streams: pruning the queue registry failed: %s', _one_line(exc))
         queues = self.acked_queues()
         budget = self._read_budget() if queues else 0
         if not budget:
             return
-        self.renew_liveness()
         streams = [self.keys.queue(queue, bucket)
                    for bucket in self._read_plan_buckets() for queue in queues]
         try:
