@@ -444,7 +444,7 @@ class Channel(virtual.Channel):
         queues = list(dict.fromkeys(queue for queue, _ in plan))
         noack = all(queue in self._noack_queues for queue in queues)
         if not noack and not self._alive_queues.issuperset(self.acked_queues()):
-            self.renew_liveness()
+            self._try_renew_liveness()
         self._refresh_expiry(queues)
         if self._block_next:
             command = self._blocking_read(plan, noack)
@@ -723,6 +723,19 @@ class Channel(virtual.Channel):
                 pipe.execute()
         self._alive_queues = frozenset(queues)
 
+    def _try_renew_liveness(self):
+        """Renew, but keep consuming when Redis refuses the write (full: ``maxmemory``).
+
+        Without the key, this consumer's messages may be taken over once
+        ``visibility_timeout`` passes: a redelivery, never a loss.
+        """
+        try:
+            self.renew_liveness()
+        except redis.ResponseError as exc:
+            self._alive_queues = frozenset(self.acked_queues())   # retried by the renewer thread
+            logger.warning('celery_streams: could not renew liveness (%s); consuming goes on',
+                           _one_line(exc))
+
     def _forget_liveness(self):
         """At close: whatever this consumer still holds may be reclaimed at once."""
         if self._alive_queues:
@@ -813,8 +826,11 @@ class Channel(virtual.Channel):
             if self._buffer:
                 if queue not in self._alive_queues:
                     self._alive_queues |= {queue}   # renewed from now on by the renewer
-                    self.pool_client.set(self.keys.alive(queue, self.consumer_name), 1,
-                                         px=self.visibility_ms)
+                    try:
+                        self.pool_client.set(self.keys.alive(queue, self.consumer_name), 1,
+                                             px=self.visibility_ms)
+                    except redis.ResponseError as exc:   # full Redis: the renewer retries
+                        logger.warning('celery_streams: could not renew liveness (%s)', _one_line(exc))
                 return self._buffer.popleft()[1]
         raise virtual.Empty()
 
