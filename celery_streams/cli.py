@@ -18,89 +18,14 @@ overrides the key prefix. The commands are thin: the work is done by
 or 69 (``EX_UNAVAILABLE``) when Redis cannot be reached or refuses the
 credentials.
 
-``status --json`` prints one JSON document::
+``status --json`` and ``dead-letters list --json`` print one JSON document
+each; their shapes are in docs/cli.md (``Status.as_dict()`` and
+``DeadLetterQueue.as_dict()`` build them). Ages are measured with the
+server's clock (``TIME``).
 
-    {
-      "broker": "redis://:**@127.0.0.1:6379/0",    # password masked
-      "server": {"flavor": "redis", "version": "7.0.15"},
-      "global_keyprefix": "proj:",
-      "namespace": "proj:celery-streams:",          # every key starts with this
-      "consumer_group": "celery",                   # the transport's group
-      "schema": 1,                                  # or null when no worker ever ran
-      "queues": [
-        {
-          "name": "celery",
-          "kind": "task",                   # "task" | "fanout" | null (not in the registry)
-          "stream": "proj:celery-streams:q:{celery}",
-          "streams": ["proj:celery-streams:q:{celery}",      # existing streams: bucket 0,
-                      "proj:celery-streams:q:{celery}:p3"],  # then priority buckets
-          "exists": true,                   # the queue has a stream
-          "length": 12,                     # XLEN, summed over the streams
-          "waiting": 9,                     # task: XLEN - pending of consumer_group, summed;
-                                            # fanout: lag of consumer_group (null before 7.0)
-          "pending": 3,                     # pending entries of consumer_group, summed
-          "oldest_pending_age": 41.5,       # seconds, oldest pending entry of any group, or null
-          "dead_letters": 0,                # XLEN of the queue's dead-letter stream
-          "groups": [                       # one per consumer group of each stream
-            {
-              "name": "celery",
-              "stream": "proj:celery-streams:q:{celery}",
-              "bucket": 0,                  # priority bucket of that stream
-              "consumers": [{"name": "host:123:1a2b", "pending": 3, "idle_ms": 1520,
-                             "alive": true}],   # liveness key present; null on broadcast queues
-              "pending": 3,
-              "last_delivered_id": "1700000000000-0",
-              "entries_read": 12,           # null before Redis 7.0
-              "lag": 0,                     # null before Redis 7.0, or when unknown
-              "oldest_pending_age": 41.5    # seconds, or null
-            }
-          ]
-        }
-      ]
-    }
-
-Ages are measured with the server's clock (``TIME``) from the time part of
-the oldest pending entry id (when the message was published or put back).
-
-``dead-letters`` works on every queue with a dead-letter stream (found with
-``SCAN``), or on the queues of ``-Q``. ``dead-letters list --json`` prints one
-JSON document; dead letters are listed oldest first, at most ``--limit`` per
-queue (default 100, 0 for all)::
-
-    {
-      "broker": "redis://127.0.0.1:6379/0",
-      "global_keyprefix": "proj:",
-      "namespace": "proj:celery-streams:",
-      "limit": 100,                                 # null with --limit 0
-      "queues": [
-        {
-          "name": "celery",
-          "stream": "proj:celery-streams:q:{celery}:dead",
-          "count": 2,                               # XLEN: every dead letter, listed or not
-          "truncated": false,                       # count > len(dead_letters)
-          "dead_letters": [
-            {
-              "queue": "celery",
-              "id": "1700000000123-0",              # the dead letter's id (for requeue --id)
-              "age": 41.5,                          # seconds since it was dead-lettered
-              "reason": "delivered 11 times, more than max_deliveries=10",
-              "source_stream": "proj:celery-streams:q:{celery}",   # null if not recorded
-              "source_id": "1700000000000-0",       # its id there
-              "task": "proj.tasks.add",             # headers.task; null if not a Celery message
-              "task_id": "d9b1...",                 # headers.id; null likewise
-              "payload_size": 612,                  # bytes; null without a payload field
-              "deliveries": 10,                     # its deliveries field, or null
-              "decodable": true,                    # the payload is a kombu message
-              "fields": ["payload", "deliveries", "redelivered"]   # the original fields
-            }
-          ]
-        }
-      ]
-    }
-
-``dead-letters requeue`` moves dead letters back to their source stream
-(without ``deliveries``: ``max_deliveries`` counts afresh) and ``purge``
-deletes dead-letter streams; both confirm like ``drain``.
+Every destructive command has one shape (:func:`plan_confirm_apply`): plan,
+show, confirm like ``celery purge`` (or ``-f``; ``--dry-run`` stops after
+showing), then apply exactly what was shown.
 """
 from __future__ import annotations
 
@@ -115,7 +40,8 @@ from celery.exceptions import CeleryCommandException
 from celery.platforms import EX_UNAVAILABLE
 
 from . import admin
-from .errors import StreamsError
+from .connection import client_from_url, first_url, safe_url
+from .errors import StreamsError, one_line
 from .keys import Keys
 from .options import Options
 
@@ -130,16 +56,16 @@ class Target:
 
     def __init__(self, ctx: click.Context, prefix: str | None):
         app = ctx.obj.app
-        url = admin.first_url(app.conf.broker_url)
+        url = first_url(app.conf.broker_url)
         if not url:
             raise click.ClickException(
                 'no broker URL: pass --broker redis://host:6379/0 or -A an app that sets broker_url')
-        self.url = admin.safe_url(url)
+        self.url = safe_url(url)
         transport_options = dict(app.conf.broker_transport_options or {})
         with one_line_errors(self.url):
             options = Options.from_transport_options(transport_options)
-            self.client = admin.client_from_url(url, ssl=app.conf.broker_use_ssl,
-                                                transport_options=transport_options)
+            self.client = client_from_url(url, ssl=app.conf.broker_use_ssl,
+                                          transport_options=transport_options)
         ctx.call_on_close(self.client.close)
         if prefix is None:
             prefix = ctx.meta.get(PREFIX_META)
@@ -161,28 +87,23 @@ def one_line_errors(where: str, has_password: bool = True):
     try:
         yield
     except StreamsError as exc:
-        raise click.ClickException(_first_line(exc)) from None
+        raise click.ClickException(one_line(exc)) from None
     except redis.AuthenticationError as exc:
         if not has_password:
             raise CeleryCommandException('Redis at %s requires a password and the URL has none'
                                          % where, EX_UNAVAILABLE) from None
         raise CeleryCommandException('Redis at %s refused the credentials: %s'
-                                     % (where, _first_line(exc)), EX_UNAVAILABLE) from None
+                                     % (where, one_line(exc)), EX_UNAVAILABLE) from None
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise CeleryCommandException('cannot reach Redis at %s: %s'
-                                     % (where, _first_line(exc)), EX_UNAVAILABLE) from None
+                                     % (where, one_line(exc)), EX_UNAVAILABLE) from None
     except redis.exceptions.NoPermissionError as exc:   # ACL: a command or key not allowed
         raise CeleryCommandException('Redis at %s refused the command: %s'
-                                     % (where, _first_line(exc)), EX_UNAVAILABLE) from None
+                                     % (where, one_line(exc)), EX_UNAVAILABLE) from None
     except redis.ResponseError as exc:
-        raise click.ClickException('Redis at %s answered: %s' % (where, _first_line(exc))) from None
+        raise click.ClickException('Redis at %s answered: %s' % (where, one_line(exc))) from None
     except redis.RedisError as exc:
-        raise click.ClickException('Redis at %s: %s' % (where, _first_line(exc))) from None
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        raise click.ClickException('Redis at %s: %s' % (where, one_line(exc))) from None
 
 
 def _obj(ctx: click.Context) -> CLIContext:
@@ -209,6 +130,26 @@ def confirm(obj: CLIContext, action: str, force: bool, target: Target, what: str
     click.confirm('%s: %s\n         (%s)\n         There is no undo for this operation!\n\n'
                   '(to skip this prompt use the -f option)\nAre you sure?'
                   % (obj.style('WARNING', fg='red'), what, target.describe()), abort=True)
+
+
+def plan_confirm_apply(obj: CLIContext, target: Target, *, plan, dry_run: bool, force: bool,
+                       action: str, what, apply):
+    """The one shape of every destructive command: plan, show, confirm, apply that plan.
+
+    ``plan()`` finds what would change (nothing is changed); ``what(plan)``
+    says it in a sentence, or None when it changes nothing. Unless this is a
+    dry run or there is nothing to do, the user confirms that sentence and
+    ``apply(plan)`` does exactly that plan -- never what a second look would
+    find (keys or messages created after the prompt are left alone).
+    Returns ``(plan, done)``; ``done`` is None when nothing was applied.
+    """
+    with target.errors():
+        planned = plan()
+        sentence = what(planned) if planned else None
+        if sentence is None or dry_run:
+            return planned, None
+        confirm(obj, action, force, target, sentence)
+        return planned, apply(planned)
 
 
 @click.group(name='streams')
@@ -243,18 +184,16 @@ def drain(ctx, queues, force, dry_run, include_broadcast, dead_letters, prefix, 
     """
     obj = _obj(ctx)
     target = Target(ctx, prefix)
-    with target.errors():
-        plan = admin.drain(target.client, global_keyprefix=target.prefix, queues=queues,
-                           include_broadcast=include_broadcast, dead_letters=dead_letters,
-                           dry_run=True)
-        if plan and not dry_run:
-            confirm(obj, 'drain', force, target, 'This will remove %s and %s from %s: %s.' % (
-                _count(sum(d.removed for d in plan), 'message'),
-                _count(sum(d.pending_cleared for d in plan), 'pending entry', 'pending entries'),
-                _count(len(plan), 'queue'), ', '.join(d.queue for d in plan)))
-            done = admin.drain(target.client, global_keyprefix=target.prefix,
-                               queues=[d.queue for d in plan], include_broadcast=True,
-                               dead_letters=dead_letters)
+    plan, done = plan_confirm_apply(
+        obj, target, dry_run=dry_run, force=force, action='drain',
+        plan=lambda: admin.drain(target.client, global_keyprefix=target.prefix, queues=queues,
+                                 include_broadcast=include_broadcast, dead_letters=dead_letters,
+                                 dry_run=True),
+        what=lambda plan: 'This will remove %s and %s from %s: %s.' % (
+            _count(sum(d.removed for d in plan), 'message'),
+            _count(sum(d.pending_cleared for d in plan), 'pending entry', 'pending entries'),
+            _count(len(plan), 'queue'), ', '.join(d.queue for d in plan)),
+        apply=lambda plan: admin.apply_drain(target.client, plan, global_keyprefix=target.prefix))
     obj.echo(target.describe())
     if not plan:
         obj.echo('No %squeues in the registry: nothing to drain.'
@@ -303,15 +242,14 @@ def nuke(ctx, force, dry_run, keep_dead_letters, prefix, **kwargs):
     obj = _obj(ctx)
     target = Target(ctx, prefix)
     namespace = Keys(target.prefix).prefix
-    with target.errors():
-        plan = admin.nuke(target.client, global_keyprefix=target.prefix,
-                          keep_dead_letters=keep_dead_letters, dry_run=True)
-        if plan.deleted_keys and not dry_run:
-            confirm(obj, 'nuke', force, target, 'This will destroy %s and delete %s under %r.' % (
-                _count(len(plan.groups), 'consumer group'), _count(len(plan.deleted_keys), 'key'),
-                namespace))
-            done = admin.nuke(target.client, global_keyprefix=target.prefix,
-                              keep_dead_letters=keep_dead_letters)
+    plan, done = plan_confirm_apply(
+        obj, target, dry_run=dry_run, force=force, action='nuke',
+        plan=lambda: admin.nuke(target.client, global_keyprefix=target.prefix,
+                                keep_dead_letters=keep_dead_letters, dry_run=True),
+        what=lambda plan: 'This will destroy %s and delete %s under %r.' % (
+            _count(len(plan.groups), 'consumer group'), _count(len(plan.deleted_keys), 'key'),
+            namespace) if plan.deleted_keys else None,
+        apply=lambda plan: admin.apply_nuke(target.client, plan, global_keyprefix=target.prefix))
     obj.echo(target.describe())
     if not plan.deleted_keys:
         obj.echo('No keys under %r: nothing to nuke.' % namespace)
@@ -351,9 +289,9 @@ def status(ctx, queues, as_json, prefix, **kwargs):
     obj = _obj(ctx)
     target = Target(ctx, prefix)
     with target.errors():
-        doc = admin.status(target.client, global_keyprefix=target.prefix,
-                           consumer_group=target.group, queues=queues)
-    doc = dict(broker=target.url, **doc)
+        found = admin.status(target.client, global_keyprefix=target.prefix,
+                             consumer_group=target.group, queues=queues)
+    doc = dict(broker=target.url, **found.as_dict())
     if as_json:
         obj.echo(json.dumps(doc, indent=2))
     else:
@@ -450,6 +388,7 @@ def list_dead_letters(ctx, queues, as_json, limit, prefix, **kwargs):
     if not found:
         obj.echo('No dead letters.')
         return
+    keys = Keys(target.prefix)
     for q in found:
         obj.echo(obj.style('Queue %r: %s (%s)' % (q.queue, _count(q.count, 'dead letter'), q.stream),
                            bold=True))
@@ -457,7 +396,7 @@ def list_dead_letters(ctx, queues, as_json, limit, prefix, **kwargs):
             continue
         rows = [('ID', 'AGE', 'SOURCE ID', 'TASK', 'TASK ID', 'SIZE', 'REASON')]
         for d in q.dead_letters:
-            rows.append((d.id, _age(d.age), _source(d), d.task or '-', d.task_id or '-',
+            rows.append((d.id, _age(d.age), _source(d, keys), d.task or '-', d.task_id or '-',
                          _cell(d.payload_size), _cell(d.reason)))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
@@ -489,18 +428,20 @@ def requeue(ctx, queues, ids, force, dry_run, prefix, **kwargs):
     obj = _obj(ctx)
     target = Target(ctx, prefix)
     ids = [i for value in ids for i in value.split(',') if i.strip()]
-    with target.errors():
-        plan = admin.requeue_dead_letters(target.client, global_keyprefix=target.prefix,
-                                          queues=queues, ids=ids, dry_run=True)
+
+    def what(plan):
         movable = [item for item in plan if item.outcome != 'empty']
-        if movable and not dry_run:
-            names = list(dict.fromkeys(item.dead_letter.queue for item in movable))
-            confirm(obj, 'requeue', force, target,
-                    'This will move %s of %s (%s) back to their queues, delivery counts reset.' % (
-                        _count(len(movable), 'dead letter'), _count(len(names), 'queue'),
-                        ', '.join(names)))
-            # exactly the dead letters confirmed, not any dead-lettered since
-            plan = admin.apply_requeue(target.client, plan, global_keyprefix=target.prefix)
+        if not movable:
+            return None
+        names = list(dict.fromkeys(item.dead_letter.queue for item in movable))
+        return 'This will move %s of %s (%s) back to their queues, delivery counts reset.' % (
+            _count(len(movable), 'dead letter'), _count(len(names), 'queue'), ', '.join(names))
+
+    plan, _ = plan_confirm_apply(
+        obj, target, dry_run=dry_run, force=force, action='requeue', what=what,
+        plan=lambda: admin.requeue_dead_letters(target.client, global_keyprefix=target.prefix,
+                                                queues=queues, ids=ids, dry_run=True),
+        apply=lambda plan: admin.apply_requeue(target.client, plan, global_keyprefix=target.prefix))
     obj.echo(target.describe())
     if not plan:
         obj.echo('No dead letters: nothing to requeue.')
@@ -549,16 +490,14 @@ def purge(ctx, queues, force, dry_run, prefix, **kwargs):
     """Delete the dead letters of queues (their dead-letter streams)."""
     obj = _obj(ctx)
     target = Target(ctx, prefix)
-    with target.errors():
-        plan = admin.purge_dead_letters(target.client, global_keyprefix=target.prefix,
-                                        queues=queues, dry_run=True)
-        if plan and not dry_run:
-            confirm(obj, 'purge dead letters', force, target,
-                    'This will delete %s of %s: %s.' % (
-                        _count(sum(p.removed for p in plan), 'dead letter'),
-                        _count(len(plan), 'queue'), ', '.join(p.queue for p in plan)))
-            done = admin.purge_dead_letters(target.client, global_keyprefix=target.prefix,
-                                            queues=[p.queue for p in plan])
+    plan, done = plan_confirm_apply(
+        obj, target, dry_run=dry_run, force=force, action='purge dead letters',
+        plan=lambda: admin.purge_dead_letters(target.client, global_keyprefix=target.prefix,
+                                              queues=queues, dry_run=True),
+        what=lambda plan: 'This will delete %s of %s: %s.' % (
+            _count(sum(p.removed for p in plan), 'dead letter'),
+            _count(len(plan), 'queue'), ', '.join(p.queue for p in plan)),
+        apply=lambda plan: admin.apply_purge(target.client, plan))
     obj.echo(target.describe())
     if not plan:
         obj.echo('No dead letters: nothing to purge.')
@@ -572,12 +511,12 @@ def purge(ctx, queues, force, dry_run, prefix, **kwargs):
         obj.echo(DRY_RUN_NOTE)
 
 
-def _source(d) -> str:
+def _source(d, keys: Keys) -> str:
     if d.source_id is None:
         return '-'
-    parsed = d.source_stream and d.source_stream.rpartition('}:p')
-    if parsed and parsed[1] and parsed[2].isdigit():
-        return '%s (p%s)' % (d.source_id, parsed[2])
+    info = keys.parse(d.source_stream) if d.source_stream else None
+    if info is not None and info.role == 'stream' and info.detail:
+        return '%s (p%s)' % (d.source_id, info.detail)
     return d.source_id
 
 

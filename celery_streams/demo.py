@@ -107,7 +107,7 @@ class Demo:
 
     def groups(self):
         return {key: sorted(g['name'].decode() for g in self.client.xinfo_groups(key))
-                for key in self.client.scan_iter(match=self.keys.prefix + 'q:*', _type='stream')}
+                for key in self.client.scan_iter(match=self.keys.match_queue_keys, _type='stream')}
 
     def run(self):
         self.start_worker()
@@ -141,7 +141,7 @@ class Demo:
         self.say('20 tasks sent after the nuke ran %.2fs later: the worker healed itself'
                  % self.wait_ran('after-nuke', 20))
         self.say('groups re-created by the worker: %s' % sorted(
-            self.keys.queue_of(k.decode()) for k in self.groups()))
+            self.keys.parse(k.decode()).queue for k, names in self.groups().items() if names))
 
     def close(self):
         if self.worker is not None and self.worker.poll() is None:

@@ -6,8 +6,10 @@ line that says what is wrong, and never a password.
 """
 from __future__ import annotations
 
-from kombu.exceptions import KombuError
-from kombu.transport.redis import get_redis_error_classes
+import socket
+
+from kombu.exceptions import InconsistencyError, KombuError
+from kombu.transport import virtual
 from redis import exceptions as redis_errors
 
 
@@ -27,7 +29,16 @@ class OutOfMemory(StreamsError):
     """Redis refused a write because it reached ``maxmemory``."""
 
 
-_redis_connection_errors, _redis_channel_errors = get_redis_error_classes()
+# The classes kombu's Redis transport treats as connection and channel errors,
+# listed here: importing kombu.transport.redis needs packages that kombu
+# installs only with its ``redis`` extra.
+_redis_connection_errors = virtual.Transport.connection_errors + (
+    InconsistencyError, socket.error, IOError, OSError,
+    redis_errors.ConnectionError, redis_errors.BusyLoadingError,
+    redis_errors.AuthenticationError, redis_errors.TimeoutError,
+    KeyError)   # a stale fd firing for a dropped channel: reconnect, as kombu does
+_redis_channel_errors = virtual.Transport.channel_errors + (
+    redis_errors.DataError, redis_errors.InvalidResponse, redis_errors.ResponseError)
 
 #: Errors that make Celery reconnect. Wrong credentials are turned into a
 #: ConfigurationError when a channel opens: retrying cannot fix a password.
@@ -53,3 +64,9 @@ def translate_write_error(error: redis_errors.ResponseError) -> Exception:
         return OutOfMemory(
             'Redis is out of memory (maxmemory reached); the message was NOT published: %s' % error)
     return error
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an error's message (its class name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

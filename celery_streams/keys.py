@@ -34,6 +34,9 @@ message put back unstarted (at a worker's shutdown) keeps its count.
 """
 from __future__ import annotations
 
+import re
+from typing import Any, NamedTuple
+
 SCHEMA_VERSION = 1
 #: kombu's Redis transport default: priorities 0-9 fall into 4 buckets.
 DEFAULT_PRIORITY_STEPS = (0, 3, 6, 9)
@@ -44,57 +47,113 @@ TASK = 'task'
 FANOUT = 'fanout'
 
 
+class KeyInfo(NamedTuple):
+    """What a per-queue key is: its queue, its role and the role's detail.
+
+    Roles: ``stream`` (detail: the priority bucket), ``dead`` (detail: None)
+    and ``alive`` (detail: the consumer name).
+    """
+
+    queue: str
+    role: str
+    detail: Any
+
+
 class Keys:
-    """Builds the keys of one transport under one ``global_keyprefix``."""
+    """Builds and parses the keys of one transport under one ``global_keyprefix``.
+
+    Nobody else builds or slices a key string: what a module needs of a key,
+    it asks here.
+    """
 
     def __init__(self, global_keyprefix: str = '', priority_steps=DEFAULT_PRIORITY_STEPS):
         self.prefix = (global_keyprefix or '') + NAMESPACE
         self.priority_steps = tuple(sorted(priority_steps))
         self.schema = self.prefix + 'schema'
         self.queues = self.prefix + 'queues'
-        self._queue_head = self.prefix + 'q:{'
+        #: What every per-queue key starts with; the scripts that find queue
+        #: names in data (bindings, the registry) build stream keys from it.
+        self.queue_head = self.prefix + 'q:{'
+        self.bindings_head = self.prefix + 'bind:{'
 
-    def queue(self, queue: str, bucket: int = 0) -> str:
+    # -- building -------------------------------------------------------------
+
+    def stream(self, queue: str, bucket: int = 0) -> str:
         """The stream of ``queue`` (of its priority ``bucket``, when not 0)."""
         if bucket:
-            return '%s%s}:p%d' % (self._queue_head, queue, bucket)
-        return self._queue_head + queue + '}'
+            return '%s%s}:p%d' % (self.queue_head, queue, bucket)
+        return self.queue_head + queue + '}'
 
-    def queue_streams(self, queue: str) -> list[str]:
+    def streams(self, queue: str) -> list[str]:
         """Every stream of ``queue``: bucket 0 first, then the other priority buckets."""
-        return [self.queue(queue, bucket) for bucket in self.priority_steps]
-
-    def parse_stream(self, stream_key: str) -> tuple[str, int]:
-        """``(queue, bucket)`` of a queue stream key (inverse of :meth:`queue`)."""
-        body = stream_key[len(self._queue_head):]
-        if body.endswith('}'):
-            return body[:-1], 0
-        queue, _, bucket = body.rpartition('}:p')
-        return queue, int(bucket)
+        return [self.stream(queue, bucket) for bucket in self.priority_steps]
 
     def dead_letters(self, queue: str) -> str:
         """The dead-letter stream of ``queue``."""
-        return self._queue_head + queue + '}:dead'
+        return self.queue_head + queue + '}:dead'
 
     def alive_prefix(self, queue: str) -> str:
         """Liveness keys of the consumers of ``queue`` are this plus the consumer name."""
-        return self._queue_head + queue + '}:alive:'
+        return self.queue_head + queue + '}:alive:'
 
     def alive(self, queue: str, consumer: str) -> str:
         return self.alive_prefix(queue) + consumer
 
     def bindings(self, exchange: str) -> str:
         """The set of bindings of ``exchange``."""
-        return self.prefix + 'bind:{' + exchange + '}'
+        return self.bindings_head + exchange + '}'
 
-    def queue_of(self, stream_key: str) -> str:
-        """The queue name of a queue stream key."""
-        return self.parse_stream(stream_key)[0]
+    # -- SCAN patterns --------------------------------------------------------
 
     @property
     def match_all(self) -> str:
         """A SCAN pattern matching every key of this transport, and nothing else."""
         return glob_escape(self.prefix) + '*'
+
+    @property
+    def match_queue_keys(self) -> str:
+        """A SCAN pattern matching every per-queue key (streams, dead letters, liveness)."""
+        return glob_escape(self.queue_head) + '*'
+
+    @property
+    def match_bindings(self) -> str:
+        """A SCAN pattern matching every binding set."""
+        return glob_escape(self.bindings_head) + '*}'
+
+    # -- parsing --------------------------------------------------------------
+
+    def parse(self, key: str) -> KeyInfo | None:
+        """What the per-queue ``key`` is, or None for any other key."""
+        if not key.startswith(self.queue_head):
+            return None
+        body = key[len(self.queue_head):]
+        if body.endswith('}'):
+            return KeyInfo(body[:-1], 'stream', 0)
+        if '}:alive:' in body:
+            queue, _, consumer = body.partition('}:alive:')
+            return KeyInfo(queue, 'alive', consumer)
+        if body.endswith('}:dead'):
+            return KeyInfo(body[:-len('}:dead')], 'dead', None)
+        bucket = _BUCKET.match(body)
+        if bucket:
+            return KeyInfo(bucket.group(1), 'stream', int(bucket.group(2)))
+        return None
+
+    def parse_stream(self, stream_key: str) -> tuple[str, int]:
+        """``(queue, bucket)`` of a queue stream key (inverse of :meth:`stream`)."""
+        info = self.parse(stream_key)
+        if info is None or info.role != 'stream':
+            raise ValueError('not a queue stream key: %r' % stream_key)
+        return info.queue, info.detail
+
+    def parse_bindings(self, key: str) -> str | None:
+        """The exchange of a binding-set key, or None for any other key."""
+        if key.startswith(self.bindings_head) and key.endswith('}'):
+            return key[len(self.bindings_head):-1]
+        return None
+
+
+_BUCKET = re.compile(r'(.*)\}:p(\d+)$', re.S)
 
 
 def glob_escape(text: str) -> str:

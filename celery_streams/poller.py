@@ -22,6 +22,9 @@ import select
 import socket
 import threading
 from time import monotonic, sleep
+from typing import Optional, Protocol
+
+from .liveness import Renewer
 
 logger = logging.getLogger(__name__)
 
@@ -30,14 +33,38 @@ logger = logging.getLogger(__name__)
 STALE_READ_MARGIN = 10.0
 
 
+class ConsumingChannel(Protocol):
+    """What the poller asks of a channel (:class:`celery_streams.transport.Channel`)."""
+
+    @property
+    def reading(self) -> bool:
+        """A read was sent and its reply not parsed yet."""
+
+    def loop_turn(self, thread_ident: Optional[int]) -> None:
+        """Acks made on that thread wait for the next :meth:`flush_acks` (None: sent at once)."""
+
+    def flush_acks(self) -> None: ...
+    def maybe_reclaim(self) -> None: ...
+    def deliver_buffered(self, limit: Optional[int] = None) -> bool: ...
+    def has_buffered(self) -> bool: ...
+
+    def start_read(self) -> Optional[int]:
+        """Send a read unless one is out or nothing may be read; the socket's fd, or None."""
+
+    def finish_read(self) -> bool: ...
+    def check_stale_read(self, margin: float) -> None: ...
+    def drop_reader_connection(self) -> None: ...
+    def renew_liveness(self) -> None: ...
+
+
 class Poller:
     """The channels of one transport that consume, and their outstanding reads."""
 
     def __init__(self, renew_every=None):
-        self.channels = []
+        self.channels: list[ConsumingChannel] = []
         self.hub = None
-        self._hub_fds = {}   # fd -> channel, registered with the hub
-        self._renewer = Renewer(self, renew_every) if renew_every else None
+        self._hub_fds: dict[int, ConsumingChannel] = {}   # fd -> channel, registered with the hub
+        self._renewer = Renewer(self.channels, renew_every) if renew_every else None
 
     def add(self, channel):
         if channel not in self.channels:
@@ -98,7 +125,7 @@ class Poller:
             self._start(channel)
 
     def _start(self, channel):
-        channel._loop_thread = threading.get_ident()   # acks wait for the next tick
+        channel.loop_turn(threading.get_ident())   # acks wait for the next tick
         try:
             channel.maybe_reclaim()
             channel.deliver_buffered()
@@ -137,12 +164,12 @@ class Poller:
         """
         thread = threading.get_ident()
         for channel in list(self.channels):
-            channel._loop_thread = thread     # acks wait until this call returns
+            channel.loop_turn(thread)     # acks wait until this call returns
         try:
             self._drain_events(timeout)
         finally:
             for channel in list(self.channels):
-                channel._loop_thread = None
+                channel.loop_turn(None)
                 if not channel.has_buffered():
                     # Acks made by callbacks go out now, or with the next call's
                     # while buffered messages make more calls certain (or at close).
@@ -189,34 +216,3 @@ def _wait_readable(fds, timeout):
     except InterruptedError:  # pragma: no cover
         return []
     return [fd for fd, _ in events]
-
-
-class Renewer:
-    """A daemon thread that renews the liveness keys of every consuming channel.
-
-    It runs off the hub's thread, so a worker busy in a long task (``-P solo``
-    blocks its hub) still shows it lives and keeps its messages.
-    """
-
-    def __init__(self, poller, every):
-        self.poller = poller
-        self.every = every
-        self._stopped = threading.Event()
-        self._thread = None
-
-    def ensure_started(self):
-        if self._thread is None or not self._thread.is_alive():
-            self._stopped.clear()
-            self._thread = threading.Thread(target=self._run, name='celery-streams-renewer', daemon=True)
-            self._thread.start()
-
-    def stop(self):
-        self._stopped.set()
-
-    def _run(self):
-        while not self._stopped.wait(self.every):
-            for channel in list(self.poller.channels):
-                try:
-                    channel.renew_liveness()
-                except Exception as exc:   # Redis away: the consume loop reports it
-                    logger.debug('celery_streams: liveness renewal failed: %s', exc)

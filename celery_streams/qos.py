@@ -1,15 +1,34 @@
-"""Delivery tags and the QoS of a channel: acks, rejects and restores go to Redis.
+"""Delivery tags and the QoS of a channel: the read budget, acks and restores.
 
 A delivery tag names the entry it was made for,
 ``"<entry id>/<consumer>/<priority bucket>/<queue>"``, so an ack works from any
 channel and after a reconnect, and every delivered copy (a broadcast reaches
 several queues) has its own tag.
+
+Like kombu's Redis transport, the QoS owns the bookkeeping of what was
+delivered: kombu's prefetch accounting, the *read budget* (how many messages
+the next read may take), acks batched per turn of the consume loop (one
+``XACK`` and one ``XDEL`` per stream per round trip) and restores (the
+``restore`` script: an entry goes back only if it is still pending for its
+reader, so an acked or drained message never returns).
 """
 from __future__ import annotations
 
+import threading
+from collections import deque
 from typing import NamedTuple
 
 from kombu.transport import virtual
+
+from . import wire
+
+#: Messages read at once by a consumer without a prefetch limit (no_ack consumers).
+UNLIMITED_BATCH = 100
+#: While messages are held, a consumer reads again once this many (or half its
+#: prefetch window) are free, so a busy worker reads in batches.
+REFILL_AT = 4
+#: Queued acks are sent at the latest when this many are waiting.
+ACK_BATCH = 256
 
 
 class Tag(NamedTuple):
@@ -31,17 +50,24 @@ def parse_tag(tag: str) -> Tag:
 class QoS(virtual.QoS):
     """kombu's prefetch accounting, with acks and restores sent to Redis."""
 
+    def __init__(self, channel, prefetch_count=0):
+        super().__init__(channel, prefetch_count)
+        self._acks: deque = deque()   # tags acked by the app, not yet sent
+        self._loop_thread = None      # the thread whose acks wait for the next turn
+
+    # -- kombu's QoS ----------------------------------------------------------
+
     def ack(self, delivery_tag):
-        self.channel.ack_later(delivery_tag)
+        self.ack_later(delivery_tag)
         super().ack(delivery_tag)
 
     def reject(self, delivery_tag, requeue=False):
         if requeue:
-            failed = self.channel.restore_tags([delivery_tag], attempted=True)
+            failed = self.restore_tags([delivery_tag], attempted=True)
             if failed:
                 raise failed[0][1]
         else:
-            self.channel.ack_tags([delivery_tag])
+            self.ack_tags([delivery_tag])
         self._quick_ack(delivery_tag)
 
     def restore_unacked(self):
@@ -50,5 +76,92 @@ class QoS(virtual.QoS):
         delivered = self._delivered
         messages = dict(delivered)
         delivered.clear()
-        failed = self.channel.restore_tags(list(messages))
+        failed = self.restore_tags(list(messages))
         return [(error, messages[tag]) for tag, error in failed if tag not in self._dirty]
+
+    def held_queues(self) -> set:
+        """The queues of the messages delivered and not yet acked."""
+        return {parse_tag(tag).queue for tag in list(self._delivered)}
+
+    # -- the read budget ------------------------------------------------------
+
+    def read_budget(self) -> int:
+        """How many messages the next read may return (kombu's prefetch rules)."""
+        if not self.can_consume():
+            return 0
+        if 'can_consume' in vars(self):
+            # Celery's worker_disable_prefetch patched can_consume: one at a time.
+            return 1
+        estimate = self.can_consume_max_estimate()
+        if estimate is None:
+            return UNLIMITED_BATCH
+        if estimate < self.prefetch_count and estimate < min(self.prefetch_count // 2, REFILL_AT):
+            # Messages are still held: refill in batches, not one read per ack.
+            return 0
+        return estimate
+
+    # -- acks -----------------------------------------------------------------
+
+    def loop_turn(self, thread_ident=None) -> None:
+        """Acks made on thread ``thread_ident`` wait for :meth:`flush_acks` (None: sent at once)."""
+        self._loop_thread = thread_ident
+
+    def ack_later(self, tag) -> None:
+        """Queue an ack: the consume loop sends the queued acks once per turn.
+
+        An ack from another thread (``-P threads``), or with no consume loop
+        running, is sent at once. Until an ack reaches Redis the message is
+        pending: a crash then means a redelivery, never a loss.
+        """
+        self._acks.append(tag)
+        if threading.get_ident() != self._loop_thread or len(self._acks) >= ACK_BATCH:
+            self.flush_acks()
+
+    def has_acks(self) -> bool:
+        return bool(self._acks)
+
+    def flush_acks(self) -> None:
+        tags = []
+        while True:
+            try:
+                tags.append(self._acks.popleft())
+            except IndexError:
+                break
+        if tags:
+            try:
+                self.ack_tags(tags)
+            except Exception:
+                self._acks.extendleft(reversed(tags))
+                raise
+
+    def ack_tags(self, tags) -> None:
+        """XACK and XDEL the entries of ``tags``: one XACK and one XDEL per stream, one round trip."""
+        channel = self.channel
+        by_stream: dict = {}
+        for tag in map(parse_tag, tags):
+            by_stream.setdefault(channel.keys.stream(tag.queue, tag.bucket), []).append(tag.entry_id)
+        commands = []
+        for key, ids in by_stream.items():
+            commands += [('XACK', key, channel.group, *ids), ('XDEL', key, *ids)]
+        wire.calls(channel.pool, commands, raise_on_error=True)
+
+    # -- restores -------------------------------------------------------------
+
+    def restore_tags(self, tags, attempted=False) -> list:
+        """Put entries back at the tail of their stream, if still pending for their reader.
+
+        ``attempted``: the consumer tried the message and gave up (a reject with
+        requeue), so this delivery counts towards ``max_deliveries``; a message
+        restored unstarted (at shutdown) keeps its count.
+        Returns ``(tag, error)`` for the tags that could not be restored.
+        """
+        if not tags:
+            return []
+        channel = self.channel
+        self.flush_acks()   # an acked message must never be restored
+        with channel.pool_client.pipeline(transaction=False) as pipe:
+            for tag in map(parse_tag, tags):
+                channel.scripts.restore(keys=[channel.keys.stream(tag.queue, tag.bucket)], client=pipe,
+                                        args=[channel.group, tag.consumer, tag.entry_id, int(attempted)])
+            results = pipe.execute(raise_on_error=False)
+        return [(tag, result) for tag, result in zip(tags, results) if isinstance(result, Exception)]

@@ -11,6 +11,11 @@ from __future__ import annotations
 from redis import exceptions
 
 
+def text(value):
+    """A reply as text: bytes decoded as UTF-8, anything else as it is."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def pack(args) -> bytes:
     """One command in RESP: ``*<n>`` then ``$<len>`` and each argument."""
     out = [b'*%d\r\n' % len(args)]

@@ -1,0 +1,176 @@
+"""What a read brought in: decoding entries into kombu messages, the buffer, no-ack settling.
+
+A read (or a reclaim) returns a batch of entries. Each one is decoded on its
+own: a bad entry is moved to the dead letters (:mod:`celery_streams.deadletters`)
+and never affects the others; one over ``max_deliveries`` too; an expired one
+(``x-message-ttl``, a message ``expiration``) is dropped, as AMQP does. The
+rest wait in the buffer, tagged for this consumer, until the QoS lets them be
+handed over. Entries of no-ack consumers (Celery's pidbox) are settled -- acked
+and deleted -- as soon as they are read.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from time import monotonic, time
+
+from kombu.utils.json import loads
+
+from . import deadletters
+from .errors import one_line
+from .hooks import worker_shutting_down
+from .qos import make_tag
+from .wire import text
+
+logger = logging.getLogger(__name__)
+
+#: While handing over a batch, queued acks are sent once this many seconds passed.
+ACK_DELAY = 0.005
+
+
+class Inbox:
+    """The messages one channel read and has not handed over yet."""
+
+    def __init__(self, channel):
+        self.channel = channel
+        self.queues = channel.queues
+        self.keys = channel.keys
+        self.buffer: deque = deque()   # (queue, payload)
+
+    def __bool__(self) -> bool:
+        return bool(self.buffer)
+
+    def __len__(self) -> int:
+        return len(self.buffer)
+
+    def pop(self):
+        """The oldest buffered ``(queue, payload)``."""
+        return self.buffer.popleft()
+
+    # -- taking entries in ------------------------------------------------------
+
+    def add_reply(self, replies, noack) -> None:
+        """Decode what a read returned (XREADGROUP or script shape) into the buffer."""
+        settle = []
+        for stream, entries in replies:
+            queue, bucket = self.keys.parse_stream(text(stream))
+            for entry_id, fields in entries:
+                entry_id = text(entry_id)
+                if isinstance(fields, list):   # the script's raw reply
+                    fields = dict(zip(fields[::2], fields[1::2]))
+                payload = self.decode(queue, entry_id, fields, noack, bucket=bucket)
+                if payload is None:
+                    continue
+                record = self.queues.get(queue)
+                if record is not None and record.no_ack:
+                    settle.append((queue, bucket, entry_id))
+                self.buffer.append((queue, payload))
+        if settle:
+            self.settle_noack(settle, noack)
+
+    def add_claimed(self, claimed) -> dict:
+        """Decode the flat reply of the ``reclaim`` script; returns entries taken per queue."""
+        taken: dict = {}
+        for i in range(0, len(claimed), 4):
+            queue, bucket = self.keys.parse_stream(text(claimed[i]))
+            entry_id, times, flat = text(claimed[i + 1]), int(claimed[i + 2]), claimed[i + 3]
+            payload = self.decode(queue, entry_id, dict(zip(flat[::2], flat[1::2])),
+                                  noack=False, times_in_pel=times, bucket=bucket)
+            taken[queue] = taken.get(queue, 0) + 1
+            if payload is not None:
+                self.buffer.append((queue, payload))
+        return taken
+
+    def decode(self, queue, entry_id, fields, noack, times_in_pel=1, bucket=0):
+        """The kombu payload of one entry, or None once a bad entry was dead-lettered.
+
+        ``times_in_pel`` is the group's delivery count of this entry id (1 for a
+        fresh read); ``deliveries`` carries the count of earlier entries of the
+        same message (requeues, restores).
+        """
+        channel = self.channel
+        fields = {text(k): v for k, v in (fields or {}).items()}
+        try:
+            payload = loads(fields['payload'])
+            properties = payload['properties']
+            delivery_info = properties.setdefault('delivery_info', {})
+            deliveries = int(fields.get('deliveries') or 0)
+        except Exception as exc:
+            problem = 'missing field %s' % exc if isinstance(exc, KeyError) else one_line(exc)
+            self.dead_letter(queue, bucket, entry_id, fields, 'undecodable entry: %s' % problem, noack)
+            return None
+        delivered = deliveries + times_in_pel
+        max_deliveries = channel.options.max_deliveries
+        if delivered > max_deliveries and not noack:
+            self.dead_letter(queue, bucket, entry_id, fields,
+                             'delivered %d times, more than max_deliveries=%d'
+                             % (delivered, max_deliveries), noack)
+            return None
+        record = self.queues.get(queue)
+        ttl = record.message_ttl if record else None
+        deadline = payload.get('x-deadline')
+        if (ttl is not None and _entry_age_ms(entry_id) > ttl) or (deadline and time() * 1000 > deadline):
+            self.settle_noack([(queue, bucket, entry_id)], noack)   # expired: dropped, as AMQP does
+            return None
+        properties['delivery_tag'] = make_tag(entry_id, channel.consumer_name, queue, bucket)
+        if delivered > 1 or fields.get('redelivered'):
+            delivery_info['redelivered'] = True
+        return payload
+
+    def dead_letter(self, queue, bucket, entry_id, fields, reason, noack=False) -> None:
+        channel = self.channel
+        deadletters.write(channel.pool_client, self.keys, channel.group, queue, bucket, entry_id,
+                          fields, reason, maxlen=channel.options.dead_letter_maxlen, noack=noack)
+
+    def settle_noack(self, settled, noack) -> None:
+        """Ack (unless read with NOACK) and delete entries of no-ack consumers."""
+        channel = self.channel
+        with channel.pool_client.pipeline(transaction=False) as pipe:
+            for queue, bucket, entry_id in settled:
+                key = self.keys.stream(queue, bucket)
+                if not noack:
+                    pipe.xack(key, channel.group, entry_id)
+                if not self.queues.is_broadcast(queue):
+                    pipe.xdel(key, entry_id)
+            pipe.execute()
+
+    # -- handing over -----------------------------------------------------------
+
+    def deliver(self, limit=None) -> bool:
+        """Hand buffered messages to their consumers while the QoS allows. True if any."""
+        channel = self.channel
+        delivered, first_error, started = 0, None, monotonic()
+        buffer, qos = self.buffer, channel.qos
+        while buffer and (limit is None or delivered < limit) and qos.can_consume():
+            if delivered and worker_shutting_down():
+                break   # a blocking pool (solo) ran one: the rest go back at close
+            if qos.has_acks() and monotonic() - started > ACK_DELAY:
+                qos.flush_acks()   # callbacks that run tasks (-P solo): acks go out between them
+                started = monotonic()
+            queue, payload = buffer.popleft()
+            try:
+                channel.connection._deliver(payload, queue)
+            except Exception as exc:   # deliver the rest, then report
+                first_error = first_error or exc
+            delivered += 1
+        if first_error is not None:
+            raise first_error
+        return bool(delivered)
+
+    def restore(self, only_queue=None) -> None:
+        """Return messages read but never handed to a consumer (cancelled, or the channel closes)."""
+        # Changed in place: a delivery loop may be iterating this very deque.
+        returned = [item for item in self.buffer if only_queue in (None, item[0])]
+        kept = [item for item in self.buffer if only_queue not in (None, item[0])]
+        self.buffer.clear()
+        self.buffer.extend(kept)
+        tags = []
+        for queue, payload in returned:
+            record = self.queues.get(queue)
+            if not (record and record.no_ack):
+                tags.append(payload['properties']['delivery_tag'])
+        self.channel.qos.restore_tags(tags)
+
+
+def _entry_age_ms(entry_id: str) -> float:
+    return time() * 1000 - int(entry_id.split('-', 1)[0])

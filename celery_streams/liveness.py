@@ -1,0 +1,178 @@
+"""Liveness and reclaim: at-least-once delivery when a consumer dies.
+
+A consumer that holds messages says it lives with one key per queue
+(``Keys.alive``), set for ``visibility_timeout`` and renewed every third of it
+by :class:`Renewer`, a thread off the event hub (so a ``-P solo`` worker busy
+in a long task still renews). Every ``visibility_timeout / 4`` a consumer runs
+the ``reclaim`` script: it takes over, within the read budget, the pending
+entries of consumers whose key lapsed, and forgets dead consumers that own
+nothing. A clean close deletes the keys and leaves the groups at once.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from time import monotonic
+
+import redis
+
+from .errors import one_line
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between two prunings of the queue registry by a consuming channel.
+PRUNE_EVERY = 600.0
+
+
+class Liveness:
+    """The liveness keys, reclaim runs and group membership of one channel (one consumer)."""
+
+    def __init__(self, channel):
+        self.channel = channel
+        self.keys = channel.keys
+        options = channel.options
+        self.visibility_ms = int(options.visibility_timeout * 1000)
+        self.reclaim_every = min(max(options.visibility_timeout / 4, 0.5), 60.0)
+        self.alive_queues: frozenset = frozenset()
+        self._next_reclaim = 0.0
+        self._next_prune = monotonic() + PRUNE_EVERY
+
+    def acked_queues(self) -> list:
+        """The queues this channel consumes with acks."""
+        queues = self.channel.queues
+        return [q for q in dict.fromkeys(self.channel.consuming_queues())
+                if not queues[q].no_ack and not queues.is_deleted(q)]
+
+    def held_queues(self) -> set:
+        """The queues this consumer holds or may hold messages of."""
+        return set(self.acked_queues()) | self.channel.qos.held_queues()
+
+    # -- renewal ------------------------------------------------------------------
+
+    def renew(self) -> None:
+        """Say this consumer lives, for ``visibility_timeout``, on every queue it holds.
+
+        Called from the renewal thread and before the first read of a queue.
+        """
+        queues = self.held_queues()
+        if queues:
+            channel = self.channel
+            with channel.pool_client.pipeline(transaction=False) as pipe:
+                for queue in queues:
+                    pipe.set(self.keys.alive(queue, channel.consumer_name), 1, px=self.visibility_ms)
+                pipe.execute()
+        self.alive_queues = frozenset(queues)
+
+    def ensure_alive(self) -> None:
+        """Before a read: renew when a consumed queue has no liveness key yet.
+
+        When Redis refuses the write (full: ``maxmemory``), consuming goes on:
+        without the key, this consumer's messages may be taken over once
+        ``visibility_timeout`` passes -- a redelivery, never a loss.
+        """
+        if self.alive_queues.issuperset(self.acked_queues()):
+            return
+        try:
+            self.renew()
+        except redis.ResponseError as exc:
+            self.alive_queues = frozenset(self.acked_queues())   # retried by the renewer thread
+            logger.warning('celery_streams: could not renew liveness (%s); consuming goes on',
+                           one_line(exc))
+
+    def mark_alive(self, queue) -> None:
+        """``basic_get`` took a message of ``queue``: alive there from now on."""
+        if queue in self.alive_queues:
+            return
+        self.alive_queues |= {queue}   # renewed from now on by the renewer
+        channel = self.channel
+        try:
+            channel.pool_client.set(self.keys.alive(queue, channel.consumer_name), 1,
+                                    px=self.visibility_ms)
+        except redis.ResponseError as exc:   # full Redis: the renewer retries
+            logger.warning('celery_streams: could not renew liveness (%s)', one_line(exc))
+
+    # -- leaving ------------------------------------------------------------------
+
+    def forget(self) -> None:
+        """At close: whatever this consumer still holds may be reclaimed at once."""
+        if self.alive_queues:
+            name = self.channel.consumer_name
+            self.channel.pool_client.delete(*[self.keys.alive(q, name) for q in self.alive_queues])
+            self.alive_queues = frozenset()
+
+    def leave_groups(self, queues) -> None:
+        """Remove this consumer from the groups it read, where it owns nothing any more."""
+        channel = self.channel
+        with channel.pool_client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                for stream in self.keys.streams(queue):
+                    channel.scripts.forget_consumer(keys=[stream], client=pipe,
+                                                    args=[channel.group, channel.consumer_name])
+            pipe.execute()
+
+    # -- reclaim --------------------------------------------------------------------
+
+    def maybe_reclaim(self) -> None:
+        """Every ``visibility_timeout / 4``: take over messages of dead consumers.
+
+        They are buffered like a read, within the prefetch budget, and carry
+        ``redelivered``. Runs between reads, never while one is outstanding.
+        """
+        channel = self.channel
+        now = monotonic()
+        if channel.reader.outstanding is not None or channel.inbox or now < self._next_reclaim:
+            return
+        self._next_reclaim = now + self.reclaim_every
+        if now >= self._next_prune:
+            self._next_prune = now + PRUNE_EVERY
+            try:
+                channel.queues.prune_registry(channel.scripts)
+            except redis.ResponseError as exc:   # e.g. an ACL without HKEYS: consuming goes on
+                logger.warning('celery_streams: pruning the queue registry failed: %s', one_line(exc))
+        queues = self.acked_queues()
+        budget = channel.qos.read_budget() if queues else 0
+        if not budget:
+            return
+        pairs = [(queue, bucket) for bucket in channel.reader.bucket_order() for queue in queues]
+        try:
+            claimed = channel.scripts.reclaim(
+                keys=[self.keys.stream(queue, bucket) for queue, bucket in pairs],
+                args=[channel.group, channel.consumer_name, self.visibility_ms, budget,
+                      *[self.keys.alive_prefix(queue) for queue, _ in pairs]])
+        except redis.ResponseError as exc:   # e.g. an ACL without XCLAIM: consuming goes on
+            logger.warning('celery_streams: reclaim failed: %s', one_line(exc))
+            return
+        for queue, count in channel.inbox.add_claimed(claimed).items():
+            logger.info('celery_streams: took over %d message(s) of queue %r from consumers '
+                        'silent for more than visibility_timeout', count, queue)
+
+
+class Renewer:
+    """A daemon thread that renews the liveness keys of every consuming channel.
+
+    It runs off the hub's thread, so a worker busy in a long task (``-P solo``
+    blocks its hub) still shows it lives and keeps its messages.
+    """
+
+    def __init__(self, channels, every):
+        self.channels = channels    # a live list: channels come and go
+        self.every = every
+        self._stopped = threading.Event()
+        self._thread = None
+
+    def ensure_started(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stopped.clear()
+            self._thread = threading.Thread(target=self._run, name='celery-streams-renewer', daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.every):
+            for channel in list(self.channels):
+                try:
+                    channel.renew_liveness()
+                except Exception as exc:   # Redis away: the consume loop reports it
+                    logger.debug('celery_streams: liveness renewal failed: %s', exc)

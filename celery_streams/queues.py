@@ -1,0 +1,248 @@
+"""The queue table of a channel: one record per queue, its declaration, bindings and healing.
+
+Declaring a queue creates its consumer group (``XGROUP CREATE ... 0
+MKSTREAM``; ``BUSYGROUP`` from a second declarer is success) and its registry
+entry. Bindings live in Redis (one set per exchange), so a binding written by
+one process routes the publishes of every other: Celery's reply queues and
+broadcast queues depend on it.
+
+What this process declared is also kept here (:class:`QueueRecord`), because
+Redis may lose it -- a nuke, an ``x-expires`` that fired, a ``DEL``: a
+consumer whose group vanished calls :meth:`QueueTable.heal`, which re-creates
+the group at id ``0`` (``$`` for broadcast queues, which never replay old
+broadcasts), the registry entry and the bindings, and logs one line.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from time import monotonic
+
+from . import errors
+from .errors import one_line
+from .keys import FANOUT, SCHEMA_VERSION, TASK, Keys, binding_member, parse_binding
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QueueRecord:
+    """What this process knows of one queue."""
+
+    name: str
+    expires: int | None = None          # x-expires, ms: the streams expire when unused
+    message_ttl: int | None = None      # x-message-ttl, ms
+    auto_delete: bool = False
+    fanout_exchange: str | None = None  # bound to this fanout exchange: a broadcast queue
+    deleted: bool = False               # deleted by this process: never healed
+    consumed: bool = False              # this channel consumed from it
+    no_ack: bool = False                # its consumer reads without acks (pidbox)
+
+    @property
+    def is_broadcast(self) -> bool:
+        return self.fanout_exchange is not None
+
+
+class QueueTable:
+    """The queues of one channel: records, declarations, bindings and healing.
+
+    ``channel`` gives the kombu side: ``state`` (this process's exchanges and
+    bindings) and ``typeof`` (an exchange's type).
+    """
+
+    def __init__(self, channel, client, keys: Keys, group: str):
+        self.channel = channel
+        self.client = client
+        self.keys = keys
+        self.group = group
+        self._records: dict[str, QueueRecord] = {}
+        self._expiry_refreshed_at = 0.0
+
+    def __getitem__(self, queue: str) -> QueueRecord:
+        record = self._records.get(queue)
+        if record is None:
+            record = self._records[queue] = QueueRecord(queue)
+        return record
+
+    def get(self, queue: str) -> QueueRecord | None:
+        return self._records.get(queue)
+
+    def expires(self, queue: str) -> int | None:
+        record = self._records.get(queue)
+        return record.expires if record else None
+
+    def is_broadcast(self, queue: str) -> bool:
+        record = self._records.get(queue)
+        return bool(record and record.is_broadcast)
+
+    def is_deleted(self, queue: str) -> bool:
+        record = self._records.get(queue)
+        return bool(record and record.deleted)
+
+    def consumed(self) -> list[str]:
+        """Queues this channel consumed from and did not delete."""
+        return [r.name for r in self._records.values() if r.consumed and not r.deleted]
+
+    # -- declaring ------------------------------------------------------------
+
+    def declare(self, queue: str, auto_delete: bool = False, arguments=None) -> None:
+        if '{' in queue or '}' in queue:
+            raise errors.ConfigurationError(
+                'queue name %r: braces are not allowed (they delimit the queue in its Redis keys)'
+                % queue)
+        arguments = arguments or {}
+        record = self[queue]
+        record.deleted = False
+        record.auto_delete = record.auto_delete or bool(auto_delete)
+        record.expires = _milliseconds(arguments.get('x-expires'))
+        record.message_ttl = _milliseconds(arguments.get('x-message-ttl'))
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.xgroup_create(self.keys.stream(queue), self.group, id='0', mkstream=True)
+            pipe.hsetnx(self.keys.queues, queue, TASK)
+            if record.expires is not None:
+                for stream in self.keys.streams(queue):
+                    pipe.pexpire(stream, record.expires)
+            raise_unless_busygroup(pipe.execute(raise_on_error=False))
+
+    def exists(self, queue: str) -> bool:
+        return bool(self.client.exists(self.keys.stream(queue)))
+
+    def delete(self, queue: str) -> None:
+        """Delete the queue's streams, registry entry and this process's bindings of it."""
+        state = self.channel.state
+        with self.client.pipeline(transaction=False) as pipe:
+            for exchange, routing_key, args in state.queue_bindings(queue):
+                _, pattern, _ = self.channel.typeof(exchange).prepare_bind(
+                    queue, exchange, routing_key, args)
+                pipe.srem(self.keys.bindings(exchange), binding_member(routing_key, pattern, queue))
+            pipe.delete(*self.keys.streams(queue))
+            pipe.hdel(self.keys.queues, queue)
+            pipe.execute()
+        state.queue_bindings_delete(queue)
+        record = self[queue]
+        record.auto_delete = False
+        record.deleted = True
+
+    # -- bindings -------------------------------------------------------------
+
+    def bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        with self.client.pipeline(transaction=False) as pipe:
+            self.write_binding(pipe, exchange, routing_key, pattern, queue)
+            pipe.execute()
+
+    def write_binding(self, pipe, exchange, routing_key, pattern, queue) -> None:
+        pipe.sadd(self.keys.bindings(exchange), binding_member(routing_key, pattern, queue))
+        if self.channel.typeof(exchange).type == 'fanout':
+            self[queue].fanout_exchange = exchange
+            pipe.hset(self.keys.queues, queue, FANOUT)
+
+    def declared_bindings(self, exchange: str) -> list:
+        """``(routing_key, pattern, queue)`` of ``exchange`` as this process declared them."""
+        return list(self.channel.state.exchanges.get(exchange, {}).get('table') or ())
+
+    def table(self, exchange: str) -> list:
+        """The bindings of ``exchange`` from Redis (kombu's ``get_table``).
+
+        When Redis has none (nuked, or never written), this process's own
+        declarations are used and written back, so other processes see them again.
+        """
+        members = self.client.smembers(self.keys.bindings(exchange))
+        if members:
+            return [parse_binding(member) for member in members]
+        local = self.declared_bindings(exchange)
+        if local:
+            with self.client.pipeline(transaction=False) as pipe:
+                for routing_key, pattern, queue in local:
+                    self.write_binding(pipe, exchange, routing_key, pattern, queue)
+                pipe.execute()
+        return local
+
+    def drop_stale_bindings(self, exchange: str, gone) -> None:
+        """Remove the bindings of ``exchange`` to queues whose streams are ``gone``."""
+        stale = [binding_member(k, p, q) for k, p, q in self.table(exchange) if q in gone]
+        if stale:
+            logger.debug('celery_streams: dropping stale bindings of %r to %s', exchange, sorted(gone))
+            self.client.srem(self.keys.bindings(exchange), *stale)
+
+    def all_bindings(self):
+        """Every binding stored in Redis, not only this process's: ``(queue, exchange, routing_key)``."""
+        for key in self.client.scan_iter(match=self.keys.match_bindings, count=500):
+            exchange = self.keys.parse_bindings(key.decode() if isinstance(key, bytes) else key)
+            if exchange is not None:
+                for routing_key, _, queue in self.table(exchange):
+                    yield queue, exchange, routing_key
+
+    # -- healing --------------------------------------------------------------
+
+    def heal(self, queues, error) -> list[str]:
+        """Re-create the groups (and registry, bindings) of ``queues``; log once each.
+
+        Queues this process deleted itself (a pidbox reply queue deleted while its
+        consumer still reads) are left deleted. Returns the queues healed.
+        """
+        queues = [q for q in queues if not self.is_deleted(q)]
+        if not queues:
+            return []
+        with self.client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.xgroup_create(self.keys.stream(queue), self.group, id=self._start_id(queue),
+                                   mkstream=True)
+            results = pipe.execute(raise_on_error=False)
+        raise_unless_busygroup(results)
+        self._expiry_refreshed_at = 0.0
+        self.refresh_expiry(queues)
+        for queue, result in zip(queues, results):
+            if result is True:
+                logger.info(
+                    'celery_streams: consumer group %r of queue %r was gone (%s); '
+                    're-created it at id %s and reading on',
+                    self.group, queue, one_line(error), self._start_id(queue))
+        self.rewrite_declarations(queues)
+        return queues
+
+    def _start_id(self, queue: str) -> str:
+        return '$' if self.is_broadcast(queue) else '0'
+
+    def rewrite_declarations(self, queues) -> None:
+        """Write the registry entries and bindings of ``queues`` as this process declared them."""
+        state, typeof = self.channel.state, self.channel.typeof
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.schema, SCHEMA_VERSION, nx=True)
+            for queue in queues:
+                pipe.hsetnx(self.keys.queues, queue, TASK)
+                for exchange, routing_key, args in state.queue_bindings(queue):
+                    _, pattern, _ = typeof(exchange).prepare_bind(queue, exchange, routing_key, args)
+                    self.write_binding(pipe, exchange, routing_key, pattern, queue)
+            pipe.execute()
+
+    def refresh_expiry(self, queues) -> None:
+        """Keep consumed queues with ``x-expires`` alive (at most every third of it)."""
+        expiring = [q for q in queues if self.expires(q) is not None]
+        if not expiring:
+            return
+        now = monotonic()
+        if now - self._expiry_refreshed_at < min(self.expires(q) for q in expiring) / 3000:
+            return
+        self._expiry_refreshed_at = now
+        with self.client.pipeline(transaction=False) as pipe:
+            for queue in expiring:
+                for stream in self.keys.streams(queue):
+                    pipe.pexpire(stream, self.expires(queue))
+            pipe.execute()
+
+    def prune_registry(self, scripts) -> int:
+        """Forget registered queues whose streams expired; returns how many."""
+        return scripts.prune_registry(keys=[self.keys.queues], args=[self.keys.queue_head])
+
+
+def raise_unless_busygroup(results) -> None:
+    for result in results:
+        if isinstance(result, Exception) and not errors.is_busy_group(result):
+            raise errors.translate_write_error(result)
+
+
+def _milliseconds(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
