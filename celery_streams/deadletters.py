@@ -47,7 +47,8 @@ PAGE = 500
 def record(queue: str, stream: str, entry_id: str, fields: Mapping[str, Any], reason: str) -> dict:
     """The dead-letter entry of one stream entry (see the module docstring)."""
     entry = {'reason': reason, 'queue': queue, 'id': entry_id, 'stream': stream}
-    entry.update({FIELD + name: value for name, value in fields.items()})
+    for name, value in fields.items():   # a name that is not UTF-8 stays bytes
+        entry[FIELD.encode() + name if isinstance(name, bytes) else FIELD + name] = value
     return entry
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from time import monotonic, time
+from time import monotonic
 
 from kombu.utils.json import loads
 
@@ -86,36 +86,67 @@ class Inbox:
 
         ``times_in_pel`` is the group's delivery count of this entry id (1 for a
         fresh read); ``deliveries`` carries the count of earlier entries of the
-        same message (requeues, restores).
+        same message (requeues, restores). Whatever its bytes, an entry is
+        either returned as a message kombu can build, or dead-lettered.
         """
         channel = self.channel
-        fields = {text(k): v for k, v in (fields or {}).items()}
+        raw = dict(fields or {})
         try:
-            payload = loads(fields['payload'])
-            properties = payload['properties']
-            delivery_info = properties.setdefault('delivery_info', {})
-            deliveries = int(fields.get('deliveries') or 0)
+            fields = {_field_name(k): v for k, v in raw.items()}
+            payload, deliveries, deadline = self._check(fields)
         except Exception as exc:
             problem = 'missing field %s' % exc if isinstance(exc, KeyError) else one_line(exc)
-            self.dead_letter(queue, bucket, entry_id, fields, 'undecodable entry: %s' % problem, noack)
+            self.dead_letter(queue, bucket, entry_id, raw, 'undecodable entry: %s' % problem, noack)
             return None
+        properties = payload['properties']
+        delivery_info = properties.setdefault('delivery_info', {})
         delivered = deliveries + times_in_pel
         max_deliveries = channel.options.max_deliveries
         if delivered > max_deliveries and not noack:
-            self.dead_letter(queue, bucket, entry_id, fields,
+            self.dead_letter(queue, bucket, entry_id, raw,
                              'delivered %d times, more than max_deliveries=%d'
                              % (delivered, max_deliveries), noack)
             return None
-        record = self.queues.get(queue)
-        ttl = record.message_ttl if record else None
-        deadline = payload.get('x-deadline')
-        if (ttl is not None and _entry_age_ms(entry_id) > ttl) or (deadline and time() * 1000 > deadline):
+        if self._expired(queue, entry_id, payload, deadline):
             self.settle_noack([(queue, bucket, entry_id)], noack)   # expired: dropped, as AMQP does
             return None
         properties['delivery_tag'] = make_tag(entry_id, channel.consumer_name, queue, bucket)
         if delivered > 1 or fields.get('redelivered'):
             delivery_info['redelivered'] = True
         return payload
+
+    def _check(self, fields):
+        """``(payload, deliveries, deadline)`` of an entry, or an error saying what is wrong."""
+        payload = loads(fields['payload'])
+        if not isinstance(payload, dict) or not isinstance(payload.get('properties'), dict):
+            raise ValueError('not a kombu message (no properties)')
+        properties = payload['properties']
+        if not isinstance(properties.get('delivery_info', {}), dict):
+            raise ValueError('delivery_info is not a mapping')
+        if not isinstance(payload.get('headers') or {}, dict):
+            raise ValueError('headers are not a mapping')
+        body = payload.get('body')
+        if body:   # what kombu's Message does with it, so that cannot fail later
+            self.channel.decode_body(body, properties.get('body_encoding'))
+        deliveries = int(fields.get('deliveries') or 0)
+        deadline = payload.get('x-deadline')
+        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))):
+            raise ValueError('x-deadline is not a number: %r' % (deadline,))
+        return payload, deliveries, deadline
+
+    def _expired(self, queue, entry_id, payload, deadline) -> bool:
+        """Past the queue's ``x-message-ttl`` or the message's deadline, by the server's clock.
+
+        A Celery task is never dropped for its deadline (``expires``): the
+        worker that receives it marks it REVOKED, so its result does not wait
+        for ever.
+        """
+        now_ms = self.channel.server_time_ms()
+        record = self.queues.get(queue)
+        if record is not None and record.message_ttl is not None:
+            if now_ms - int(entry_id.split('-', 1)[0]) > record.message_ttl:
+                return True
+        return bool(deadline) and now_ms > deadline and not _is_celery_task(payload)
 
     def dead_letter(self, queue, bucket, entry_id, fields, reason, noack=False) -> None:
         channel = self.channel
@@ -172,5 +203,11 @@ class Inbox:
         self.channel.qos.restore_tags(tags)
 
 
-def _entry_age_ms(entry_id: str) -> float:
-    return time() * 1000 - int(entry_id.split('-', 1)[0])
+def _field_name(name):
+    """A field name as text; one that is not UTF-8 makes the entry undecodable."""
+    return name.decode() if isinstance(name, bytes) else name
+
+
+def _is_celery_task(payload) -> bool:
+    headers = payload.get('headers') or {}
+    return 'task' in headers and 'id' in headers

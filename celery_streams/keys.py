@@ -174,7 +174,7 @@ def parse_binding(member: bytes | str) -> tuple[str, str, str]:
 
 #: Every command the transport sends (workers and publishers), for a Redis ACL.
 COMMANDS = (
-    'ping', 'client|setname', 'multi', 'exec', 'get', 'set', 'del', 'exists', 'pexpire',
+    'ping', 'time', 'client|setname', 'multi', 'exec', 'get', 'set', 'del', 'exists', 'pexpire',
     'hset', 'hsetnx', 'hdel', 'hkeys', 'sadd', 'srem', 'smembers',
     'xadd', 'xreadgroup', 'xack', 'xdel', 'xlen', 'xrange', 'xtrim', 'xpending', 'xclaim',
     'xgroup|create', 'xgroup|delconsumer', 'xinfo|groups', 'xinfo|consumers',

@@ -33,7 +33,11 @@ class Liveness:
         options = channel.options
         self.visibility_ms = int(options.visibility_timeout * 1000)
         self.reclaim_every = min(max(options.visibility_timeout / 4, 0.5), 60.0)
+        self.renew_every = min(max(options.visibility_timeout / 3, 0.2), 60.0)
         self.alive_queues: frozenset = frozenset()
+        self._lock = threading.Lock()   # renewal (its thread) against forget (close)
+        self._forgotten = False
+        self._next_renew = 0.0
         self._next_reclaim = 0.0
         self._next_prune = monotonic() + PRUNE_EVERY
 
@@ -49,19 +53,42 @@ class Liveness:
 
     # -- renewal ------------------------------------------------------------------
 
+    def tick(self) -> None:
+        """From the renewal thread, about every second: renew what is due.
+
+        Liveness every third of ``visibility_timeout``; the expiry of consumed
+        queues with an ``x-expires`` every third of it -- off the hub, so a full
+        prefetch window or a long task under ``-P solo`` never lets a consumed
+        queue expire.
+        """
+        channel = self.channel
+        if channel.closed:
+            return
+        now = monotonic()
+        if now >= self._next_renew:
+            self._next_renew = now + self.renew_every
+            self.renew()
+        channel.queues.refresh_expiry(channel.consuming_queues())
+
     def renew(self) -> None:
         """Say this consumer lives, for ``visibility_timeout``, on every queue it holds.
 
         Called from the renewal thread and before the first read of a queue.
         """
-        queues = self.held_queues()
-        if queues:
-            channel = self.channel
-            with channel.pool_client.pipeline(transaction=False) as pipe:
-                for queue in queues:
-                    pipe.set(self.keys.alive(queue, channel.consumer_name), 1, px=self.visibility_ms)
-                pipe.execute()
-        self.alive_queues = frozenset(queues)
+        with self._lock:
+            if self._forgotten:
+                return
+            queues = self.held_queues()
+            released = self.alive_queues - queues   # cancelled, nothing held: liveness ends now
+            if queues or released:
+                name = self.channel.consumer_name
+                with self.channel.pool_client.pipeline(transaction=False) as pipe:
+                    for queue in queues:
+                        pipe.set(self.keys.alive(queue, name), 1, px=self.visibility_ms)
+                    if released:
+                        pipe.delete(*[self.keys.alive(queue, name) for queue in released])
+                    pipe.execute()
+            self.alive_queues = frozenset(queues)
 
     def ensure_alive(self) -> None:
         """Before a read: renew when a consumed queue has no liveness key yet.
@@ -95,10 +122,12 @@ class Liveness:
 
     def forget(self) -> None:
         """At close: whatever this consumer still holds may be reclaimed at once."""
-        if self.alive_queues:
-            name = self.channel.consumer_name
-            self.channel.pool_client.delete(*[self.keys.alive(q, name) for q in self.alive_queues])
-            self.alive_queues = frozenset()
+        with self._lock:
+            self._forgotten = True
+            if self.alive_queues:
+                name = self.channel.consumer_name
+                self.channel.pool_client.delete(*[self.keys.alive(q, name) for q in self.alive_queues])
+                self.alive_queues = frozenset()
 
     def leave_groups(self, queues) -> None:
         """Remove this consumer from the groups it read, where it owns nothing any more."""
@@ -154,7 +183,10 @@ class Renewer:
     blocks its hub) still shows it lives and keeps its messages.
     """
 
-    def __init__(self, channels, every):
+    #: Seconds between two ticks; each channel decides what is due.
+    EVERY = 1.0
+
+    def __init__(self, channels, every=EVERY):
         self.channels = channels    # a live list: channels come and go
         self.every = every
         self._stopped = threading.Event()
@@ -173,6 +205,6 @@ class Renewer:
         while not self._stopped.wait(self.every):
             for channel in list(self.channels):
                 try:
-                    channel.renew_liveness()
+                    channel.renewal_tick()
                 except Exception as exc:   # Redis away: the consume loop reports it
                     logger.debug('celery_streams: liveness renewal failed: %s', exc)

@@ -54,7 +54,8 @@ class ConsumingChannel(Protocol):
     def finish_read(self) -> bool: ...
     def check_stale_read(self, margin: float) -> None: ...
     def drop_reader_connection(self) -> None: ...
-    def renew_liveness(self) -> None: ...
+    def renewal_tick(self) -> None:
+        """Called from the renewal thread about every second: renew what is due."""
 
 
 class Poller:
@@ -64,7 +65,7 @@ class Poller:
         self.channels: list[ConsumingChannel] = []
         self.hub = None
         self._hub_fds: dict[int, ConsumingChannel] = {}   # fd -> channel, registered with the hub
-        self._renewer = Renewer(self.channels, renew_every) if renew_every else None
+        self._renewer = Renewer(self.channels, min(renew_every, Renewer.EVERY)) if renew_every else None
 
     def add(self, channel):
         if channel not in self.channels:

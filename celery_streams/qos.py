@@ -24,9 +24,6 @@ from . import wire
 
 #: Messages read at once by a consumer without a prefetch limit (no_ack consumers).
 UNLIMITED_BATCH = 100
-#: While messages are held, a consumer reads again once this many (or half its
-#: prefetch window) are free, so a busy worker reads in batches.
-REFILL_AT = 4
 #: Queued acks are sent at the latest when this many are waiting.
 ACK_BATCH = 256
 
@@ -93,12 +90,10 @@ class QoS(virtual.QoS):
             # Celery's worker_disable_prefetch patched can_consume: one at a time.
             return 1
         estimate = self.can_consume_max_estimate()
-        if estimate is None:
-            return UNLIMITED_BATCH
-        if estimate < self.prefetch_count and estimate < min(self.prefetch_count // 2, REFILL_AT):
-            # Messages are still held: refill in batches, not one read per ack.
-            return 0
-        return estimate
+        # Every free slot is read at once, however many messages are held:
+        # Celery raises prefetch_count by one for each ETA task it holds, so
+        # the held ones say nothing about when the next ack comes.
+        return UNLIMITED_BATCH if estimate is None else estimate
 
     # -- acks -----------------------------------------------------------------
 

@@ -20,7 +20,8 @@ from time import monotonic
 
 from . import errors
 from .errors import one_line
-from .keys import FANOUT, SCHEMA_VERSION, TASK, Keys, binding_member, parse_binding
+from .keys import FANOUT, SCHEMA_VERSION, TASK, Keys, binding_member, glob_escape, parse_binding
+from .wire import text
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +51,17 @@ class QueueTable:
     bindings) and ``typeof`` (an exchange's type).
     """
 
-    def __init__(self, channel, client, keys: Keys, group: str):
+    def __init__(self, channel, client, keys: Keys, group: str, *, orphan_expiry_ms: int,
+                 idle_consumer_ms: int):
         self.channel = channel
         self.client = client
         self.keys = keys
         self.group = group
+        #: The expiry given to a broadcast queue that is auto-delete and has none:
+        #: its consumers renew it, so the queue of a killed worker goes away.
+        self.orphan_expiry_ms = orphan_expiry_ms
+        #: A consumer without a liveness key (no-ack) that read this recently lives.
+        self.idle_consumer_ms = idle_consumer_ms
         self._records: dict[str, QueueRecord] = {}
         self._expiry_refreshed_at = 0.0
 
@@ -104,6 +111,23 @@ class QueueTable:
                     pipe.pexpire(stream, record.expires)
             raise_unless_busygroup(pipe.execute(raise_on_error=False))
 
+    def others_consume(self, queue: str, me: str) -> bool:
+        """Whether a consumer other than ``me`` lives on ``queue``.
+
+        Alive: it has a liveness key, or it read within ``idle_consumer_ms``
+        (no-ack consumers keep no key). An auto-delete queue goes only with
+        its last consumer, as in AMQP.
+        """
+        mine = self.keys.alive(queue, me)
+        pattern = glob_escape(self.keys.alive_prefix(queue)) + '*'
+        if any(text(key) != mine for key in self.client.scan_iter(match=pattern, count=100)):
+            return True
+        try:
+            consumers = self.client.xinfo_consumers(self.keys.stream(queue), self.group)
+        except Exception:   # no stream or no group: nobody reads it
+            return False
+        return any(text(c['name']) != me and c['idle'] < self.idle_consumer_ms for c in consumers)
+
     def exists(self, queue: str) -> bool:
         return bool(self.client.exists(self.keys.stream(queue)))
 
@@ -133,7 +157,11 @@ class QueueTable:
     def write_binding(self, pipe, exchange, routing_key, pattern, queue) -> None:
         pipe.sadd(self.keys.bindings(exchange), binding_member(routing_key, pattern, queue))
         if self.channel.typeof(exchange).type == 'fanout':
-            self[queue].fanout_exchange = exchange
+            record = self[queue]
+            record.fanout_exchange = exchange
+            if record.auto_delete and record.expires is None:
+                record.expires = self.orphan_expiry_ms
+                pipe.pexpire(self.keys.stream(queue), record.expires)
             pipe.hset(self.keys.queues, queue, FANOUT)
 
     def declared_bindings(self, exchange: str) -> list:
@@ -174,6 +202,31 @@ class QueueTable:
 
     # -- healing --------------------------------------------------------------
 
+    def read_streams(self, queue: str) -> list[str]:
+        """The streams a consumer of ``queue`` reads: every priority bucket, or the
+        main stream alone for a broadcast queue (broadcasts have no priorities)."""
+        return [self.keys.stream(queue)] if self.is_broadcast(queue) else self.keys.streams(queue)
+
+    def ensure_groups(self, queues) -> dict:
+        """Create the group on every stream a consumer of ``queues`` reads (``MKSTREAM``).
+
+        A blocked ``XREADGROUP`` sees only streams it names, and naming a stream
+        without the group fails the read: so every priority bucket gets its
+        stream and group before the first read, and a message published to any
+        bucket, by any process, wakes the reader at once.
+        Returns queue -> whether a group was created.
+        """
+        plan = [(queue, stream) for queue in queues for stream in self.read_streams(queue)]
+        with self.client.pipeline(transaction=False) as pipe:
+            for queue, stream in plan:
+                pipe.xgroup_create(stream, self.group, id=self._start_id(queue), mkstream=True)
+            results = pipe.execute(raise_on_error=False)
+        raise_unless_busygroup(results)
+        created: dict = {}
+        for (queue, _), result in zip(plan, results):
+            created[queue] = created.get(queue, False) or result is True
+        return created
+
     def heal(self, queues, error) -> list[str]:
         """Re-create the groups (and registry, bindings) of ``queues``; log once each.
 
@@ -183,16 +236,11 @@ class QueueTable:
         queues = [q for q in queues if not self.is_deleted(q)]
         if not queues:
             return []
-        with self.client.pipeline(transaction=False) as pipe:
-            for queue in queues:
-                pipe.xgroup_create(self.keys.stream(queue), self.group, id=self._start_id(queue),
-                                   mkstream=True)
-            results = pipe.execute(raise_on_error=False)
-        raise_unless_busygroup(results)
+        created = self.ensure_groups(queues)
         self._expiry_refreshed_at = 0.0
         self.refresh_expiry(queues)
-        for queue, result in zip(queues, results):
-            if result is True:
+        for queue in queues:
+            if created[queue]:
                 logger.info(
                     'celery_streams: consumer group %r of queue %r was gone (%s); '
                     're-created it at id %s and reading on',

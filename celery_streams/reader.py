@@ -18,6 +18,7 @@ when the socket is readable, so the event hub never waits on Redis.
 from __future__ import annotations
 
 import logging
+import select
 from functools import cached_property
 from time import monotonic
 from typing import NamedTuple
@@ -25,7 +26,6 @@ from typing import NamedTuple
 import redis
 
 from . import errors
-from .wire import text
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ class Reader:
         self.outstanding: Read | None = None
         self._rotation = 0
         self._block_next = False        # the last read found nothing: wait for new entries
-        self._buckets_in_use: set = set()   # priority bucket streams (not 0) known to exist
 
     @cached_property
     def client(self) -> redis.Redis:
@@ -103,8 +102,8 @@ class Reader:
                                                          '1' if noack else '0', optional])
 
     def blocking_read(self, plan, noack) -> list:
-        streams = [self.keys.stream(queue, bucket) for queue, bucket in plan
-                   if not bucket or self.keys.stream(queue, bucket) in self._buckets_in_use]
+        """Every stream of the plan: each got its group when its consumer started."""
+        streams = [self.keys.stream(queue, bucket) for queue, bucket in plan]
         command = ['XREADGROUP', 'GROUP', self.channel.group, self.channel.consumer_name,
                    'COUNT', 1, 'BLOCK', self.block_ms]
         if noack:
@@ -129,7 +128,6 @@ class Reader:
         noack = all(self.queues[q].no_ack for q in queues)
         if not noack:
             self.channel.liveness.ensure_alive()
-        self.queues.refresh_expiry(queues)
         if self._block_next:
             command = self.blocking_read(plan, noack)
         else:
@@ -150,8 +148,7 @@ class Reader:
         read, self.outstanding = self.outstanding, None
         try:
             if read.command == 'EVALSHA':
-                replies, existing = self.client.parse_response(read.connection, 'EVALSHA')
-                self._buckets_in_use = {text(key) for key in existing}
+                replies, _ = self.client.parse_response(read.connection, 'EVALSHA')
             else:
                 replies = self.client.parse_response(read.connection, 'XREADGROUP')
         except redis.exceptions.NoScriptError:   # the server restarted or flushed its scripts
@@ -170,19 +167,27 @@ class Reader:
         return bool(self.inbox)
 
     def heal(self, queues, error) -> None:
-        """Re-create what vanished; the next read is the script, which finds the buckets again."""
+        """Re-create what vanished; the next read does not block (something may be waiting)."""
         if self.queues.heal(queues, error):
-            self._buckets_in_use.clear()
             self._block_next = False
 
     def check_stale(self, margin) -> None:
         """Drop the connection of a read that got no reply long after its BLOCK ran out."""
         if self.outstanding is not None:
             waited = monotonic() - self.outstanding.sent_at
-            if waited > self.block_ms / 1000 + margin:
+            if waited > self.block_ms / 1000 + margin and not self._reply_waiting():
                 logger.warning('celery_streams: no reply to a read for %.0f s; reconnecting', waited)
                 self.drop_connection()
                 raise redis.ConnectionError('no reply from Redis for %.0f s' % waited)
+
+    def _reply_waiting(self) -> bool:
+        """A reply sits unread in the socket: the hub was busy (a task under ``-P solo``)."""
+        sock = self.outstanding.connection._sock
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
     # -- basic_get ------------------------------------------------------------
 

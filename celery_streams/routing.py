@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from bisect import bisect
 from fnmatch import fnmatchcase
-from time import time
 
 import redis
 from kombu.utils.json import dumps
@@ -44,7 +43,7 @@ class Router:
     def put(self, queue, message, _publish_batch=None, **kwargs):
         """Append to the stream of a queue by name (created when missing)."""
         key = self.keys.stream(queue, self.bucket(message))
-        payload = serialize(message)
+        payload = serialize(message, self.channel.server_time_ms())
         expires = self.queues.expires(queue)
         if _publish_batch is not None:
             _publish_batch.add(lambda pipe: _xadd(pipe, key, payload, expires))
@@ -96,7 +95,8 @@ class Router:
     def _route_argv(self, exchange, kind, routing_key, message) -> list:
         declared = {queue: self.queues.expires(queue) or 0
                     for _, _, queue in self.queues.declared_bindings(exchange)}
-        return [kind, routing_key or '', serialize(message), self.keys.queue_head,
+        return [kind, routing_key or '', serialize(message, self.channel.server_time_ms()),
+                self.keys.queue_head,
                 self.bucket(message), SEP, *[x for pair in declared.items() for x in pair]]
 
     def _route_in_batch(self, batch, exchange, kind, routing_key, message):
@@ -120,7 +120,7 @@ class Router:
             self._append_if_exists(exchange, queues, message, 0, self.options.fanout_maxlen, **kwargs)
 
     def _append_if_exists(self, exchange, queues, message, bucket, maxlen, _publish_batch=None, **kwargs):
-        payload = serialize(message)
+        payload = serialize(message, self.channel.server_time_ms())
 
         def append(pipe):
             for queue in queues:
@@ -141,20 +141,21 @@ class Router:
             self.queues.drop_stale_bindings(exchange, gone)
 
 
-def serialize(message) -> str:
+def serialize(message, now_ms: float) -> str:
     """The stored form of kombu's envelope: its JSON, less the delivery tag.
 
     A tag names one delivery, so readers make their own; stored, it would
     only cost ~50 bytes per message. A message with an ``expiration`` (kombu's
     per-message TTL, Celery's ``expires``) carries its deadline, in ms since the
-    epoch, as ``x-deadline``: requeues and restores keep it.
+    epoch by the server's clock (``now_ms``), as ``x-deadline``: requeues and
+    restores keep it.
     """
     properties = message['properties']
     properties.pop('delivery_tag', None)
     expiration = properties.get('expiration')
     if expiration is not None and 'x-deadline' not in message:
         try:
-            message['x-deadline'] = int(time() * 1000 + float(expiration))
+            message['x-deadline'] = int(now_ms + float(expiration))
         except (TypeError, ValueError):
             pass
     return dumps(message)

@@ -36,6 +36,7 @@ import logging
 import os
 import secrets
 import socket
+from time import time
 
 import redis
 from kombu.transport import virtual
@@ -67,6 +68,8 @@ class Channel(virtual.Channel):
 
     #: Set when kombu collects the connection after it was lost (:meth:`mark_collected`).
     collected = False
+    #: The server's clock minus this host's, in ms (measured when the channel opens).
+    _clock_offset_ms = 0.0
 
     #: kombu's option, with one more value as the default: ``auto`` stores a
     #: text body (JSON) as it is and a binary one in base64, where kombu's
@@ -90,7 +93,10 @@ class Channel(virtual.Channel):
         self.pool = redis.ConnectionPool(**self.address.pool_arguments(options))
         self.pool_client = redis.Redis(connection_pool=self.pool)
         self.scripts = Scripts(self.pool_client)
-        self.queues = QueueTable(self, self.pool_client, self.keys, self.group)
+        self.queues = QueueTable(
+            self, self.pool_client, self.keys, self.group,
+            orphan_expiry_ms=int(max(options.visibility_timeout, 10.0) * 1000),
+            idle_consumer_ms=int((2 * options.polling_interval + 5) * 1000))
         self.router = Router(self)
         self.inbox = Inbox(self)
         self.reader = Reader(self)
@@ -110,7 +116,12 @@ class Channel(virtual.Channel):
                 pipe.set(self.keys.schema, SCHEMA_VERSION, nx=True)
                 pipe.get(self.keys.schema)
                 pipe.script_load(self.scripts.read.script)
-                _, _, version, _ = pipe.execute()
+                pipe.time()
+                sent = time()
+                _, _, version, _, (seconds, micros) = pipe.execute()
+                # Ages and deadlines are measured on the server's clock: a host whose
+                # clock is off must neither drop fresh messages nor keep stale ones.
+                self._clock_offset_ms = (seconds * 1000 + micros / 1000) - (sent + time()) * 500
         except redis.AuthenticationError as exc:
             raise errors.ConfigurationError(
                 'Redis refused the credentials for %s: %s' % (self.address.where, exc)) from None
@@ -123,6 +134,10 @@ class Channel(virtual.Channel):
                 'keys under %r use schema %s, this celery_streams writes schema %s'
                 % (self.keys.prefix, int(version), SCHEMA_VERSION))
         self.connection.check_eviction_policy(self.pool_client)
+
+    def server_time_ms(self) -> float:
+        """Now, in ms since the epoch, by the server's clock (as measured when the channel opened)."""
+        return time() * 1000 + self._clock_offset_ms
 
     @property
     def client(self):
@@ -175,6 +190,8 @@ class Channel(virtual.Channel):
 
     def basic_consume(self, queue, no_ack, *args, **kwargs):
         record = self.queues[queue]
+        if not record.consumed:
+            self.queues.ensure_groups([queue])   # every bucket: the blocking read names them all
         record.consumed = True
         record.no_ack = bool(no_ack)
         return super().basic_consume(queue, no_ack, *args, **kwargs)
@@ -244,6 +261,9 @@ class Channel(virtual.Channel):
     def renew_liveness(self):
         self.liveness.renew()
 
+    def renewal_tick(self):
+        self.liveness.tick()
+
     def prune_registry(self):
         """Forget registered queues whose streams expired; returns how many."""
         return self.queues.prune_registry(self.scripts)
@@ -296,7 +316,9 @@ class Channel(virtual.Channel):
         # A clean close deletes the auto-delete queues it consumed (a worker's
         # Broadcast and event queues); a lost connection (kombu's collect) does
         # not: the worker comes back for them and for what was sent meanwhile.
-        auto_delete = [] if self.collected else [q for q in consumed if self.queues[q].auto_delete]
+        auto_delete = [] if self.collected else [
+            q for q in consumed
+            if self.queues[q].auto_delete and not self.queues.others_consume(q, self.consumer_name)]
         for queue in auto_delete:
             try:
                 self.queue_delete(queue)
