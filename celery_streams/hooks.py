@@ -10,6 +10,25 @@ from __future__ import annotations
 import sys
 
 
+def running_delivery_tags() -> set:
+    """The delivery tags of the tasks a Celery worker in this process is running now.
+
+    When the connection is lost, Celery drops the tasks it only reserved
+    (prefetched, scheduled) and keeps running the active ones, whose acks
+    come later: those must stay with their consumer, not be put back.
+    """
+    state = sys.modules.get('celery.worker.state')
+    if state is None:
+        return set()
+    tags = set()
+    for request in list(state.active_requests):
+        message = getattr(request, 'message', None)
+        tag = getattr(message, 'delivery_tag', None)
+        if tag is not None:
+            tags.add(tag)
+    return tags
+
+
 def worker_shutting_down() -> bool:
     """True once a Celery worker in this process began its shutdown."""
     state = sys.modules.get('celery.worker.state')

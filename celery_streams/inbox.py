@@ -111,7 +111,8 @@ class Inbox:
             self.settle_noack([(queue, bucket, entry_id)], noack)   # expired: dropped, as AMQP does
             return None
         properties['delivery_tag'] = make_tag(entry_id, channel.consumer_name, queue, bucket)
-        if delivered > 1 or fields.get('redelivered'):
+        if (delivered > 1 or fields.get('redelivered')
+                or self.queues.healed_before(self.keys.stream(queue, bucket), entry_id)):
             delivery_info['redelivered'] = True
         return payload
 

@@ -60,7 +60,7 @@ def scan_queue_keys(client: redis.Redis, keys: Keys) -> dict[str, QueueKeys]:
             entry.streams[info.detail] = key
         elif info.role == 'dead':
             entry.dead_letters = key
-        else:
+        elif info.role == 'alive':
             entry.alive[info.detail] = key
     return found
 

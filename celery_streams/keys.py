@@ -20,6 +20,11 @@ key                                     type    holds
 ``{P}celery-streams:q:{Q}:alive:{C}``   string  present while consumer C of queue Q lives
                                                 (its worker renews it; expires after
                                                 ``visibility_timeout``)
+``{P}celery-streams:q:{Q}:healed:{N}``  string  the last entry id of bucket N's stream
+                                                when its lost group was re-created:
+                                                entries up to it may have been in
+                                                flight (expires after
+                                                ``visibility_timeout``)
 ======================================  ======  =========================================
 
 ``P`` is kombu's ``global_keyprefix`` (empty by default). The braces around a
@@ -50,8 +55,8 @@ FANOUT = 'fanout'
 class KeyInfo(NamedTuple):
     """What a per-queue key is: its queue, its role and the role's detail.
 
-    Roles: ``stream`` (detail: the priority bucket), ``dead`` (detail: None)
-    and ``alive`` (detail: the consumer name).
+    Roles: ``stream`` (detail: the priority bucket), ``dead`` (detail: None),
+    ``alive`` (detail: the consumer name) and ``healed`` (detail: the bucket).
     """
 
     queue: str
@@ -99,6 +104,10 @@ class Keys:
     def alive(self, queue: str, consumer: str) -> str:
         return self.alive_prefix(queue) + consumer
 
+    def healed(self, queue: str, bucket: int = 0) -> str:
+        """The healed mark of a stream of ``queue`` (see the ``create_group`` script)."""
+        return '%s%s}:healed:%d' % (self.queue_head, queue, bucket)
+
     def bindings(self, exchange: str) -> str:
         """The set of bindings of ``exchange``."""
         return self.bindings_head + exchange + '}'
@@ -132,6 +141,9 @@ class Keys:
         if '}:alive:' in body:
             queue, _, consumer = body.partition('}:alive:')
             return KeyInfo(queue, 'alive', consumer)
+        if '}:healed:' in body:
+            queue, _, bucket = body.partition('}:healed:')
+            return KeyInfo(queue, 'healed', int(bucket)) if bucket.isdigit() else None
         if body.endswith('}:dead'):
             return KeyInfo(body[:-len('}:dead')], 'dead', None)
         bucket = _BUCKET.match(body)
@@ -176,7 +188,7 @@ def parse_binding(member: bytes | str) -> tuple[str, str, str]:
 COMMANDS = (
     'ping', 'time', 'client|setname', 'multi', 'exec', 'get', 'set', 'del', 'exists', 'pexpire',
     'hset', 'hsetnx', 'hdel', 'hkeys', 'sadd', 'srem', 'smembers',
-    'xadd', 'xreadgroup', 'xack', 'xdel', 'xlen', 'xrange', 'xtrim', 'xpending', 'xclaim',
+    'xadd', 'xreadgroup', 'xack', 'xdel', 'xlen', 'xrange', 'xrevrange', 'xtrim', 'xpending', 'xclaim',
     'xgroup|create', 'xgroup|delconsumer', 'xinfo|groups', 'xinfo|consumers',
     'eval', 'evalsha', 'script|load', 'script|exists', 'scan',
 )

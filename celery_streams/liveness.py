@@ -53,7 +53,7 @@ class Liveness:
 
     # -- renewal ------------------------------------------------------------------
 
-    def tick(self) -> None:
+    def tick(self) -> bool:
         """From the renewal thread, about every second: renew what is due.
 
         Liveness every third of ``visibility_timeout``; the expiry of consumed
@@ -62,13 +62,16 @@ class Liveness:
         queue expire.
         """
         channel = self.channel
-        if channel.closed:
-            return
+        if channel.closed and not channel.qos.holds_messages():
+            self.forget()   # a held channel's last running task was acked
+            return False
         now = monotonic()
         if now >= self._next_renew:
             self._next_renew = now + self.renew_every
             self.renew()
-        channel.queues.refresh_expiry(channel.consuming_queues())
+        if not channel.closed:
+            channel.queues.refresh_expiry(channel.consuming_queues())
+        return True
 
     def renew(self) -> None:
         """Say this consumer lives, for ``visibility_timeout``, on every queue it holds.
@@ -186,13 +189,15 @@ class Renewer:
     #: Seconds between two ticks; each channel decides what is due.
     EVERY = 1.0
 
-    def __init__(self, channels, every=EVERY):
-        self.channels = channels    # a live list: channels come and go
+    def __init__(self, poller, every=EVERY):
+        self.poller = poller        # its renewed_channels() come and go
         self.every = every
         self._stopped = threading.Event()
+        self._idle_stop = False
         self._thread = None
 
     def ensure_started(self) -> None:
+        self._idle_stop = False
         if self._thread is None or not self._thread.is_alive():
             self._stopped.clear()
             self._thread = threading.Thread(target=self._run, name='celery-streams-renewer', daemon=True)
@@ -201,10 +206,21 @@ class Renewer:
     def stop(self) -> None:
         self._stopped.set()
 
+    def stop_when_idle(self) -> None:
+        """Stop now, or once no held channel is left (the transport closed)."""
+        self._idle_stop = True
+        if not self.poller.held:
+            self.stop()
+
     def _run(self) -> None:
         while not self._stopped.wait(self.every):
-            for channel in list(self.channels):
+            for channel in self.poller.renewed_channels():
                 try:
-                    channel.renewal_tick()
+                    needed = channel.renewal_tick()
                 except Exception as exc:   # Redis away: the consume loop reports it
                     logger.debug('celery_streams: liveness renewal failed: %s', exc)
+                    continue
+                if not needed and channel in self.poller.held:
+                    self.poller.held.remove(channel)
+            if self._idle_stop and not self.poller.held:
+                self.stop()

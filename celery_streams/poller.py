@@ -54,8 +54,11 @@ class ConsumingChannel(Protocol):
     def finish_read(self) -> bool: ...
     def check_stale_read(self, margin: float) -> None: ...
     def drop_reader_connection(self) -> None: ...
-    def renewal_tick(self) -> None:
-        """Called from the renewal thread about every second: renew what is due."""
+    def renewal_tick(self) -> bool:
+        """Called from the renewal thread about every second: renew what is due.
+
+        False once a closed channel holds nothing more.
+        """
 
 
 class Poller:
@@ -63,9 +66,10 @@ class Poller:
 
     def __init__(self, renew_every=None):
         self.channels: list[ConsumingChannel] = []
+        self.held: list[ConsumingChannel] = []
         self.hub = None
         self._hub_fds: dict[int, ConsumingChannel] = {}   # fd -> channel, registered with the hub
-        self._renewer = Renewer(self.channels, min(renew_every, Renewer.EVERY)) if renew_every else None
+        self._renewer = Renewer(self, min(renew_every, Renewer.EVERY)) if renew_every else None
 
     def add(self, channel):
         if channel not in self.channels:
@@ -73,9 +77,24 @@ class Poller:
         if self._renewer is not None:
             self._renewer.ensure_started()
 
+    def hold(self, channel):
+        """A channel closed after a lost connection still holds running tasks: keep it alive.
+
+        The renewal thread renews its liveness until it holds nothing (its
+        tasks were acked), so no other consumer takes them over meanwhile.
+        """
+        self.discard(channel)
+        if self._renewer is not None:
+            self.held.append(channel)
+            self._renewer.ensure_started()
+
+    def renewed_channels(self) -> list:
+        """The channels the renewal thread serves: consuming ones, then held ones."""
+        return list(self.channels) + list(self.held)
+
     def close(self):
         if self._renewer is not None:
-            self._renewer.stop()
+            self._renewer.stop_when_idle()
 
     def discard(self, channel):
         if channel in self.channels:

@@ -14,13 +14,17 @@ reader, so an acked or drained message never returns).
 """
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from typing import NamedTuple
 
 from kombu.transport import virtual
 
-from . import wire
+from . import errors, wire
+from .hooks import running_delivery_tags
+
+logger = logging.getLogger(__name__)
 
 #: Messages read at once by a consumer without a prefetch limit (no_ack consumers).
 UNLIMITED_BATCH = 100
@@ -68,13 +72,31 @@ class QoS(virtual.QoS):
         self._quick_ack(delivery_tag)
 
     def restore_unacked(self):
-        """Put every unacked message back, in one round trip; return the failures."""
+        """Put every unacked message back, in one round trip; return the failures.
+
+        After a lost connection (the channel was collected), the tasks a
+        Celery worker is still running stay delivered: their consumer keeps
+        them alive and their acks are sent when they finish, so a connection
+        blip never runs them twice.
+        """
         self._flush()
         delivered = self._delivered
         messages = dict(delivered)
         delivered.clear()
+        if self.channel.collected:
+            running = running_delivery_tags()
+            for tag in [tag for tag in messages if tag in running]:
+                delivered[tag] = messages.pop(tag)
         failed = self.restore_tags(list(messages))
-        return [(error, messages[tag]) for tag, error in failed if tag not in self._dirty]
+        away = [tag for tag, error in failed if isinstance(error, errors.connection_errors)]
+        if away:   # not lost: still pending in Redis, taken over after visibility_timeout
+            logger.warning('celery_streams: Redis is away; %d unacked message(s) stay pending and '
+                           'are redelivered once this consumer\'s liveness lapses', len(away))
+        return [(error, messages[tag]) for tag, error in failed
+                if tag not in self._dirty and tag not in away]
+
+    def holds_messages(self) -> bool:
+        return bool(self._delivered)
 
     def held_queues(self) -> set:
         """The queues of the messages delivered and not yet acked."""
@@ -153,10 +175,16 @@ class QoS(virtual.QoS):
         if not tags:
             return []
         channel = self.channel
-        self.flush_acks()   # an acked message must never be restored
-        with channel.pool_client.pipeline(transaction=False) as pipe:
-            for tag in map(parse_tag, tags):
-                channel.scripts.restore(keys=[channel.keys.stream(tag.queue, tag.bucket)], client=pipe,
-                                        args=[channel.group, tag.consumer, tag.entry_id, int(attempted)])
-            results = pipe.execute(raise_on_error=False)
+        try:
+            self.flush_acks()   # an acked message must never be restored
+            with channel.pool_client.pipeline(transaction=False) as pipe:
+                for tag in map(parse_tag, tags):
+                    channel.scripts.restore(keys=[channel.keys.stream(tag.queue, tag.bucket)],
+                                            client=pipe, args=[channel.group, tag.consumer,
+                                                               tag.entry_id, int(attempted)])
+                results = pipe.execute(raise_on_error=False)
+        except errors.connection_errors as exc:
+            # Redis is away: nothing was put back. The entries stay pending for
+            # this consumer and are taken over once its liveness lapses.
+            return [(tag, exc) for tag in tags]
         return [(tag, result) for tag, result in zip(tags, results) if isinstance(result, Exception)]

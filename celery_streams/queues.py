@@ -52,11 +52,14 @@ class QueueTable:
     """
 
     def __init__(self, channel, client, keys: Keys, group: str, *, orphan_expiry_ms: int,
-                 idle_consumer_ms: int):
+                 idle_consumer_ms: int, healed_mark_ms: int):
         self.channel = channel
         self.client = client
         self.keys = keys
         self.group = group
+        self.healed_mark_ms = healed_mark_ms
+        #: stream -> (ms, seq) of its healed mark: entries up to it may have been in flight.
+        self.healed_marks: dict = {}
         #: The expiry given to a broadcast queue that is auto-delete and has none:
         #: its consumers renew it, so the queue of a killed worker goes away.
         self.orphan_expiry_ms = orphan_expiry_ms
@@ -207,25 +210,38 @@ class QueueTable:
         main stream alone for a broadcast queue (broadcasts have no priorities)."""
         return [self.keys.stream(queue)] if self.is_broadcast(queue) else self.keys.streams(queue)
 
-    def ensure_groups(self, queues) -> dict:
+    def ensure_groups(self, queues, healing=False) -> dict:
         """Create the group on every stream a consumer of ``queues`` reads (``MKSTREAM``).
 
         A blocked ``XREADGROUP`` sees only streams it names, and naming a stream
         without the group fails the read: so every priority bucket gets its
         stream and group before the first read, and a message published to any
         bucket, by any process, wakes the reader at once.
+        When ``healing``, a group re-created at ``0`` leaves a mark (see the
+        ``create_group`` script); marks found are kept in :attr:`healed_marks`.
         Returns queue -> whether a group was created.
         """
         plan = [(queue, stream) for queue in queues for stream in self.read_streams(queue)]
+        script = self.channel.scripts.create_group
         with self.client.pipeline(transaction=False) as pipe:
             for queue, stream in plan:
-                pipe.xgroup_create(stream, self.group, id=self._start_id(queue), mkstream=True)
+                _, bucket = self.keys.parse_stream(stream)
+                script(keys=[stream, self.keys.healed(queue, bucket)], client=pipe,
+                       args=[self.group, self._start_id(queue), int(healing), self.healed_mark_ms])
             results = pipe.execute(raise_on_error=False)
-        raise_unless_busygroup(results)
         created: dict = {}
-        for (queue, _), result in zip(plan, results):
-            created[queue] = created.get(queue, False) or result is True
+        for (queue, stream), result in zip(plan, results):
+            if isinstance(result, Exception):
+                raise errors.translate_write_error(result)
+            created[queue] = created.get(queue, False) or bool(result[0])
+            if result[1]:
+                self.healed_marks[stream] = entry_id_tuple(text(result[1]))
         return created
+
+    def healed_before(self, stream: str, entry_id: str) -> bool:
+        """Whether the entry may have been in flight when the group of ``stream`` was lost."""
+        mark = self.healed_marks.get(stream)
+        return mark is not None and entry_id_tuple(entry_id) <= mark
 
     def heal(self, queues, error) -> list[str]:
         """Re-create the groups (and registry, bindings) of ``queues``; log once each.
@@ -236,7 +252,7 @@ class QueueTable:
         queues = [q for q in queues if not self.is_deleted(q)]
         if not queues:
             return []
-        created = self.ensure_groups(queues)
+        created = self.ensure_groups(queues, healing=True)
         self._expiry_refreshed_at = 0.0
         self.refresh_expiry(queues)
         for queue in queues:
@@ -287,6 +303,11 @@ def raise_unless_busygroup(results) -> None:
     for result in results:
         if isinstance(result, Exception) and not errors.is_busy_group(result):
             raise errors.translate_write_error(result)
+
+
+def entry_id_tuple(entry_id: str) -> tuple:
+    ms, _, seq = entry_id.partition('-')
+    return int(ms), int(seq or 0)
 
 
 def _milliseconds(value) -> int | None:

@@ -96,7 +96,8 @@ class Channel(virtual.Channel):
         self.queues = QueueTable(
             self, self.pool_client, self.keys, self.group,
             orphan_expiry_ms=int(max(options.visibility_timeout, 10.0) * 1000),
-            idle_consumer_ms=int((2 * options.polling_interval + 5) * 1000))
+            idle_consumer_ms=int((2 * options.polling_interval + 5) * 1000),
+            healed_mark_ms=int(options.visibility_timeout * 1000))
         self.router = Router(self)
         self.inbox = Inbox(self)
         self.reader = Reader(self)
@@ -262,7 +263,7 @@ class Channel(virtual.Channel):
         self.liveness.renew()
 
     def renewal_tick(self):
-        self.liveness.tick()
+        return self.liveness.tick()
 
     def prune_registry(self):
         """Forget registered queues whose streams expired; returns how many."""
@@ -332,7 +333,10 @@ class Channel(virtual.Channel):
                 self.liveness.leave_groups([q for q in consumed if q not in auto_delete])
             except Exception:
                 logger.debug('celery_streams: could not leave the consumer groups', exc_info=True)
-        if poller is not None:
+        self.qos.loop_turn(None)   # acks from now on are sent at once
+        if poller is not None and self.collected and self.qos.holds_messages():
+            poller.hold(self)      # running tasks: renewed until acked (their acks still work)
+        elif poller is not None:
             poller.discard(self)
         self.reader.close()
         self.pool.disconnect()
@@ -372,8 +376,10 @@ class Transport(virtual.Transport):
         return redis.__version__
 
     def close_connection(self, connection):
-        super().close_connection(connection)
-        self.poller.close()
+        try:
+            super().close_connection(connection)
+        finally:
+            self.poller.close()
 
     def _collect(self, connection):
         """The connection was lost (kombu's ``Connection.collect``): close without cleaning up.

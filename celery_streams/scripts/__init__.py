@@ -22,7 +22,7 @@ from redis.exceptions import NoScriptError
 from .. import wire
 
 NAMES = ('restore', 'drain', 'append', 'reclaim', 'read', 'forget_consumer', 'route', 'requeue_dead',
-         'prune_registry')
+         'prune_registry', 'create_group')
 
 
 @lru_cache(maxsize=None)
