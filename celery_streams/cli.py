@@ -119,6 +119,16 @@ def prefix_option(command):
              "broker_transport_options.")(command)
 
 
+def force_option(group: str):
+    return click.option('-f', '--force', cls=CeleryOption, is_flag=True, help_group=group,
+                        help="Don't prompt for confirmation.")
+
+
+def dry_run_option(group: str, what: str):
+    return click.option('--dry-run', cls=CeleryOption, is_flag=True, help_group=group,
+                        help='Show what would be %s; change nothing.' % what)
+
+
 def confirm(obj: CLIContext, action: str, force: bool, target: Target, what: str) -> None:
     """Ask like ``celery purge``; without a terminal, refuse unless --force."""
     if force:
@@ -167,10 +177,8 @@ def streams(ctx, prefix, **kwargs):
 @streams.command(cls=CeleryCommand)
 @click.option('-Q', '--queues', cls=CeleryOption, type=COMMA_SEPARATED_LIST, help_group='Drain Options',
               help='Comma separated queue names; default: every task queue in the registry.')
-@click.option('-f', '--force', cls=CeleryOption, is_flag=True, help_group='Drain Options',
-              help="Don't prompt for confirmation.")
-@click.option('--dry-run', cls=CeleryOption, is_flag=True, help_group='Drain Options',
-              help='Show what would be removed; change nothing.')
+@force_option('Drain Options')
+@dry_run_option('Drain Options', 'removed')
 @click.option('--include-broadcast', cls=CeleryOption, is_flag=True, help_group='Drain Options',
               help='Drain broadcast (fanout) queues too.')
 @click.option('--dead-letters', cls=CeleryOption, is_flag=True, help_group='Drain Options',
@@ -225,10 +233,8 @@ def _echo_drained(obj, drained, verb):
 # -- nuke ---------------------------------------------------------------------
 
 @streams.command(cls=CeleryCommand)
-@click.option('-f', '--force', cls=CeleryOption, is_flag=True, help_group='Nuke Options',
-              help="Don't prompt for confirmation.")
-@click.option('--dry-run', cls=CeleryOption, is_flag=True, help_group='Nuke Options',
-              help='Show what would be destroyed; change nothing.')
+@force_option('Nuke Options')
+@dry_run_option('Nuke Options', 'destroyed')
 @click.option('--keep-dead-letters', cls=CeleryOption, is_flag=True, help_group='Nuke Options',
               help='Keep the dead-letter streams.')
 @prefix_option
@@ -411,10 +417,8 @@ def list_dead_letters(ctx, queues, as_json, limit, prefix, **kwargs):
 @click.option('--id', 'ids', cls=CeleryOption, multiple=True, help_group='Requeue Options',
               help='Requeue only this dead letter (its id in `dead-letters list`); repeatable, '
                    'or comma separated.')
-@click.option('-f', '--force', cls=CeleryOption, is_flag=True, help_group='Requeue Options',
-              help="Don't prompt for confirmation.")
-@click.option('--dry-run', cls=CeleryOption, is_flag=True, help_group='Requeue Options',
-              help='Show what would be requeued; change nothing.')
+@force_option('Requeue Options')
+@dry_run_option('Requeue Options', 'requeued')
 @prefix_option
 @click.pass_context
 def requeue(ctx, queues, ids, force, dry_run, prefix, **kwargs):
@@ -480,10 +484,8 @@ def _requeue_line(item) -> str:
 
 @dead_letters.command(cls=CeleryCommand)
 @_queues_option('Purge Options')
-@click.option('-f', '--force', cls=CeleryOption, is_flag=True, help_group='Purge Options',
-              help="Don't prompt for confirmation.")
-@click.option('--dry-run', cls=CeleryOption, is_flag=True, help_group='Purge Options',
-              help='Show what would be deleted; change nothing.')
+@force_option('Purge Options')
+@dry_run_option('Purge Options', 'deleted')
 @prefix_option
 @click.pass_context
 def purge(ctx, queues, force, dry_run, prefix, **kwargs):
