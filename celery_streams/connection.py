@@ -20,12 +20,11 @@ arguments) turns TLS on for any scheme.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import redis
-from kombu.utils.url import maybe_sanitize_url, parse_url
+from kombu.utils.url import parse_url
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -158,11 +157,18 @@ def first_url(broker_url: Any) -> str | None:
 
 
 def safe_url(url: Any) -> str:
-    """The URL with its password masked (``redis://user:**@host/0``), as kombu prints it."""
-    try:
-        return maybe_sanitize_url(url)
-    except ValueError:   # kombu could not parse it (a port that is not a number...)
-        return re.sub(r'(://[^/@]*?:)[^/@]*@', r'\1**@', str(url))
+    """The URL with its password masked (``redis://user:**@host/0``), whatever it looks like.
+
+    Everything between ``://`` and the last ``@`` is credentials, even when a
+    password holds ``/``, ``@`` or ``:`` and no URL parser makes sense of it.
+    """
+    text = str(url)
+    scheme, sep, rest = text.partition('://')
+    if not sep or '@' not in rest:
+        return text
+    credentials, _, host = rest.rpartition('@')
+    user, colon, _ = credentials.partition(':')
+    return '%s://%s@%s' % (scheme, user + ':**' if colon else '**', host)
 
 
 def refuse_foreign_alternates(client) -> None:
@@ -189,8 +195,10 @@ def _parse(url: str) -> dict:
             % (safe_url(url), ', '.join(s + '://' for s in REDIS_SCHEMES)))
     try:
         return parse_url(url)
-    except ValueError as exc:   # a port that is not a number...
-        raise ConfigurationError('cannot parse broker URL %s: %s' % (safe_url(url), exc)) from None
+    except ValueError:   # a port that is not a number... (its text may quote the password)
+        raise ConfigurationError(
+            'cannot parse broker URL %s: the port must be a number, and a password holding '
+            '/, @ or : must be percent-encoded (%%2F, %%40, %%3A)' % safe_url(url)) from None
     except KeyError as exc:     # kombu's parse_ssl_cert_reqs
         raise ConfigurationError('broker URL %s: ssl_cert_reqs is required, optional or none, not %s'
                                  % (safe_url(url), exc)) from None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import socket
 
+import click
+
 from kombu.exceptions import InconsistencyError, KombuError
 from kombu.transport import virtual
 from redis import exceptions as redis_errors
@@ -17,8 +19,21 @@ class StreamsError(KombuError):
     """Base of every error this package raises."""
 
 
-class ConfigurationError(StreamsError, ValueError):
-    """A URL, option or setting that cannot work; fix the configuration."""
+class ConfigurationError(StreamsError, ValueError, click.ClickException):
+    """A URL, option or setting that cannot work; fix the configuration.
+
+    It is a ``click.ClickException`` too: raised under a ``celery`` command
+    (``celery worker`` builds the transport while it starts), it is printed
+    as one line, ``Error: ...``, and the command exits with ``EX_CONFIG`` (78).
+    """
+
+    exit_code = 78
+
+    def __init__(self, message):
+        click.ClickException.__init__(self, message)
+
+    def __str__(self):
+        return self.message
 
 
 class SchemaMismatch(StreamsError):

@@ -1,5 +1,8 @@
 """The one place the transport looks into Celery's worker, which it does not import.
 
+It reads the worker's state (shutdown flags, running tasks) and shortens how
+Celery reports a configuration error that stops a worker.
+
 Celery keeps a worker's shutdown flags in ``celery.worker.state``. A pool that
 runs tasks inside the delivery (``-P solo``) would otherwise run a whole
 prefetched batch after a warm shutdown was asked for. The module is read only
@@ -7,7 +10,10 @@ when a worker already imported it: plain kombu programs never load Celery.
 """
 from __future__ import annotations
 
+import logging
 import sys
+
+from .errors import ConfigurationError, SchemaMismatch
 
 
 def running_delivery_tags() -> set:
@@ -35,3 +41,22 @@ def worker_shutting_down() -> bool:
     if state is None:
         return False
     return any(flag not in (None, False) for flag in (state.should_stop, state.should_terminate))
+
+
+class _OneLineConfigurationErrors(logging.Filter):
+    """Celery logs an error that stops its worker with a traceback; a configuration error
+    (wrong password, wrong database, a schema mismatch) is said in one line instead."""
+
+    def filter(self, record):
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, (ConfigurationError, SchemaMismatch)):
+            record.msg, record.args = 'Unrecoverable error: %s', (error,)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def one_line_worker_errors() -> None:
+    """Install the filter on the logger of Celery's ``WorkController`` (once)."""
+    worker_logger = logging.getLogger('celery.worker')   # celery.worker.worker's logger
+    if not any(isinstance(f, _OneLineConfigurationErrors) for f in worker_logger.filters):
+        worker_logger.addFilter(_OneLineConfigurationErrors())

@@ -45,6 +45,7 @@ neither kombu nor this transport knows is an error: a typo must not pass.
 from __future__ import annotations
 
 import logging
+from difflib import get_close_matches
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -107,9 +108,13 @@ class Options:
         ours = {f.name: f for f in fields(cls) if f.name != 'ignored'}
         unknown = sorted(k for k in given if k not in ours and k not in IGNORED and k not in KOMBU_OWN)
         if unknown:
+            known = sorted(ours)
+            hints = ['%r (did you mean %r?)' % (name, close[0]) if close else repr(name)
+                     for name in unknown
+                     for close in [get_close_matches(str(name), known, n=1, cutoff=0.75)]]
             raise ConfigurationError(
                 'unknown transport option(s) %s for celery_streams; known: %s'
-                % (', '.join(map(repr, unknown)), ', '.join(sorted(ours))))
+                % (', '.join(hints), ', '.join(known)))
         values = {k: given[k] for k in ours if k in given}
         for name in ('polling_interval', 'visibility_timeout'):
             if name in values:

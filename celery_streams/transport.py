@@ -42,7 +42,7 @@ import redis
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 
-from . import errors
+from . import errors, hooks
 from .connection import SCHEMES, TLS_SCHEMES, Address, refuse_foreign_alternates  # noqa: F401
 from .inbox import Inbox
 from .keys import SCHEMA_VERSION, Keys
@@ -57,6 +57,7 @@ from .routing import Router
 from .scripts import Scripts
 
 logger = logging.getLogger(__name__)
+hooks.one_line_worker_errors()
 
 
 class Channel(virtual.Channel):
@@ -399,10 +400,18 @@ class Transport(virtual.Transport):
         self.poller.drain_events(timeout)
 
     def check_eviction_policy(self, client):
-        """Warn once when the server may evict keys: a stream evicted is a queue lost."""
+        """Warn once per process and server when keys may be lost to eviction, or options ignored.
+
+        A Celery worker opens several connections (tasks, remote control,
+        events, gossip): one warning is enough.
+        """
         if self._eviction_checked:
             return
         self._eviction_checked = True
+        checked = (self.address.where, self.options.ignored)
+        if checked in _CHECKED:
+            return
+        _CHECKED.add(checked)
         self.options.warn_ignored()
         try:
             policy = client.config_get('maxmemory-policy').get('maxmemory-policy', '')
@@ -413,5 +422,8 @@ class Transport(virtual.Transport):
                 "celery_streams: Redis maxmemory-policy is %r: under memory pressure Redis may "
                 "evict queue streams and their messages; use 'noeviction'", policy)
 
+
+#: (server, options) pairs this process has checked already.
+_CHECKED: set = set()
 
 DEFAULT_PORT = Transport.default_port
