@@ -131,6 +131,12 @@ class Channel(virtual.Channel):
             raise errors.ConfigurationError(
                 'the Redis user may not use the transport keys %s* on %s: %s'
                 % (self.keys.prefix, self.address.where, exc)) from None
+        except redis.ResponseError as exc:
+            if 'DB index' not in str(exc):
+                raise
+            raise errors.ConfigurationError(
+                'database %d does not exist on %s (%s): use a number below its "databases" setting'
+                % (self.address.db, self.address.where, exc)) from None
         if version is not None and int(version) != SCHEMA_VERSION:
             raise errors.SchemaMismatch(
                 'keys under %r use schema %s, this celery_streams writes schema %s'
