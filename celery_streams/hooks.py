@@ -55,8 +55,26 @@ class _OneLineConfigurationErrors(logging.Filter):
         return True
 
 
+_node_name = None
+
+
+def worker_node_name():
+    """The node name of the Celery worker in this process (``w1@host``), or None."""
+    return _node_name
+
+
+def _remember_node_name(sender=None, **kwargs):
+    global _node_name
+    _node_name = str(sender).replace('/', '_') if sender else None
+
+
 def one_line_worker_errors() -> None:
-    """Install the filter on the logger of Celery's ``WorkController`` (once)."""
+    """Install the filter on the logger of Celery's ``WorkController`` (once), and learn the
+    worker's node name when it starts (consumer names carry it, so ``status`` shows it)."""
+    signals = sys.modules.get('celery.signals')   # loaded by a worker; plain kombu: not at all
+    if signals is not None:
+        signals.celeryd_after_setup.connect(_remember_node_name, weak=False,
+                                            dispatch_uid='celery_streams.node_name')
     worker_logger = logging.getLogger('celery.worker')   # celery.worker.worker's logger
     if not any(isinstance(f, _OneLineConfigurationErrors) for f in worker_logger.filters):
         worker_logger.addFilter(_OneLineConfigurationErrors())

@@ -96,11 +96,16 @@ class QoS(virtual.QoS):
                 if tag not in self._dirty and tag not in away]
 
     def holds_messages(self) -> bool:
-        return bool(self._delivered)
+        return bool(self.unacked_tags())
+
+    def unacked_tags(self) -> list:
+        """Tags delivered and not acked (kombu removes acked ones lazily, at its next flush)."""
+        dirty = self._dirty
+        return [tag for tag in list(self._delivered) if tag not in dirty]
 
     def held_queues(self) -> set:
         """The queues of the messages delivered and not yet acked."""
-        return {parse_tag(tag).queue for tag in list(self._delivered)}
+        return {parse_tag(tag).queue for tag in self.unacked_tags()}
 
     # -- the read budget ------------------------------------------------------
 

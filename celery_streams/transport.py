@@ -90,7 +90,10 @@ class Channel(virtual.Channel):
         self.group = options.consumer_group
         # Unique per channel instance: a reconnected channel must not inherit the entries
         # of its predecessor (they are reclaimed once its liveness lapses).
-        self.consumer_name = '%s:%s:%s' % (socket.gethostname(), os.getpid(), secrets.token_hex(3))
+        # The node name of a Celery worker (w1@host) when there is one, so an operator
+        # can tell whose consumer it is in `celery streams status`.
+        self.consumer_name = '%s:%s:%s' % (hooks.worker_node_name() or socket.gethostname(),
+                                           os.getpid(), secrets.token_hex(3))
         self.pool = redis.ConnectionPool(**self.address.pool_arguments(options))
         self.pool_client = redis.Redis(connection_pool=self.pool)
         self.scripts = Scripts(self.pool_client)
@@ -210,6 +213,11 @@ class Channel(virtual.Channel):
         if queue is not None and queue not in self._active_queues:
             self.inbox.restore(queue)   # read for this consumer, never handed over
             self.queues[queue].no_ack = False
+            if not self.closed:
+                try:
+                    self.liveness.renew()   # its liveness ends now, unless it still holds messages
+                except errors.connection_errors + (redis.ResponseError,) as exc:
+                    logger.debug('celery_streams: liveness not renewed at cancel: %s', exc)
         return result
 
     def consuming_queues(self):
