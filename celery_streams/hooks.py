@@ -40,7 +40,9 @@ def worker_shutting_down() -> bool:
     state = sys.modules.get('celery.worker.state')
     if state is None:
         return False
-    return any(flag not in (None, False) for flag in (state.should_stop, state.should_terminate))
+    # The flags hold the exit code once set, and a warm shutdown's is EX_OK: 0.
+    return any(flag is not None and flag is not False
+               for flag in (state.should_stop, state.should_terminate))
 
 
 class _OneLineConfigurationErrors(logging.Filter):

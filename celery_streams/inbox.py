@@ -174,8 +174,8 @@ class Inbox:
         delivered, first_error, started = 0, None, monotonic()
         buffer, qos = self.buffer, channel.qos
         while buffer and (limit is None or delivered < limit) and qos.can_consume():
-            if delivered and worker_shutting_down():
-                break   # a blocking pool (solo) ran one: the rest go back at close
+            if worker_shutting_down():
+                break   # a blocking pool (solo) may have run one: the rest go back at close
             if qos.has_acks() and monotonic() - started > ACK_DELAY:
                 qos.flush_acks()   # callbacks that run tasks (-P solo): acks go out between them
                 started = monotonic()

@@ -71,6 +71,7 @@ class Liveness:
             self.renew()
         if not channel.closed:
             channel.queues.refresh_expiry(channel.consuming_queues())
+            channel.queues.retry_refused(channel.consuming_queues())
         return True
 
     def renew(self) -> None:

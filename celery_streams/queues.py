@@ -60,6 +60,9 @@ class QueueTable:
         self.healed_mark_ms = healed_mark_ms
         #: stream -> (ms, seq) of its healed mark: entries up to it may have been in flight.
         self.healed_marks: dict = {}
+        #: Priority-bucket streams a full Redis (maxmemory) refused to create: left out of
+        #: blocking reads, and created once Redis has room again (see :meth:`retry_refused`).
+        self.refused: set = set()
         #: The expiry given to a broadcast queue that is auto-delete and has none:
         #: its consumers renew it, so the queue of a killed worker goes away.
         self.orphan_expiry_ms = orphan_expiry_ms
@@ -232,11 +235,25 @@ class QueueTable:
         created: dict = {}
         for (queue, stream), result in zip(plan, results):
             if isinstance(result, Exception):
-                raise errors.translate_write_error(result)
+                error = errors.translate_write_error(result)
+                if not isinstance(error, errors.OutOfMemory) or stream == self.keys.stream(queue):
+                    raise error
+                if stream not in self.refused:   # a full Redis: consumers must still drain it
+                    logger.warning('celery_streams: Redis is full; priority stream %s of queue %r '
+                                   'is read once Redis has room again', stream, queue)
+                self.refused.add(stream)
+                continue
+            self.refused.discard(stream)
             created[queue] = created.get(queue, False) or bool(result[0])
             if result[1]:
                 self.healed_marks[stream] = entry_id_tuple(text(result[1]))
         return created
+
+    def retry_refused(self, queues) -> None:
+        """Create the streams a full Redis refused, for those of ``queues`` that have some."""
+        waiting = [q for q in queues if any(s in self.refused for s in self.read_streams(q))]
+        if waiting:
+            self.ensure_groups(waiting)
 
     def healed_before(self, stream: str, entry_id: str) -> bool:
         """Whether the entry may have been in flight when the group of ``stream`` was lost."""

@@ -103,7 +103,9 @@ class Reader:
 
     def blocking_read(self, plan, noack) -> list:
         """Every stream of the plan: each got its group when its consumer started."""
+        refused = self.queues.refused
         streams = [self.keys.stream(queue, bucket) for queue, bucket in plan]
+        streams = [stream for stream in streams if stream not in refused]
         command = ['XREADGROUP', 'GROUP', self.channel.group, self.channel.consumer_name,
                    'COUNT', 1, 'BLOCK', self.block_ms]
         if noack:
