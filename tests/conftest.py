@@ -8,9 +8,17 @@
   restart or reconfigure; they are stopped at the end of the test.
 
 ``CELERY_STREAMS_TEST_SERVERS=redis7,valkey8`` narrows the matrix.
+
+Without any server (none installed, or none left after that variable) the
+tests that need one are skipped, saying why, and the tests of pure code
+(``tests/test_pure.py``...) still run; in CI (``CI=true``) a missing server
+stops the session instead. A test needs a server when it uses one of
+:data:`SERVER_FIXTURES` (directly or through another fixture) or is marked
+``needs_server``.
 """
 from __future__ import annotations
 
+import os
 import secrets
 import signal
 import threading
@@ -28,6 +36,20 @@ try:
 except servers.NoServerFound as exc:
     SERVERS, _DISCOVERY_ERROR = [], str(exc)
 
+#: Fixtures that start (or need) a server: a test using one is skipped without servers.
+SERVER_FIXTURES = frozenset({
+    "redis_server", "tls_redis_server", "fresh_redis_server", "preferred_server_binary",
+    "celery_integration_server",   # tests/celery_integration/conftest.py
+    "streams_server_url",          # the celery_streams.testing plugin's embedded server
+})
+#: Without servers, the parameter of ``redis_server`` / ``tls_redis_server`` (never set up).
+_SERVER_PARAMS = SERVERS or [pytest.param(None, id="no-server")]
+
+
+def in_ci() -> bool:
+    """Whether this runs in CI (``CI=true``, as GitHub Actions, GitLab... set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
 
 def _interrupt(signum, frame):
     """Treat SIGTERM like Ctrl-C: pytest stops and tears everything down."""
@@ -35,9 +57,11 @@ def _interrupt(signum, frame):
 
 
 def pytest_configure(config):
-    """Abort early without servers; make SIGTERM run the cleanup."""
-    if _DISCOVERY_ERROR:
-        raise pytest.UsageError(_DISCOVERY_ERROR)
+    """In CI, abort early without servers; make SIGTERM run the cleanup."""
+    config.addinivalue_line(
+        "markers", "needs_server: skipped when no Redis/Valkey server is available")
+    if _DISCOVERY_ERROR and in_ci():
+        raise pytest.UsageError(_DISCOVERY_ERROR + " (CI=true: servers are required)")
     if (threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
         signal.signal(signal.SIGTERM, _interrupt)
@@ -45,7 +69,20 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     """Show which servers the session tests against."""
+    if not SERVERS:
+        return f"servers: none, tests that need one are skipped ({_DISCOVERY_ERROR})"
     return "servers: " + ", ".join(f"{s.name} ({s.path})" for s in SERVERS)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without servers, skip every test that needs one (see the module docstring)."""
+    if SERVERS:
+        return
+    skip = pytest.mark.skip(reason=f"needs a Redis/Valkey server: {_DISCOVERY_ERROR}")
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())) \
+                or item.get_closest_marker("needs_server"):
+            item.add_marker(skip, append=False)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -73,12 +110,19 @@ def _pooled(pool: dict, key: str, **kwargs) -> RedisServer:
     return pool[key].start()
 
 
-@pytest.fixture(scope="session", params=SERVERS, ids=_server_id)
+@pytest.fixture(scope="session", params=_SERVER_PARAMS, ids=_server_id)
 def redis_server(request, _server_pool) -> RedisServer:
     """A running server of each available kind, shared by the session."""
     binary: ServerBinary = request.param
     return _pooled(_server_pool, binary.name,
                    binary=binary.path, name=binary.name)
+
+
+@pytest.fixture(scope="session")
+def preferred_server_binary() -> ServerBinary:
+    """Redis 7 where available, else the first kind found: for the modules that
+    start private servers of their own (the Celery feature and fault suites)."""
+    return servers.preferred_server("redis7")
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +139,7 @@ def _require_tls(binary: ServerBinary, tls: TlsFiles) -> None:
         pytest.skip(f"{binary.name} was built without TLS support")
 
 
-@pytest.fixture(scope="session", params=SERVERS, ids=_server_id)
+@pytest.fixture(scope="session", params=_SERVER_PARAMS, ids=_server_id)
 def tls_redis_server(request, _server_pool, tls_files) -> RedisServer:
     """Like ``redis_server`` but TLS only (``rediss://``, see ssl_kwargs)."""
     binary: ServerBinary = request.param

@@ -1,21 +1,24 @@
-"""Realistic queue state for the operator-command tests, made through kombu and the transport.
+"""Fixtures of the operator-command tests (registered in ``tests/conftest.py``):
+realistic queue state made through kombu and the transport, and the in-process CLI.
 
 ``streams_state(server, prefix)`` (a fixture factory) opens a kombu connection
 on ``redis-streams://`` with ``global_keyprefix=prefix``; its helpers declare
 queues, publish, reserve messages without acking them (pending entries, as a
 worker holding them) and produce dead letters (undecodable entries read once).
 Connections are closed at teardown without restoring what they hold, as if the
-worker had crashed, and the keys under the prefix are deleted.
+worker had crashed, and the keys under the prefix are deleted. ``state`` is one
+such state; ``run`` invokes ``celery ...`` in-process.
 """
 from __future__ import annotations
 
 import pytest
 from celery.bin.celery import celery
 from click.testing import CliRunner
-from kombu import Connection, Exchange, Queue
+from kombu import Exchange, Queue
 
 import celery_streams  # noqa: F401  (registers redis-streams://)
 from celery_streams.keys import Keys
+from tests.helpers import connection, delete_keys, streams_url
 
 
 class StreamsState:
@@ -23,8 +26,8 @@ class StreamsState:
         self.server = server
         self.prefix = prefix
         self.keys = Keys(prefix)
-        self.url = 'redis-streams://127.0.0.1:%d/0' % server.port
-        self.connection = Connection(self.url, transport_options={'global_keyprefix': prefix})
+        self.url = streams_url(server)
+        self.connection = connection(server, prefix)
         self.channel = self.connection.channel()
         self.producer = self.connection.Producer(self.channel)
         self.redis = server.client(decode_responses=True)
@@ -38,7 +41,7 @@ class StreamsState:
         queue.declare()
         if dead:   # undecodable entries: the first read moves them to the dead letters
             for i in range(dead):
-                self.redis.xadd(self.keys.queue(name), {'payload': 'not json %d' % i})
+                self.redis.xadd(self.keys.stream(name), {'payload': 'not json %d' % i})
             assert queue.get() is None
             assert self.redis.xlen(self.keys.dead_letters(name)) == dead
         for i in range(published):
@@ -61,8 +64,7 @@ class StreamsState:
 
     def delete_keys(self) -> None:
         """Delete every key under the prefix (teardown: the session's server is shared)."""
-        for key in list(self.redis.scan_iter(match=self.keys.match_all, count=1000)):
-            self.redis.delete(key)
+        delete_keys(self.redis, self.prefix)
         self.redis.close()
 
 
@@ -80,33 +82,6 @@ def streams_state():
     for state in made:
         state.close()
         state.delete_keys()
-
-
-def snapshot(client, prefix: str) -> dict:
-    """Everything a command could change under ``prefix``, for before/after comparisons."""
-    keys = Keys(prefix)
-    found = sorted(client.scan_iter(match=keys.match_all, count=1000))
-    shot = {}
-    for key in found:
-        kind = client.type(key)
-        if kind == 'stream':
-            groups = client.xinfo_groups(key)
-            shot[key] = {
-                'entries': client.xrange(key),
-                'groups': groups,
-                'pending': {g['name']: client.xpending_range(key, g['name'], '-', '+', 10000)
-                            for g in groups},
-            }
-            for pending in shot[key]['pending'].values():
-                for entry in pending:   # idle time and consumers' idle change by themselves
-                    entry.pop('time_since_delivered', None)
-        elif kind == 'hash':
-            shot[key] = client.hgetall(key)
-        elif kind == 'set':
-            shot[key] = client.smembers(key)
-        else:
-            shot[key] = client.dump(key)
-    return shot
 
 
 @pytest.fixture
@@ -131,9 +106,3 @@ def run(monkeypatch):
         return runner.invoke(celery, list(args), input=input, catch_exceptions=False)
     return invoke
 
-
-def one_line(result):
-    """The only line a CLI result printed (fails if it printed more)."""
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    return lines[0]

@@ -167,6 +167,14 @@ def find_server(name: Optional[str] = None) -> ServerBinary:
     )
 
 
+def preferred_server(name: str) -> ServerBinary:
+    """The available server called ``name`` if there is one, else the first one."""
+    try:
+        return find_server(name)
+    except NoServerFound:
+        return find_server()
+
+
 # --------------------------------------------------------------------------
 # TLS
 # --------------------------------------------------------------------------

@@ -6,9 +6,7 @@ from kombu import Exchange, Queue
 import redis
 
 from celery_streams import admin
-from celery_streams.errors import ConfigurationError
-from celery_streams.keys import Keys
-from tests.kombu_state import snapshot
+from tests.helpers import snapshot
 
 
 def groups_without_pending(client, stream):
@@ -19,28 +17,28 @@ def groups_without_pending(client, stream):
 
 def test_drain_keeps_groups_and_removes_entries_and_pending(state):
     r, keys = state.redis, state.keys
-    before = {q: groups_without_pending(r, keys.queue(q)) for q in ('a', 'b')}
-    consumers = [c['name'] for c in r.xinfo_consumers(keys.queue('a'), 'celery')]
+    before = {q: groups_without_pending(r, keys.stream(q)) for q in ('a', 'b')}
+    consumers = [c['name'] for c in r.xinfo_consumers(keys.stream('a'), 'celery')]
 
     drained = admin.drain(r, global_keyprefix=state.prefix)
 
     assert [(d.queue, d.kind, d.removed, d.pending_cleared, d.groups_kept) for d in drained] == [
         ('a', 'task', 5, 2, ['celery']), ('b', 'task', 3, 0, ['celery'])]
     for q in ('a', 'b'):
-        assert r.exists(keys.queue(q))
-        assert r.xlen(keys.queue(q)) == 0
-        assert r.xpending(keys.queue(q), 'celery')['pending'] == 0
-        assert groups_without_pending(r, keys.queue(q)) == before[q]
-    assert [c['name'] for c in r.xinfo_consumers(keys.queue('a'), 'celery')] == consumers
+        assert r.exists(keys.stream(q))
+        assert r.xlen(keys.stream(q)) == 0
+        assert r.xpending(keys.stream(q), 'celery')['pending'] == 0
+        assert groups_without_pending(r, keys.stream(q)) == before[q]
+    assert [c['name'] for c in r.xinfo_consumers(keys.stream('a'), 'celery')] == consumers
     # broadcast queue and dead letters were left alone
-    assert r.xlen(keys.queue('bq')) == 2
+    assert r.xlen(keys.stream('bq')) == 2
     assert r.xlen(keys.dead_letters('a')) == 1
 
 
 def test_drained_messages_held_by_a_worker_never_come_back(state):
     admin.drain(state.redis, global_keyprefix=state.prefix, queues=['a'])
     state.close(restore=True)   # the worker shuts down and puts back what it held
-    assert state.redis.xlen(state.keys.queue('a')) == 0
+    assert state.redis.xlen(state.keys.stream('a')) == 0
 
 
 def test_drain_still_reads_after_drain(state):
@@ -59,7 +57,7 @@ def test_drain_with_dead_letters_and_broadcast(state):
     assert [(d.queue, d.kind, d.removed, d.dead_letters_removed) for d in drained] == [
         ('a', 'task', 5, 1), ('bq', 'fanout', 2, 0)]
     assert state.redis.xlen(state.keys.dead_letters('a')) == 0
-    assert state.redis.xinfo_groups(state.keys.queue('bq'))
+    assert state.redis.xinfo_groups(state.keys.stream('bq'))
 
 
 def test_drain_refuses_unknown_and_broadcast_queues_and_changes_nothing(state):
@@ -90,9 +88,9 @@ def test_nuke_removes_every_key_under_the_prefix_only(state, redis_server, uniqu
     result = admin.nuke(state.redis, global_keyprefix=state.prefix)
 
     keys = state.keys
-    assert sorted(result.groups) == sorted((keys.queue(q), 'celery') for q in ('a', 'b', 'bq'))
+    assert sorted(result.groups) == sorted((keys.stream(q), 'celery') for q in ('a', 'b', 'bq'))
     assert sorted(result.streams) == sorted(
-        [keys.queue('a'), keys.queue('b'), keys.queue('bq'), keys.dead_letters('a')])
+        [keys.stream('a'), keys.stream('b'), keys.stream('bq'), keys.dead_letters('a')])
     assert keys.queues in result.other_keys and keys.schema in result.other_keys
     assert list(state.redis.scan_iter(match=keys.match_all)) == []
     assert snapshot(state.redis, other.prefix) == other_before
@@ -109,7 +107,7 @@ def test_nuke_escapes_glob_characters_in_the_prefix(redis_server, unique_name,
 
     admin.nuke(star.redis, global_keyprefix=star.prefix)
 
-    assert not star.redis.exists(star.keys.queue('a'))
+    assert not star.redis.exists(star.keys.stream('a'))
     assert snapshot(lookalike.redis, lookalike.prefix) == before
 
 
@@ -127,7 +125,7 @@ def test_nuke_keep_dead_letters_and_dry_run(state):
 
 
 def test_status_describes_queues_groups_and_consumers(state):
-    doc = admin.status(state.redis, global_keyprefix=state.prefix)
+    doc = admin.status(state.redis, global_keyprefix=state.prefix).as_dict()
     assert doc['namespace'] == state.keys.prefix and doc['schema'] == 1
     assert doc['server']['flavor'] in ('redis', 'valkey')
     queues = {q['name']: q for q in doc['queues']}
@@ -142,17 +140,18 @@ def test_status_describes_queues_groups_and_consumers(state):
     assert consumer['pending'] == 2 and consumer['idle_ms'] >= 0
     assert consumer['alive'] is True   # basic_get marks its consumer alive at once
     state.channel.renew_liveness()      # what the worker's renewal thread does
-    [group] = admin.status(state.redis, global_keyprefix=state.prefix, queues=['a'])['queues'][0]['groups']
+    doc = admin.status(state.redis, global_keyprefix=state.prefix, queues=['a']).as_dict()
+    [group] = doc['queues'][0]['groups']
     assert group['consumers'][0]['alive'] is True
     assert set(group) == {'name', 'stream', 'bucket', 'consumers', 'pending', 'last_delivered_id',
                           'entries_read', 'lag', 'oldest_pending_age'}
-    assert (group['stream'], group['bucket']) == (state.keys.queue('a'), 0)
+    assert (group['stream'], group['bucket']) == (state.keys.stream('a'), 0)
     assert queues['b']['waiting'] == 3 and queues['b']['oldest_pending_age'] is None
     assert queues['bq']['kind'] == 'fanout' and queues['bq']['length'] == 2
 
 
 def test_status_reports_lag_only_from_redis_7(state, redis_server):
-    doc = admin.status(state.redis, global_keyprefix=state.prefix, queues=['a'])
+    doc = admin.status(state.redis, global_keyprefix=state.prefix, queues=['a']).as_dict()
     [group] = doc['queues'][0]['groups']
     if redis_server.name == 'redis6.2':
         assert group['lag'] is None and group['entries_read'] is None
@@ -161,8 +160,9 @@ def test_status_reports_lag_only_from_redis_7(state, redis_server):
 
 
 def test_status_lists_unregistered_streams_and_refuses_unknown_queues(state):
-    state.redis.xadd(state.keys.queue('stray'), {'payload': '{}'})
-    queues = {q['name']: q for q in admin.status(state.redis, global_keyprefix=state.prefix)['queues']}
+    state.redis.xadd(state.keys.stream('stray'), {'payload': '{}'})
+    doc = admin.status(state.redis, global_keyprefix=state.prefix).as_dict()
+    queues = {q['name']: q for q in doc['queues']}
     assert queues['stray']['kind'] is None and queues['stray']['waiting'] == 1
     with pytest.raises(admin.UnknownQueue):
         admin.status(state.redis, global_keyprefix=state.prefix, queues=['nope'])
@@ -178,23 +178,6 @@ def test_client_accepts_the_redis_schemes(redis_server):
     assert tls.connection_pool.connection_class is redis.SSLConnection
 
 
-def test_client_refuses_other_urls():
-    with pytest.raises(ConfigurationError, match='not a Redis URL'):
-        admin.client_from_url('amqp://guest:secret@localhost//')
-    with pytest.raises(ConfigurationError, match='database'):
-        admin.client_from_url('redis://localhost:6379/zero')
-    assert 'secret' not in admin.safe_url('redis://user:secret@localhost:1/0')
-
-
-def test_keys_helpers_round_trip():
-    keys = Keys('p:')
-    assert admin.parse_queue_key(keys, keys.queue('a:b')) == ('a:b', 'stream', 0)
-    assert admin.parse_queue_key(keys, keys.queue('a}:b', 6)) == ('a}:b', 'stream', 6)
-    assert admin.parse_queue_key(keys, keys.dead_letters('a')) == ('a', 'dead', None)
-    assert admin.parse_queue_key(keys, keys.alive('a', 'host:1:x')) == ('a', 'alive', 'host:1:x')
-    assert admin.parse_queue_key(keys, keys.queues) is None
-
-
 def test_priority_buckets_are_counted_drained_and_nuked(redis_server, unique_name,
                                                         streams_state):  # noqa: F811
     st = streams_state(redis_server, unique_name + ':')
@@ -203,9 +186,9 @@ def test_priority_buckets_are_counted_drained_and_nuked(redis_server, unique_nam
         st.producer.publish({'p': priority}, exchange='pq', routing_key='pq', priority=priority)
     held = Queue('pq', Exchange('pq'), 'pq')(st.channel).get()
     assert held.payload == {'p': 0}   # kombu semantics: the lowest number first
-    buckets = [st.keys.queue('pq'), st.keys.queue('pq', 3), st.keys.queue('pq', 9)]
+    buckets = [st.keys.stream('pq'), st.keys.stream('pq', 3), st.keys.stream('pq', 9)]
 
-    [queue] = admin.status(st.redis, global_keyprefix=st.prefix)['queues']
+    [queue] = admin.status(st.redis, global_keyprefix=st.prefix).as_dict()['queues']
     assert queue['streams'] == buckets
     assert (queue['length'], queue['waiting'], queue['pending']) == (4, 3, 1)
     assert (queue['groups'][0]['bucket'], queue['groups'][0]['pending']) == (0, 1)

@@ -18,9 +18,7 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,97 +30,12 @@ from kombu.utils.uuid import uuid
 
 import celery_streams  # noqa: F401  (registers redis-streams://)
 from celery_streams.keys import Keys
-from tests import servers
 from tests.apps.features import TASKS, journal_key, make_app
+from tests.helpers import backend_url, streams_url, wait_until
 from tests.servers import RedisServer
-from tests.workers import ROOT, clean_env, streams_url
+from tests.workers import ROOT, Worker, app_env, celery_command
 
-HOST = socket.gethostname()
 APP_MODULE = 'tests.apps.features'
-
-
-def celery_cmd(*args):
-    return [sys.executable, '-m', 'celery', '-A', APP_MODULE, *args]
-
-
-def backend_url(server):
-    return 'redis://127.0.0.1:%d/1' % server.port
-
-
-def feature_env(server, prefix, **extra):
-    env = clean_env()
-    env.update({
-        'FEAT_BROKER': streams_url(server),
-        'FEAT_BACKEND': backend_url(server),
-        'FEAT_PREFIX': prefix,
-        'PYTHONPATH': str(ROOT) + os.pathsep + env.get('PYTHONPATH', ''),
-        'PYTHONUNBUFFERED': '1',
-    })
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-class FeatureWorker:
-    """One ``celery -A tests.apps.features worker`` subprocess, its log in a file."""
-
-    def __init__(self, env, *args, name='w1'):
-        self.name = name
-        self.nodename = '%s@%s' % (name, HOST)
-        self.log = Path(tempfile.mkdtemp(prefix='cs-feat-')) / ('%s.log' % name)
-        self.args = ['worker', '-l', 'info', '-n', self.nodename, *args]
-        self.env = env
-        self.proc = None
-
-    def spawn(self):
-        with open(self.log, 'wb') as out:
-            self.proc = subprocess.Popen(celery_cmd(*self.args), env=self.env, cwd=ROOT,
-                                         stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        return self
-
-    def start(self, timeout=60):
-        self.spawn().wait_for('ready.', timeout)
-        return self
-
-    def text(self):
-        return self.log.read_text(errors='replace')
-
-    def wait_for(self, needle, timeout=30):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.text()
-            if (needle.search(text) if isinstance(needle, re.Pattern) else needle in text):
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError('%s exited (%s) before %r:\n%s'
-                                     % (self.name, self.proc.returncode, needle, self.text()[-4000:]))
-            time.sleep(0.05)
-        raise AssertionError('no %r in the log of %s after %ss:\n%s'
-                             % (needle, self.name, timeout, self.text()[-4000:]))
-
-    def signal_group(self, sig):
-        os.killpg(self.proc.pid, sig)
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def terminate(self):
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-
-    def wait(self, timeout=30):
-        if self.proc is None:
-            return None
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.signal_group(signal.SIGKILL)
-            self.proc.wait(10)
-        return self.proc.returncode
-
-    def stop(self, timeout=30):
-        self.terminate()
-        return self.wait(timeout)
 
 
 class Group:
@@ -138,17 +51,17 @@ class Group:
         self.workers = []
 
     def env(self, **extra):
-        return feature_env(self.server, self.prefix, **extra)
+        return app_env(self.server, self.prefix, app=APP_MODULE, **extra)
 
-    def worker(self, name, *args, spawn_only=False, **env):
-        worker = FeatureWorker(self.env(**env), *args, name=name)
+    def worker(self, name, *args, **env):
+        worker = Worker(self.env(**env), *args, name=name, app=APP_MODULE)
         self.workers.append(worker)
-        return worker.spawn() if spawn_only else worker.start()
+        return worker.start()
 
     def celery(self, *args, timeout=60):
         """Run ``celery -A tests.apps.features ARGS`` to its end."""
-        return subprocess.run(celery_cmd(*args), env=self.env(), cwd=ROOT, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(celery_command(*args, app=APP_MODULE), env=self.env(), cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
 
     def send(self, task, *args, **options):
         return self.app.send_task(TASKS + task, args=args, **options)
@@ -215,12 +128,9 @@ def nodes_online(output):
 
 
 @pytest.fixture(scope='module')
-def server():
+def server(preferred_server_binary):
     """This module's private server: Redis 7 where available, else the first kind found."""
-    try:
-        binary = servers.find_server('redis7')
-    except servers.NoServerFound:
-        binary = servers.find_server()
+    binary = preferred_server_binary
     srv = RedisServer(binary=binary.path, name=binary.name).start()
     yield srv
     srv.close()
@@ -319,7 +229,7 @@ def test_mingle_and_gossip_between_two_workers(pair):
 def test_events_dump_sees_task_events(pair):
     out = Path(tempfile.mkdtemp(prefix='cs-feat-')) / 'events.txt'
     with open(out, 'wb') as sink:
-        proc = subprocess.Popen(celery_cmd('events', '--dump'), env=pair.env(), cwd=ROOT,
+        proc = subprocess.Popen(celery_command('events', '--dump', app=APP_MODULE), env=pair.env(), cwd=ROOT,
                                 stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 20
@@ -329,7 +239,11 @@ def test_events_dump_sees_task_events(pair):
             time.sleep(0.1)
         results = [pair.send('add', i, 100) for i in range(3)]
         assert [r.get(timeout=20) for r in results] == [100, 101, 102]
-        time.sleep(1.5)
+        wanted = [re.compile(r'task %s: %sadd\(%s\)' % (event, re.escape(TASKS), r.id))
+                  for r in results for event in ('received', 'succeeded')]
+        wait_until(lambda: 'task started' in out.read_text(errors='replace')
+                   and all(w.search(out.read_text(errors='replace')) for w in wanted),
+                   timeout=20, what=lambda: out.read_text(errors='replace')[-3000:])
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -424,7 +338,7 @@ def test_revoke_a_task_with_countdown(pair):
     pair.send('record', canary, countdown=2.5)
     pair.wait_tokens([canary], timeout=20)
     assert token not in {e[0] for e in pair.entries()}
-    time.sleep(0.5)
+    time.sleep(0.5)   # kept: the revoked task must not run later either (an absence)
     assert token not in {e[0] for e in pair.entries()}
     logs = ''.join(w.text() for w in pair.workers)
     assert re.search(r'Discarding revoked task: %srecord\[%s\]' % (re.escape(TASKS), result.id), logs), \
@@ -453,7 +367,7 @@ def test_broadcast_task_runs_once_on_every_worker(pair):
     for token in tokens:
         entries = _wait_broadcast(pair, token, pair.workers[:2])
         assert _runs_of(entries, token) == sorted(w.nodename for w in pair.workers[:2])
-    time.sleep(0.5)   # and not a second time
+    time.sleep(0.5)   # kept: and not a second time (an absence: time for a wrong run)
     entries = pair.entries()
     for token in tokens:
         assert _runs_of(entries, token) == sorted(w.nodename for w in pair.workers[:2])
@@ -463,15 +377,14 @@ def test_broadcast_task_runs_once_on_every_worker(pair):
 def test_broadcast_reaches_a_worker_paused_while_it_was_sent(pair):
     w1, w2 = pair.workers[:2]
     token = 'paused-%s' % secrets.token_hex(3)
-    w1.signal_group(signal.SIGSTOP)
+    w1.pause()
     try:
-        time.sleep(0.3)
         pair.send('bcast_record', token)
         pair.wait_entries(lambda entries: _runs_of(entries, token) == [w2.nodename])
-        time.sleep(2)
+        time.sleep(2)   # kept: the broadcast waits while w1 is paused (part of the scenario)
         assert _runs_of(pair.entries(), token) == [w2.nodename]
     finally:
-        w1.signal_group(signal.SIGCONT)
+        w1.resume()
     entries = _wait_broadcast(pair, token, [w1, w2])
     assert _runs_of(entries, token) == sorted([w1.nodename, w2.nodename])
 
@@ -492,15 +405,14 @@ def test_broadcast_reaches_a_worker_whose_connections_were_killed(pair):
     assert ids, pair.redis.client_list()
     token = 'killed-%s' % secrets.token_hex(3)
     reconnects = w1.text().count('Connection to broker lost')
-    w1.signal_group(signal.SIGSTOP)
+    w1.pause()
     try:
-        time.sleep(0.2)
         for client_id in ids:
             pair.redis.client_kill_filter(_id=client_id)
         pair.send('bcast_record', token)
         pair.wait_entries(lambda entries: _runs_of(entries, token) == [w2.nodename])
     finally:
-        w1.signal_group(signal.SIGCONT)
+        w1.resume()
     entries = _wait_broadcast(pair, token, [w1, w2], timeout=30)
     assert _runs_of(entries, token) == sorted([w1.nodename, w2.nodename]), pair.log_tails()
     assert w1.text().count('Connection to broker lost') > reconnects, w1.text()[-3000:]
@@ -520,7 +432,7 @@ def test_new_worker_misses_older_broadcasts_then_control_shutdown(pair):
     everyone = [*pair.workers[:2], w3]
     entries = _wait_broadcast(pair, new, everyone)
     assert _runs_of(entries, new) == sorted(w.nodename for w in everyone)
-    time.sleep(0.5)
+    time.sleep(0.5)   # kept: w3 must not run the older broadcast late (an absence)
     assert w3.nodename not in _runs_of(pair.entries(), old)
 
     # `celery control shutdown` to w3 alone; the worker does not reply to shutdown,
@@ -542,7 +454,7 @@ def test_stopped_worker_leaves_no_broadcast_queue_behind(pair):
     w4 = pair.worker('w4', '-c', '1', '--without-mingle', '--without-gossip')
     replies = pair.app.control.inspect(timeout=3, destination=[w4.nodename]).active_queues()
     [queue] = [q['name'] for q in replies[w4.nodename] if q['name'].startswith('bcast.')]
-    stream = pair.keys.queue(queue)
+    stream = pair.keys.stream(queue)
     assert pair.redis.exists(stream)
     assert w4.stop() == 0
     bound = [m.decode() for m in pair.redis.smembers(pair.keys.bindings('bcast'))]
@@ -637,7 +549,12 @@ def test_control_reply_limit_ends_the_wait_when_replies_came_together(pair):
         ticket = uuid()
         mailbox._publish('ping', {}, reply_ticket=ticket, channel=channel, timeout=3,
                          destination=sorted(expected))
-        time.sleep(1)   # both workers replied by now
+        reply_stream = pair.keys.stream(mailbox.reply_queue.name)
+
+        def replies_waiting():
+            payloads = [json.loads(fields[b'payload']) for _, fields in pair.redis.xrange(reply_stream)]
+            return sum(p.get('headers', {}).get('ticket') == ticket for p in payloads)
+        wait_until(lambda: replies_waiting() == 2, timeout=10, what='2 replies in ' + reply_stream)
         started = time.monotonic()
         replies = mailbox._collect(ticket, limit=2, timeout=3, channel=channel)
         took = time.monotonic() - started
@@ -693,9 +610,9 @@ def test_worker_with_Q_consumes_its_queues_fairly_and_no_other(server):
         assert first_half.count('a') >= 3 and first_half.count('b') >= 3, order
         assert [t for t in order if t[0] == 'a'] == a_tokens
         assert [t for t in order if t[0] == 'b'] == b_tokens
-        time.sleep(1)
+        time.sleep(1)   # kept: c-00 must not run (an absence: time for a wrong run)
         assert 'c-00' not in {e[0] for e in grp.entries()}
-        stream = grp.keys.queue('c')
+        stream = grp.keys.stream('c')
         assert grp.redis.xlen(stream) == 1
         assert worker.nodename.split('@')[0] not in str(grp.redis.xinfo_groups(stream))
         assert_clean_logs(*grp.workers)

@@ -14,7 +14,8 @@ import pytest
 
 from celery_streams import admin
 from tests import servers
-from tests.kombu_state import one_line, snapshot
+from tests.helpers import one_line, port_url, snapshot
+from tests.workers import ROOT, clean_env
 
 CELERY = str(Path(sys.executable).with_name('celery'))
 
@@ -50,8 +51,8 @@ def test_help_lists_the_subcommands(run):
 
 def test_drain_keeps_groups_removes_entries_and_pending(run, state):
     r, keys = state.redis, state.keys
-    groups = {q: [g['name'] for g in r.xinfo_groups(keys.queue(q))] for q in ('a', 'b', 'bq')}
-    consumers = r.xinfo_consumers(keys.queue('a'), 'celery')
+    groups = {q: [g['name'] for g in r.xinfo_groups(keys.stream(q))] for q in ('a', 'b', 'bq')}
+    consumers = r.xinfo_consumers(keys.stream('a'), 'celery')
 
     result = run('--broker', state.url, 'streams', 'drain', '--prefix', state.prefix, '-f')
 
@@ -60,12 +61,12 @@ def test_drain_keeps_groups_removes_entries_and_pending(run, state):
     assert "Drained queue 'b' (task): 3 messages, 0 pending entries; groups kept: celery" in result.output
     assert 'reserved' in result.output   # the note about messages already in a worker
     for q in ('a', 'b'):
-        assert r.xlen(keys.queue(q)) == 0
-        assert r.xpending(keys.queue(q), 'celery')['pending'] == 0
-    assert {q: [g['name'] for g in r.xinfo_groups(keys.queue(q))] for q in groups} == groups
-    assert [c['name'] for c in r.xinfo_consumers(keys.queue('a'), 'celery')] == [
+        assert r.xlen(keys.stream(q)) == 0
+        assert r.xpending(keys.stream(q), 'celery')['pending'] == 0
+    assert {q: [g['name'] for g in r.xinfo_groups(keys.stream(q))] for q in groups} == groups
+    assert [c['name'] for c in r.xinfo_consumers(keys.stream('a'), 'celery')] == [
         c['name'] for c in consumers]
-    assert r.xlen(keys.queue('bq')) == 2 and r.xlen(keys.dead_letters('a')) == 1
+    assert r.xlen(keys.stream('bq')) == 2 and r.xlen(keys.dead_letters('a')) == 1
 
 
 def test_drain_selected_queues_with_broadcast_and_dead_letters(run, state):
@@ -74,7 +75,7 @@ def test_drain_selected_queues_with_broadcast_and_dead_letters(run, state):
     assert result.exit_code == 0, result.output
     assert "queue 'bq' (fanout): 2 messages" in result.output
     assert '1 dead letter;' in result.output
-    assert state.redis.xlen(state.keys.queue('b')) == 3
+    assert state.redis.xlen(state.keys.stream('b')) == 3
     assert state.redis.xlen(state.keys.dead_letters('a')) == 0
 
 
@@ -90,7 +91,7 @@ def test_drain_of_a_broadcast_queue_needs_include_broadcast(run, state):
     result = run('--broker', state.url, 'streams', 'drain', '--prefix', state.prefix, '-f', '-Q', 'bq')
     assert result.exit_code != 0
     assert '--include-broadcast' in one_line(result)
-    assert state.redis.xlen(state.keys.queue('bq')) == 2
+    assert state.redis.xlen(state.keys.stream('bq')) == 2
 
 
 @pytest.mark.parametrize('command', ['drain', 'nuke'])
@@ -204,7 +205,7 @@ def test_without_a_broker_url_fails_in_one_line(run, app_module):
 
 
 def test_an_unreachable_server_fails_in_one_line(run):
-    url = 'redis-streams://127.0.0.1:%d/0' % servers.free_port()
+    url = port_url(servers.free_port())
     result = run('--broker', url, 'streams', 'status')
     assert result.exit_code == 69
     assert 'cannot reach Redis' in one_line(result)
@@ -245,8 +246,8 @@ def test_tls_from_the_url_and_from_broker_use_ssl(run, tls_redis_server, app_mod
 # -- the real executable ------------------------------------------------------------
 
 def celery_env(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith('CELERY_')}
-    env['PYTHONPATH'] = os.pathsep.join([str(tmp_path), str(Path(__file__).parent.parent)])
+    env = clean_env()
+    env['PYTHONPATH'] = os.pathsep.join([str(tmp_path), str(ROOT)])
     return env
 
 
@@ -262,7 +263,7 @@ def test_the_celery_executable_runs_status_and_drain(state, app_module, tmp_path
                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and refused.stdout == ''
     assert len(refused.stderr.strip().splitlines()) == 1
-    assert state.redis.xlen(state.keys.queue('a')) == 5
+    assert state.redis.xlen(state.keys.stream('a')) == 5
 
 
 def run_in_terminal(args, answer, env, cwd, timeout=60):
@@ -307,7 +308,7 @@ def test_the_prompt_on_a_terminal(state, app_module, tmp_path):
     code, output = run_in_terminal(args, 'y', celery_env(tmp_path), tmp_path)
     assert code == 0, output
     assert "Drained queue 'a' (task): 5 messages, 2 pending entries" in output
-    assert state.redis.xlen(state.keys.queue('a')) == 0
+    assert state.redis.xlen(state.keys.stream('a')) == 0
 
 
 def test_an_acl_user_limited_to_the_prefix_and_without_keys_or_flush(run, state, redis_server,

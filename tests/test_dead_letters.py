@@ -8,26 +8,18 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
 from celery import Celery
-from kombu import Connection, Consumer, Exchange, Queue
+from kombu import Exchange, Queue
 
 import celery_streams  # noqa: F401  (registers redis-streams://)
 from celery_streams import admin
 from celery_streams.keys import Keys
-from tests.kombu_state import one_line, snapshot
+from tests import helpers
+from tests.helpers import connection, delete_keys, one_line, snapshot, streams_url
 
 JUNK = b'\xff not json'
-
-
-def url_of(server):
-    return 'redis-streams://127.0.0.1:%d/0' % server.port
-
-
-def connection(server, prefix, **options):
-    return Connection(url_of(server), transport_options=dict(options, global_keyprefix=prefix))
 
 
 def work_queue(name='work'):
@@ -35,32 +27,15 @@ def work_queue(name='work'):
 
 
 def consume(conn, queue, *, requeue=False, until, timeout=10):
-    """Consume ``queue`` through drain_events until ``until()``; ack (or requeue) each message."""
-    got = []
-
-    def on_message(body, message):
-        got.append((body, message))
-        if requeue:
-            message.requeue()
-        else:
-            message.ack()
-
-    with Consumer(conn, [queue], callbacks=[on_message]):
-        deadline = time.monotonic() + timeout
-        while not until(got):
-            assert time.monotonic() < deadline, 'timed out; got %r' % (got,)
-            try:
-                conn.drain_events(timeout=0.3)
-            except TimeoutError:
-                pass
-    return got
+    """Consume ``queue`` until ``until(messages)``, acking (or requeuing) each; fail on time out."""
+    return helpers.consume(conn, queue, until=until, requeue=requeue, timeout=timeout, must=True)
 
 
 class DeadLetters:
     """Queue ``work`` under ``prefix`` with two dead letters: ``junk`` first, then ``task``."""
 
     def __init__(self, server, prefix):
-        self.server, self.prefix, self.url = server, prefix, url_of(server)
+        self.server, self.prefix, self.url = server, prefix, streams_url(server)
         self.keys = Keys(prefix)
         # the junk payload is not UTF-8: keep its bytes as surrogates
         self.redis = server.client(decode_responses=True, encoding_errors='surrogateescape')
@@ -70,7 +45,7 @@ class DeadLetters:
         try:
             with connection(server, prefix) as conn:   # declare the queue (stream, group, binding)
                 work_queue()(conn.default_channel).declare()
-            self.junk_source_id = self.redis.xadd(self.keys.queue('work'), {'payload': JUNK})
+            self.junk_source_id = self.redis.xadd(self.keys.stream('work'), {'payload': JUNK})
             self.task_id = app.send_task('proj.add', args=(2, 2), queue='work').id
         finally:
             app.close()
@@ -82,14 +57,13 @@ class DeadLetters:
         assert junk['reason'].startswith('undecodable entry')
         assert 'max_deliveries=1' in task['reason'] and task['field:deliveries'] == '1'
         self.task_payload = task['field:payload']
-        assert self.redis.xlen(self.keys.queue('work')) == 0
+        assert self.redis.xlen(self.keys.stream('work')) == 0
 
     def cli(self, run, *args):
         return run('--broker', self.url, 'streams', '--prefix', self.prefix, *args)
 
     def delete_keys(self):
-        for key in list(self.redis.scan_iter(match=self.keys.match_all, count=1000)):
-            self.redis.delete(key)
+        delete_keys(self.redis, self.prefix)
         self.redis.close()
 
 
@@ -127,7 +101,7 @@ def test_list_json_describes_each_dead_letter(run, dl):
         'proj.add', dl.task_id, 1, True)
     assert task['payload_size'] == len(dl.task_payload.encode())
     assert 'max_deliveries=1' in task['reason']
-    assert task['source_stream'] == junk['source_stream'] == dl.keys.queue('work')
+    assert task['source_stream'] == junk['source_stream'] == dl.keys.stream('work')
     assert junk['source_id'] == dl.junk_source_id
     assert re.fullmatch(r'\d+-\d+', task['source_id'])   # the requeued entry's id
     assert set(task['fields']) == {'payload', 'deliveries', 'redelivered'}
@@ -179,19 +153,19 @@ def test_status_shows_the_dead_letter_count(run, dl):
 def test_requeue_by_id_resets_the_delivery_count(run, dl):
     result = dl.cli(run, 'dead-letters', 'requeue', '--id', dl.task_dead_id, '-f')
     assert result.exit_code == 0, result.output
-    [(new_id, fields)] = dl.redis.xrange(dl.keys.queue('work'))
+    [(new_id, fields)] = dl.redis.xrange(dl.keys.stream('work'))
     assert ("Requeued dead letter %s of queue 'work' to %s as %s: task proj.add[%s]"
-            % (dl.task_dead_id, dl.keys.queue('work'), new_id, dl.task_id)) in result.output
+            % (dl.task_dead_id, dl.keys.stream('work'), new_id, dl.task_id)) in result.output
     assert 'Total: 1 dead letter requeued from 1 queue.' in result.output
     assert 'deliveries' not in fields and fields['payload'] == dl.task_payload
     assert [i for i, _ in dl.redis.xrange(dl.dead)] == [dl.junk_id]   # the other one stays
 
     # with max_deliveries=1, a carried count would dead-letter it at once: it is delivered
     with connection(dl.server, dl.prefix, max_deliveries=1) as conn:
-        [(body, message)] = consume(conn, work_queue(), until=lambda got: got)
+        [message] = consume(conn, work_queue(), until=lambda got: got)
     assert message.headers['task'] == 'proj.add' and message.headers['id'] == dl.task_id
-    assert body[0] == [2, 2]
-    assert dl.redis.xlen(dl.dead) == 1 and dl.redis.xlen(dl.keys.queue('work')) == 0
+    assert message.payload[0] == [2, 2]
+    assert dl.redis.xlen(dl.dead) == 1 and dl.redis.xlen(dl.keys.stream('work')) == 0
 
 
 def test_requeue_all_says_undecodable_ones_come_back(run, dl):
@@ -201,12 +175,12 @@ def test_requeue_all_says_undecodable_ones_come_back(run, dl):
     assert junk_line.startswith('Requeued') and 'a worker will dead-letter it again' in junk_line
     assert 'Total: 2 dead letters requeued from 1 queue.' in result.output
     assert not dl.redis.exists(dl.dead) or dl.redis.xlen(dl.dead) == 0
-    entries = [fields for _, fields in dl.redis.xrange(dl.keys.queue('work'))]
+    entries = [fields for _, fields in dl.redis.xrange(dl.keys.stream('work'))]
     assert [set(f) for f in entries] == [{'payload'}, {'payload', 'redelivered'}]
 
     with connection(dl.server, dl.prefix, max_deliveries=1) as conn:
         got = consume(conn, work_queue(), until=lambda got: got and dl.redis.xlen(dl.dead) == 1)
-    assert [m.headers['id'] for _, m in got] == [dl.task_id]
+    assert [m.headers['id'] for m in got] == [dl.task_id]
     [(_, dead)] = dl.redis.xrange(dl.dead)
     assert dead['reason'].startswith('undecodable entry')
 
@@ -216,9 +190,9 @@ def test_requeue_dry_run_says_what_it_would_do_and_changes_nothing(run, dl):
     result = dl.cli(run, 'dead-letters', 'requeue', '--dry-run')
     assert result.exit_code == 0, result.output
     assert ("Would requeue dead letter %s of queue 'work' to %s: task proj.add[%s]"
-            % (dl.task_dead_id, dl.keys.queue('work'), dl.task_id)) in result.output
+            % (dl.task_dead_id, dl.keys.stream('work'), dl.task_id)) in result.output
     assert ("Would requeue dead letter %s of queue 'work' to %s (undecodable payload: "
-            "a worker will dead-letter it again)" % (dl.junk_id, dl.keys.queue('work'))) in result.output
+            "a worker will dead-letter it again)" % (dl.junk_id, dl.keys.stream('work'))) in result.output
     assert 'Total: 2 dead letters would be requeued from 1 queue.' in result.output
     assert 'Dry run: nothing was changed.' in result.output
     assert snapshot(dl.redis, dl.prefix) == before
@@ -234,7 +208,7 @@ def test_requeue_of_an_unknown_id_fails_in_one_line_and_changes_nothing(run, dl)
 
 
 def test_requeue_goes_back_to_the_priority_bucket_it_came_from(dl):
-    bucket = dl.keys.queue('work', 6)
+    bucket = dl.keys.stream('work', 6)
     dl.redis.xadd(bucket, {'payload': 'not json either'})
     with connection(dl.server, dl.prefix) as conn:
         consume(conn, work_queue(), until=lambda got: dl.redis.xlen(dl.dead) == 3)
@@ -249,16 +223,16 @@ def test_requeue_goes_back_to_the_priority_bucket_it_came_from(dl):
 
 def test_requeue_never_writes_outside_the_queue_a_record_names(dl):
     """A dead letter whose record names no stream, or another key, goes to its queue's main stream."""
-    foreign = dl.keys.queue('other')
+    foreign = dl.keys.stream('other')
     dl.redis.xadd(dl.dead, {'reason': 'old record', 'field:payload': '{}'})
     dl.redis.xadd(dl.dead, {'reason': 'odd record', 'stream': foreign, 'field:payload': '{}'})
     plan = admin.requeue_dead_letters(dl.redis, global_keyprefix=dl.prefix, dry_run=True)
-    assert [(i.stream, i.fallback) for i in plan] == [(dl.keys.queue('work'), False)] * 2 + [
-        (dl.keys.queue('work'), True)] * 2
+    assert [(i.stream, i.fallback) for i in plan] == [(dl.keys.stream('work'), False)] * 2 + [
+        (dl.keys.stream('work'), True)] * 2
 
     done = admin.requeue_dead_letters(dl.redis, global_keyprefix=dl.prefix)
     assert [i.outcome for i in done] == ['requeued'] * 4
-    assert not dl.redis.exists(foreign) and dl.redis.xlen(dl.keys.queue('work')) == 4
+    assert not dl.redis.exists(foreign) and dl.redis.xlen(dl.keys.stream('work')) == 4
 
 
 def test_apply_requeue_skips_dead_letters_gone_meanwhile(dl):
@@ -267,7 +241,7 @@ def test_apply_requeue_skips_dead_letters_gone_meanwhile(dl):
     done = admin.apply_requeue(dl.redis, plan, global_keyprefix=dl.prefix)
     assert [(i.dead_letter.id, i.outcome) for i in done] == [
         (dl.junk_id, 'gone'), (dl.task_dead_id, 'requeued')]
-    assert dl.redis.xlen(dl.keys.queue('work')) == 1
+    assert dl.redis.xlen(dl.keys.stream('work')) == 1
 
 
 # -- purge ------------------------------------------------------------------------
@@ -284,7 +258,7 @@ def test_purge_dry_run_then_purge(run, dl):
     assert result.exit_code == 0, result.output
     assert "Deleted 2 dead letters of queue 'work'" in result.output
     assert not dl.redis.exists(dl.dead)
-    assert dl.redis.xinfo_groups(dl.keys.queue('work'))   # the queue itself is untouched
+    assert dl.redis.xinfo_groups(dl.keys.stream('work'))   # the queue itself is untouched
     assert 'No dead letters.' in dl.cli(run, 'dead-letters', 'list').output
     assert 'nothing to purge' in dl.cli(run, 'dead-letters', 'purge', '-f').output
     assert 'nothing to requeue' in dl.cli(run, 'dead-letters', 'requeue', '-f').output
@@ -315,6 +289,6 @@ def test_the_documented_acl_rules_are_enough(run, dl, redis_server, unique_name)
         for args in (['list', '--json'], ['requeue', '-f', '--id', dl.task_dead_id], ['purge', '-f']):
             result = run('--broker', url, 'streams', '--prefix', dl.prefix, 'dead-letters', *args)
             assert result.exit_code == 0, result.output
-        assert not dl.redis.exists(dl.dead) and dl.redis.xlen(dl.keys.queue('work')) == 1
+        assert not dl.redis.exists(dl.dead) and dl.redis.xlen(dl.keys.stream('work')) == 1
     finally:
         dl.redis.acl_deluser(unique_name)

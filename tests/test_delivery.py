@@ -6,22 +6,22 @@ while it holds unacked messages.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
-from kombu import Connection, Consumer, Exchange, Queue
+from kombu import Consumer, Exchange, Queue
 
-from tests.test_transport import publish, streams_url
+from celery_streams.scripts import Scripts
+from tests import helpers
+from tests.helpers import consume, publish, streams_url
 
 VT = 1.0   # a short visibility_timeout keeps these tests fast
 
 
 def connection(server, prefix, **options):
-    return Connection(streams_url(server), transport_options={
-        'global_keyprefix': prefix, 'visibility_timeout': VT, **options})
+    return helpers.connection(server, prefix, visibility_timeout=VT, **options)
 
 
 HOLDER = '''
@@ -48,18 +48,6 @@ def hold_then_die(server, prefix, count):
     child.wait()
 
 
-def consume(conn, queue, count, timeout=15, ack=True):
-    got = []
-    deadline = time.monotonic() + timeout
-    with Consumer(conn, [queue], callbacks=[lambda b, m: (got.append(m), ack and m.ack())]):
-        while len(got) < count and time.monotonic() < deadline:
-            try:
-                conn.drain_events(timeout=0.5)
-            except TimeoutError:
-                pass
-    return got
-
-
 def test_messages_of_a_killed_consumer_are_reclaimed_and_marked_redelivered(redis_server, prefix, r, keys):
     q = Queue('work', Exchange('work'), 'work')
     with connection(redis_server, prefix) as conn:
@@ -71,15 +59,15 @@ def test_messages_of_a_killed_consumer_are_reclaimed_and_marked_redelivered(redi
     print('\nreclaimed 5 messages of a killed consumer in %.2fs (visibility_timeout %.1fs)' % (took, VT))
     assert sorted(m.payload['n'] for m in got) == list(range(5))
     assert all(m.delivery_info['redelivered'] for m in got)
-    assert r.xpending(keys.queue('work'), 'celery')['pending'] == 0
+    assert r.xpending(keys.stream('work'), 'celery')['pending'] == 0
     # the dead consumer, now owning nothing, is removed from the group by a later reclaim
     deadline = time.monotonic() + 10
     with connection(redis_server, prefix) as conn:
         while time.monotonic() < deadline:
             consume(conn, q, 1, timeout=1)
-            if len(r.xinfo_consumers(keys.queue('work'), 'celery')) <= 1:
+            if len(r.xinfo_consumers(keys.stream('work'), 'celery')) <= 1:
                 break
-    assert len(r.xinfo_consumers(keys.queue('work'), 'celery')) <= 1
+    assert len(r.xinfo_consumers(keys.stream('work'), 'celery')) <= 1
 
 
 def test_a_live_consumer_keeps_its_messages_past_the_visibility_timeout(redis_server, prefix, keys, r):
@@ -92,7 +80,7 @@ def test_a_live_consumer_keeps_its_messages_past_the_visibility_timeout(redis_se
         stolen = consume(other, q, 1, timeout=3 * VT)
         assert stolen == []
         held[0].ack()
-    assert r.xlen(keys.queue('work')) == 0
+    assert r.xlen(keys.stream('work')) == 0
 
 
 def test_reclaim_never_overfills_the_prefetch_window(redis_server, prefix):
@@ -129,7 +117,7 @@ def test_requeued_poison_message_is_dead_lettered_after_max_deliveries(redis_ser
 
         with Consumer(conn, [q], callbacks=[on_message]):
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and r.xlen(keys.queue('work')):
+            while time.monotonic() < deadline and r.xlen(keys.stream('work')):
                 try:
                     conn.drain_events(timeout=0.5)
                 except TimeoutError:
@@ -140,7 +128,7 @@ def test_requeued_poison_message_is_dead_lettered_after_max_deliveries(redis_ser
     assert len(dead) == 1
     assert b'max_deliveries=3' in dead[0][1][b'reason']
     assert json.loads(dead[0][1][b'field:payload'])['body']
-    assert r.xlen(keys.queue('work')) == 0
+    assert r.xlen(keys.stream('work')) == 0
 
 
 def test_drained_entries_of_a_dead_consumer_are_never_reclaimed(redis_server, prefix, keys, r):
@@ -148,12 +136,10 @@ def test_drained_entries_of_a_dead_consumer_are_never_reclaimed(redis_server, pr
     with connection(redis_server, prefix) as conn:
         publish(conn, q.exchange, 'work', [{'n': i} for i in range(4)], declare=[q])
         hold_then_die(redis_server, prefix, 4)
-        removed, cleared = r.eval(open(os.path.join(os.path.dirname(__file__), '..', 'celery_streams',
-                                                    'scripts', 'drain.lua')).read(),
-                                  1, keys.queue('work'))
+        removed, cleared = Scripts(r).drain(keys=[keys.stream('work')], args=['+'])
         assert (removed, cleared) == (4, 4)
         assert consume(conn, q, 1, timeout=3 * VT) == []
-    assert [g['name'] for g in r.xinfo_groups(keys.queue('work'))] == [b'celery']
+    assert [g['name'] for g in r.xinfo_groups(keys.stream('work'))] == [b'celery']
 
 
 def test_restore_at_shutdown_does_not_count_as_a_delivery(redis_server, prefix, keys, r):

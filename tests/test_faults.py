@@ -7,11 +7,7 @@ lost and duplicated. Every test prints its figures: run with ``-s``.
 """
 from __future__ import annotations
 
-import os
-import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -25,7 +21,8 @@ from celery_streams import admin
 from celery_streams.keys import Keys
 from tests import servers
 from tests.apps.faults import ROUTED_QUEUES, journal_key
-from tests.workers import ROOT, Worker, clean_env, streams_url
+from tests.helpers import backend_url, streams_url, wait_until
+from tests.workers import Worker, app_env
 
 pytestmark = pytest.mark.slow
 
@@ -37,36 +34,15 @@ LOST_LINE = 'Connection to broker lost'
 
 # -- rig ----------------------------------------------------------------------
 
-class FaultWorker(Worker):
-    """``celery -A tests.apps.faults worker``, its log in a file."""
-
-    def start(self, timeout=60):
-        command = [sys.executable, '-m', 'celery', '-A', 'tests.apps.faults', *self.args,
-                   '--without-mingle', '--without-gossip', '--without-heartbeat']
-        with open(self.log, 'wb') as out:
-            self.proc = subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_for('ready.', timeout)
-        return self
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def count(self, needle):
-        return self.text().count(needle)
-
-    def taken_over(self):
-        """Messages this worker took over from silent consumers (its reclaim log lines)."""
-        return sum(int(n) for n in re.findall(r'took over (\d+) message', self.text()))
+APP_MODULE = 'tests.apps.faults'
+#: Every fault worker runs without mingle, gossip and heartbeats.
+WORKER_FLAGS = ('--without-mingle', '--without-gossip', '--without-heartbeat')
 
 
 @pytest.fixture(scope='module')
-def journal_server():
+def journal_server(preferred_server_binary):
     """One server holding every test's journal, never damaged by a test."""
-    try:
-        binary = servers.find_server('redis7')
-    except servers.NoServerFound:
-        binary = servers.find_server()
+    binary = preferred_server_binary
     with servers.RedisServer(binary=binary.path, name=binary.name) as server:
         yield server
 
@@ -85,18 +61,11 @@ class Rig:
         self.apps = []
 
     def worker_env(self, **extra):
-        env = clean_env()
-        env.update({
-            'FAULTS_BROKER': streams_url(self.broker),
-            'FAULTS_JOURNAL': 'redis://127.0.0.1:%d/0' % self.journal_server.port,
-            'FAULTS_PREFIX': self.prefix,
-            'PYTHONPATH': str(ROOT) + os.pathsep + env.get('PYTHONPATH', ''),
-        })
-        env.update({k: str(v) for k, v in {**self.env, **extra}.items()})
-        return env
+        return app_env(self.broker, self.prefix, app=APP_MODULE,
+                       backend=backend_url(self.journal_server, db=0), **{**self.env, **extra})
 
     def worker(self, *args, name='w1', **env):
-        worker = FaultWorker(self.worker_env(**env), *args, name=name)
+        worker = Worker(self.worker_env(**env), *args, *WORKER_FLAGS, name=name, app=APP_MODULE)
         self.workers.append(worker)
         return worker.start()
 
@@ -198,7 +167,7 @@ def settled(rig, queues=('celery',), timeout=5.0):
     while True:
         left = {}
         for queue in queues:
-            stream = rig.keys.queue(queue)
+            stream = rig.keys.stream(queue)
             try:
                 pending = r.xpending(stream, 'celery')['pending']
             except redis.ResponseError:   # no group (yet)
@@ -211,10 +180,25 @@ def settled(rig, queues=('celery',), timeout=5.0):
         time.sleep(0.1)
 
 
+def waiting(rig, queues):
+    """Messages in the streams of ``queues`` not delivered yet (a backlog)."""
+    r = rig.redis()
+    total = 0
+    for queue in queues:
+        stream = rig.keys.stream(queue)
+        try:
+            pending = r.xpending(stream, 'celery')['pending']
+        except redis.ResponseError:   # no group (yet)
+            pending = 0
+        total += r.xlen(stream) - pending
+    r.close()
+    return total
+
+
 def no_crash_loop(worker, settle=3.0):
     """The worker lives, and its count of lost connections stays put while it idles."""
     before = worker.count(LOST_LINE)
-    time.sleep(settle)
+    time.sleep(settle)   # kept: idling is the test (a crash loop logs more lost connections)
     assert worker.alive(), worker.text()[-4000:]
     after = worker.count(LOST_LINE)
     assert after == before, 'the worker keeps losing its connection:\n' + worker.text()[-4000:]
@@ -244,7 +228,7 @@ def test_killed_worker_loses_nothing(make_rig, report, server_kind):
     in_flight = started_by_victim - set(rig.listed('finished@' + victim_host))
     took = rig.wait_ran(tokens, timeout=30)
     recovery = time.monotonic() - killed_at
-    time.sleep(vt)   # anything reclaimed twice would show now
+    time.sleep(vt)   # kept: anything reclaimed twice would show now (an absence)
     lost, duplicated = tally(rig.ran(), tokens)
     report(server=server_kind, sent=len(tokens), ran=sum(rig.ran().values()),
            victim_started=len(started_by_victim), victim_in_flight=len(in_flight),
@@ -275,7 +259,7 @@ def test_live_workers_keep_long_countdowns_and_long_tasks(make_rig, report, pool
     for token in longs:
         send(app, token, 3 * vt)
     took = rig.wait_ran(countdowns + longs, timeout=30)
-    time.sleep(2 * vt)   # a message wrongly taken over would run again by now
+    time.sleep(2 * vt)   # kept: a message wrongly taken over would run again by now
     ran = rig.ran()
     lost, duplicated = tally(ran, countdowns + longs)
     report(pool=pool, visibility_timeout=vt, sent=4, ran=sum(ran.values()), lost=len(lost),
@@ -305,7 +289,7 @@ def test_worker_reconnects_after_a_restart_without_persistence(make_rig, report,
     assert rig.wait_ran(before, timeout=20) is not None
     if downtime:
         rig.broker.kill()
-        time.sleep(downtime)
+        time.sleep(downtime)   # kept: the server is down that long (the fault itself)
         rig.broker.start()
     else:
         rig.broker.restart()   # no persistence: every key is gone
@@ -362,7 +346,7 @@ def test_aof_loses_no_returned_publish(make_rig, report, how):
         time.sleep(0.005)
     if how == 'kill':
         rig.broker.kill()
-        time.sleep(0.3)
+        time.sleep(0.3)   # kept: the server is down that long (the fault itself)
         rig.broker.start()
     else:
         rig.broker.restart()
@@ -419,7 +403,8 @@ def test_nuke_and_drain_under_continuous_publishing(make_rig, report, operation,
     client = rig.redis()
     ops = []   # (began, returned)
     for _ in range(2):
-        time.sleep(1.0)
+        wait_until(lambda: waiting(rig, ('direct_q', 'topic_q')) >= 20, timeout=20,
+                   what='a backlog of 20 messages for the operation to remove')
         began = time.monotonic()
         if operation == 'nuke':
             admin.nuke(client, global_keyprefix=rig.prefix)
@@ -433,7 +418,7 @@ def test_nuke_and_drain_under_continuous_publishing(make_rig, report, operation,
     first = next(t for t, began, _, _ in published if began > op_end)
     first_ran = rig.wait_ran([first], timeout=20)
     first_ran = None if first_ran is None else time.monotonic() - op_end
-    time.sleep(max(0.0, 1.0 - (time.monotonic() - op_end)))
+    time.sleep(max(0.0, 1.0 - (time.monotonic() - op_end)))   # kept: publish 1 s past the last op
     stop.set()
     thread.join(10)
     ok = [t for t, _, _, good in published if good]
@@ -444,7 +429,7 @@ def test_nuke_and_drain_under_continuous_publishing(make_rig, report, operation,
     overlapping = [t for t, began, returned, good in published if good
                    and any(began <= op_end and returned >= op_began for op_began, op_end in ops)]
     took = rig.wait_ran(after, timeout=40)
-    time.sleep(0.5)
+    time.sleep(0.5)   # kept: time for a duplicate run to show (an absence)
     ran = rig.ran()
     lost, duplicated = tally(ran, after)
     removed = [t for t in ok if ran[t] == 0 and t not in after]
@@ -469,14 +454,14 @@ def test_malformed_entries_are_dead_lettered(make_rig, report, server_kind):
     worker = rig.worker('-c', '2')
     app = rig.client_app()
     r = rig.redis()
-    stream, dead = rig.keys.queue('celery'), rig.keys.dead_letters('celery')
+    stream, dead = rig.keys.stream('celery'), rig.keys.dead_letters('celery')
     first = ['g%d' % i for i in range(5)]
     for token in first:
         send(app, token)
     assert rig.wait_ran(first) is not None
     # a real task envelope, to corrupt one field of it
     send(app, 'template', queue='scratch')
-    (_, template), = r.xrange(rig.keys.queue('scratch'))
+    (_, template), = r.xrange(rig.keys.stream('scratch'))
     bad = [
         {'payload': 'not json {'},
         {'other': 'no payload field'},
@@ -496,7 +481,7 @@ def test_malformed_entries_are_dead_lettered(make_rig, report, server_kind):
     deadline = time.monotonic() + 10
     while r.xlen(dead) < len(bad) and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.3)
+    settled(rig)   # every entry so far taken and acked (or dead-lettered)
     third = ['i%d' % i for i in range(5)]
     for token in third:
         send(app, token)
@@ -533,7 +518,7 @@ def test_killed_client_connections(make_rig, report, server_kind, pool):
         send(app, token, 0.1)   # about 2 s of work for two processes
     kills, killed = 0, 0
     for round_ in range(4):
-        time.sleep(0.5)
+        time.sleep(0.5)   # kept: spreads the kills over the run (the fault itself)
         killed += admin_client.client_kill_filter(_type='normal', skipme=True)
         kills += 1
         batch = ['s%d-%d' % (round_, i) for i in range(5)]   # the publisher reconnects too
@@ -581,7 +566,7 @@ def test_poison_task_is_dead_lettered_after_max_deliveries(make_rig, report):
     for token in later:
         send(app, token)
     took = rig.wait_ran(good + later, timeout=20)
-    time.sleep(2.5)   # no further attempt of the poison task may come
+    time.sleep(2.5)   # kept: no further attempt of the poison task may come (an absence)
     attempts = len(rig.listed('poison'))
     lost, duplicated = tally(rig.ran(), good + later)
     dead_letters = r.xrange(dead)

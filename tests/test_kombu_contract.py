@@ -21,6 +21,7 @@ import redis
 
 import celery_streams  # noqa: F401  (registers redis-streams://)
 from tests import servers
+from tests.helpers import port_url
 from tests.kombu_integration import redis_priority
 from tests.kombu_integration.common import (
     BaseEventLoop,
@@ -35,12 +36,8 @@ from tests.kombu_integration.common import (
 
 try:
     _FIRST_SERVER = [servers.find_server()]
-except servers.NoServerFound:   # conftest stops the session with the reason
+except servers.NoServerFound:   # conftest skips these tests, saying why
     _FIRST_SERVER = []
-
-
-def streams_url(port: int) -> str:
-    return f'redis-streams://127.0.0.1:{port}/0'
 
 
 def closed_port() -> int:
@@ -58,7 +55,7 @@ def _connection(url, transport_options):
 
 @pytest.fixture
 def connection(redis_server, prefix):
-    yield from _connection(streams_url(redis_server.port), {'global_keyprefix': prefix})
+    yield from _connection(port_url(redis_server.port), {'global_keyprefix': prefix})
 
 
 @pytest.fixture
@@ -66,12 +63,12 @@ def invalid_connection(monkeypatch):
     # kombu's connect() retries once after a hard-coded 2 s pause: kombu's, not
     # the transport's, so it is skipped (saves ~16 s; the retry itself still runs)
     monkeypatch.setattr('kombu.utils.functional.sleep', lambda seconds: None)
-    return kombu.Connection(streams_url(closed_port()))
+    return kombu.Connection(port_url(closed_port()))
 
 
 @pytest.fixture
 def failover_connection(redis_server, prefix):
-    url = f'{streams_url(closed_port())};{streams_url(redis_server.port)}'
+    url = f'{port_url(closed_port())};{port_url(redis_server.port)}'
     yield from _connection(url, {'global_keyprefix': prefix})
 
 
@@ -92,10 +89,9 @@ class TestTimeToLive(BaseTimeToLive):
     """Per-message ``expiration``; 4 s a test, so on the first server kind only
     (the transport drops expired entries in Python, whatever the server).
 
-    These fail for now: the transport honours a queue's ``x-message-ttl`` but
-    ignores a message's ``expiration`` (so does kombu's Redis transport, and
-    kombu's ``test_redis.py`` does not run this class), and no document says
-    so yet: not an xfail until that difference is documented or fixed.
+    They pass: the transport honours a message's ``expiration`` as well as a
+    queue's ``x-message-ttl`` (kombu's Redis transport ignores ``expiration``,
+    and kombu's ``test_redis.py`` does not run this class).
     """
 
 
@@ -125,7 +121,7 @@ class TestPriorityRabbitmqSemantics(BasePriority):
 
     @pytest.fixture
     def connection(self, redis_server, prefix):
-        yield from _connection(streams_url(redis_server.port),
+        yield from _connection(port_url(redis_server.port),
                                {'global_keyprefix': prefix, 'priority_semantics': 'rabbitmq'})
 
 

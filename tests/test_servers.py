@@ -75,6 +75,7 @@ def test_tls_server_answers_over_rediss(tls_redis_server):
                     retry=NO_RETRY).ping()
 
 
+@pytest.mark.needs_server
 def test_start_failure_shows_log_tail():
     server = RedisServer(extra_args=["--no-such-directive", "1"])
     with pytest.raises(servers.ServerStartError, match="no-such-directive"):
@@ -82,6 +83,7 @@ def test_start_failure_shows_log_tail():
     server.close()
 
 
+@pytest.mark.needs_server
 def test_env_narrows_the_matrix(monkeypatch):
     first = servers.available_servers()[0]
     monkeypatch.setenv(servers.SERVERS_ENV, first.name)

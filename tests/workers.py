@@ -1,19 +1,37 @@
-"""Real ``celery worker`` processes for end-to-end tests."""
+"""Real ``celery worker`` processes for end-to-end tests, and their environment.
+
+* :func:`app_env` -- the environment of a ``celery`` process of one of the test
+  apps in ``tests/apps/`` (broker, result backend or journal, key prefix);
+* :func:`celery_command` -- ``python -m celery -A <app> ...``;
+* :class:`Worker` -- one ``celery worker`` subprocess in a process group of its
+  own, its output in a log file the tests wait on.
+"""
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from tests.helpers import backend_url, streams_url
+
 ROOT = Path(__file__).resolve().parent.parent
+HOST = socket.gethostname()
+E2E_APP = 'tests.apps.e2e'
 
-
-def streams_url(server, db=0):
-    return 'redis-streams://127.0.0.1:%d/%d' % (server.port, db)
+#: The environment variables each test app reads (broker URL, result backend or
+#: journal URL, ``global_keyprefix``); ``tests.apps.defects`` is the e2e app plus tasks.
+APP_SETTINGS = {
+    'tests.apps.e2e': ('E2E_BROKER', 'E2E_BACKEND', 'E2E_PREFIX'),
+    'tests.apps.defects': ('E2E_BROKER', 'E2E_BACKEND', 'E2E_PREFIX'),
+    'tests.apps.features': ('FEAT_BROKER', 'FEAT_BACKEND', 'FEAT_PREFIX'),
+    'tests.apps.faults': ('FAULTS_BROKER', 'FAULTS_JOURNAL', 'FAULTS_PREFIX'),
+}
 
 
 def clean_env():
@@ -22,65 +40,153 @@ def clean_env():
     return {k: v for k, v in os.environ.items() if not k.startswith('CELERY_')}
 
 
-def app_env(server, prefix, **extra):
+def app_env(server, prefix, *, app=E2E_APP, backend=None, **extra):
+    """The environment of a ``celery -A app`` process on ``server`` under key prefix ``prefix``.
+
+    The broker is db 0 of ``server``; the result backend (the journal of
+    ``tests.apps.faults``) is ``backend``, by default db 1 of ``server``. No
+    inherited Celery settings (:func:`clean_env`), the repository on
+    ``PYTHONPATH``, unbuffered output; ``extra`` adds variables (values made strings).
+    """
+    broker_var, backend_var, prefix_var = APP_SETTINGS[app]
     env = clean_env()
     env.update({
-        'E2E_BROKER': streams_url(server),
-        'E2E_BACKEND': 'redis://127.0.0.1:%d/1' % server.port,
-        'E2E_PREFIX': prefix,
+        broker_var: streams_url(server),
+        backend_var: backend or backend_url(server),
+        prefix_var: prefix,
         'PYTHONPATH': str(ROOT) + os.pathsep + env.get('PYTHONPATH', ''),
+        'PYTHONUNBUFFERED': '1',
     })
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
-def celery_command(*args):
-    return [sys.executable, '-m', 'celery', '-A', 'tests.apps.e2e', *args]
+def celery_command(*args, app=E2E_APP):
+    return [sys.executable, '-m', 'celery', '-A', app, *args]
+
+
+def _process_states(pgid):
+    """``{pid: state letter}`` of the processes in process group ``pgid`` (Linux /proc;
+    elsewhere the leader only, through ps)."""
+    if not os.path.isdir('/proc/self'):
+        out = subprocess.run(['ps', '-o', 'stat=', '-p', str(pgid)], capture_output=True,
+                             text=True).stdout.strip()
+        return {pgid: out[:1]} if out else {}
+    states = {}
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % entry) as stat:
+                fields = stat.read().rsplit(')', 1)[1].split()
+        except OSError:   # gone meanwhile
+            continue
+        if int(fields[2]) == pgid:   # state, ppid, pgrp
+            states[int(entry)] = fields[0]
+    return states
 
 
 class Worker:
-    """One ``celery -A tests.apps.e2e worker`` subprocess, its log in a file."""
+    """One ``celery -A <app> worker`` subprocess (default app: ``tests.apps.e2e``), its log in a file.
 
-    def __init__(self, env, *args, name='w1'):
-        self.log = Path(tempfile.mkdtemp(prefix='cs-worker-')) / 'worker.log'
-        self.args = ['worker', '-l', 'info', '-n', '%s@%%h' % name, *args]
+    ``args`` follow ``worker -l info -n <name>@<host>``, so ``-l debug`` there wins.
+    The worker runs in a process group of its own: :meth:`kill` and
+    :meth:`signal_group` reach its pool processes too.
+    """
+
+    def __init__(self, env, *args, name='w1', app=E2E_APP):
+        self.name = name
+        self.app = app
+        self.nodename = '%s@%s' % (name, HOST)
+        self.log = Path(tempfile.mkdtemp(prefix='cs-worker-')) / ('%s.log' % name)
+        self.args = ['worker', '-l', 'info', '-n', self.nodename, *args]
         self.env = env
         self.proc = None
 
-    def start(self, timeout=60):
+    # -- lifecycle ------------------------------------------------------------
+
+    def spawn(self):
+        """Start the process; do not wait for it to be ready."""
         with open(self.log, 'wb') as out:
-            self.proc = subprocess.Popen(celery_command(*self.args), env=self.env, cwd=ROOT,
-                                         stdout=out, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(celery_command(*self.args, app=self.app), env=self.env,
+                                         cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
-        self.wait_for('ready.', timeout)
         return self
+
+    def start(self, timeout=60):
+        """Start the process and wait until it logged ``ready.``."""
+        self.spawn().wait_for('ready.', timeout)
+        return self
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def terminate(self):
+        """Ask for a warm shutdown (SIGTERM) without waiting."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout=30):
+        """Wait for the process to end (kill its group after ``timeout``); its exit status."""
+        if self.proc is None:
+            return None
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        return self.proc.returncode
+
+    def stop(self, timeout=30):
+        """Warm shutdown (SIGTERM); kill if it hangs. Returns the exit status."""
+        self.terminate()
+        return self.wait(timeout)
+
+    def kill(self):
+        """SIGKILL the whole process group (the pool processes too)."""
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def signal_group(self, sig):
+        os.killpg(self.proc.pid, sig)
+
+    def pause(self, timeout=10):
+        """SIGSTOP the process group; return once every process of it is stopped."""
+        self.signal_group(signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while True:
+            states = {pid: s for pid, s in _process_states(self.proc.pid).items() if s not in 'ZX'}
+            if states and all(state in 'Tt' for state in states.values()):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError('%s not stopped after %ss: %s' % (self.name, timeout, states))
+            time.sleep(0.01)
+
+    def resume(self):
+        self.signal_group(signal.SIGCONT)
+
+    # -- the log --------------------------------------------------------------
 
     def text(self):
         return self.log.read_text(errors='replace')
 
+    def count(self, needle):
+        return self.text().count(needle)
+
+    def taken_over(self):
+        """Messages this worker took over from silent consumers (its reclaim log lines)."""
+        return sum(int(n) for n in re.findall(r'took over (\d+) message', self.text()))
+
     def wait_for(self, needle, timeout=30):
+        """Wait until the log holds ``needle`` (a string, or a compiled regular expression)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if needle in self.text():
+            text = self.text()
+            if needle.search(text) if isinstance(needle, re.Pattern) else needle in text:
                 return
             if self.proc.poll() is not None:
-                raise AssertionError('worker exited (%s) before %r:\n%s'
-                                     % (self.proc.returncode, needle, self.text()[-4000:]))
+                raise AssertionError('%s exited (%s) before %r:\n%s'
+                                     % (self.name, self.proc.returncode, needle, self.text()[-4000:]))
             time.sleep(0.05)
-        raise AssertionError('no %r in the worker log after %ss:\n%s'
-                             % (needle, timeout, self.text()[-4000:]))
-
-    def stop(self, timeout=30):
-        """Warm shutdown (SIGTERM); kill if it hangs."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-    def kill(self):
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        raise AssertionError('no %r in the log of %s after %ss:\n%s'
+                             % (needle, self.name, timeout, self.text()[-4000:]))

@@ -1,0 +1,197 @@
+"""Tests of pure code: no server is started or reached, so these run where no
+Redis/Valkey binary is installed (see ``tests/conftest.py``).
+
+Transport options, the key schema, delivery tags, RESP packing, and broker URLs.
+"""
+from __future__ import annotations
+
+import kombu
+import pytest
+import redis
+from kombu import Connection
+
+import celery_streams  # noqa: F401  (registers redis-streams://)
+from celery_streams import admin, errors, wire
+from celery_streams.connection import Address, database, first_url, safe_url
+from celery_streams.keys import Keys, acl_rules, binding_member, glob_escape, parse_binding
+from celery_streams.options import Options
+from celery_streams.qos import Tag, make_tag, parse_tag
+from tests.helpers import port_url
+from tests.servers import free_port
+
+
+def nowhere():
+    """A ``redis-streams://`` URL of a loopback port nothing listens on."""
+    return port_url(free_port())
+
+
+# -- transport options ----------------------------------------------------------
+
+def test_unknown_transport_option_fails_in_one_line():
+    with pytest.raises(errors.ConfigurationError) as info:
+        Connection(nowhere(), transport_options={'visibilty_timeout': 5}).connect()
+    assert "'visibilty_timeout'" in str(info.value) and '\n' not in str(info.value)
+
+
+def test_sentinel_options_are_refused_in_one_line():
+    with pytest.raises(errors.ConfigurationError, match='Sentinel is not supported'):
+        Connection(nowhere(), transport_options={'master_name': 'mymaster'}).connect()
+
+
+def test_plain_redis_failover_url_is_refused():
+    url = nowhere() + ';redis://127.0.0.1:1/0'
+    with pytest.raises(errors.ConfigurationError, match='redis-streams://'):
+        Connection(url).connect()
+
+
+def test_bad_database_in_url():
+    url = 'redis-streams://127.0.0.1:%d/notanumber' % free_port()
+    with pytest.raises(errors.ConfigurationError, match='database'):
+        Connection(url).connect()
+
+
+def test_options_defaults_and_conversions():
+    assert Options.from_transport_options(None) == Options()
+    options = Options.from_transport_options({
+        'visibility_timeout': '5', 'max_deliveries': '3', 'priority_steps': [9, 0, 3, 3],
+        'ack_emulation': True,   # kombu's Redis transport's: accepted, ignored
+        'max_retries': 3,        # kombu's own
+    })
+    assert (options.visibility_timeout, options.max_deliveries) == (5.0, 3)
+    assert options.priority_steps == (0, 3, 9)
+    assert options.ignored == ('ack_emulation',)
+    assert Options().priority_steps == (0, 3, 6, 9) and Options().consumer_group == 'celery'
+
+
+@pytest.mark.parametrize('given, message', [
+    ({'visibilty_timeout': 5}, "unknown transport option(s) 'visibilty_timeout'"),
+    ({'master_name': 'x'}, 'Redis Sentinel is not supported'),
+    ({'visibility_timeout': 0}, 'visibility_timeout must be a positive number'),
+    ({'max_deliveries': 'x'}, 'max_deliveries must be a positive number'),
+    ({'consumer_group': ''}, 'consumer_group must be a non-empty string'),
+    ({'queue_order_strategy': 'random'}, 'queue_order_strategy must be one of'),
+    ({'priority_semantics': 'x'}, 'priority_semantics must be one of'),
+    ({'priority_steps': [1, 5]}, 'priority_steps must be numbers from 0 to 9 starting at 0'),
+    ({'priority_steps': [0, 12]}, 'priority_steps must be numbers from 0 to 9 starting at 0'),
+    ({'priority_steps': 'ab'}, 'priority_steps must be numbers from 0 to 9 starting at 0'),
+])
+def test_bad_options_fail_in_one_line(given, message):
+    with pytest.raises(errors.ConfigurationError) as info:
+        Options.from_transport_options(given)
+    assert message in str(info.value) and '\n' not in str(info.value)
+
+
+# -- the key schema -------------------------------------------------------------
+
+def test_keys_helpers_round_trip():
+    keys = Keys('p:')
+    assert keys.parse(keys.stream('a:b')) == ('a:b', 'stream', 0)
+    assert keys.parse(keys.stream('a}:b', 6)) == ('a}:b', 'stream', 6)
+    assert keys.parse(keys.dead_letters('a')) == ('a', 'dead', None)
+    assert keys.parse(keys.alive('a', 'host:1:x')) == ('a', 'alive', 'host:1:x')
+    assert keys.parse(keys.queues) is None
+
+
+def test_keys_building_and_parsing():
+    keys = Keys('p*[x]:')
+    assert keys.stream('q') == 'p*[x]:celery-streams:q:{q}'
+    assert keys.streams('q') == [keys.stream('q', bucket) for bucket in (0, 3, 6, 9)]
+    assert Keys('p:', priority_steps=[5, 0]).streams('q') == ['p:celery-streams:q:{q}',
+                                                              'p:celery-streams:q:{q}:p5']
+    assert keys.parse_stream(keys.stream('q', 9)) == ('q', 9)
+    with pytest.raises(ValueError):
+        keys.parse_stream(keys.dead_letters('q'))
+    assert keys.parse_bindings(keys.bindings('e')) == 'e'
+    assert keys.parse_bindings(keys.queues) is None
+    # SCAN patterns escape the prefix's glob characters
+    assert keys.match_all == 'p\\*\\[x\\]:celery-streams:*'
+    assert glob_escape('a*b?[c]\\') == 'a\\*b\\?\\[c\\]\\\\'
+    assert acl_rules('p:')[:2] == ['~p:celery-streams:*', '-@all']
+
+
+def test_bindings_round_trip():
+    member = binding_member('rk', 'pat', 'q')
+    assert parse_binding(member) == parse_binding(member.encode()) == ('rk', 'pat', 'q')
+    assert parse_binding(binding_member('', '', 'q')) == ('', '', 'q')
+
+
+# -- delivery tags --------------------------------------------------------------
+
+@pytest.mark.parametrize('entry_id, consumer, queue, bucket', [
+    ('1700000000000-0', 'host:123:ab12cd', 'celery', 0),
+    ('1-5', 'h:1:x', 'a/b/c', 6),         # the queue, last, may hold slashes
+    ('2-0', 'h:1:x', 'reply.celery.pidbox', 9),
+])
+def test_delivery_tags_round_trip(entry_id, consumer, queue, bucket):
+    tag = make_tag(entry_id, consumer, queue, bucket)
+    assert parse_tag(tag) == Tag(entry_id, consumer, bucket, queue)
+    assert make_tag(entry_id, consumer, queue) == '%s/%s/0/%s' % (entry_id, consumer, queue)
+
+
+# -- RESP packing ---------------------------------------------------------------
+
+def test_wire_pack_writes_resp_like_redis_py():
+    args = ['XADD', 'k', '*', 'payload', b'\x00\xff', 5, '\u00e9']
+    packed = wire.pack(args)
+    assert packed == (b'*7\r\n$4\r\nXADD\r\n$1\r\nk\r\n$1\r\n*\r\n$7\r\npayload\r\n'
+                      b'$2\r\n\x00\xff\r\n$1\r\n5\r\n$2\r\n\xc3\xa9\r\n')
+    assert packed == b''.join(redis.Connection().pack_command(*args))   # no connection made
+    assert wire.pack([]) == b'*0\r\n'
+    assert wire.text(b'abc') == 'abc' and wire.text(3) == 3
+
+
+# -- broker URLs ----------------------------------------------------------------
+
+@pytest.mark.parametrize('url', ['redis://h:6379/0/', 'redis://h:6379/0', 'redis://h:6379/', 'redis://h:6379'])
+def test_database_zero_with_or_without_a_trailing_slash(url):
+    assert Address.from_url(url).db == 0
+    assert Address.from_kombu(kombu.Connection(url)).db == 0
+
+
+def test_address_from_url_and_from_kombu_agree():
+    url = 'redis-streams://u:pw@h:7000/3'
+    assert Address.from_url(url) == Address.from_kombu(kombu.Connection(url)) == Address(
+        host='h', port=7000, db=3, username='u', password='pw')
+    assert Address.from_url('redis://') == Address(host='127.0.0.1', port=6379, db=0)
+    assert Address.from_kombu(kombu.Connection('rediss-streams://h:6380/5')).tls is True
+
+
+def test_address_tls_and_ssl_arguments():
+    tls = Address.from_url('rediss-streams://u:p%40ss@h/2?ssl_cert_reqs=required&ssl_ca_certs=/ca.pem')
+    assert (tls.host, tls.port, tls.db, tls.username, tls.password, tls.tls) == (
+        'h', 6379, 2, 'u', 'p@ss', True)
+    assert tls.ssl['ssl_ca_certs'] == '/ca.pem'
+    assert Address.from_url('redis://h:1/0', ssl=True).tls is True
+    assert Address.from_url('redis://h:1/0', ssl={'ssl_cert_reqs': 'none'}).ssl == {'ssl_cert_reqs': 'none'}
+    with pytest.raises(errors.ConfigurationError, match='broker_use_ssl'):
+        Address.from_url('redis://h:1/0', ssl={'cert_reqs': 'none'})
+
+
+@pytest.mark.parametrize('url, message', [
+    ('amqp://guest:secret@localhost//', 'is not a Redis URL'),
+    ('redis://localhost:6379/zero', 'the database in a redis URL is a number'),
+    ('nourl', 'not a broker URL'),
+    ('redis://h:port/0', 'cannot parse broker URL'),
+])
+def test_address_refuses_bad_urls_in_one_line(url, message):
+    with pytest.raises(errors.ConfigurationError) as info:
+        Address.from_url(url)
+    assert message in str(info.value) and 'secret' not in str(info.value)
+
+
+def test_database_and_url_helpers():
+    assert [database(v) for v in (None, '', '/', '0', '/0', '/0/', '/3', 3)] == [0, 0, 0, 0, 0, 0, 3, 3]
+    with pytest.raises(errors.ConfigurationError, match='database'):
+        database('notanumber')
+    assert safe_url('redis://user:secret@h:1/0') == 'redis://user:**@h:1/0'
+    assert safe_url('redis://u:secret@h:notaport/0') == 'redis://u:**@h:notaport/0'
+    assert first_url('a;b') == 'a' and first_url(' a ; b') == 'a'
+    assert first_url(['x', 'y']) == 'x' and first_url([]) is None and first_url(None) is None
+
+
+def test_client_refuses_other_urls():
+    with pytest.raises(errors.ConfigurationError, match='not a Redis URL'):
+        admin.client_from_url('amqp://guest:secret@localhost//')
+    with pytest.raises(errors.ConfigurationError, match='database'):
+        admin.client_from_url('redis://localhost:6379/zero')
+    assert 'secret' not in admin.safe_url('redis://user:secret@localhost:1/0')
