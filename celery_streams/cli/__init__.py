@@ -1,0 +1,35 @@
+"""``celery streams``: inspect, drain and reset celery_streams' queues.
+
+::
+
+    celery -A proj streams status [-Q a,b] [--json]
+    celery -A proj streams drain  [-Q a,b] [-f] [--dry-run] [--include-broadcast] [--dead-letters]
+    celery -A proj streams nuke   [-f] [--dry-run] [--keep-dead-letters]
+    celery -A proj streams dead-letters list    [-Q a,b] [--json] [--limit N]
+    celery -A proj streams dead-letters requeue [-Q a,b] [--id ID ...] [-f] [--dry-run]
+    celery -A proj streams dead-letters purge   [-Q a,b] [-f] [--dry-run]
+    celery --broker redis://host:6379/0 streams [--prefix P] status
+
+The broker URL, ``global_keyprefix`` and ``consumer_group`` come from the app
+(``broker_url``, ``broker_transport_options``, ``broker_use_ssl``); without an
+app, pass ``--broker``. ``--prefix`` (on ``streams`` or on a subcommand)
+overrides the key prefix. The commands are thin: the work is done by
+:mod:`celery_streams.admin`. Errors are one line on stderr; exit status 1,
+or 69 (``EX_UNAVAILABLE``) when Redis cannot be reached or refuses the
+credentials.
+
+``status --json`` and ``dead-letters list --json`` print one JSON document
+each; their shapes are in docs/cli.md (``Status.as_dict()`` and
+``DeadLetterQueue.as_dict()`` build them). Ages are measured with the
+server's clock (``TIME``).
+
+Every destructive command has one shape (:func:`plan_confirm_apply`): plan,
+show, confirm like ``celery purge`` (or ``-f``; ``--dry-run`` stops after
+showing), then apply exactly what was shown.
+"""
+from __future__ import annotations
+
+from . import dead_letters, queues  # noqa: F401  (they add their commands to the group)
+from .base import plan_confirm_apply, streams
+
+__all__ = ['streams', 'plan_confirm_apply']

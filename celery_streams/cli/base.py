@@ -1,0 +1,171 @@
+"""What every ``celery streams`` command shares: the target Redis, one-line errors, options,
+confirmation and the plan -> confirm -> apply shape, and the formatting of counts."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import click
+import redis
+from celery.bin.base import COMMA_SEPARATED_LIST, CeleryOption, CLIContext, handle_preload_options
+from celery.exceptions import CeleryCommandException
+from celery.platforms import EX_UNAVAILABLE
+
+from ..connection import client_from_url, first_url, safe_url
+from ..errors import StreamsError, one_line
+from ..options import Options
+
+PREFIX_META = 'celery_streams.prefix'
+RESERVED_NOTE = ('Note: messages a worker already reserved (prefetched into its memory) '
+                 'may still run; they are acked as usual and never come back.')
+DRY_RUN_NOTE = 'Dry run: nothing was changed.'
+
+
+class Target:
+    """The Redis of the app's broker, and the transport options that locate its keys."""
+
+    def __init__(self, ctx: click.Context, prefix: str | None):
+        app = ctx.obj.app
+        url = first_url(app.conf.broker_url)
+        if not url:
+            raise click.ClickException(
+                'no broker URL: pass --broker redis://host:6379/0 or -A an app that sets broker_url')
+        self.url = safe_url(url)
+        transport_options = dict(app.conf.broker_transport_options or {})
+        with one_line_errors(self.url):
+            options = Options.from_transport_options(transport_options)
+            self.client = client_from_url(url, ssl=app.conf.broker_use_ssl,
+                                          transport_options=transport_options)
+        ctx.call_on_close(self.client.close)
+        if prefix is None:
+            prefix = ctx.meta.get(PREFIX_META)
+        self.prefix = options.global_keyprefix if prefix is None else prefix
+        self.group = options.consumer_group
+
+    def errors(self):
+        """:func:`one_line_errors` for this broker."""
+        has_password = bool(self.client.connection_pool.connection_kwargs.get('password'))
+        return one_line_errors(self.url, has_password)
+
+    def describe(self) -> str:
+        return 'broker %s, key prefix %r' % (self.url, self.prefix)
+
+
+@contextmanager
+def one_line_errors(where: str, has_password: bool = True):
+    """Turn configuration and Redis errors into one line and a non-zero exit."""
+    try:
+        yield
+    except StreamsError as exc:
+        raise click.ClickException(one_line(exc)) from None
+    except redis.AuthenticationError as exc:
+        if not has_password:
+            raise CeleryCommandException('Redis at %s requires a password and the URL has none'
+                                         % where, EX_UNAVAILABLE) from None
+        raise CeleryCommandException('Redis at %s refused the credentials: %s'
+                                     % (where, one_line(exc)), EX_UNAVAILABLE) from None
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise CeleryCommandException('cannot reach Redis at %s: %s'
+                                     % (where, one_line(exc)), EX_UNAVAILABLE) from None
+    except redis.exceptions.NoPermissionError as exc:   # ACL: a command or key not allowed
+        raise CeleryCommandException('Redis at %s refused the command: %s'
+                                     % (where, one_line(exc)), EX_UNAVAILABLE) from None
+    except redis.ResponseError as exc:
+        raise click.ClickException('Redis at %s answered: %s' % (where, one_line(exc))) from None
+    except redis.RedisError as exc:
+        raise click.ClickException('Redis at %s: %s' % (where, one_line(exc))) from None
+
+
+def obj_of(ctx: click.Context) -> CLIContext:
+    if ctx.obj is None:   # the group used without `celery`
+        ctx.obj = CLIContext(app=None, no_color=False, workdir=None)
+    return ctx.obj
+
+
+def prefix_option(command):
+    return click.option(
+        '--prefix', cls=CeleryOption, default=None, help_group='Streams Options',
+        help="Key prefix (global_keyprefix) to work on; default: the app's "
+             "broker_transport_options.")(command)
+
+
+def force_option(group: str):
+    return click.option('-f', '--force', cls=CeleryOption, is_flag=True, help_group=group,
+                        help="Don't prompt for confirmation.")
+
+
+def dry_run_option(group: str, what: str):
+    return click.option('--dry-run', cls=CeleryOption, is_flag=True, help_group=group,
+                        help='Show what would be %s; change nothing.' % what)
+
+
+def confirm(obj: CLIContext, action: str, force: bool, target: Target, what: str) -> None:
+    """Ask like ``celery purge``; without a terminal, refuse unless --force."""
+    if force:
+        return
+    if not click.get_text_stream('stdin').isatty():  # type: ignore[operator]
+        raise click.ClickException(
+            'refusing to %s without confirmation: stdin is not a terminal '
+            '(pass -f/--force to skip the prompt, or --dry-run to see what it would do)' % action)
+    click.confirm('%s: %s\n         (%s)\n         There is no undo for this operation!\n\n'
+                  '(to skip this prompt use the -f option)\nAre you sure?'
+                  % (obj.style('WARNING', fg='red'), what, target.describe()), abort=True)
+
+
+def plan_confirm_apply(obj: CLIContext, target: Target, *, plan, dry_run: bool, force: bool,
+                       action: str, what, apply):
+    """The one shape of every destructive command: plan, show, confirm, apply that plan.
+
+    ``plan()`` finds what would change (nothing is changed); ``what(plan)``
+    says it in a sentence, or None when it changes nothing. Unless this is a
+    dry run or there is nothing to do, the user confirms that sentence and
+    ``apply(plan)`` does exactly that plan -- never what a second look would
+    find (keys or messages created after the prompt are left alone).
+    Returns ``(plan, done)``; ``done`` is None when nothing was applied.
+    """
+    with target.errors():
+        planned = plan()
+        sentence = what(planned) if planned else None
+        if sentence is None or dry_run:
+            return planned, None
+        confirm(obj, action, force, target, sentence)
+        return planned, apply(planned)
+
+
+@click.group(name='streams')
+@prefix_option
+@click.pass_context
+@handle_preload_options
+def streams(ctx, prefix, **kwargs):
+    """Inspect and reset the Redis Streams queues of celery_streams."""
+    obj_of(ctx)
+    ctx.meta[PREFIX_META] = prefix
+
+
+def cell(value):
+    return '-' if value is None else str(value)
+
+
+def seconds(value):
+    return '-' if value is None else '%.1fs' % value
+
+
+def count(n, singular, plural=None):
+    return '%s %s' % (n, singular if n == 1 else plural or singular + 's')
+
+
+def age(seconds) -> str:
+    if seconds is None:
+        return '-'
+    if seconds < 60:
+        return '%.1fs' % seconds
+    minutes, hours, days = int(seconds // 60), int(seconds // 3600), int(seconds // 86400)
+    if hours < 1:
+        return '%dm%02ds' % (minutes, seconds % 60)
+    if days < 1:
+        return '%dh%02dm' % (hours, minutes % 60)
+    return '%dd%02dh' % (days, hours % 24)
+
+
+def queues_option(group: str, default: str):
+    return click.option('-Q', '--queues', cls=CeleryOption, type=COMMA_SEPARATED_LIST, help_group=group,
+                        help='Comma separated queue names; default: %s.' % default)

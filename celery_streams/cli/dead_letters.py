@@ -1,0 +1,180 @@
+"""``celery streams dead-letters list | requeue | purge``."""
+from __future__ import annotations
+
+import json
+
+import click
+from celery.bin.base import CeleryCommand, CeleryOption
+
+from .. import admin
+from ..keys import Keys
+from .base import (DRY_RUN_NOTE, Target, age, cell, count, dry_run_option, force_option, obj_of,
+                   plan_confirm_apply, prefix_option, queues_option, streams)
+
+# -- dead letters -----------------------------------------------------------------
+
+DEAD_LETTER_LIMIT = 100
+UNDECODABLE_NOTE = 'undecodable payload: a worker will dead-letter it again'
+
+
+@streams.group(name='dead-letters')
+@click.pass_context
+def dead_letters(ctx, **kwargs):
+    """List, requeue or purge the dead letters of queues."""
+    obj_of(ctx)
+
+
+@dead_letters.command(name='list', cls=CeleryCommand)
+@queues_option('List Options', 'every queue with dead letters')
+@click.option('--json', 'as_json', cls=CeleryOption, is_flag=True, help_group='List Options',
+              help='Print one JSON document (shape: see docs/cli.md).')
+@click.option('--limit', cls=CeleryOption, type=click.IntRange(min=0), default=DEAD_LETTER_LIMIT,
+              show_default=True, help_group='List Options',
+              help='Show at most this many dead letters per queue, the oldest first; 0: all.')
+@prefix_option
+@click.pass_context
+def list_dead_letters(ctx, queues, as_json, limit, prefix, **kwargs):
+    """Show each dead letter: id, age, reason, source, task, payload size."""
+    obj = obj_of(ctx)
+    target = Target(ctx, prefix)
+    with target.errors():
+        found = admin.dead_letters(target.client, global_keyprefix=target.prefix, queues=queues,
+                                   limit=limit)
+    if as_json:
+        obj.echo(json.dumps({
+            'broker': target.url, 'global_keyprefix': target.prefix or '',
+            'namespace': Keys(target.prefix).prefix, 'limit': limit or None,
+            'queues': [q.as_dict() for q in found]}, indent=2))
+        return
+    obj.echo(target.describe())
+    if not found:
+        obj.echo('No dead letters.')
+        return
+    keys = Keys(target.prefix)
+    for q in found:
+        obj.echo(obj.style('Queue %r: %s (%s)' % (q.queue, count(q.count, 'dead letter'), q.stream),
+                           bold=True))
+        if not q.dead_letters:
+            continue
+        rows = [('ID', 'AGE', 'SOURCE ID', 'TASK', 'TASK ID', 'SIZE', 'REASON')]
+        for d in q.dead_letters:
+            rows.append((d.id, age(d.age), _source(d, keys), d.task or '-', d.task_id or '-',
+                         cell(d.payload_size), cell(d.reason)))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            obj.echo('  ' + '  '.join(cell.rjust(w) if i in (1, 5) else cell.ljust(w)
+                                      for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+        if q.truncated:
+            obj.echo('  ... %s more (--limit 0 shows all)' % (q.count - len(q.dead_letters)))
+
+
+@dead_letters.command(cls=CeleryCommand)
+@queues_option('Requeue Options', 'every queue with dead letters')
+@click.option('--id', 'ids', cls=CeleryOption, multiple=True, help_group='Requeue Options',
+              help='Requeue only this dead letter (its id in `dead-letters list`); repeatable, '
+                   'or comma separated.')
+@force_option('Requeue Options')
+@dry_run_option('Requeue Options', 'requeued')
+@prefix_option
+@click.pass_context
+def requeue(ctx, queues, ids, force, dry_run, prefix, **kwargs):
+    """Move dead letters back to their queues.
+
+    Each one goes back to the stream it came from, with its original fields
+    but `deliveries` (max_deliveries counts afresh), and is deleted from the
+    dead letters, atomically. Undecodable ones go back too: a worker
+    dead-letters them again.
+    """
+    obj = obj_of(ctx)
+    target = Target(ctx, prefix)
+    ids = [i for value in ids for i in value.split(',') if i.strip()]
+
+    def what(plan):
+        movable = [item for item in plan if item.outcome != 'empty']
+        if not movable:
+            return None
+        names = list(dict.fromkeys(item.dead_letter.queue for item in movable))
+        return 'This will move %s of %s (%s) back to their queues, delivery counts reset.' % (
+            count(len(movable), 'dead letter'), count(len(names), 'queue'), ', '.join(names))
+
+    plan, _ = plan_confirm_apply(
+        obj, target, dry_run=dry_run, force=force, action='requeue', what=what,
+        plan=lambda: admin.requeue_dead_letters(target.client, global_keyprefix=target.prefix,
+                                                queues=queues, ids=ids, dry_run=True),
+        apply=lambda plan: admin.apply_requeue(target.client, plan, global_keyprefix=target.prefix))
+    obj.echo(target.describe())
+    if not plan:
+        obj.echo('No dead letters: nothing to requeue.')
+        return
+    for item in plan:
+        obj.echo(_requeue_line(item))
+    requeued = [i for i in plan if i.outcome in ('requeued', 'would requeue')]
+    obj.echo('Total: %s %s %s.' % (
+        count(len(requeued), 'dead letter'), 'would be requeued' if dry_run else 'requeued',
+        'from ' + count(len({i.dead_letter.queue for i in requeued}), 'queue')))
+    if dry_run:
+        obj.echo(DRY_RUN_NOTE)
+
+
+def _requeue_line(item) -> str:
+    d = item.dead_letter
+    verb = {'requeued': 'Requeued', 'would requeue': 'Would requeue', 'gone': 'Skipped',
+            'empty': 'Skipped'}[item.outcome]
+    line = '%s dead letter %s of queue %r' % (verb, d.id, d.queue)
+    if item.outcome == 'gone':
+        return line + ': no longer there (requeued or purged meanwhile)'
+    if item.outcome == 'empty':
+        return line + ': it holds no original field to put back'
+    line += ' to %s' % item.stream
+    if item.new_id:
+        line += ' as %s' % item.new_id
+    if item.fallback:
+        line += ' (its source stream is %s: the queue\'s main stream instead)' % (
+            'not recorded' if d.source_stream is None else 'not a stream of this queue')
+    if d.task:
+        line += ': task %s[%s]' % (d.task, d.task_id or '?')
+    if not d.decodable:
+        line += ' (%s)' % UNDECODABLE_NOTE
+    return line
+
+
+@dead_letters.command(cls=CeleryCommand)
+@queues_option('Purge Options', 'every queue with dead letters')
+@force_option('Purge Options')
+@dry_run_option('Purge Options', 'deleted')
+@prefix_option
+@click.pass_context
+def purge(ctx, queues, force, dry_run, prefix, **kwargs):
+    """Delete the dead letters of queues (their dead-letter streams)."""
+    obj = obj_of(ctx)
+    target = Target(ctx, prefix)
+    plan, done = plan_confirm_apply(
+        obj, target, dry_run=dry_run, force=force, action='purge dead letters',
+        plan=lambda: admin.purge_dead_letters(target.client, global_keyprefix=target.prefix,
+                                              queues=queues, dry_run=True),
+        what=lambda plan: 'This will delete %s of %s: %s.' % (
+            count(sum(p.removed for p in plan), 'dead letter'),
+            count(len(plan), 'queue'), ', '.join(p.queue for p in plan)),
+        apply=lambda plan: admin.apply_purge(target.client, plan))
+    obj.echo(target.describe())
+    if not plan:
+        obj.echo('No dead letters: nothing to purge.')
+        return
+    result, verb = (plan, 'Would delete') if dry_run else (done, 'Deleted')
+    for p in result:
+        obj.echo('%s %s of queue %r (%s)' % (verb, count(p.removed, 'dead letter'), p.queue, p.stream))
+    obj.echo('Total: %s from %s.' % (count(sum(p.removed for p in result), 'dead letter'),
+                                     count(len(result), 'queue')))
+    if dry_run:
+        obj.echo(DRY_RUN_NOTE)
+
+
+def _source(d, keys: Keys) -> str:
+    if d.source_id is None:
+        return '-'
+    info = keys.parse(d.source_stream) if d.source_stream else None
+    if info is not None and info.role == 'stream' and info.detail:
+        return '%s (p%s)' % (d.source_id, info.detail)
+    return d.source_id
+
+
