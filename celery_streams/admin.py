@@ -46,7 +46,7 @@ from .connection import client_from_url, first_url, safe_url  # noqa: F401  (pub
 from . import deadletters
 from .deadletters import (DeadLetter, DeadLetterQueue, PurgedDeadLetters,  # noqa: F401
                           RequeuedDeadLetter, UnknownDeadLetter, apply_purge, apply_requeue,
-                          purge_dead_letters, requeue_dead_letters)
+                          purge_dead_letters, requeue_dead_letters, show_dead_letter)
 from .inventory import (BroadcastQueue, Inventory, QueueKeys, UnknownQueue,  # noqa: F401
                         age_seconds, last_entry_id, scan_keys, scan_queue_keys,
                         server_now_ms, stream_groups)

@@ -16,6 +16,7 @@ reads the same format back (:func:`describe_dead_letter`).
 """
 from __future__ import annotations
 
+import base64
 import logging
 import re
 from dataclasses import asdict, dataclass, field
@@ -83,6 +84,8 @@ class DeadLetter:
     source_id: str | None            # its entry id there
     task: str | None                 # headers.task of a Celery message, else None
     task_id: str | None              # headers.id of a Celery message, else None
+    args: str | None                 # headers.argsrepr of a Celery message, else None
+    kwargs: str | None               # headers.kwargsrepr of a Celery message, else None
     payload_size: int | None         # bytes of the payload; None when it has no payload field
     deliveries: int | None           # the ``deliveries`` field it carried, None when absent
     decodable: bool                  # the payload is a kombu message a worker can read
@@ -267,7 +270,7 @@ def describe_dead_letter(queue: str, entry_id: str, fields: Mapping, now_ms: int
     record = {_decode(k): v for k, v in fields.items()}
     original = {name[len(FIELD):]: value for name, value in record.items() if name.startswith(FIELD)}
     payload = original.get('payload')
-    task = task_id = None
+    task = task_id = args = kwargs = None
     try:
         envelope = loads(payload)
         decodable = isinstance(envelope['properties'], dict)
@@ -276,6 +279,7 @@ def describe_dead_letter(queue: str, entry_id: str, fields: Mapping, now_ms: int
     headers = envelope.get('headers') if isinstance(envelope, dict) else None
     if isinstance(headers, dict):
         task, task_id = _text_or_none(headers.get('task')), _text_or_none(headers.get('id'))
+        args, kwargs = _text_or_none(headers.get('argsrepr')), _text_or_none(headers.get('kwargsrepr'))
     try:
         deliveries = int(original['deliveries'])
     except (KeyError, TypeError, ValueError):
@@ -285,9 +289,66 @@ def describe_dead_letter(queue: str, entry_id: str, fields: Mapping, now_ms: int
         reason=_decode_or_none(record.get('reason')),
         source_stream=_decode_or_none(record.get('stream')),
         source_id=_decode_or_none(record.get('id')),
-        task=task, task_id=task_id,
+        task=task, task_id=task_id, args=args, kwargs=kwargs,
         payload_size=None if payload is None else len(_bytes(payload)),
         deliveries=deliveries, decodable=decodable, fields=list(original))
+
+
+@dataclass
+class DeadLetterDetail:
+    """One dead letter in full (``dead-letters show``): its summary, its record, its message."""
+
+    dead_letter: DeadLetter
+    record: dict                     # every field of the dead letter, as text (bytes escaped)
+    headers: dict | None             # the message's headers (Celery: task, id, retries, eta...)
+    properties: dict | None          # kombu's properties (delivery_info, priority...)
+    content_type: str | None
+    body: Any                        # the decoded body: JSON as data, else text; None if undecodable
+    args: Any = None                 # a Celery task's positional arguments (protocol 2), if any
+    kwargs: Any = None               # ... and keyword arguments
+
+    def as_dict(self) -> dict:
+        return {'dead_letter': self.dead_letter.as_dict(), 'record': self.record,
+                'headers': self.headers, 'properties': self.properties,
+                'content_type': self.content_type, 'body': self.body,
+                'args': self.args, 'kwargs': self.kwargs}
+
+
+def show_dead_letter(client: redis.Redis, *, global_keyprefix: str = '', id: str,
+                     queues: Iterable[str] | None = None) -> DeadLetterDetail:
+    """The dead letter ``id`` (among ``queues``, default every queue with dead letters), decoded."""
+    keys = Keys(global_keyprefix)
+    [(queue, entry_id, fields)] = _select_dead_letters(client, keys, dead_letter_queues(client, keys, queues),
+                                                       [id])
+    summary = describe_dead_letter(queue, entry_id, fields, server_now_ms(client))
+    record = {_decode(k): _decode(v) for k, v in fields.items()}
+    envelope = None
+    try:
+        envelope = loads(fields.get(b'field:payload', fields.get('field:payload')))
+    except Exception:
+        pass
+    if not isinstance(envelope, dict):
+        return DeadLetterDetail(summary, record, None, None, None, None)
+    properties = envelope.get('properties') if isinstance(envelope.get('properties'), dict) else None
+    body = _decoded_body(envelope, properties or {})
+    args = kwargs = None
+    if isinstance(body, list) and len(body) == 3 and isinstance(body[0], list) and isinstance(body[1], dict):
+        args, kwargs = body[0], body[1]   # Celery's task protocol 2: [args, kwargs, embed]
+    headers = envelope.get('headers') if isinstance(envelope.get('headers'), dict) else None
+    return DeadLetterDetail(summary, record, headers, properties, envelope.get('content-type'), body,
+                            args, kwargs)
+
+
+def _decoded_body(envelope: Mapping, properties: Mapping) -> Any:
+    body = envelope.get('body')
+    if not isinstance(body, str):
+        return None
+    try:
+        if properties.get('body_encoding') == 'base64':
+            body = base64.b64decode(body).decode('utf-8')
+        return loads(body) if 'json' in str(envelope.get('content-type') or '') else body
+    except Exception:
+        return None
 
 
 def _select_dead_letters(client: redis.Redis, keys: Keys, queues: list[str],

@@ -77,7 +77,32 @@ def dl(redis_server, prefix, monkeypatch):
     state.delete_keys()
 
 
-# -- list -------------------------------------------------------------------------
+# -- list and show ------------------------------------------------------------------
+
+def test_list_shows_the_task_and_its_arguments(run, dl):
+    result = dl.cli(run, 'dead-letters', 'list')
+    assert result.exit_code == 0, result.output
+    [line] = [x for x in result.output.splitlines() if dl.task_dead_id in x]
+    assert 'proj.add' in line and '(2, 2)' in line
+
+
+def test_show_decodes_one_dead_letter_in_full(run, dl):
+    result = dl.cli(run, 'dead-letters', 'show', dl.task_dead_id, '--json')
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert (doc['dead_letter']['id'], doc['dead_letter']['task']) == (dl.task_dead_id, 'proj.add')
+    assert (doc['args'], doc['kwargs']) == ([2, 2], {})
+    assert doc['headers']['id'] == dl.task_id and doc['content_type'] == 'application/json'
+    assert 'max_deliveries=1' in doc['record']['reason']
+    text = dl.cli(run, 'dead-letters', 'show', dl.task_dead_id)
+    assert text.exit_code == 0, text.output
+    assert 'proj.add[%s]' % dl.task_id in text.output and '[2, 2]' in text.output
+    junk = dl.cli(run, 'dead-letters', 'show', dl.junk_id)
+    assert junk.exit_code == 0 and 'undecodable payload' in junk.output, junk.output
+    missing = dl.cli(run, 'dead-letters', 'show', '1-1')
+    assert missing.exit_code == 1 and "no dead letter '1-1'" in missing.output, missing.output
+
+
 
 def test_list_json_describes_each_dead_letter(run, dl):
     result = dl.cli(run, 'dead-letters', 'list', '--json')
@@ -92,7 +117,9 @@ def test_list_json_describes_each_dead_letter(run, dl):
         'work', dl.dead, 2, False)
     junk, task = queue['dead_letters']
     assert set(task) == {'queue', 'id', 'age', 'reason', 'source_stream', 'source_id', 'task',
-                         'task_id', 'payload_size', 'deliveries', 'decodable', 'fields'}
+                         'task_id', 'args', 'kwargs', 'payload_size', 'deliveries', 'decodable',
+                         'fields'}
+    assert (task['args'], task['kwargs'], junk['args']) == ('(2, 2)', '{}', None)
     assert (junk['id'], task['id']) == (dl.junk_id, dl.task_dead_id)
     assert junk['reason'].startswith('undecodable entry') and junk['decodable'] is False
     assert (junk['task'], junk['task_id'], junk['payload_size'], junk['deliveries']) == (
@@ -119,7 +146,7 @@ def test_list_table(run, dl):
     lines = result.output.splitlines()
     assert "Queue 'work': 2 dead letters (%s)" % dl.dead in lines
     header = next(line for line in lines if line.strip().startswith('ID'))
-    assert header.split() == ['ID', 'AGE', 'SOURCE', 'ID', 'TASK', 'TASK', 'ID', 'SIZE', 'REASON']
+    assert header.split() == ['ID', 'AGE', 'SOURCE', 'ID', 'TASK', 'TASK', 'ID', 'ARGS', 'SIZE', 'REASON']
     task_row = next(line for line in lines if line.strip().startswith(dl.task_dead_id))
     assert 'proj.add' in task_row and dl.task_id in task_row and 'max_deliveries=1' in task_row
     junk_row = next(line for line in lines if line.strip().startswith(dl.junk_id))

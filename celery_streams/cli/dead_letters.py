@@ -1,4 +1,4 @@
-"""``celery streams dead-letters list | requeue | purge``."""
+"""``celery streams dead-letters list | show | requeue | purge``."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,6 @@ from ..keys import Keys
 from .base import (DRY_RUN_NOTE, Target, age, cell, count, dry_run_option, force_option, obj_of,
                    plan_confirm_apply, prefix_option, queues_option, streams)
 
-# -- dead letters -----------------------------------------------------------------
-
 DEAD_LETTER_LIMIT = 100
 UNDECODABLE_NOTE = 'undecodable payload: a worker will dead-letter it again'
 
@@ -20,7 +18,7 @@ UNDECODABLE_NOTE = 'undecodable payload: a worker will dead-letter it again'
 @streams.group(name='dead-letters')
 @click.pass_context
 def dead_letters(ctx, **kwargs):
-    """List, requeue or purge the dead letters of queues."""
+    """List, show, requeue or purge the dead letters of queues."""
     obj_of(ctx)
 
 
@@ -34,7 +32,7 @@ def dead_letters(ctx, **kwargs):
 @prefix_option
 @click.pass_context
 def list_dead_letters(ctx, queues, as_json, limit, prefix, **kwargs):
-    """Show each dead letter: id, age, reason, source, task, payload size."""
+    """Show each dead letter: id, age, reason, source, task and its arguments, payload size."""
     obj = obj_of(ctx)
     target = Target(ctx, prefix)
     with target.errors():
@@ -56,16 +54,69 @@ def list_dead_letters(ctx, queues, as_json, limit, prefix, **kwargs):
                            bold=True))
         if not q.dead_letters:
             continue
-        rows = [('ID', 'AGE', 'SOURCE ID', 'TASK', 'TASK ID', 'SIZE', 'REASON')]
+        rows = [('ID', 'AGE', 'SOURCE ID', 'TASK', 'TASK ID', 'ARGS', 'SIZE', 'REASON')]
         for d in q.dead_letters:
             rows.append((d.id, age(d.age), _source(d, keys), d.task or '-', d.task_id or '-',
-                         cell(d.payload_size), cell(d.reason)))
+                         _arguments(d), cell(d.payload_size), cell(d.reason)))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
-            obj.echo('  ' + '  '.join(cell.rjust(w) if i in (1, 5) else cell.ljust(w)
+            obj.echo('  ' + '  '.join(cell.rjust(w) if i in (1, 6) else cell.ljust(w)
                                       for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
         if q.truncated:
             obj.echo('  ... %s more (--limit 0 shows all)' % (q.count - len(q.dead_letters)))
+
+
+#: Characters of a task's arguments `list` shows; `show` prints them all.
+ARGS_WIDTH = 40
+
+
+def _arguments(d) -> str:
+    if d.args is None and d.kwargs is None:
+        return '-'
+    text = ', '.join(part for part in (d.args, d.kwargs) if part not in (None, '', '()', '{}')) or '()'
+    return text if len(text) <= ARGS_WIDTH else text[:ARGS_WIDTH - 3] + '...'
+
+
+@dead_letters.command(cls=CeleryCommand)
+@click.argument('dead_letter_id')
+@queues_option('Show Options', 'every queue with dead letters')
+@click.option('--json', 'as_json', cls=CeleryOption, is_flag=True, help_group='Show Options',
+              help='Print one JSON document (shape: see docs/cli.md).')
+@prefix_option
+@click.pass_context
+def show(ctx, dead_letter_id, queues, as_json, prefix, **kwargs):
+    """Show one dead letter in full: why, where from, the task, its arguments, the message."""
+    obj = obj_of(ctx)
+    target = Target(ctx, prefix)
+    with target.errors():
+        detail = admin.show_dead_letter(target.client, global_keyprefix=target.prefix,
+                                        id=dead_letter_id, queues=queues)
+    if as_json:
+        obj.echo(json.dumps(dict(broker=target.url, **detail.as_dict()), indent=2, default=str))
+        return
+    d = detail.dead_letter
+    lines = [('queue', d.queue), ('id', d.id), ('age', age(d.age)), ('reason', cell(d.reason)),
+             ('source', '%s %s' % (d.source_stream or '-', d.source_id or '-')),
+             ('deliveries', cell(d.deliveries))]
+    if d.task:
+        lines += [('task', '%s[%s]' % (d.task, d.task_id or '?')),
+                  ('args', json.dumps(detail.args, default=str) if detail.args is not None else cell(d.args)),
+                  ('kwargs', json.dumps(detail.kwargs, default=str) if detail.kwargs is not None
+                   else cell(d.kwargs))]
+    if detail.headers:
+        lines += [('headers', json.dumps(detail.headers, default=str, sort_keys=True))]
+    if detail.properties:
+        lines += [('properties', json.dumps(detail.properties, default=str, sort_keys=True))]
+    if not d.decodable:
+        lines += [('payload', UNDECODABLE_NOTE)]
+    elif not d.task:
+        lines += [('content type', cell(detail.content_type)),
+                  ('body', json.dumps(detail.body, default=str) if detail.body is not None else '-')]
+    lines += [('fields', ', '.join(d.fields))]
+    width = max(len(name) for name, _ in lines)
+    obj.echo(target.describe())
+    for name, value in lines:
+        obj.echo('%s  %s' % (name.rjust(width), value))
 
 
 @dead_letters.command(cls=CeleryCommand)
