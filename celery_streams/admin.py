@@ -49,7 +49,7 @@ from .deadletters import (DeadLetter, DeadLetterQueue, PurgedDeadLetters,  # noq
                           purge_dead_letters, requeue_dead_letters, show_dead_letter)
 from .inventory import (BroadcastQueue, Inventory, QueueKeys, UnknownQueue,  # noqa: F401
                         age_seconds, last_entry_id, scan_keys, scan_queue_keys,
-                        server_now_ms, stream_groups)
+                        server_now_ms, stream_groups, stream_info)
 from .keys import FANOUT, Keys
 from .scripts import Scripts
 from .wire import text
@@ -251,6 +251,7 @@ class QueueStatus:
     oldest_pending_age: float | None
     dead_letters: int
     groups: list[GroupStatus]
+    entries_added: int | None = None   # ever added to its streams (None before Redis 7.0)
 
 
 @dataclass
@@ -297,8 +298,11 @@ def queue_status(client: redis.Redis, inventory: Inventory, queue: str, consumer
     groups: list[GroupStatus] = []
     length, pending = 0, 0
     waiting: int | None = 0
+    added: int | None = 0
     for bucket, stream in streams:
         stream_length = client.xlen(stream)
+        ever = stream_info(client, stream).get('entries-added')
+        added = None if ever is None or added is None else added + ever
         described = [group_status(client, stream, bucket, g, alive, now_ms)
                      for g in stream_groups(client, stream)]
         own = next((g for g in described if g.name == consumer_group), None)
@@ -316,7 +320,8 @@ def queue_status(client: redis.Redis, inventory: Inventory, queue: str, consumer
         name=queue, kind=kind, stream=inventory.keys.stream(queue),
         streams=[stream for _, stream in streams], exists=bool(streams), length=length,
         waiting=waiting, pending=pending, oldest_pending_age=max(ages) if ages else None,
-        dead_letters=client.xlen(found.dead_letters) if found.dead_letters else 0, groups=groups)
+        dead_letters=client.xlen(found.dead_letters) if found.dead_letters else 0, groups=groups,
+        entries_added=added)
 
 
 def group_status(client: redis.Redis, stream: str, bucket: int, group: Mapping,

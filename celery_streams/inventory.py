@@ -139,15 +139,19 @@ def stream_groups(client: redis.Redis, stream: str) -> list[dict]:
     return [dict(g, name=text(g['name'])) for g in groups]
 
 
-def last_entry_id(client: redis.Redis, stream: str) -> str:
-    """The id of the last entry ever added to ``stream`` (``0-0`` when there is none)."""
+def stream_info(client: redis.Redis, stream: str) -> dict:
+    """``XINFO STREAM`` (payloads left as bytes); empty when the stream does not exist."""
     try:
-        info = client.execute_command('XINFO STREAM', stream, NEVER_DECODE=[])   # payloads: bytes
+        return client.execute_command('XINFO STREAM', stream, NEVER_DECODE=[])
     except redis.ResponseError as exc:
         if 'no such key' in str(exc).lower():
-            return '0-0'
+            return {}
         raise
-    return text(info['last-generated-id'])
+
+
+def last_entry_id(client: redis.Redis, stream: str) -> str:
+    """The id of the last entry ever added to ``stream`` (``0-0`` when there is none)."""
+    return text(stream_info(client, stream).get('last-generated-id') or '0-0')
 
 
 def server_now_ms(client: redis.Redis) -> int:

@@ -1,12 +1,15 @@
 """What an operator sees of running workers in ``celery streams status``."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
 
+import pytest
+
 from celery_streams import admin
-from tests.workers import ROOT, Worker, app_env, celery_command
+from tests.workers import ROOT, Worker, app_env, celery_command, clean_env
 
 
 def run_one_task(env):
@@ -57,3 +60,49 @@ def test_status_from_the_command_line_shows_the_node(redis_server, prefix):
         assert 'consumer w2@' in done.stdout, done.stdout
     finally:
         worker.stop()
+
+
+def test_status_watch_shows_rates_in_and_out(redis_server, prefix):
+    """``status --watch``: a table per refresh, with messages in and out per second (Redis 7.0+)."""
+    import threading
+
+    from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+    from tests.helpers import streams_url
+    if redis_server.name == 'redis6.2':
+        pytest.skip('Redis 6.2 keeps no count of entries added: rates show as -')
+    q = Queue('watched', Exchange('watched'), 'watched')
+    stop = threading.Event()
+
+    def traffic():
+        with Connection(streams_url(redis_server), transport_options={'global_keyprefix': prefix}) as c:
+            producer = Producer(c.default_channel)
+            q(c.default_channel).declare()
+            with Consumer(c, [q], callbacks=[lambda body, m: m.ack()]):
+                while not stop.is_set():
+                    for _ in range(5):
+                        producer.publish({'x': 1}, exchange=q.exchange, routing_key='watched')
+                    try:
+                        for _ in range(5):
+                            c.drain_events(timeout=0.05)
+                    except socket.timeout:
+                        pass
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.5)   # kept: the traffic must run before the first refresh
+        done = subprocess.run([sys.executable, '-m', 'celery', '--broker', streams_url(redis_server),
+                               'streams', '--prefix', prefix, 'status', '--watch', '--interval', '1',
+                               '--count', '3'], env=clean_env(), capture_output=True, text=True,
+                              timeout=60)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert done.returncode == 0, done.stderr
+    assert '\x1b[' not in done.stdout   # not a terminal: plain tables
+    tables = [block for block in done.stdout.split('\n\n') if 'IN/S' in block]
+    assert len(tables) == 3, done.stdout
+    [row] = [line for line in tables[-1].splitlines() if line.startswith('watched')]
+    came, gone = map(float, row.split()[-2:])
+    assert came > 5 and gone > 5, row

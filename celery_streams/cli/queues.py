@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from time import monotonic, sleep, strftime
 
 import click
 from celery.bin.base import CeleryCommand, CeleryOption
@@ -125,53 +126,113 @@ def _echo_nuked(obj, result, verb):
 @queues_option('Status Options', 'every queue found')
 @click.option('--json', 'as_json', cls=CeleryOption, is_flag=True, help_group='Status Options',
               help='Print one JSON document (shape: see docs/cli.md).')
+@click.option('--watch', cls=CeleryOption, is_flag=True, help_group='Status Options',
+              help='Refresh every --interval seconds, with messages in and out per second '
+                   '(Redis 7.0+); Ctrl-C stops.')
+@click.option('--interval', cls=CeleryOption, type=click.FloatRange(min=0.2), default=2.0,
+              show_default=True, help_group='Status Options', help='Seconds between two refreshes.')
+@click.option('--count', 'rounds', cls=CeleryOption, type=click.IntRange(min=1), default=None,
+              help_group='Status Options', help='With --watch: stop after this many refreshes.')
 @prefix_option
 @click.pass_context
-def status(ctx, queues, as_json, prefix, **kwargs):
+def status(ctx, queues, as_json, watch, interval, rounds, prefix, **kwargs):
     """Show queues, consumer groups, consumers, pending entries and dead letters."""
     obj = obj_of(ctx)
     target = Target(ctx, prefix)
-    with target.errors():
-        found = admin.status(target.client, global_keyprefix=target.prefix,
-                             consumer_group=target.group, queues=queues)
-    doc = dict(broker=target.url, **found.as_dict())
-    if as_json:
-        obj.echo(json.dumps(doc, indent=2))
+
+    def collect():
+        with target.errors():
+            found = admin.status(target.client, global_keyprefix=target.prefix,
+                                 consumer_group=target.group, queues=queues)
+        return dict(broker=target.url, **found.as_dict())
+
+    if watch:
+        _watch(obj, collect, interval, rounds)
+    elif as_json:
+        obj.echo(json.dumps(collect(), indent=2))
     else:
-        _echo_status_table(obj, doc)
+        for line in _status_lines(obj, collect()):
+            obj.echo(line)
 
 
-def _echo_status_table(obj, doc):
-    server = doc['server']
-    obj.echo('%s, %s %s, keys under %r, group %r' % (
-        doc['broker'], server['flavor'], server['version'], doc['namespace'], doc['consumer_group']))
-    if not doc['queues']:
-        obj.echo('No queues.')
-        return
-    rows = [('QUEUE', 'KIND', 'WAITING', 'LENGTH', 'PENDING', 'OLDEST', 'DEAD')]
+def _watch(obj, collect, interval, rounds):
+    """Redraw the table in place (cursor home, overwrite, clear the rest: no flicker) on a
+    terminal; elsewhere print one table per refresh."""
+    tty = click.get_text_stream('stdout').isatty()
+    before, taken = None, 0
+    try:
+        while rounds is None or taken < rounds:
+            started = monotonic()
+            doc = collect()
+            rates = _rates(before, doc)
+            before = (started, doc)
+            lines = _status_lines(obj, doc, rates=rates, groups=False)
+            lines.append('every %.1fs, %s; Ctrl-C stops' % (interval, strftime('%H:%M:%S')))
+            if tty:
+                click.echo('\x1b[H' + ''.join(line + '\x1b[K\n' for line in lines) + '\x1b[J', nl=False)
+            else:
+                click.echo('\n'.join(lines) + '\n')
+            taken += 1
+            if rounds is None or taken < rounds:
+                sleep(max(interval - (monotonic() - started), 0))
+    except KeyboardInterrupt:
+        pass
+
+
+def _rates(before, doc):
+    """queue -> (in/s, out/s) since the last refresh; None where the server keeps no count."""
+    if before is None:
+        return {}
+    then, old = before
+    elapsed = max(monotonic() - then, 1e-3)
+    previous = {q['name']: q for q in old['queues']}
+    rates = {}
     for q in doc['queues']:
-        rows.append((q['name'], q['kind'] or '?', cell(q['waiting']), cell(q['length']),
-                     cell(q['pending']), seconds(q['oldest_pending_age']), cell(q['dead_letters'])))
+        p = previous.get(q['name'])
+        if p is None or q['entries_added'] is None or p['entries_added'] is None:
+            continue
+        came = max(q['entries_added'] - p['entries_added'], 0)
+        gone = max(came - (q['length'] - p['length']), 0)   # entries leave the stream when acked
+        rates[q['name']] = (came / elapsed, gone / elapsed)
+    return rates
+
+
+def _status_lines(obj, doc, rates=None, groups=True):
+    server = doc['server']
+    lines = ['%s, %s %s, keys under %r, group %r' % (
+        doc['broker'], server['flavor'], server['version'], doc['namespace'], doc['consumer_group'])]
+    if not doc['queues']:
+        return lines + ['No queues.']
+    rows = [('QUEUE', 'KIND', 'WAITING', 'LENGTH', 'PENDING', 'OLDEST', 'DEAD')
+            + (('IN/S', 'OUT/S') if rates is not None else ())]
+    for q in doc['queues']:
+        row = (q['name'], q['kind'] or '?', cell(q['waiting']), cell(q['length']),
+               cell(q['pending']), seconds(q['oldest_pending_age']), cell(q['dead_letters']))
+        if rates is not None:
+            speed = rates.get(q['name'])
+            row += ('%.1f' % speed[0], '%.1f' % speed[1]) if speed else ('-', '-')
+        rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for n, row in enumerate(rows):
         line = '  '.join(cell.ljust(w) if i < 2 else cell.rjust(w)
                          for i, (cell, w) in enumerate(zip(row, widths)))
-        obj.echo(obj.style(line, bold=True) if n == 0 else line)
-        if n:
-            _echo_groups(obj, doc['queues'][n - 1])
+        lines.append(obj.style(line, bold=True) if n == 0 else line)
+        if n and groups:
+            lines += _group_lines(doc['queues'][n - 1])
+    return lines
 
 
-def _echo_groups(obj, queue):
-    if not queue['exists']:
-        obj.echo('    (no stream)')
+def _group_lines(queue):
+    lines = [] if queue['exists'] else ['    (no stream)']
     for g in queue['groups']:
-        obj.echo('    group %s%s: %s, pending %s, last delivered %s, entries read %s, lag %s, oldest %s'
-                 % (g['name'], ' (priority bucket %s)' % g['bucket'] if g['bucket'] else '',
-                    count(len(g['consumers']), 'consumer'), g['pending'], g['last_delivered_id'],
-                    cell(g['entries_read']), cell(g['lag']), seconds(g['oldest_pending_age'])))
+        lines.append('    group %s%s: %s, pending %s, last delivered %s, entries read %s, lag %s, oldest %s'
+                     % (g['name'], ' (priority bucket %s)' % g['bucket'] if g['bucket'] else '',
+                        count(len(g['consumers']), 'consumer'), g['pending'], g['last_delivered_id'],
+                        cell(g['entries_read']), cell(g['lag']), seconds(g['oldest_pending_age'])))
         for c in g['consumers']:
             alive = {True: ', alive', False: ', no liveness key', None: ''}[c['alive']]
-            obj.echo('      consumer %s: pending %s, idle %s ms%s'
-                     % (c['name'], c['pending'], c['idle_ms'], alive))
+            lines.append('      consumer %s: pending %s, idle %s ms%s'
+                         % (c['name'], c['pending'], c['idle_ms'], alive))
+    return lines
 
 
