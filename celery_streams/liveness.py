@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between two prunings of the queue registry by a consuming channel.
 PRUNE_EVERY = 600.0
+#: Seconds until the next reclaim when the last one took a full budget.
+RECLAIM_AGAIN = 0.1
 
 
 class Liveness:
@@ -178,6 +180,10 @@ class Liveness:
         for queue, count in channel.inbox.add_claimed(claimed).items():
             logger.info('celery_streams: took over %d message(s) of queue %r from consumers '
                         'silent for more than visibility_timeout', count, queue)
+        if len(claimed) // 4 >= budget:
+            # The budget was the limit: a dead consumer may have left more. Look again as
+            # soon as there is room, not a quarter of visibility_timeout later.
+            self._next_reclaim = now + RECLAIM_AGAIN
 
 
 class Renewer:
