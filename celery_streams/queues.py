@@ -316,6 +316,23 @@ class QueueTable:
         return scripts.prune_registry(keys=[self.keys.queues], args=[self.keys.queue_head])
 
 
+def queue_depth(client, keys: Keys, group: str, queue: str) -> int:
+    """Messages of ``queue`` no consumer received yet, over every priority bucket, in one round
+    trip (kombu's ``queue_declare(passive=True).message_count``; Flower's queue length)."""
+    with client.pipeline(transaction=False) as pipe:
+        for key in keys.streams(queue):
+            pipe.xlen(key)
+            pipe.xpending(key, group)
+        results = pipe.execute(raise_on_error=False)
+    size = 0
+    for length, pending in zip(results[::2], results[1::2]):
+        if isinstance(length, Exception):
+            raise length
+        pending = 0 if isinstance(pending, Exception) else pending['pending']
+        size += max(length - pending, 0)
+    return size
+
+
 def raise_unless_busygroup(results) -> None:
     for result in results:
         if isinstance(result, Exception) and not errors.is_busy_group(result):

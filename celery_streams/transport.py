@@ -51,7 +51,7 @@ from .options import Options
 from .poller import Poller
 from .publish import PublishBatch
 from .qos import ACK_BATCH, UNLIMITED_BATCH, QoS  # noqa: F401  (documented here)
-from .queues import QueueTable
+from .queues import QueueTable, queue_depth
 from .reader import Reader
 from .routing import Router
 from .scripts import Scripts
@@ -293,18 +293,7 @@ class Channel(virtual.Channel):
 
     def _size(self, queue):
         """Messages no consumer received yet, over every priority bucket."""
-        with self.pool_client.pipeline(transaction=False) as pipe:
-            for key in self.keys.streams(queue):
-                pipe.xlen(key)
-                pipe.xpending(key, self.group)
-            results = pipe.execute(raise_on_error=False)
-        size = 0
-        for length, pending in zip(results[::2], results[1::2]):
-            if isinstance(length, Exception):
-                raise length
-            pending = 0 if isinstance(pending, Exception) else pending['pending']
-            size += max(length - pending, 0)
-        return size
+        return queue_depth(self.pool_client, self.keys, self.group, queue)
 
     def _purge(self, queue):
         """Empty the queue; its consumer groups stay (``DEL`` would destroy them)."""

@@ -1,0 +1,78 @@
+"""Queue lengths in Flower: its Broker page and ``/api/queues/length``.
+
+Flower picks a broker client by the URL's scheme and, for ``redis://``, counts
+kombu's lists with ``LLEN``: it knows neither ``redis-streams://`` ("'redis'
+broker is not supported") nor this transport's streams. Import this module
+where Flower loads your app (the module of ``-A proj``, or a Flower config file
+given with ``--conf``)::
+
+    import celery_streams.flower  # noqa: F401
+
+and Flower asks this transport instead, for ``redis-streams://`` and
+``rediss-streams://`` URLs and for ``broker_transport =
+'celery_streams.transport:Transport'``: a queue's length is the messages no
+worker received yet, over every priority bucket (as
+``queue_declare(passive=True).message_count`` counts them). The Redis calls run
+in Flower's executor, off its event loop. Without Flower installed, importing
+this module does nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from .connection import SCHEMES, TRANSPORT_PATH, client_from_url
+from .keys import Keys
+from .options import Options
+from .queues import queue_depth
+
+try:
+    from flower.utils import broker as flower_broker
+except ImportError:   # pragma: no cover - Flower not installed: nothing to hook
+    flower_broker = None
+
+
+def redis_url(broker_url: str) -> str | None:
+    """The ``redis-streams://`` form of a URL Flower got from kombu, or None if not ours."""
+    scheme, sep, rest = broker_url.partition('://')
+    if not sep:
+        return None
+    if scheme in SCHEMES:
+        return broker_url
+    if scheme == TRANSPORT_PATH:   # broker_transport set, with a redis:// URL
+        return 'redis-streams://' + rest
+    return None
+
+
+if flower_broker is not None:
+    class StreamsBroker(flower_broker.BrokerBase):
+        """Flower's broker client for this transport: queue lengths from the streams."""
+
+        def __init__(self, broker_url, *args, broker_options=None, broker_use_ssl=None, **kwargs):
+            super().__init__(broker_url)
+            self.url = broker_url
+            self.transport_options = dict(broker_options or {})
+            self.ssl = broker_use_ssl
+
+        async def queues(self, names):
+            return await asyncio.get_running_loop().run_in_executor(None, self._lengths, list(names))
+
+        def _lengths(self, names):
+            options = Options.from_transport_options(self.transport_options)
+            keys = Keys(options.global_keyprefix, options.priority_steps)
+            client = client_from_url(self.url, ssl=self.ssl, transport_options=self.transport_options)
+            try:
+                return [{'name': name, 'messages': queue_depth(client, keys, options.consumer_group, name)}
+                        for name in names]
+            finally:
+                client.close()
+
+    _flower_new = flower_broker.Broker.__new__
+
+    def _broker(cls, broker_url, *args, **kwargs):
+        ours = redis_url(broker_url)
+        if ours is not None:
+            return StreamsBroker(ours, *args, **kwargs)
+        return _flower_new(cls, broker_url, *args, **kwargs)
+
+    if getattr(flower_broker.Broker.__new__, '__module__', None) != __name__:
+        flower_broker.Broker.__new__ = staticmethod(_broker)
