@@ -1,6 +1,11 @@
-"""``python -m benchmarks``: see :mod:`benchmarks.run`."""
+"""``python -m benchmarks``: see :mod:`benchmarks.run`; ``... soak``: see :mod:`benchmarks.soak`."""
 import sys
 
-from benchmarks.run import main
+if sys.argv[1:2] == ['soak']:
+    from benchmarks.soak import main
+
+    sys.exit(main(sys.argv[2:]))
+
+from benchmarks.run import main  # noqa: E402
 
 sys.exit(main())
