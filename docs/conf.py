@@ -8,18 +8,18 @@ click definitions (sphinx-click), so neither can drift from the code.
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))   # build from a checkout without installing, too
-
-import celery_streams  # noqa: E402
+sys.path.insert(0, str(ROOT))   # build from a checkout without installing the package
 
 project = 'celery-streams'
 author = 'the celery-streams authors'
 copyright = 'the celery-streams authors'
-release = celery_streams.__version__
+# Read, not imported: the version is known before autodoc imports anything.
+release = re.search(r"__version__ = '([^']+)'", (ROOT / 'celery_streams' / '__init__.py').read_text())[1]
 version = '.'.join(release.split('.')[:2])
 
 extensions = [
