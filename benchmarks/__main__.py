@@ -1,8 +1,14 @@
-"""``python -m benchmarks``: see :mod:`benchmarks.run`; ``... soak``: see :mod:`benchmarks.soak`."""
+"""``python -m benchmarks``: see :mod:`benchmarks.run`; ``... soak``: see :mod:`benchmarks.soak`;
+``... drain-latency``: see :mod:`benchmarks.drain_latency`."""
 import sys
 
 if sys.argv[1:2] == ['soak']:
     from benchmarks.soak import main
+
+    sys.exit(main(sys.argv[2:]))
+
+if sys.argv[1:2] == ['drain-latency']:
+    from benchmarks.drain_latency import main
 
     sys.exit(main(sys.argv[2:]))
 

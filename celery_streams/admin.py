@@ -19,9 +19,9 @@ message added after the plan is left alone). Only keys under
 ``<global_keyprefix>celery-streams:`` are ever read or written (see
 :mod:`celery_streams.keys`), found with ``SCAN MATCH``, never ``KEYS``.
 
-* :func:`drain` empties queue streams with the ``drain`` script (``XTRIM`` up
-  to the last entry planned and ``XACK`` of those entries still pending): the
-  keys and every consumer group stay, so running workers read on (``DEL``
+* :func:`drain` empties queue streams with the ``drain`` script (``XACK`` of
+  the entries pending up to the last entry planned, then ``XTRIM`` up to it):
+  the keys and every consumer group stay, so running workers read on (``DEL``
   would destroy the groups).
 * :func:`nuke` destroys every consumer group (``XGROUP DESTROY``: a worker blocked
   on it is woken with ``NOGROUP``), then deletes every key of the prefix.
@@ -32,13 +32,22 @@ message added after the plan is left alone). Only keys under
   :func:`purge_dead_letters`) live in :mod:`celery_streams.deadletters` and
   are importable from here.
 
+Drain, nuke and the dead-letter purge work in bounded steps, whatever the size
+of the streams: each ``drain`` script call acks and trims at most
+:data:`~celery_streams.scripts.DRAIN_STEP` entries (about a millisecond of
+server time), so other clients wait at most that long for one step; nuke
+drains each stream that way before ``XGROUP DESTROY`` (then O(1): its PEL is
+empty) and ``UNLINK``. Their ``progress`` argument, a callable, is given the
+number of entries each step removed or cleared (the CLI draws a progress bar
+with it on a terminal).
+
 Clients may be made with ``decode_responses`` on or off (RESP2).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import redis
 
@@ -51,7 +60,7 @@ from .inventory import (BroadcastQueue, Inventory, QueueKeys, UnknownQueue,  # n
                         age_seconds, last_entry_id, scan_keys, scan_queue_keys,
                         server_now_ms, stream_groups, stream_info)
 from .keys import FANOUT, Keys
-from .scripts import Scripts
+from .scripts import DRAIN_STEP, Scripts  # noqa: F401  (DRAIN_STEP: documented here)
 from .wire import text
 
 logger = logging.getLogger(__name__)
@@ -63,7 +72,7 @@ dead_letters = deadletters.dead_letters
 COMMANDS = (
     'scan', 'type', 'exists', 'get', 'hgetall', 'del', 'time', 'info', 'client|setname',
     'xlen', 'xinfo|groups', 'xinfo|consumers', 'xinfo|stream', 'xpending', 'xtrim', 'xack',
-    'xgroup|destroy', 'eval', 'evalsha', 'script|load', 'script|exists',
+    'xgroup|destroy', 'unlink', 'eval', 'evalsha', 'script|load', 'script|exists',
     'xrange', 'xadd', 'xdel', 'multi', 'exec',   # dead letters: list, requeue, purge
 )
 
@@ -71,6 +80,10 @@ COMMANDS = (
 def acl_rules(global_keyprefix: str = '') -> list[str]:
     """``ACL SETUSER`` rules for an operator: these commands, on the keys of the prefix only."""
     return ['~' + Keys(global_keyprefix).match_all, '-@all', *('+' + c for c in COMMANDS)]
+
+
+#: ``progress(n)``: ``n`` more entries removed or cleared by one bounded step.
+Progress = Callable[[int], None]
 
 
 # -- drain --------------------------------------------------------------------
@@ -92,18 +105,20 @@ class DrainedQueue:
 
 def drain(client: redis.Redis, *, global_keyprefix: str = '', queues: Iterable[str] | None = None,
           include_broadcast: bool = False, dead_letters: bool = False,
-          dry_run: bool = False) -> list[DrainedQueue]:
+          dry_run: bool = False, progress: Progress | None = None) -> list[DrainedQueue]:
     """Empty queues (every priority bucket) and their PELs, keeping every consumer group.
 
     ``queues`` defaults to every task queue of the registry (see
     :meth:`Inventory.select`); all names are checked before anything changes.
-    ``dead_letters`` empties the queues' dead-letter streams too.
+    ``dead_letters`` empties the queues' dead-letter streams too. ``progress``:
+    see :func:`apply_drain`.
     """
     inventory = Inventory(client, Keys(global_keyprefix))
     plan = [plan_drain_queue(client, inventory.keys, queue, kind=inventory.kind(queue),
                              streams=inventory.streams(queue), dead_letters=dead_letters)
             for queue in inventory.select(queues, include_broadcast)]
-    return plan if dry_run else apply_drain(client, plan, global_keyprefix=global_keyprefix)
+    return plan if dry_run else apply_drain(client, plan, global_keyprefix=global_keyprefix,
+                                            progress=progress)
 
 
 def plan_drain_queue(client: redis.Redis, keys: Keys, queue: str, *, kind: str | None = None,
@@ -121,18 +136,27 @@ def plan_drain_queue(client: redis.Redis, keys: Keys, queue: str, *, kind: str |
     return planned
 
 
-def apply_drain(client: redis.Redis, plan: list[DrainedQueue], *,
-                global_keyprefix: str = '') -> list[DrainedQueue]:
-    """Drain exactly what ``plan`` (a dry run's result) covers; returns what was removed."""
+def apply_drain(client: redis.Redis, plan: list[DrainedQueue], *, global_keyprefix: str = '',
+                progress: Progress | None = None) -> list[DrainedQueue]:
+    """Drain exactly what ``plan`` (a dry run's result) covers; returns what was removed.
+
+    Each stream is drained in bounded steps (:meth:`Scripts.drain_stream`: at
+    most :data:`DRAIN_STEP` entries acked and trimmed per script call), up to
+    the last entry the plan saw: entries added since stay. ``progress(n)`` is
+    called after each step with the entries it removed or cleared; the total
+    is about ``removed + pending_cleared (+ dead_letters_removed)`` of the plan.
+    """
     keys, scripts = Keys(global_keyprefix), Scripts(client)
     done = []
     for planned in plan:
         dead = keys.dead_letters(planned.queue)
         targets = list(planned.until) or planned.streams
-        with client.pipeline(transaction=False) as pipe:
-            for stream in targets:
-                scripts.drain(keys=[stream], args=[planned.until.get(stream, '+')], client=pipe)
-            counts = dict(zip(targets, pipe.execute()))
+        counts = {}
+        for stream in targets:
+            until = planned.until.get(stream, '+')
+            if until == '+':   # a plan made by hand: what is there now, not what comes later
+                until = last_entry_id(client, stream)
+            counts[stream] = scripts.drain_stream(stream, until, progress=progress)
         drained = [counts[s] for s in planned.streams if s in counts]
         result = DrainedQueue(planned.queue, planned.kind, sum(c[0] for c in drained),
                               sum(c[1] for c in drained),
@@ -160,6 +184,8 @@ class NukeResult:
     streams: list[str] = field(default_factory=list)
     other_keys: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)                  # dead-letter streams kept
+    messages: int = 0   # entries in ``streams`` when planned
+    pending: int = 0    # entries pending in ``groups`` when planned
 
     @property
     def deleted_keys(self) -> list[str]:
@@ -167,12 +193,14 @@ class NukeResult:
 
 
 def nuke(client: redis.Redis, *, global_keyprefix: str = '', keep_dead_letters: bool = False,
-         dry_run: bool = False) -> NukeResult:
+         dry_run: bool = False, progress: Progress | None = None) -> NukeResult:
     """Destroy every consumer group, then delete every key under the prefix.
 
-    Groups go first, with ``XGROUP DESTROY``, so a worker blocked on one gets
-    ``NOGROUP`` at once. Workers still running re-create their groups, registry
-    entries and bindings on their next read: stop them first for a clean slate.
+    Groups go first, with ``XGROUP DESTROY`` (once their PELs are acked in
+    bounded steps), so a worker blocked on one gets ``NOGROUP`` at once.
+    Workers still running re-create their groups, registry entries and
+    bindings on their next read: stop them first for a clean slate.
+    ``progress``: see :func:`apply_nuke`.
     """
     keys = Keys(global_keyprefix)
     plan = NukeResult()
@@ -190,20 +218,35 @@ def nuke(client: redis.Redis, *, global_keyprefix: str = '', keep_dead_letters: 
         elif keep_dead_letters and info is not None and info.role == 'dead':
             plan.kept.append(key)
         else:
+            groups = stream_groups(client, key)
             plan.streams.append(key)
-            plan.groups += [(key, g['name']) for g in stream_groups(client, key)]
-    return plan if dry_run else apply_nuke(client, plan, global_keyprefix=global_keyprefix)
+            plan.groups += [(key, g['name']) for g in groups]
+            plan.messages += client.xlen(key)
+            plan.pending += sum(g['pending'] for g in groups)
+    return plan if dry_run else apply_nuke(client, plan, global_keyprefix=global_keyprefix,
+                                           progress=progress)
 
 
-def apply_nuke(client: redis.Redis, plan: NukeResult, *, global_keyprefix: str = '') -> NukeResult:
-    """Destroy exactly the groups and delete exactly the keys of ``plan``."""
+def apply_nuke(client: redis.Redis, plan: NukeResult, *, global_keyprefix: str = '',
+               progress: Progress | None = None) -> NukeResult:
+    """Destroy exactly the groups and delete exactly the keys of ``plan``.
+
+    In bounded steps: each stream is drained first like :func:`apply_drain`
+    does (its PELs acked, then its entries trimmed, :data:`DRAIN_STEP` a
+    call), so the ``XGROUP DESTROY`` that follows frees no PEL and ``UNLINK``
+    deletes small keys. ``progress(n)``: as for :func:`apply_drain` (the total is about
+    ``messages + pending`` of the plan).
+    """
+    scripts = Scripts(client)
+    for stream in plan.streams:
+        scripts.drain_stream(stream, last_entry_id(client, stream), progress=progress)
     with client.pipeline(transaction=False) as pipe:
         for stream, group in plan.groups:
             pipe.xgroup_destroy(stream, group)
         pipe.execute(raise_on_error=False)   # a group gone meanwhile is fine
     with client.pipeline(transaction=False) as pipe:
-        for key in plan.deleted_keys:
-            pipe.delete(key)
+        for key in plan.deleted_keys:   # UNLINK: a big key is freed in the background
+            pipe.unlink(key)
         pipe.execute()
     logger.info('celery_streams: nuked prefix %r: %s groups, %s streams, %s other keys',
                 Keys(global_keyprefix).prefix, len(plan.groups), len(plan.streams),
@@ -252,6 +295,9 @@ class QueueStatus:
     dead_letters: int
     groups: list[GroupStatus]
     entries_added: int | None = None   # ever added to its streams (None before Redis 7.0)
+    #: Consumers with a liveness key on the queue: alive, whether or not they have read it yet
+    #: (XINFO CONSUMERS lists a consumer only once it has read an entry).
+    alive_consumers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -321,7 +367,7 @@ def queue_status(client: redis.Redis, inventory: Inventory, queue: str, consumer
         streams=[stream for _, stream in streams], exists=bool(streams), length=length,
         waiting=waiting, pending=pending, oldest_pending_age=max(ages) if ages else None,
         dead_letters=client.xlen(found.dead_letters) if found.dead_letters else 0, groups=groups,
-        entries_added=added)
+        entries_added=added, alive_consumers=sorted(found.alive))
 
 
 def group_status(client: redis.Redis, stream: str, bucket: int, group: Mapping,

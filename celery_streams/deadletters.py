@@ -20,7 +20,7 @@ import base64
 import logging
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import redis
 from kombu.utils.json import loads
@@ -221,13 +221,14 @@ def apply_requeue(client: redis.Redis, plan: list[RequeuedDeadLetter], *,
 
 
 def purge_dead_letters(client: redis.Redis, *, global_keyprefix: str = '',
-                       queues: Iterable[str] | None = None,
-                       dry_run: bool = False) -> list[PurgedDeadLetters]:
+                       queues: Iterable[str] | None = None, dry_run: bool = False,
+                       progress: Callable[[int], None] | None = None) -> list[PurgedDeadLetters]:
     """Delete the dead letters of ``queues`` (default: every queue that has some).
 
     Dead-letter streams have no consumer group: the ``drain`` script trims
     them up to the last dead letter planned (one dead-lettered after the plan
-    stays) and deletes a stream it emptied.
+    stays), in bounded steps, and deletes a stream it emptied. ``progress``:
+    see :func:`apply_purge`.
     """
     keys = Keys(global_keyprefix)
     plan = []
@@ -235,15 +236,23 @@ def purge_dead_letters(client: redis.Redis, *, global_keyprefix: str = '',
         stream = keys.dead_letters(queue)
         until = last_entry_id(client, stream)
         plan.append(PurgedDeadLetters(queue, stream, client.xlen(stream), until))
-    return plan if dry_run else apply_purge(client, plan)
+    return plan if dry_run else apply_purge(client, plan, progress=progress)
 
 
-def apply_purge(client: redis.Redis, plan: list[PurgedDeadLetters]) -> list[PurgedDeadLetters]:
-    """Delete exactly the dead letters of ``plan``; returns what was removed."""
-    drain = Scripts(client).drain
+def apply_purge(client: redis.Redis, plan: list[PurgedDeadLetters], *,
+                progress: Callable[[int], None] | None = None) -> list[PurgedDeadLetters]:
+    """Delete exactly the dead letters of ``plan``; returns what was removed.
+
+    In bounded steps (:meth:`Scripts.drain_stream`: at most ``DRAIN_STEP``
+    entries trimmed per script call); ``progress(n)`` is called after each
+    step with the dead letters it removed.
+    """
+    scripts = Scripts(client)
     done = []
     for planned in plan:
-        removed, _ = drain(keys=[planned.stream], args=[planned.until, '1'])
+        until = planned.until if planned.until != '+' else last_entry_id(client, planned.stream)
+        removed, _ = scripts.drain_stream(planned.stream, until, delete_empty=True,
+                                          progress=progress)
         done.append(PurgedDeadLetters(planned.queue, planned.stream, removed, planned.until))
     if done:
         logger.info('celery_streams: purged %d dead letters of %d queues',

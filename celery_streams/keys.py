@@ -189,7 +189,7 @@ COMMANDS = (
     'ping', 'time', 'client|setname', 'multi', 'exec', 'get', 'set', 'del', 'exists', 'pexpire',
     'hset', 'hsetnx', 'hdel', 'hkeys', 'sadd', 'srem', 'smembers',
     'xadd', 'xreadgroup', 'xack', 'xdel', 'xlen', 'xrange', 'xrevrange', 'xtrim', 'xpending', 'xclaim',
-    'xgroup|create', 'xgroup|delconsumer', 'xinfo|groups', 'xinfo|consumers',
+    'xgroup|create', 'xgroup|delconsumer', 'xinfo|groups', 'xinfo|consumers', 'xinfo|stream',
     'eval', 'evalsha', 'script|load', 'script|exists', 'scan',
 )
 

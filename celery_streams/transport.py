@@ -45,6 +45,7 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from . import errors, hooks
 from .connection import SCHEMES, TLS_SCHEMES, Address, refuse_foreign_alternates  # noqa: F401
 from .inbox import Inbox
+from .inventory import last_entry_id
 from .keys import SCHEMA_VERSION, Keys
 from .liveness import Liveness
 from .options import Options
@@ -296,11 +297,10 @@ class Channel(virtual.Channel):
         return queue_depth(self.pool_client, self.keys, self.group, queue)
 
     def _purge(self, queue):
-        """Empty the queue; its consumer groups stay (``DEL`` would destroy them)."""
-        with self.pool_client.pipeline(transaction=False) as pipe:
-            for key in self.keys.streams(queue):
-                self.scripts.drain(keys=[key], args=['+'], client=pipe)
-            return sum(removed for removed, _ in pipe.execute())
+        """Empty the queue up to its last entry now, in bounded steps; its consumer groups stay
+        (``DEL`` would destroy them)."""
+        return sum(self.scripts.drain_stream(key, last_entry_id(self.pool_client, key))[0]
+                   for key in self.keys.streams(queue))
 
     def mark_collected(self):
         """The connection was lost: :meth:`close` keeps what the worker comes back for."""

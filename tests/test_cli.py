@@ -69,6 +69,14 @@ def test_drain_keeps_groups_removes_entries_and_pending(run, state):
     assert r.xlen(keys.stream('bq')) == 2 and r.xlen(keys.dead_letters('a')) == 1
 
 
+def test_drain_of_empty_queues_asks_nothing(run, state):
+    """Nothing to remove: no 'remove 0 messages?' question, even without a terminal or -f."""
+    assert run('--broker', state.url, 'streams', 'drain', '--prefix', state.prefix, '-f').exit_code == 0
+    result = run('--broker', state.url, 'streams', 'drain', '--prefix', state.prefix)
+    assert result.exit_code == 0, result.output
+    assert 'Nothing to drain in 2 queues: a, b.' in result.output and 'sure' not in result.output
+
+
 def test_drain_selected_queues_with_broadcast_and_dead_letters(run, state):
     result = run('--broker', state.url, 'streams', '--prefix', state.prefix, 'drain', '-f',
                  '-Q', 'a,bq', '--include-broadcast', '--dead-letters')
@@ -162,7 +170,7 @@ def test_status_json_is_one_document_of_the_documented_shape(run, state):
     queues = {q['name']: q for q in doc['queues']}
     assert set(queues['a']) == {'name', 'kind', 'stream', 'streams', 'exists', 'length', 'waiting',
                                 'pending', 'oldest_pending_age', 'dead_letters', 'groups',
-                                'entries_added'}
+                                'entries_added', 'alive_consumers'}
     a = queues['a']
     assert a['entries_added'] in (None, 6)   # 5 tasks + 1 dead-lettered entry; None on Redis 6.2
     assert (a['length'], a['waiting'], a['pending'], a['dead_letters']) == (5, 3, 2, 1)

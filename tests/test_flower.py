@@ -32,7 +32,7 @@ def flower(redis_server, prefix):
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise AssertionError('flower did not start:\n' + proc.communicate()[0][-3000:])
+                raise AssertionError('flower did not start:\n' + proc.communicate()[0][-3000:]) from None
             time.sleep(0.2)
     yield base
     proc.terminate()

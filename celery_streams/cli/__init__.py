@@ -8,6 +8,7 @@
     celery -A proj streams dead-letters list    [-Q a,b] [--json] [--limit N]
     celery -A proj streams dead-letters requeue [-Q a,b] [--id ID ...] [-f] [--dry-run]
     celery -A proj streams dead-letters purge   [-Q a,b] [-f] [--dry-run]
+    celery -A proj streams exporter [--port 9808] [--address 127.0.0.1] [--interval N]
     celery --broker redis://host:6379/0 streams [--prefix P] status
 
 The broker URL, ``global_keyprefix`` and ``consumer_group`` come from the app
@@ -29,7 +30,7 @@ showing), then apply exactly what was shown.
 """
 from __future__ import annotations
 
-from . import dead_letters, queues  # noqa: F401  (they add their commands to the group)
+from . import dead_letters, exporter, queues  # noqa: F401  (they add their commands to the group)
 from .base import plan_confirm_apply, streams
 
 __all__ = ['streams', 'plan_confirm_apply']

@@ -18,6 +18,8 @@ PREFIX_META = 'celery_streams.prefix'
 RESERVED_NOTE = ('Note: messages a worker already reserved (prefetched into its memory) '
                  'may still run; they are acked as usual and never come back.')
 DRY_RUN_NOTE = 'Dry run: nothing was changed.'
+#: From this many entries to remove or clear on, an apply draws a progress bar on a terminal.
+PROGRESS_MIN = 100_000
 
 
 class Target:
@@ -129,6 +131,22 @@ def plan_confirm_apply(obj: CLIContext, target: Target, *, plan, dry_run: bool, 
             return planned, None
         confirm(obj, action, force, target, sentence)
         return planned, apply(planned)
+
+
+@contextmanager
+def progress_bar(total: int, label: str, file=None):
+    """A ``progress(n)`` callback for the admin functions that draws a bar, or None.
+
+    The bar is drawn only when the output (``file``, default stdout) is a
+    terminal and ``total`` (entries the plan removes or clears) is at least
+    :data:`PROGRESS_MIN`: piped output is the report alone.
+    """
+    out = file if file is not None else click.get_text_stream('stdout')
+    if total < PROGRESS_MIN or not out.isatty():
+        yield None
+        return
+    with click.progressbar(length=total, label=label, file=out, show_pos=True) as bar:
+        yield bar.update
 
 
 @click.group(name='streams')

@@ -9,7 +9,7 @@ from celery.bin.base import CeleryCommand, CeleryOption
 from .. import admin
 from ..keys import Keys
 from .base import (DRY_RUN_NOTE, Target, age, cell, count, dry_run_option, force_option, obj_of,
-                   plan_confirm_apply, prefix_option, queues_option, streams)
+                   plan_confirm_apply, prefix_option, progress_bar, queues_option, streams)
 
 DEAD_LETTER_LIMIT = 100
 UNDECODABLE_NOTE = 'undecodable payload: a worker will dead-letter it again'
@@ -199,6 +199,11 @@ def purge(ctx, queues, force, dry_run, prefix, **kwargs):
     """Delete the dead letters of queues (their dead-letter streams)."""
     obj = obj_of(ctx)
     target = Target(ctx, prefix)
+
+    def apply(plan):
+        with progress_bar(sum(p.removed for p in plan), 'Purging') as progress:
+            return admin.apply_purge(target.client, plan, progress=progress)
+
     plan, done = plan_confirm_apply(
         obj, target, dry_run=dry_run, force=force, action='purge dead letters',
         plan=lambda: admin.purge_dead_letters(target.client, global_keyprefix=target.prefix,
@@ -206,7 +211,7 @@ def purge(ctx, queues, force, dry_run, prefix, **kwargs):
         what=lambda plan: 'This will delete %s of %s: %s.' % (
             count(sum(p.removed for p in plan), 'dead letter'),
             count(len(plan), 'queue'), ', '.join(p.queue for p in plan)),
-        apply=lambda plan: admin.apply_purge(target.client, plan))
+        apply=apply)
     obj.echo(target.describe())
     if not plan:
         obj.echo('No dead letters: nothing to purge.')

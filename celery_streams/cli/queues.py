@@ -10,7 +10,8 @@ from celery.bin.base import CeleryCommand, CeleryOption
 from .. import admin
 from ..keys import Keys
 from .base import (DRY_RUN_NOTE, RESERVED_NOTE, Target, cell, count, dry_run_option, force_option,
-                   obj_of, plan_confirm_apply, prefix_option, queues_option, seconds, streams)
+                   obj_of, plan_confirm_apply, prefix_option, progress_bar, queues_option, seconds,
+                   streams)
 
 # -- drain --------------------------------------------------------------------
 
@@ -31,6 +32,13 @@ def drain(ctx, queues, force, dry_run, include_broadcast, dead_letters, prefix, 
     """
     obj = obj_of(ctx)
     target = Target(ctx, prefix)
+
+    def apply(plan):
+        total = sum(d.removed + d.pending_cleared + (d.dead_letters_removed or 0) for d in plan)
+        with progress_bar(total, 'Draining') as progress:
+            return admin.apply_drain(target.client, plan, global_keyprefix=target.prefix,
+                                     progress=progress)
+
     plan, done = plan_confirm_apply(
         obj, target, dry_run=dry_run, force=force, action='drain',
         plan=lambda: admin.drain(target.client, global_keyprefix=target.prefix, queues=queues,
@@ -39,18 +47,25 @@ def drain(ctx, queues, force, dry_run, include_broadcast, dead_letters, prefix, 
         what=lambda plan: 'This will remove %s and %s from %s: %s.' % (
             count(sum(d.removed for d in plan), 'message'),
             count(sum(d.pending_cleared for d in plan), 'pending entry', 'pending entries'),
-            count(len(plan), 'queue'), ', '.join(d.queue for d in plan)),
-        apply=lambda plan: admin.apply_drain(target.client, plan, global_keyprefix=target.prefix))
+            count(len(plan), 'queue'), ', '.join(d.queue for d in plan)) if _removes(plan) else None,
+        apply=apply)
     obj.echo(target.describe())
     if not plan:
         obj.echo('No %squeues in the registry: nothing to drain.'
                  % ('' if include_broadcast else 'task '))
+    elif not dry_run and done is None:   # nothing to remove: no question asked
+        obj.echo('Nothing to drain in %s: %s.' % (count(len(plan), 'queue'),
+                                                  ', '.join(d.queue for d in plan)))
     elif dry_run:
         _echo_drained(obj, plan, 'Would drain')
         obj.echo(DRY_RUN_NOTE)
     else:
         _echo_drained(obj, done, 'Drained')
         obj.echo(RESERVED_NOTE)
+
+
+def _removes(plan) -> bool:
+    return any(d.removed or d.pending_cleared or d.dead_letters_removed for d in plan)
 
 
 def _echo_drained(obj, drained, verb):
@@ -87,6 +102,12 @@ def nuke(ctx, force, dry_run, keep_dead_letters, prefix, **kwargs):
     obj = obj_of(ctx)
     target = Target(ctx, prefix)
     namespace = Keys(target.prefix).prefix
+
+    def apply(plan):
+        with progress_bar(plan.messages + plan.pending, 'Nuking') as progress:
+            return admin.apply_nuke(target.client, plan, global_keyprefix=target.prefix,
+                                    progress=progress)
+
     plan, done = plan_confirm_apply(
         obj, target, dry_run=dry_run, force=force, action='nuke',
         plan=lambda: admin.nuke(target.client, global_keyprefix=target.prefix,
@@ -94,7 +115,7 @@ def nuke(ctx, force, dry_run, keep_dead_letters, prefix, **kwargs):
         what=lambda plan: 'This will destroy %s and delete %s under %r.' % (
             count(len(plan.groups), 'consumer group'), count(len(plan.deleted_keys), 'key'),
             namespace) if plan.deleted_keys else None,
-        apply=lambda plan: admin.apply_nuke(target.client, plan, global_keyprefix=target.prefix))
+        apply=apply)
     obj.echo(target.describe())
     if not plan.deleted_keys:
         obj.echo('No keys under %r: nothing to nuke.' % namespace)

@@ -11,6 +11,9 @@ each handles ``NOSCRIPT`` (a server restart or ``SCRIPT FLUSH``) by itself:
   (:mod:`celery_streams.wire`), re-loaded and retried once on ``NOSCRIPT``;
 * :meth:`Scripts.command` + :meth:`Scripts.reload` -- a read sent now and
   answered later (the consume loop): the caller reloads and sends again.
+
+:meth:`Scripts.drain_stream` runs the ``drain`` script in bounded steps (at
+most :data:`DRAIN_STEP` entries of work per call) until the stream is drained.
 """
 from __future__ import annotations
 
@@ -23,6 +26,12 @@ from .. import wire
 
 NAMES = ('restore', 'drain', 'append', 'reclaim', 'read', 'forget_consumer', 'route', 'requeue_dead',
          'prune_registry', 'create_group')
+
+#: The most entries one ``drain`` call acks and trims in all, in :meth:`Scripts.drain_stream`.
+#: An ack (XPENDING + XACK) costs about 1 µs of server time, trimming 0.05 µs an entry
+#: (0.3 µs with one entry per stream node, as payloads over 4 KB get): a call takes about
+#: 1 ms, and no other client waits longer than that for one step.
+DRAIN_STEP = 1000
 
 
 @lru_cache(maxsize=None)
@@ -54,3 +63,29 @@ class Scripts:
         except NoScriptError:
             self.reload(name)
             return wire.call(pool, *command)
+
+    def drain_stream(self, stream, until: str, *, delete_empty: bool = False,
+                     step: int = DRAIN_STEP, progress=None) -> tuple[int, int]:
+        """Drain ``stream`` up to entry ``until`` (inclusive) in bounded steps.
+
+        Calls the ``drain`` script with ``step`` until nothing up to ``until``
+        is left in the stream or pending in any group: each call acks and trims
+        at most ``step`` entries in all, so Redis serves other clients between
+        calls. ``until`` should be an id: with ``'+'`` the end moves while
+        entries are added. ``delete_empty``: delete the key once it is empty
+        and groupless (a dead-letter stream). ``progress(n)`` is called after
+        each call that removed or cleared ``n`` entries.
+        Returns ``(entries removed, pending entries cleared)``.
+        """
+        removed = cleared = 0
+        while True:
+            step_removed, step_cleared, more = self.drain(
+                keys=[stream], args=[until, '1' if delete_empty else '0', step])
+            removed += step_removed
+            cleared += step_cleared
+            if progress is not None and (step_removed or step_cleared):
+                progress(step_removed + step_cleared)
+            if not more:
+                return removed, cleared
+            if not (step_removed or step_cleared):   # every call acks or trims: never spin
+                raise RuntimeError('drain of %r up to %s made no progress' % (stream, until))

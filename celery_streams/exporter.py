@@ -1,0 +1,231 @@
+"""Prometheus metrics of the queues under one key prefix, in the text exposition format.
+
+:func:`queue_families` turns one :func:`celery_streams.admin.status` (the
+same look as ``celery streams status``: the registry, one ``SCAN``, then
+``XLEN`` / ``XINFO`` / ``XPENDING`` per stream) and the liveness keys
+(``QueueStatus.alive_consumers``: XINFO lists only the consumers that have
+read) into metric families;
+:func:`render` writes families in the Prometheus text format 0.0.4, by hand
+(no client library needed). :class:`Exporter` collects at most every
+``interval`` seconds and serves the cached text in between; a failed
+collection (Redis down, credentials refused...) gives
+``celery_streams_up 0`` / ``celery_streams_last_scrape_error 1`` and no queue
+metric, never an exception. ``celery streams exporter``
+(:mod:`celery_streams.cli.exporter`) serves it over HTTP::
+
+    from celery_streams import admin, exporter
+
+    client = admin.client_from_url('redis-streams://localhost:6379/0')
+    print(exporter.Exporter(client, global_keyprefix='proj:').metrics())
+
+Every metric is a gauge. The names of celery-exporter are kept where one
+exists (``celery_queue_length``, ``celery_active_consumer_count``, label
+``queue_name``); the others start with ``celery_streams_``. What concerns a
+consumer group (pending, lag, consumers) is about the group the workers use
+(``consumer_group``, default ``celery``), summed over the priority buckets.
+``celery_streams_queue_scheduled`` comes with delayed delivery: there is no
+scheduled message to count yet. docs/metrics.md describes each metric.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import redis
+
+from . import admin
+from .errors import one_line
+from .keys import FANOUT
+
+CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8'
+DEFAULT_INTERVAL = 5.0
+
+QUEUE_LENGTH = 'celery_queue_length'
+ACTIVE_CONSUMERS = 'celery_active_consumer_count'
+
+#: Every metric the exporter serves: name -> help text (all gauges).
+METRICS = {
+    'celery_streams_up':
+        'Whether Redis answered the last collection (1) or could not be reached (0).',
+    'celery_streams_last_scrape_error':
+        'Whether the last collection failed (1: Redis down, credentials or a command refused).',
+    'celery_streams_scrape_duration_seconds': 'Seconds the last collection took.',
+    'celery_streams_queue_info':
+        'One per queue found, always 1; label kind: task, fanout or unregistered.',
+    QUEUE_LENGTH:
+        'Messages waiting in the queue: not yet delivered to a consumer (all priority buckets).',
+    'celery_streams_queue_pending':
+        'Messages delivered to a consumer of the group and not acked yet (the PEL).',
+    'celery_streams_queue_lag':
+        'Entries the group has not read yet, as the server reports it (Redis 7.0+ only).',
+    'celery_streams_queue_stream_length':
+        'Entries in the queue streams (XLEN): waiting and pending ones, and read broadcasts.',
+    'celery_streams_queue_oldest_pending_age_seconds':
+        'Age of the oldest pending message in seconds (server clock); 0 when none is pending.',
+    'celery_streams_queue_dead_letters': 'Messages in the queue dead-letter stream.',
+    ACTIVE_CONSUMERS:
+        'Consumers alive on the queue: with a liveness key (broadcast queues: every consumer '
+        'of the group).',
+    'celery_streams_queue_consumers':
+        'Consumers known to the group, alive or not (XINFO CONSUMERS).',
+    'celery_streams_consumer_pending':
+        'Messages delivered to this consumer and not acked yet.',
+    'celery_streams_consumer_idle_seconds':
+        'Seconds since this consumer last read or claimed (its smallest idle time).',
+}
+#: The metrics of the collection itself, served whatever happened.
+SCRAPE_METRICS = ('celery_streams_up', 'celery_streams_last_scrape_error',
+                  'celery_streams_scrape_duration_seconds')
+
+
+@dataclass
+class Family:
+    """One metric: its name, help text and samples (labels, value)."""
+
+    name: str
+    help: str
+    type: str = 'gauge'
+    samples: list[tuple[dict, float]] = field(default_factory=list)
+
+    def add(self, value: float, **labels: str) -> None:
+        self.samples.append((labels, value))
+
+
+def family(name: str) -> Family:
+    return Family(name, METRICS[name])
+
+
+def queue_families(found: admin.Status) -> list[Family]:
+    """The queue and consumer metrics of one :func:`admin.status` result.
+
+    A consumer keeps a liveness key on every queue it consumes, but ``XINFO
+    CONSUMERS`` lists it only once it has read there: the alive ones are
+    counted from ``alive_consumers``, so an idle queue's consumers count too.
+    """
+    families = {name: family(name) for name in METRICS if name not in SCRAPE_METRICS}
+
+    def add(name, value, queue_name, **labels):   # queue_name first: the labels in this order
+        families[name].add(value, queue_name=queue_name, **labels)
+
+    for q in found.queues:
+        queue = {'queue_name': q.name}
+        add('celery_streams_queue_info', 1, q.name, kind=q.kind or 'unregistered')
+        if q.waiting is not None:   # a broadcast queue before Redis 7: unknown
+            add(QUEUE_LENGTH, q.waiting, **queue)
+        add('celery_streams_queue_pending', q.pending, **queue)
+        add('celery_streams_queue_stream_length', q.length, **queue)
+        add('celery_streams_queue_oldest_pending_age_seconds', q.oldest_pending_age or 0, **queue)
+        add('celery_streams_queue_dead_letters', q.dead_letters, **queue)
+        own = [g for g in q.groups if g.name == found.consumer_group]
+        lags = [g.lag for g in own]
+        if own and None not in lags:
+            add('celery_streams_queue_lag', sum(lags), **queue)
+        consumers: dict[str, list] = {}   # name -> [pending, idle_ms, alive] over the buckets
+        for c in (c for g in own for c in g.consumers):
+            seen = consumers.setdefault(c.name, [0, c.idle_ms, c.alive])
+            seen[0] += c.pending
+            seen[1] = min(seen[1], c.idle_ms)
+        if q.kind == FANOUT:   # broadcast consumers keep no liveness key
+            active = len(consumers)
+        else:
+            active = len(set(q.alive_consumers) | {n for n, c in consumers.items() if c[2]})
+        add(ACTIVE_CONSUMERS, active, **queue)
+        add('celery_streams_queue_consumers', len(consumers), **queue)
+        for name in sorted(consumers):
+            pending, idle_ms, _ = consumers[name]
+            add('celery_streams_consumer_pending', pending, q.name, consumer=name)
+            add('celery_streams_consumer_idle_seconds', idle_ms / 1000, q.name, consumer=name)
+    return list(families.values())
+
+
+# -- the text format ------------------------------------------------------------
+
+def escape_label(value: str) -> str:
+    """A label value as the text format wants it: backslash, double quote and newline escaped."""
+    return str(value).replace('\\', '\\\\').replace('\n', '\\n').replace('"', '\\"')
+
+
+def escape_help(text: str) -> str:
+    return text.replace('\\', '\\\\').replace('\n', '\\n')
+
+
+def format_value(value: float) -> str:
+    if isinstance(value, bool) or isinstance(value, int):
+        return str(int(value))
+    if math.isnan(value):
+        return 'NaN'
+    if math.isinf(value):
+        return '+Inf' if value > 0 else '-Inf'
+    return repr(float(value))
+
+
+def render(families: Iterable[Family]) -> str:
+    """The text exposition format (0.0.4) of ``families``; those without samples are left out."""
+    lines = []
+    for fam in families:
+        if not fam.samples:
+            continue
+        lines += ['# HELP %s %s' % (fam.name, escape_help(fam.help)),
+                  '# TYPE %s %s' % (fam.name, fam.type)]
+        for labels, value in fam.samples:
+            text = ','.join('%s="%s"' % (k, escape_label(v)) for k, v in labels.items())
+            lines.append('%s%s %s' % (fam.name, '{%s}' % text if text else '', format_value(value)))
+    return '\n'.join(lines) + '\n'
+
+
+# -- the exporter -------------------------------------------------------------------
+
+class Exporter:
+    """Collects the metrics of one Redis and prefix, at most every ``interval`` seconds.
+
+    ``describe(exc)`` makes the one line said of a failed collection (default:
+    the error's first line); ``on_change(line)`` is called when that line
+    changes: with the line when collections start failing (or fail
+    differently), with None when they succeed again. Thread-safe: concurrent
+    scrapes wait for one collection.
+    """
+
+    def __init__(self, client: redis.Redis, *, global_keyprefix: str = '',
+                 consumer_group: str = 'celery', interval: float = DEFAULT_INTERVAL,
+                 describe: Callable[[BaseException], str] = one_line,
+                 on_change: Callable[[str | None], None] | None = None):
+        self.client = client
+        self.global_keyprefix = global_keyprefix
+        self.consumer_group = consumer_group
+        self.interval = interval
+        self.describe = describe
+        self.on_change = on_change
+        self.last_error: str | None = None
+        self._lock = threading.Lock()
+        self._cached: tuple[float, str] | None = None
+
+    def metrics(self) -> str:
+        """The text of the last collection, collecting again when it is ``interval`` old."""
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is None or now - self._cached[0] >= self.interval:
+                self._cached = (now, render(self.collect()))
+            return self._cached[1]
+
+    def collect(self) -> list[Family]:
+        """Collect now: the queue metrics, then up, scrape duration and error."""
+        started = time.perf_counter()
+        up, error, queues = 1, None, []
+        try:
+            found = admin.status(self.client, global_keyprefix=self.global_keyprefix,
+                                 consumer_group=self.consumer_group)
+            queues = queue_families(found)
+        except Exception as exc:   # a scrape says what failed; it never stops the exporter
+            up = 0 if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) else 1
+            error = self.describe(exc)
+        if error != self.last_error and self.on_change is not None:
+            self.on_change(error)
+        self.last_error = error
+        fixed = {name: family(name) for name in SCRAPE_METRICS}
+        fixed['celery_streams_up'].add(up)
+        fixed['celery_streams_last_scrape_error'].add(0 if error is None else 1)
+        fixed['celery_streams_scrape_duration_seconds'].add(round(time.perf_counter() - started, 6))
+        return [*fixed.values(), *queues]
