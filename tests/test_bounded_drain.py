@@ -28,24 +28,13 @@ import time
 import click
 import pytest
 
+from benchmarks.drain_latency import FILL, READ   # fill a stream fast, make entries pending
 from celery_streams import admin
 from celery_streams.cli.base import PROGRESS_MIN, progress_bar
 from celery_streams.scripts import DRAIN_STEP, Scripts
 
 PING_BOUND = 0.050
 PAYLOAD = '{"body": "%s", "properties": {}}' % ('x' * 60)
-
-FILL = """
-local n, payload = tonumber(ARGV[1]), ARGV[2]
-for i = 1, n do redis.call('XADD', KEYS[1], '*', 'payload', payload) end
-return n
-"""
-READ = """
-local got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', tonumber(ARGV[3]),
-                       'STREAMS', KEYS[1], '>')
-if not got then return 0 end
-return #got[1][2]
-"""
 
 
 def fill(client, stream, count):
