@@ -1,5 +1,6 @@
 """``python -m benchmarks``: see :mod:`benchmarks.run`; ``... soak``: see :mod:`benchmarks.soak`;
-``... drain-latency``: see :mod:`benchmarks.drain_latency`."""
+``... drain-latency``: see :mod:`benchmarks.drain_latency`; ``... delayed-delivery``: see
+:mod:`benchmarks.delayed_delivery`."""
 import sys
 
 if sys.argv[1:2] == ['soak']:
@@ -9,6 +10,11 @@ if sys.argv[1:2] == ['soak']:
 
 if sys.argv[1:2] == ['drain-latency']:
     from benchmarks.drain_latency import main
+
+    sys.exit(main(sys.argv[2:]))
+
+if sys.argv[1:2] == ['delayed-delivery']:
+    from benchmarks.delayed_delivery import main
 
     sys.exit(main(sys.argv[2:]))
 

@@ -3,11 +3,13 @@
 ``BENCH_BROKER`` is the broker URL, ``BENCH_REDIS`` the Redis that counts
 finished tasks (no result backend), ``BENCH_KEY`` the key prefix of one run,
 ``BENCH_TARGET`` the task count after which the last task records the time,
-``BENCH_ACKS_LATE=1`` turns on acks_late.
+``BENCH_ACKS_LATE=1`` turns on acks_late, ``BENCH_TRANSPORT_OPTIONS`` (JSON) the
+transport options.
 """
 import json
 import os
 import time
+from datetime import datetime, timezone
 
 import redis
 from celery import Celery
@@ -52,3 +54,15 @@ def noop():
 def latency(sent_at):
     """Record the seconds from enqueue to start."""
     counter().rpush(KEY + ':latency', time.time() - sent_at)
+
+
+@app.task(bind=True)
+def eta_lateness(self):
+    """Record the seconds from the task's ETA to its start (``KEY:lateness``)."""
+    started = time.time()
+    eta = self.request.eta
+    if isinstance(eta, str):
+        eta = datetime.fromisoformat(eta)
+    if eta is not None and eta.tzinfo is None:
+        eta = eta.replace(tzinfo=timezone.utc)
+    counter().rpush(KEY + ':lateness', started - eta.timestamp() if eta is not None else 'nan')

@@ -22,12 +22,16 @@ message added after the plan is left alone). Only keys under
 * :func:`drain` empties queue streams with the ``drain`` script (``XACK`` of
   the entries pending up to the last entry planned, then ``XTRIM`` up to it):
   the keys and every consumer group stay, so running workers read on (``DEL``
-  would destroy the groups).
+  would destroy the groups). It empties the queues' schedules (delayed
+  delivery) too, unless ``keep_scheduled``: exactly the members added up to
+  the plan (see :func:`plan_drain_queue`).
 * :func:`nuke` destroys every consumer group (``XGROUP DESTROY``: a worker blocked
   on it is woken with ``NOGROUP``), then deletes every key of the prefix.
 * :func:`status` describes each queue (:class:`Status`): kind, lengths, groups,
-  consumers, the age of the oldest pending entry and the dead-letter count;
-  ``as_dict()`` gives the JSON document of ``status --json``.
+  consumers, the age of the oldest pending entry, the dead-letter count and
+  the scheduled messages; ``as_dict()`` gives the JSON document of ``status --json``.
+* :func:`scheduled` lists the next scheduled messages of queues (delayed
+  delivery: tasks waiting for their ETA in Redis).
 * The dead letters (:func:`dead_letters`, :func:`requeue_dead_letters`,
   :func:`purge_dead_letters`) live in :mod:`celery_streams.deadletters` and
   are importable from here.
@@ -60,6 +64,7 @@ from .inventory import (BroadcastQueue, Inventory, QueueKeys, UnknownQueue,  # n
                         age_seconds, last_entry_id, scan_keys, scan_queue_keys,
                         server_now_ms, stream_groups, stream_info)
 from .keys import FANOUT, Keys
+from .scheduler import ScheduledMessage, drain_schedule, plan_stamp, scheduled_messages
 from .scripts import DRAIN_STEP, Scripts  # noqa: F401  (DRAIN_STEP: documented here)
 from .wire import text
 
@@ -74,6 +79,7 @@ COMMANDS = (
     'xlen', 'xinfo|groups', 'xinfo|consumers', 'xinfo|stream', 'xpending', 'xtrim', 'xack',
     'xgroup|destroy', 'unlink', 'eval', 'evalsha', 'script|load', 'script|exists',
     'xrange', 'xadd', 'xdel', 'multi', 'exec',   # dead letters: list, requeue, purge
+    'zcard', 'zrange', 'zscan', 'zrem',          # schedules: status, scheduled, drain
 )
 
 
@@ -101,29 +107,44 @@ class DrainedQueue:
     dead_letters_removed: int | None = None   # None: dead letters left alone
     #: stream -> the last entry id the plan covers ('+': all); entries added later stay.
     until: dict[str, str] = field(default_factory=dict)
+    scheduled_removed: int | None = None   # scheduled messages; None: the schedule left alone
+    #: The server time (µs) of the plan: scheduled messages added up to it go, later ones stay.
+    scheduled_until: int | None = None
 
 
 def drain(client: redis.Redis, *, global_keyprefix: str = '', queues: Iterable[str] | None = None,
           include_broadcast: bool = False, dead_letters: bool = False,
-          dry_run: bool = False, progress: Progress | None = None) -> list[DrainedQueue]:
-    """Empty queues (every priority bucket) and their PELs, keeping every consumer group.
+          keep_scheduled: bool = False, dry_run: bool = False,
+          progress: Progress | None = None) -> list[DrainedQueue]:
+    """Empty queues (every priority bucket), their PELs and their schedules, keeping every
+    consumer group.
 
     ``queues`` defaults to every task queue of the registry (see
     :meth:`Inventory.select`); all names are checked before anything changes.
-    ``dead_letters`` empties the queues' dead-letter streams too. ``progress``:
-    see :func:`apply_drain`.
+    ``dead_letters`` empties the queues' dead-letter streams too;
+    ``keep_scheduled`` leaves their scheduled messages (delayed delivery) alone.
+    ``progress``: see :func:`apply_drain`.
     """
     inventory = Inventory(client, Keys(global_keyprefix))
     plan = [plan_drain_queue(client, inventory.keys, queue, kind=inventory.kind(queue),
-                             streams=inventory.streams(queue), dead_letters=dead_letters)
+                             streams=inventory.streams(queue), dead_letters=dead_letters,
+                             scheduled=not keep_scheduled)
             for queue in inventory.select(queues, include_broadcast)]
     return plan if dry_run else apply_drain(client, plan, global_keyprefix=global_keyprefix,
                                             progress=progress)
 
 
 def plan_drain_queue(client: redis.Redis, keys: Keys, queue: str, *, kind: str | None = None,
-                     streams: list[str] | None = None, dead_letters: bool = False) -> DrainedQueue:
-    """What draining the ``streams`` of one queue (default: every bucket) would remove now."""
+                     streams: list[str] | None = None, dead_letters: bool = False,
+                     scheduled: bool = True) -> DrainedQueue:
+    """What draining the ``streams`` of one queue (default: every bucket) would remove now.
+
+    With ``scheduled``, the queue's schedule too: its ``ZCARD`` and the server's
+    time, read in one transaction. The apply removes the members added up to
+    that time (each member carries the server time it was added), so exactly
+    the members counted, less those that came due and moved to the stream in
+    between (those are not drained: they arrive after the last entry planned).
+    """
     streams = streams or keys.streams(queue)
     targets = streams + ([keys.dead_letters(queue)] if dead_letters else [])
     until = {stream: last_entry_id(client, stream) for stream in targets}   # first: counts cover it
@@ -133,6 +154,8 @@ def plan_drain_queue(client: redis.Redis, keys: Keys, queue: str, *, kind: str |
                            _names(groups), streams, until=until)
     if dead_letters:
         planned.dead_letters_removed = client.xlen(keys.dead_letters(queue))
+    if scheduled:
+        planned.scheduled_removed, planned.scheduled_until = plan_stamp(client, keys.scheduled(queue))
     return planned
 
 
@@ -144,7 +167,9 @@ def apply_drain(client: redis.Redis, plan: list[DrainedQueue], *, global_keypref
     most :data:`DRAIN_STEP` entries acked and trimmed per script call), up to
     the last entry the plan saw: entries added since stay. ``progress(n)`` is
     called after each step with the entries it removed or cleared; the total
-    is about ``removed + pending_cleared (+ dead_letters_removed)`` of the plan.
+    is about ``removed + pending_cleared (+ dead_letters_removed, scheduled_removed)``
+    of the plan. The schedule is drained of the members added up to the plan's
+    time (``scheduled_until``; a plan made by hand without it: up to now).
     """
     keys, scripts = Keys(global_keyprefix), Scripts(client)
     done = []
@@ -164,6 +189,11 @@ def apply_drain(client: redis.Redis, plan: list[DrainedQueue], *, global_keypref
                               planned.streams, until=planned.until)
         if dead in counts:
             result.dead_letters_removed = counts[dead][0]
+        if planned.scheduled_removed is not None:
+            key = keys.scheduled(planned.queue)
+            stamp = planned.scheduled_until or plan_stamp(client, key)[1]
+            result.scheduled_removed = drain_schedule(scripts, key, stamp, progress=progress)
+            result.scheduled_until = stamp
         logger.info('celery_streams: drained queue %r: %s entries removed, %s pending cleared',
                     result.queue, result.removed, result.pending_cleared)
         done.append(result)
@@ -186,6 +216,7 @@ class NukeResult:
     kept: list[str] = field(default_factory=list)                  # dead-letter streams kept
     messages: int = 0   # entries in ``streams`` when planned
     pending: int = 0    # entries pending in ``groups`` when planned
+    scheduled: int = 0  # scheduled messages in the schedules (``other_keys``) when planned
 
     @property
     def deleted_keys(self) -> list[str]:
@@ -215,6 +246,8 @@ def nuke(client: redis.Redis, *, global_keyprefix: str = '', keep_dead_letters: 
             continue
         if kind != 'stream':
             plan.other_keys.append(key)
+            if kind == 'zset' and info is not None and info.role == 'scheduled':
+                plan.scheduled += client.zcard(key)
         elif keep_dead_letters and info is not None and info.role == 'dead':
             plan.kept.append(key)
         else:
@@ -298,6 +331,10 @@ class QueueStatus:
     #: Consumers with a liveness key on the queue: alive, whether or not they have read it yet
     #: (XINFO CONSUMERS lists a consumer only once it has read an entry).
     alive_consumers: list[str] = field(default_factory=list)
+    scheduled: int = 0                 # messages waiting for their ETA (delayed delivery)
+    #: Seconds (server clock) until the first scheduled message is due (negative: overdue,
+    #: no worker moved it yet); None when none is scheduled.
+    next_due_in: float | None = None
 
 
 @dataclass
@@ -362,12 +399,20 @@ def queue_status(client: redis.Redis, inventory: Inventory, queue: str, consumer
         length += stream_length
         pending += own_pending
     ages = [g.oldest_pending_age for g in groups if g.oldest_pending_age is not None]
+    scheduled, next_due_in = 0, None
+    if found.scheduled:
+        with client.pipeline(transaction=False) as pipe:
+            pipe.zcard(found.scheduled)
+            pipe.zrange(found.scheduled, 0, 0, withscores=True)
+            scheduled, first = pipe.execute()
+        next_due_in = round((first[0][1] - now_ms) / 1000, 3) if first else None
     return QueueStatus(
         name=queue, kind=kind, stream=inventory.keys.stream(queue),
         streams=[stream for _, stream in streams], exists=bool(streams), length=length,
         waiting=waiting, pending=pending, oldest_pending_age=max(ages) if ages else None,
         dead_letters=client.xlen(found.dead_letters) if found.dead_letters else 0, groups=groups,
-        entries_added=added, alive_consumers=sorted(found.alive))
+        entries_added=added, alive_consumers=sorted(found.alive), scheduled=scheduled,
+        next_due_in=next_due_in)
 
 
 def group_status(client: redis.Redis, stream: str, bucket: int, group: Mapping,
@@ -391,3 +436,36 @@ def consumer_status(consumer: Mapping, alive: set | None) -> ConsumerStatus:
     name = text(consumer['name'])
     return ConsumerStatus(name=name, pending=consumer['pending'], idle_ms=consumer['idle'],
                           alive=None if alive is None else name in alive)
+
+
+# -- scheduled messages ---------------------------------------------------------------
+
+@dataclass
+class ScheduledQueue:
+    """The schedule of one queue: how many messages wait for their ETA, and the next ones."""
+
+    queue: str
+    key: str
+    scheduled: int
+    messages: list[ScheduledMessage]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def scheduled(client: redis.Redis, *, global_keyprefix: str = '', queues: Iterable[str] | None = None,
+              limit: int | None = 10) -> list[ScheduledQueue]:
+    """The next ``limit`` scheduled messages (all: None or 0) of each queue, in due order.
+
+    ``queues`` defaults to every queue with a schedule; all names are checked
+    first (:class:`UnknownQueue`). Due times are by the server's clock.
+    """
+    inventory = Inventory(client, Keys(global_keyprefix))
+    names = inventory.check_known(queues) if queues else sorted(
+        q for q, found in inventory.found.items() if found.scheduled)
+    now_ms = server_now_ms(client)
+    found = []
+    for queue in names:
+        total, messages = scheduled_messages(client, inventory.keys, queue, limit, now_ms)
+        found.append(ScheduledQueue(queue, inventory.keys.scheduled(queue), total, messages))
+    return found

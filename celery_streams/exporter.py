@@ -23,8 +23,9 @@ exists (``celery_queue_length``, ``celery_active_consumer_count``, label
 ``queue_name``); the others start with ``celery_streams_``. What concerns a
 consumer group (pending, lag, consumers) is about the group the workers use
 (``consumer_group``, default ``celery``), summed over the priority buckets.
-``celery_streams_queue_scheduled`` comes with delayed delivery: there is no
-scheduled message to count yet. docs/metrics.md describes each metric.
+``celery_streams_queue_scheduled`` counts the messages waiting for their ETA in
+the queue's schedule (delayed delivery: ``QueueStatus.scheduled``).
+docs/metrics.md describes each metric.
 """
 from __future__ import annotations
 
@@ -66,6 +67,9 @@ METRICS = {
     'celery_streams_queue_oldest_pending_age_seconds':
         'Age of the oldest pending message in seconds (server clock); 0 when none is pending.',
     'celery_streams_queue_dead_letters': 'Messages in the queue dead-letter stream.',
+    'celery_streams_queue_scheduled':
+        'Messages waiting in Redis for their ETA or countdown (delayed delivery), not yet in the '
+        'queue streams.',
     ACTIVE_CONSUMERS:
         'Consumers alive on the queue: with a liveness key (broadcast queues: every consumer '
         'of the group).',
@@ -119,6 +123,7 @@ def queue_families(found: admin.Status) -> list[Family]:
         add('celery_streams_queue_stream_length', q.length, **queue)
         add('celery_streams_queue_oldest_pending_age_seconds', q.oldest_pending_age or 0, **queue)
         add('celery_streams_queue_dead_letters', q.dead_letters, **queue)
+        add('celery_streams_queue_scheduled', q.scheduled, **queue)
         own = [g for g in q.groups if g.name == found.consumer_group]
         lags = [g.lag for g in own]
         if own and None not in lags:

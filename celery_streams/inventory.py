@@ -35,12 +35,14 @@ class QueueKeys:
     queue: str
     streams: dict[int, str] = field(default_factory=dict)   # priority bucket -> stream key
     dead_letters: str | None = None
+    scheduled: str | None = None                             # its schedule (delayed delivery)
     alive: dict[str, str] = field(default_factory=dict)     # consumer -> liveness key
 
     @property
     def found(self) -> bool:
-        """Whether the queue has a stream or dead letters (liveness keys alone do not count)."""
-        return bool(self.streams) or self.dead_letters is not None
+        """Whether the queue has a stream, dead letters or scheduled messages (liveness keys
+        alone do not count)."""
+        return bool(self.streams) or self.dead_letters is not None or self.scheduled is not None
 
 
 def scan_keys(client: redis.Redis, pattern: str) -> list[str]:
@@ -60,6 +62,8 @@ def scan_queue_keys(client: redis.Redis, keys: Keys) -> dict[str, QueueKeys]:
             entry.streams[info.detail] = key
         elif info.role == 'dead':
             entry.dead_letters = key
+        elif info.role == 'scheduled':
+            entry.scheduled = key
         elif info.role == 'alive':
             entry.alive[info.detail] = key
     return found
@@ -91,7 +95,7 @@ class Inventory:
         return [buckets[b] for b in sorted(buckets)]
 
     def all_queues(self) -> list[str]:
-        """Registered queues plus every queue with a stream or dead letters."""
+        """Registered queues plus every queue with a stream, dead letters or a schedule."""
         return sorted(set(self.registry) | {q for q, f in self.found.items() if f.found})
 
     def with_dead_letters(self) -> list[str]:

@@ -17,6 +17,10 @@ key                                     type    holds
                                                 (N in ``priority_steps`` but 0), made
                                                 when first used
 ``{P}celery-streams:q:{Q}:dead``        stream  dead letters of queue Q
+``{P}celery-streams:q:{Q}:scheduled``   zset    messages of queue Q waiting for their ETA
+                                                (delayed delivery): score = due time in ms
+                                                (server clock), member =
+                                                ``bucket|stamp|token|payload``
 ``{P}celery-streams:q:{Q}:alive:{C}``   string  present while consumer C of queue Q lives
                                                 (its worker renews it; expires after
                                                 ``visibility_timeout``)
@@ -36,6 +40,11 @@ message was put back after a delivery, ``deliveries`` (how many times it was
 delivered before) and ``redelivered``. The count travels with the message
 across requeues and reclaims, so ``max_deliveries`` bounds a poison message; a
 message put back unstarted (at a worker's shutdown) keeps its count.
+
+A member of a schedule (:mod:`celery_streams.scheduler`) is the message's
+priority bucket, the server time it was added (``TIME``, 16 digits of µs), a
+random token (so equal messages stay distinct) and the payload, joined by
+``|``; the consumers move it into the stream of its bucket once due.
 """
 from __future__ import annotations
 
@@ -56,7 +65,8 @@ class KeyInfo(NamedTuple):
     """What a per-queue key is: its queue, its role and the role's detail.
 
     Roles: ``stream`` (detail: the priority bucket), ``dead`` (detail: None),
-    ``alive`` (detail: the consumer name) and ``healed`` (detail: the bucket).
+    ``scheduled`` (detail: None), ``alive`` (detail: the consumer name) and
+    ``healed`` (detail: the bucket).
     """
 
     queue: str
@@ -97,6 +107,10 @@ class Keys:
         """The dead-letter stream of ``queue``."""
         return self.queue_head + queue + '}:dead'
 
+    def scheduled(self, queue: str) -> str:
+        """The schedule of ``queue``: messages waiting for their ETA (a sorted set)."""
+        return self.queue_head + queue + '}:scheduled'
+
     def alive_prefix(self, queue: str) -> str:
         """Liveness keys of the consumers of ``queue`` are this plus the consumer name."""
         return self.queue_head + queue + '}:alive:'
@@ -121,7 +135,8 @@ class Keys:
 
     @property
     def match_queue_keys(self) -> str:
-        """A SCAN pattern matching every per-queue key (streams, dead letters, liveness)."""
+        """A SCAN pattern matching every per-queue key (streams, dead letters, schedules,
+        liveness)."""
         return glob_escape(self.queue_head) + '*'
 
     @property
@@ -146,6 +161,8 @@ class Keys:
             return KeyInfo(queue, 'healed', int(bucket)) if bucket.isdigit() else None
         if body.endswith('}:dead'):
             return KeyInfo(body[:-len('}:dead')], 'dead', None)
+        if body.endswith('}:scheduled'):
+            return KeyInfo(body[:-len('}:scheduled')], 'scheduled', None)
         bucket = _BUCKET.match(body)
         if bucket:
             return KeyInfo(bucket.group(1), 'stream', int(bucket.group(2)))
@@ -190,6 +207,8 @@ COMMANDS = (
     'hset', 'hsetnx', 'hdel', 'hkeys', 'sadd', 'srem', 'smembers',
     'xadd', 'xreadgroup', 'xack', 'xdel', 'xlen', 'xrange', 'xrevrange', 'xtrim', 'xpending', 'xclaim',
     'xgroup|create', 'xgroup|delconsumer', 'xinfo|groups', 'xinfo|consumers', 'xinfo|stream',
+    'zadd', 'zrange', 'zrangebyscore', 'zrem',   # delayed delivery (inside its scripts)
+    'zcard', 'unlink',                           # purge of a schedule
     'eval', 'evalsha', 'script|load', 'script|exists', 'scan',
 )
 

@@ -4,39 +4,52 @@ Set them as Celery's ``broker_transport_options`` (or kombu's
 ``Connection(transport_options=...)``). Names follow kombu's Redis transport
 wherever the meaning is the same.
 
-============================  ===============  ===========================================
-option                        default          meaning
-============================  ===============  ===========================================
-``global_keyprefix``          ``''``           prefix of every key (kombu's option)
-``consumer_group``            ``'celery'``     the consumer group shared by all workers
-``polling_interval``          ``1.0``          seconds one ``XREADGROUP ... BLOCK`` waits
-                                               at most (kombu: the BRPOP timeout)
-``visibility_timeout``        ``300``          seconds a consumer's messages stay its own
-                                               after its worker stopped renewing them
-                                               (died, or lost Redis); then another
-                                               worker takes them over
-``max_deliveries``            ``10``           deliveries before a message is dead-lettered
-``dead_letter_maxlen``        ``10000``        dead letters kept per queue (oldest trimmed)
-``fanout_maxlen``             ``1000``         entries a broadcast queue keeps (oldest
-                                               trimmed), the window a reconnecting
-                                               worker can catch up on
-``max_connections``           ``10``           connections in the publish/ack pool
-``socket_timeout``            ``None``         redis-py socket timeout, seconds
-``socket_connect_timeout``    ``None``         redis-py connect timeout, seconds
-``socket_keepalive``          ``None``         TCP keepalive
-``socket_keepalive_options``  ``None``         TCP keepalive options
-``health_check_interval``     ``25``           seconds between redis-py health checks
-``retry_on_timeout``          ``None``         redis-py retry on timeout
-``client_name``               ``None``         ``CLIENT SETNAME`` of every connection
-``queue_order_strategy``      ``round_robin``  kombu's: ``round_robin`` rotates the queues
-                                               a worker consumes between reads, ``sorted``
-                                               reads them by name, ``priority`` in the
-                                               order given (first queue first)
-``priority_steps``            ``[0,3,6,9]``    kombu's: priority buckets of every queue
-``priority_semantics``        ``'kombu'``      ``kombu``: lower number first, no priority
-                                               = 0 (kombu's Redis transport);
-                                               ``rabbitmq``: higher number first
-============================  ===============  ===========================================
+==============================  ===============  ===========================================
+option                          default          meaning
+==============================  ===============  ===========================================
+``global_keyprefix``            ``''``           prefix of every key (kombu's option)
+``consumer_group``              ``'celery'``     the consumer group shared by all workers
+``polling_interval``            ``1.0``          seconds one ``XREADGROUP ... BLOCK`` waits
+                                                 at most (kombu: the BRPOP timeout)
+``visibility_timeout``          ``300``          seconds a consumer's messages stay its own
+                                                 after its worker stopped renewing them
+                                                 (died, or lost Redis); then another
+                                                 worker takes them over
+``max_deliveries``              ``10``           deliveries before a message is dead-lettered
+``dead_letter_maxlen``          ``10000``        dead letters kept per queue (oldest trimmed)
+``fanout_maxlen``               ``1000``         entries a broadcast queue keeps (oldest
+                                                 trimmed), the window a reconnecting
+                                                 worker can catch up on
+``max_connections``             ``10``           connections in the publish/ack pool
+``socket_timeout``              ``None``         redis-py socket timeout, seconds
+``socket_connect_timeout``      ``None``         redis-py connect timeout, seconds
+``socket_keepalive``            ``None``         TCP keepalive
+``socket_keepalive_options``    ``None``         TCP keepalive options
+``health_check_interval``       ``25``           seconds between redis-py health checks
+``retry_on_timeout``            ``None``         redis-py retry on timeout
+``client_name``                 ``None``         ``CLIENT SETNAME`` of every connection
+``queue_order_strategy``        ``round_robin``  kombu's: ``round_robin`` rotates the queues
+                                                 a worker consumes between reads, ``sorted``
+                                                 reads them by name, ``priority`` in the
+                                                 order given (first queue first)
+``priority_steps``              ``[0,3,6,9]``    kombu's: priority buckets of every queue
+``priority_semantics``          ``'kombu'``      ``kombu``: lower number first, no priority
+                                                 = 0 (kombu's Redis transport);
+                                                 ``rabbitmq``: higher number first
+``delayed_delivery``            ``True``         a Celery task whose ETA (``countdown``,
+                                                 ``eta``, a retry's countdown) is further
+                                                 ahead than the threshold waits in Redis
+                                                 (the queue's schedule) until due, not in
+                                                 a worker's memory; ``False``: published
+                                                 at once, the worker holds it until due
+``delayed_delivery_threshold``  ``1.0``          seconds: an ETA at most this far ahead
+                                                 (server clock) is published at once
+==============================  ===============  ===========================================
+
+``delayed_delivery`` decides how a *publisher* stores a message; every
+consumer moves the due entries of the schedules of the queues it consumes,
+whatever its own setting (see :mod:`celery_streams.scheduler`). Broadcasts
+(fanout exchanges) are never scheduled.
 
 Options kombu's Redis transport knows but that mean nothing here (its ack
 emulation, BRPOP and PUB/SUB settings) are accepted with one warning. A name
@@ -94,6 +107,8 @@ class Options:
     queue_order_strategy: str = 'round_robin'
     priority_steps: tuple = DEFAULT_PRIORITY_STEPS
     priority_semantics: str = 'kombu'
+    delayed_delivery: bool = True
+    delayed_delivery_threshold: float = 1.0
     ignored: tuple = field(default=(), compare=False)
 
     @classmethod
@@ -122,6 +137,11 @@ class Options:
         for name in ('max_deliveries', 'dead_letter_maxlen', 'fanout_maxlen', 'max_connections'):
             if name in values:
                 values[name] = _positive(name, values[name], int)
+        if 'delayed_delivery' in values:
+            values['delayed_delivery'] = _flag('delayed_delivery', values['delayed_delivery'])
+        if 'delayed_delivery_threshold' in values:
+            values['delayed_delivery_threshold'] = _not_negative(
+                'delayed_delivery_threshold', values['delayed_delivery_threshold'])
         if not isinstance(values.get('consumer_group', 'x'), str) or not values.get('consumer_group', 'x'):
             raise ConfigurationError('transport option consumer_group must be a non-empty string')
         _choice('queue_order_strategy', values, ('round_robin', 'sorted', 'priority'))
@@ -160,4 +180,30 @@ def _positive(name, value, kind):
     if number is None or number <= 0:
         raise ConfigurationError(
             'transport option %s must be a positive number, not %r' % (name, value))
+    return number
+
+
+def _flag(name, value):
+    """A boolean option: a bool, or a string of Celery's configuration (``'false'``, ``'0'``...)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigurationError('transport option %s must be true or false, not %r' % (name, value))
+
+
+_TRUE = ('true', 'yes', 'on', '1')
+_FALSE = ('false', 'no', 'off', '0')
+
+
+def _not_negative(name, value):
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < 0 or number != number or isinstance(value, bool):
+        raise ConfigurationError(
+            'transport option %s must be a number of seconds, 0 or more, not %r' % (name, value))
     return number

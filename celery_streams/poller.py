@@ -14,6 +14,12 @@ Two drivers share this code:
 Reads always block with a bound (``polling_interval``), never ``BLOCK 0``: on
 Redis 6.2 a reader blocked on a deleted stream only learns about it from the
 next read (see docs/design).
+
+Delayed delivery: Redis ends a ``BLOCK`` on its own timer, up to about 100 ms
+late, so the loop also wakes itself when the next scheduled message of a
+channel is due (a hub timer; the ``poll()`` timeout in ``drain_events``) and
+has the channel move it (:meth:`ConsumingChannel.promote_due`, on the publish
+connection): its ``XADD`` wakes the outstanding blocking read at once.
 """
 from __future__ import annotations
 
@@ -31,6 +37,9 @@ logger = logging.getLogger(__name__)
 #: Seconds past the server-side BLOCK after which a read without reply means a
 #: dead (half-open) connection.
 STALE_READ_MARGIN = 10.0
+#: Seconds: the shortest wait for a scheduled message to come due (a clock estimate a
+#: little ahead of the server's must not make the loop spin).
+MIN_DUE_WAIT = 0.002
 
 
 class ConsumingChannel(Protocol):
@@ -52,6 +61,12 @@ class ConsumingChannel(Protocol):
         """Send a read unless one is out or nothing may be read; the socket's fd, or None."""
 
     def finish_read(self) -> bool: ...
+    def promote_due(self) -> None:
+        """Move the scheduled messages that came due into their streams (delayed delivery)."""
+
+    def next_due_in(self) -> Optional[float]:
+        """Seconds until the next scheduled message known to be due, or None."""
+
     def check_stale_read(self, margin: float) -> None: ...
     def drop_reader_connection(self) -> None: ...
     def renewal_tick(self) -> bool:
@@ -69,6 +84,7 @@ class Poller:
         self.held: list[ConsumingChannel] = []
         self.hub = None
         self._hub_fds: dict[int, ConsumingChannel] = {}   # fd -> channel, registered with the hub
+        self._due_timers: dict = {}   # channel -> (monotonic time, hub timer entry): next due
         self._renewer = Renewer(self, min(renew_every, Renewer.EVERY)) if renew_every else None
 
     def add(self, channel):
@@ -99,6 +115,7 @@ class Poller:
     def discard(self, channel):
         if channel in self.channels:
             self.channels.remove(channel)
+        self._disarm(channel)
         for fd, owner in list(self._hub_fds.items()):
             if owner is channel:
                 self._forget_fd(fd)
@@ -115,6 +132,8 @@ class Poller:
             self.hub.on_tick.discard(self.on_tick)
             for fd in list(self._hub_fds):
                 self._forget_fd(fd)
+            for channel in list(self._due_timers):
+                self._disarm(channel)
             self.hub = None
 
     def on_tick(self):
@@ -159,7 +178,39 @@ class Poller:
             self._forget_channel_fds(channel)
             self._hub_fds[fd] = channel
             self.hub.add_reader(fd, self.on_readable, fd)
+        self._arm(channel)
         channel.check_stale_read(STALE_READ_MARGIN)
+
+    def _arm(self, channel):
+        """Keep one hub timer per channel at the due time of its next scheduled message."""
+        due_in = channel.next_due_in()
+        armed = self._due_timers.get(channel)
+        if due_in is None:
+            self._disarm(channel)
+            return
+        when = monotonic() + max(due_in, MIN_DUE_WAIT)
+        if armed is not None:
+            if abs(armed[0] - when) < MIN_DUE_WAIT:
+                return
+            armed[1].cancel()
+        self._due_timers[channel] = (when, self.hub.call_later(when - monotonic(), self._on_due, channel))
+
+    def _disarm(self, channel):
+        armed = self._due_timers.pop(channel, None)
+        if armed is not None:
+            armed[1].cancel()
+
+    def _on_due(self, channel):
+        """The hub timer: move the channel's due messages; the XADD wakes its blocked read."""
+        self._due_timers.pop(channel, None)
+        if channel not in self.channels or self.hub is None:
+            return
+        try:
+            channel.promote_due()
+        except Exception as exc:   # the consume loop reports a lost connection on its next read
+            logger.debug('celery_streams: moving due scheduled messages failed: %s', exc)
+            return
+        self._arm(channel)
 
     def _forget_channel_fds(self, channel):
         for fd, owner in list(self._hub_fds.items()):
@@ -216,7 +267,14 @@ class Poller:
                 # Nothing may be read now (no consumer, or QoS full): wait a bit.
                 sleep(0.05 if remaining is None else min(0.05, remaining))
                 continue
-            ready = _wait_readable(reading, remaining)
+            wait, due_in = remaining, _nearest(channel.next_due_in() for channel in reading.values())
+            if due_in is not None:   # wake when the next scheduled message is due
+                due_in = max(due_in, MIN_DUE_WAIT)
+                wait = due_in if remaining is None else min(remaining, due_in)
+            ready = _wait_readable(reading, wait)
+            if not ready and due_in is not None:
+                for channel in reading.values():   # the XADD wakes its blocked read
+                    channel.promote_due()
             for fd in ready:
                 reading[fd].finish_read()
             if any(channel.deliver_buffered(limit=1) for channel in reading.values()):
@@ -225,6 +283,11 @@ class Poller:
                 channel.check_stale_read(STALE_READ_MARGIN)
             if deadline is not None and monotonic() >= deadline:
                 raise socket.timeout()
+
+
+def _nearest(values) -> Optional[float]:
+    found = [value for value in values if value is not None]
+    return min(found) if found else None
 
 
 def _wait_readable(fds, timeout):

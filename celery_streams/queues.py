@@ -138,14 +138,14 @@ class QueueTable:
         return bool(self.client.exists(self.keys.stream(queue)))
 
     def delete(self, queue: str) -> None:
-        """Delete the queue's streams, registry entry and this process's bindings of it."""
+        """Delete the queue's streams, schedule, registry entry and this process's bindings of it."""
         state = self.channel.state
         with self.client.pipeline(transaction=False) as pipe:
             for exchange, routing_key, args in state.queue_bindings(queue):
                 _, pattern, _ = self.channel.typeof(exchange).prepare_bind(
                     queue, exchange, routing_key, args)
                 pipe.srem(self.keys.bindings(exchange), binding_member(routing_key, pattern, queue))
-            pipe.delete(*self.keys.streams(queue))
+            pipe.delete(*self.keys.streams(queue), self.keys.scheduled(queue))
             pipe.hdel(self.keys.queues, queue)
             pipe.execute()
         state.queue_bindings_delete(queue)

@@ -14,6 +14,9 @@ when the socket is readable, so the event hub never waits on Redis.
   on a deleted stream only learns about it from its next read.
 * A read that fails with ``NOGROUP`` or ``UNBLOCKED`` heals the queues it read
   (:meth:`celery_streams.queues.QueueTable.heal`) and the next read goes on.
+* Before a read is sent, the scheduled messages that came due are moved into
+  the streams (:class:`celery_streams.scheduler.Scheduler`), and a blocking
+  read waits no longer than until the next one is due (delayed delivery).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from typing import NamedTuple
 import redis
 
 from . import errors
+from .scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,7 @@ class Reader:
         self.keys = channel.keys
         self.queues = channel.queues
         self.inbox = channel.inbox
+        self.scheduler = Scheduler(channel)
         self.block_ms = int(self.options.polling_interval * 1000)
         self.outstanding: Read | None = None
         self._rotation = 0
@@ -106,8 +111,9 @@ class Reader:
         refused = self.queues.refused
         streams = [self.keys.stream(queue, bucket) for queue, bucket in plan]
         streams = [stream for stream in streams if stream not in refused]
+        block = self.scheduler.block_ms(self.block_ms, [queue for queue, _ in plan])
         command = ['XREADGROUP', 'GROUP', self.channel.group, self.channel.consumer_name,
-                   'COUNT', 1, 'BLOCK', self.block_ms]
+                   'COUNT', 1, 'BLOCK', block]
         if noack:
             command.append('NOACK')
         return command + ['STREAMS', *streams, *['>'] * len(streams)]
@@ -121,6 +127,8 @@ class Reader:
         """
         if self.outstanding is not None:
             return self.outstanding.connection._sock.fileno()
+        if self.scheduler.promote_due(queues):
+            self._block_next = False   # they wait in the streams now: read them at once
         if not budget:
             return None
         plan = self.plan(queues)
@@ -196,9 +204,11 @@ class Reader:
     def read_now(self, queue):
         """The payload of one message of ``queue``, highest priority first, or None; never blocks.
 
-        Skips dead-lettered and expired entries (up to 100 of them).
+        Skips dead-lettered and expired entries (up to 100 of them). Scheduled
+        messages that came due are moved into the streams first.
         """
         channel, buffer = self.channel, self.inbox.buffer
+        self.scheduler.promote_due([queue])
         plan = [(queue, bucket) for bucket in self.bucket_order()]
         command = self.budget_read(plan, 1, noack=False)
         for _ in range(100):

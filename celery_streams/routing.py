@@ -6,6 +6,11 @@
   up and appends in one round trip.
 * Through a fanout exchange, the message is copied into the stream of every
   bound queue, trimmed to ``fanout_maxlen`` (the ``append`` script).
+* A Celery task whose ETA is further ahead than ``delayed_delivery_threshold``
+  goes into each queue's schedule instead of its stream (delayed delivery,
+  :mod:`celery_streams.scheduler`): the ``schedule`` script through the
+  default exchange, the ``route`` script (given the due time) through a direct
+  or topic exchange. Broadcasts are never scheduled.
 
 Queues this process declared are created when missing: nothing published
 before a worker declared its queue, or after a nuke, is lost. Queues known only
@@ -21,7 +26,7 @@ from fnmatch import fnmatchcase
 import redis
 from kombu.utils.json import dumps
 
-from . import errors, wire
+from . import errors, scheduler, wire
 from .keys import SEP
 
 
@@ -41,9 +46,14 @@ class Router:
         return steps[bisect(steps, self.channel._get_message_priority(message)) - 1]
 
     def put(self, queue, message, _publish_batch=None, **kwargs):
-        """Append to the stream of a queue by name (created when missing)."""
-        key = self.keys.stream(queue, self.bucket(message))
-        payload = serialize(message, self.channel.server_time_ms())
+        """Append to the stream of a queue by name (created when missing), or schedule it."""
+        bucket = self.bucket(message)
+        now_ms = self.channel.server_time_ms()
+        payload = serialize(message, now_ms)
+        due = scheduler.due_ms(message, now_ms, self.options)
+        if due is not None:
+            return self._schedule(queue, bucket, due, payload, False, _publish_batch)
+        key = self.keys.stream(queue, bucket)
         expires = self.queues.expires(queue)
         if _publish_batch is not None:
             _publish_batch.add(lambda pipe: _xadd(pipe, key, payload, expires))
@@ -53,6 +63,24 @@ class Router:
             commands.append(('PEXPIRE', key, expires))
         try:
             wire.calls(self.channel.pool, commands, raise_on_error=True)
+        except redis.ResponseError as exc:
+            raise errors.translate_write_error(exc) from None
+
+    def _schedule(self, queue, bucket, due, payload, if_exists, _publish_batch=None, pipe=None):
+        """Add a message due at ``due`` (ms) to the schedule of ``queue`` (the ``schedule`` script).
+
+        ``if_exists``: only while the queue's main stream exists (a queue known
+        from bindings only). Returns 1, or None when the queue is gone.
+        """
+        keys = [self.keys.scheduled(queue), self.keys.stream(queue)]
+        args = [due, bucket, scheduler.new_token(), payload, '1' if if_exists else '0']
+        if pipe is not None:
+            return self.scripts.schedule(keys=keys, args=args, client=pipe)
+        if _publish_batch is not None:
+            _publish_batch.add(lambda pipe: self.scripts.schedule(keys=keys, args=args, client=pipe))
+            return None
+        try:
+            return self.scripts.call(self.channel.pool, 'schedule', keys, args)
         except redis.ResponseError as exc:
             raise errors.translate_write_error(exc) from None
 
@@ -95,9 +123,11 @@ class Router:
     def _route_argv(self, exchange, kind, routing_key, message) -> list:
         declared = {queue: self.queues.expires(queue) or 0
                     for _, _, queue in self.queues.declared_bindings(exchange)}
-        return [kind, routing_key or '', serialize(message, self.channel.server_time_ms()),
-                self.keys.queue_head,
-                self.bucket(message), SEP, *[x for pair in declared.items() for x in pair]]
+        now_ms = self.channel.server_time_ms()
+        due = scheduler.due_ms(message, now_ms, self.options)
+        return [kind, routing_key or '', serialize(message, now_ms), self.keys.queue_head,
+                self.bucket(message), SEP, due or 0, scheduler.new_token() if due else '',
+                *[x for pair in declared.items() for x in pair]]
 
     def _route_in_batch(self, batch, exchange, kind, routing_key, message):
         """The ``route`` script in a publish batch; without bindings, publish as below at flush."""
@@ -113,19 +143,29 @@ class Router:
                   on_result=fall_back)
 
     def put_fanout(self, exchange, message, routing_key, **kwargs):
-        """Copy a broadcast into the stream of every bound queue (priority bucket 0), trimmed."""
+        """Copy a broadcast into the stream of every bound queue (priority bucket 0), trimmed.
+
+        Never scheduled: a broadcast with an ETA is copied at once.
+        """
         queues = [queue for bound_key, _, queue in self.queues.table(exchange)
                   if fanout_matches(bound_key, routing_key)]
         if queues:
-            self._append_if_exists(exchange, queues, message, 0, self.options.fanout_maxlen, **kwargs)
+            self._append_if_exists(exchange, queues, message, 0, self.options.fanout_maxlen,
+                                   schedule=False, **kwargs)
 
-    def _append_if_exists(self, exchange, queues, message, bucket, maxlen, _publish_batch=None, **kwargs):
-        payload = serialize(message, self.channel.server_time_ms())
+    def _append_if_exists(self, exchange, queues, message, bucket, maxlen, _publish_batch=None,
+                          schedule=True, **kwargs):
+        now_ms = self.channel.server_time_ms()
+        payload = serialize(message, now_ms)
+        due = scheduler.due_ms(message, now_ms, self.options) if schedule else None
 
         def append(pipe):
             for queue in queues:
-                self.scripts.append(keys=[self.keys.stream(queue, bucket)], client=pipe,
-                                    args=[maxlen, payload, self.queues.expires(queue) or 0])
+                if due is not None:
+                    self._schedule(queue, bucket, due, payload, True, pipe=pipe)
+                else:
+                    self.scripts.append(keys=[self.keys.stream(queue, bucket)], client=pipe,
+                                        args=[maxlen, payload, self.queues.expires(queue) or 0])
             return pipe
 
         if _publish_batch is not None:

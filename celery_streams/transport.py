@@ -24,8 +24,9 @@ again.
 per concern (see docs/design.md, "Modules"): the queue table
 (:mod:`~celery_streams.queues`), the router (:mod:`~celery_streams.routing`),
 the reader (:mod:`~celery_streams.reader`), the inbox
-(:mod:`~celery_streams.inbox`), the QoS (:mod:`~celery_streams.qos`) and
-liveness (:mod:`~celery_streams.liveness`).
+(:mod:`~celery_streams.inbox`), the QoS (:mod:`~celery_streams.qos`),
+liveness (:mod:`~celery_streams.liveness`) and, through the reader, the
+scheduler of delayed delivery (:mod:`~celery_streams.scheduler`).
 
 Transport options: see :mod:`celery_streams.options`. Key schema: see
 :mod:`celery_streams.keys`. URLs: see :mod:`celery_streams.connection`.
@@ -275,6 +276,15 @@ class Channel(virtual.Channel):
     def maybe_reclaim(self):
         self.liveness.maybe_reclaim()
 
+    def promote_due(self):
+        """Move the scheduled messages of the consumed queues that came due into their streams."""
+        if not self.closed:
+            self.reader.scheduler.promote_due(self.consuming_queues())
+
+    def next_due_in(self):
+        """Seconds until the next scheduled message of a consumed queue is due, or None."""
+        return None if self.closed else self.reader.scheduler.next_due_in(self.consuming_queues())
+
     def renew_liveness(self):
         self.liveness.renew()
 
@@ -298,9 +308,14 @@ class Channel(virtual.Channel):
 
     def _purge(self, queue):
         """Empty the queue up to its last entry now, in bounded steps; its consumer groups stay
-        (``DEL`` would destroy them)."""
-        return sum(self.scripts.drain_stream(key, last_entry_id(self.pool_client, key))[0]
-                   for key in self.keys.streams(queue))
+        (``DEL`` would destroy them). Its scheduled messages go too (``UNLINK`` of the schedule)."""
+        removed = sum(self.scripts.drain_stream(key, last_entry_id(self.pool_client, key))[0]
+                      for key in self.keys.streams(queue))
+        with self.pool_client.pipeline(transaction=True) as pipe:
+            pipe.zcard(self.keys.scheduled(queue))
+            pipe.unlink(self.keys.scheduled(queue))
+            scheduled, _ = pipe.execute()
+        return removed + scheduled
 
     def mark_collected(self):
         """The connection was lost: :meth:`close` keeps what the worker comes back for."""

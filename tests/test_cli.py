@@ -170,8 +170,9 @@ def test_status_json_is_one_document_of_the_documented_shape(run, state):
     queues = {q['name']: q for q in doc['queues']}
     assert set(queues['a']) == {'name', 'kind', 'stream', 'streams', 'exists', 'length', 'waiting',
                                 'pending', 'oldest_pending_age', 'dead_letters', 'groups',
-                                'entries_added', 'alive_consumers'}
+                                'entries_added', 'alive_consumers', 'scheduled', 'next_due_in'}
     a = queues['a']
+    assert (a['scheduled'], a['next_due_in']) == (0, None)
     assert a['entries_added'] in (None, 6)   # 5 tasks + 1 dead-lettered entry; None on Redis 6.2
     assert (a['length'], a['waiting'], a['pending'], a['dead_letters']) == (5, 3, 2, 1)
     [group] = a['groups']
@@ -189,9 +190,10 @@ def test_status_table(run, state):
     result = run('--broker', state.url, 'streams', 'status', '--prefix', state.prefix)
     assert result.exit_code == 0, result.output
     header = next(line for line in result.output.splitlines() if line.startswith('QUEUE'))
-    assert header.split() == ['QUEUE', 'KIND', 'WAITING', 'LENGTH', 'PENDING', 'OLDEST', 'DEAD']
+    assert header.split() == ['QUEUE', 'KIND', 'WAITING', 'LENGTH', 'PENDING', 'OLDEST', 'SCHED',
+                              'DEAD']
     row = next(line for line in result.output.splitlines() if line.startswith('a '))
-    assert row.split()[:5] == ['a', 'task', '3', '5', '2'] and row.split()[-1] == '1'
+    assert row.split()[:5] == ['a', 'task', '3', '5', '2'] and row.split()[-2:] == ['0', '1']
     assert 'group celery: 1 consumer, pending 2' in result.output
 
 

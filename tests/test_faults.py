@@ -246,12 +246,16 @@ def test_killed_worker_loses_nothing(make_rig, report, server_kind):
 
 @pytest.mark.parametrize('pool', ['prefork', 'solo'])
 def test_live_workers_keep_long_countdowns_and_long_tasks(make_rig, report, pool):
-    """A countdown and a task of 3x visibility_timeout, two live workers: each runs once."""
+    """A countdown and a task of 3x visibility_timeout, two live workers: each runs once.
+
+    The countdowns are held by the workers (``delayed_delivery`` off for the publisher;
+    with it on they would wait in Redis, see tests/test_delayed_delivery.py).
+    """
     vt = 1.5
     rig = make_rig(FAULTS_VT=vt, FAULTS_ACKS_LATE=1, FAULTS_PREFETCH=2)
     args = ('-P', pool) if pool == 'solo' else ('-c', '2')
     workers = [rig.worker(*args, name='w%d' % i) for i in (1, 2)]
-    app = rig.client_app()
+    app = rig.client_app(delayed_delivery=False)
     countdowns = ['eta%d' % i for i in range(2)]
     longs = ['long%d' % i for i in range(2)]
     for token in countdowns:

@@ -170,7 +170,12 @@ def test_a_priority_task_retried_from_the_pool_runs_again(start_worker, client_a
 # -- 2. held ETA tasks and running acks_late tasks never stop reading -----------
 
 def test_held_countdown_tasks_do_not_stop_a_worker_reading(start_worker, client_app, journal):
-    """A worker holding countdown tasks (prefetch multiplier 1, -c 1) still runs a new task at once."""
+    """A worker holding countdown tasks (prefetch multiplier 1, -c 1) still runs a new task at once.
+
+    Held: published with ``delayed_delivery`` off (with it on, they wait in Redis instead).
+    """
+    client_app.conf.broker_transport_options = dict(client_app.conf.broker_transport_options,
+                                                    delayed_delivery=False)
     worker = start_worker('-c', '1', E2E_PREFETCH=1)
     held = [client_app.send_task(E2E + 'record', args=('eta%d' % i,), countdown=120).id
             for i in range(3)]

@@ -29,6 +29,7 @@ E2E_APP = 'tests.apps.e2e'
 APP_SETTINGS = {
     'tests.apps.e2e': ('E2E_BROKER', 'E2E_BACKEND', 'E2E_PREFIX'),
     'tests.apps.defects': ('E2E_BROKER', 'E2E_BACKEND', 'E2E_PREFIX'),
+    'tests.apps.delayed': ('E2E_BROKER', 'E2E_BACKEND', 'E2E_PREFIX'),
     'tests.apps.features': ('FEAT_BROKER', 'FEAT_BACKEND', 'FEAT_PREFIX'),
     'tests.apps.faults': ('FAULTS_BROKER', 'FAULTS_JOURNAL', 'FAULTS_PREFIX'),
 }

@@ -4,11 +4,13 @@
 
     celery -A proj streams status [-Q a,b] [--json]
     celery -A proj streams drain  [-Q a,b] [-f] [--dry-run] [--include-broadcast] [--dead-letters]
+                                  [--keep-scheduled]
     celery -A proj streams nuke   [-f] [--dry-run] [--keep-dead-letters]
     celery -A proj streams dead-letters list    [-Q a,b] [--json] [--limit N]
     celery -A proj streams dead-letters requeue [-Q a,b] [--id ID ...] [-f] [--dry-run]
     celery -A proj streams dead-letters purge   [-Q a,b] [-f] [--dry-run]
     celery -A proj streams exporter [--port 9808] [--address 127.0.0.1] [--interval N]
+    celery -A proj streams scheduled [-Q a,b] [--limit N] [--json]
     celery --broker redis://host:6379/0 streams [--prefix P] status
 
 The broker URL, ``global_keyprefix`` and ``consumer_group`` come from the app
@@ -19,9 +21,9 @@ overrides the key prefix. The commands are thin: the work is done by
 or 69 (``EX_UNAVAILABLE``) when Redis cannot be reached or refuses the
 credentials.
 
-``status --json`` and ``dead-letters list --json`` print one JSON document
-each; their shapes are in docs/cli.md (``Status.as_dict()`` and
-``DeadLetterQueue.as_dict()`` build them). Ages are measured with the
+``status --json``, ``dead-letters list --json`` and ``scheduled --json`` print
+one JSON document each; their shapes are in docs/cli.md (``Status.as_dict()``,
+``DeadLetterQueue.as_dict()`` and ``ScheduledQueue.as_dict()`` build them). Ages are measured with the
 server's clock (``TIME``).
 
 Every destructive command has one shape (:func:`plan_confirm_apply`): plan,
@@ -30,7 +32,7 @@ showing), then apply exactly what was shown.
 """
 from __future__ import annotations
 
-from . import dead_letters, exporter, queues  # noqa: F401  (they add their commands to the group)
+from . import dead_letters, exporter, queues, scheduled  # noqa: F401  (they add their commands)
 from .base import plan_confirm_apply, streams
 
 __all__ = ['streams', 'plan_confirm_apply']

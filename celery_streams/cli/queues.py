@@ -23,10 +23,13 @@ from .base import (DRY_RUN_NOTE, RESERVED_NOTE, Target, cell, count, dry_run_opt
               help='Drain broadcast (fanout) queues too.')
 @click.option('--dead-letters', cls=CeleryOption, is_flag=True, help_group='Drain Options',
               help="Empty the queues' dead-letter streams too.")
+@click.option('--keep-scheduled', cls=CeleryOption, is_flag=True, help_group='Drain Options',
+              help='Keep the messages waiting for their ETA (the queues\' schedules).')
 @prefix_option
 @click.pass_context
-def drain(ctx, queues, force, dry_run, include_broadcast, dead_letters, prefix, **kwargs):
-    """Remove every message, pending ones included, from task queues.
+def drain(ctx, queues, force, dry_run, include_broadcast, dead_letters, keep_scheduled, prefix,
+          **kwargs):
+    """Remove every message, pending and scheduled ones included, from task queues.
 
     The streams and their consumer groups stay, so running workers read on.
     """
@@ -34,7 +37,8 @@ def drain(ctx, queues, force, dry_run, include_broadcast, dead_letters, prefix, 
     target = Target(ctx, prefix)
 
     def apply(plan):
-        total = sum(d.removed + d.pending_cleared + (d.dead_letters_removed or 0) for d in plan)
+        total = sum(d.removed + d.pending_cleared + (d.dead_letters_removed or 0)
+                    + (d.scheduled_removed or 0) for d in plan)
         with progress_bar(total, 'Draining') as progress:
             return admin.apply_drain(target.client, plan, global_keyprefix=target.prefix,
                                      progress=progress)
@@ -43,9 +47,9 @@ def drain(ctx, queues, force, dry_run, include_broadcast, dead_letters, prefix, 
         obj, target, dry_run=dry_run, force=force, action='drain',
         plan=lambda: admin.drain(target.client, global_keyprefix=target.prefix, queues=queues,
                                  include_broadcast=include_broadcast, dead_letters=dead_letters,
-                                 dry_run=True),
-        what=lambda plan: 'This will remove %s and %s from %s: %s.' % (
-            count(sum(d.removed for d in plan), 'message'),
+                                 keep_scheduled=keep_scheduled, dry_run=True),
+        what=lambda plan: 'This will remove %s%s and %s from %s: %s.' % (
+            count(sum(d.removed for d in plan), 'message'), _scheduled_part(plan),
             count(sum(d.pending_cleared for d in plan), 'pending entry', 'pending entries'),
             count(len(plan), 'queue'), ', '.join(d.queue for d in plan)) if _removes(plan) else None,
         apply=apply)
@@ -65,7 +69,14 @@ def drain(ctx, queues, force, dry_run, include_broadcast, dead_letters, prefix, 
 
 
 def _removes(plan) -> bool:
-    return any(d.removed or d.pending_cleared or d.dead_letters_removed for d in plan)
+    return any(d.removed or d.pending_cleared or d.dead_letters_removed or d.scheduled_removed
+               for d in plan)
+
+
+def _scheduled_part(drained) -> str:
+    """', N scheduled messages' when scheduled messages are drained, else ''."""
+    scheduled = sum(d.scheduled_removed or 0 for d in drained)
+    return ', %s' % count(scheduled, 'scheduled message') if scheduled else ''
 
 
 def _echo_drained(obj, drained, verb):
@@ -76,10 +87,12 @@ def _echo_drained(obj, drained, verb):
             count(d.removed, 'message'), count(d.pending_cleared, 'pending entry', 'pending entries'))
         if d.dead_letters_removed is not None:
             line += ', %s' % count(d.dead_letters_removed, 'dead letter')
+        if d.scheduled_removed:
+            line += ', %s' % count(d.scheduled_removed, 'scheduled message')
         line += '; groups kept: %s' % (', '.join(d.groups_kept) or 'none')
         obj.echo(line)
-    obj.echo('Total: %s and %s from %s.' % (
-        count(sum(d.removed for d in drained), 'message'),
+    obj.echo('Total: %s%s and %s from %s.' % (
+        count(sum(d.removed for d in drained), 'message'), _scheduled_part(drained),
         count(sum(d.pending_cleared for d in drained), 'pending entry', 'pending entries'),
         count(len(drained), 'queue')))
 
@@ -128,9 +141,10 @@ def nuke(ctx, force, dry_run, keep_dead_letters, prefix, **kwargs):
 
 
 def _echo_nuked(obj, result, verb):
-    obj.echo('%s %s, %s and %s.' % (
+    obj.echo('%s %s, %s and %s%s.' % (
         verb, count(len(result.groups), 'consumer group'), count(len(result.streams), 'stream'),
-        count(len(result.other_keys), 'other key')))
+        count(len(result.other_keys), 'other key'),
+        ' (schedules holding %s)' % count(result.scheduled, 'message') if result.scheduled else ''))
     for stream, group in result.groups:
         obj.echo('  group  %s on %s' % (group, stream))
     for key in result.streams:
@@ -157,7 +171,8 @@ def _echo_nuked(obj, result, verb):
 @prefix_option
 @click.pass_context
 def status(ctx, queues, as_json, watch, interval, rounds, prefix, **kwargs):
-    """Show queues, consumer groups, consumers, pending entries and dead letters."""
+    """Show queues, consumer groups, consumers, pending entries, dead letters and scheduled
+    messages."""
     obj = obj_of(ctx)
     target = Target(ctx, prefix)
 
@@ -224,11 +239,12 @@ def _status_lines(obj, doc, rates=None, groups=True):
         doc['broker'], server['flavor'], server['version'], doc['namespace'], doc['consumer_group'])]
     if not doc['queues']:
         return lines + ['No queues.']
-    rows = [('QUEUE', 'KIND', 'WAITING', 'LENGTH', 'PENDING', 'OLDEST', 'DEAD')
+    rows = [('QUEUE', 'KIND', 'WAITING', 'LENGTH', 'PENDING', 'OLDEST', 'SCHED', 'DEAD')
             + (('IN/S', 'OUT/S') if rates is not None else ())]
     for q in doc['queues']:
         row = (q['name'], q['kind'] or '?', cell(q['waiting']), cell(q['length']),
-               cell(q['pending']), seconds(q['oldest_pending_age']), cell(q['dead_letters']))
+               cell(q['pending']), seconds(q['oldest_pending_age']), cell(q['scheduled']),
+               cell(q['dead_letters']))
         if rates is not None:
             speed = rates.get(q['name'])
             row += ('%.1f' % speed[0], '%.1f' % speed[1]) if speed else ('-', '-')
@@ -245,6 +261,9 @@ def _status_lines(obj, doc, rates=None, groups=True):
 
 def _group_lines(queue):
     lines = [] if queue['exists'] else ['    (no stream)']
+    if queue['scheduled']:
+        lines.append('    scheduled %s, the next due in %s' % (
+            queue['scheduled'], seconds(queue['next_due_in'])))
     for g in queue['groups']:
         lines.append('    group %s%s: %s, pending %s, last delivered %s, entries read %s, lag %s, oldest %s'
                      % (g['name'], ' (priority bucket %s)' % g['bucket'] if g['bucket'] else '',

@@ -25,7 +25,7 @@ from redis.exceptions import NoScriptError
 from .. import wire
 
 NAMES = ('restore', 'drain', 'append', 'reclaim', 'read', 'forget_consumer', 'route', 'requeue_dead',
-         'prune_registry', 'create_group')
+         'prune_registry', 'create_group', 'schedule', 'promote', 'drain_scheduled')
 
 #: The most entries one ``drain`` call acks and trims in all, in :meth:`Scripts.drain_stream`.
 #: An ack (XPENDING + XACK) costs about 1 µs of server time, trimming 0.05 µs an entry
