@@ -158,7 +158,7 @@ class Reader:
         read, self.outstanding = self.outstanding, None
         try:
             if read.command == 'EVALSHA':
-                replies, _ = self.client.parse_response(read.connection, 'EVALSHA')
+                [replies] = self.client.parse_response(read.connection, 'EVALSHA')
             else:
                 replies = self.client.parse_response(read.connection, 'XREADGROUP')
         except redis.exceptions.NoScriptError:   # the server restarted or flushed its scripts
@@ -213,7 +213,7 @@ class Reader:
         command = self.budget_read(plan, 1, noack=False)
         for _ in range(100):
             try:
-                replies, _ = channel.pool_client.execute_command(*command)
+                [replies] = channel.pool_client.execute_command(*command)
             except redis.exceptions.NoScriptError:
                 channel.scripts.reload('read')
                 continue

@@ -11,12 +11,14 @@
 -- One XREADGROUP ... COUNT over many streams takes COUNT from *each*; this
 -- takes the budget in order instead, so a high-priority bucket is emptied
 -- before a lower one and the prefetch window is never exceeded.
--- A missing optional stream is skipped; an optional stream without the group
--- (a publisher created it) gets the group at id 0. A main stream without its
--- group fails the whole read with NOGROUP, which makes the reader heal it.
+-- Streams are read until the budget is spent, and no further. A priority
+-- bucket normally has its stream and group (made when consuming starts); one
+-- that is missing (deleted meanwhile) is skipped, and one without the group
+-- (a publisher re-created it) gets the group at id 0. A main stream without
+-- its group fails the whole read with NOGROUP, which makes the reader heal it.
 --
--- Returns {replies, optional streams that exist}, where replies has the shape
--- of an XREADGROUP reply: {{stream, {{id, {field, value, ...}}, ...}}, ...}.
+-- Returns {replies}, where replies has the shape of an XREADGROUP reply:
+-- {{stream, {{id, {field, value, ...}}, ...}}, ...}.
 local group, consumer, left, noack, optional = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 
 local function read(key, count)
@@ -26,29 +28,30 @@ local function read(key, count)
     return redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS', key, '>')
 end
 
-local replies, existing = {}, {}
+local replies = {}
 for i, key in ipairs(KEYS) do
-    local is_optional = string.sub(optional, i, i) == '1'
-    if not is_optional or redis.call('EXISTS', key) == 1 then
-        if is_optional then
-            existing[#existing + 1] = key
+    if left <= 0 then
+        break
+    end
+    local reply = read(key, left)
+    if type(reply) == 'table' and reply.err then
+        local is_optional = string.sub(optional, i, i) == '1'
+        if not is_optional or string.sub(reply.err, 1, 7) ~= 'NOGROUP' then
+            return redis.error_reply(reply.err)
         end
-        if left > 0 then
-            local reply = read(key, left)
+        if redis.call('EXISTS', key) == 1 then
+            redis.call('XGROUP', 'CREATE', key, group, '0')
+            reply = read(key, left)
             if type(reply) == 'table' and reply.err then
-                if is_optional and string.sub(reply.err, 1, 7) == 'NOGROUP' then
-                    redis.call('XGROUP', 'CREATE', key, group, '0')
-                    reply = read(key, left)
-                end
-                if type(reply) == 'table' and reply.err then
-                    return redis.error_reply(reply.err)
-                end
+                return redis.error_reply(reply.err)
             end
-            if reply then
-                left = left - #reply[1][2]
-                replies[#replies + 1] = reply[1]
-            end
+        else
+            reply = false
         end
     end
+    if reply then
+        left = left - #reply[1][2]
+        replies[#replies + 1] = reply[1]
+    end
 end
-return {replies, existing}
+return {replies}
