@@ -140,8 +140,8 @@ class Demo:
         self.send(20, 0, 'after-nuke')
         self.say('20 tasks sent after the nuke ran %.2fs later: the worker healed itself'
                  % self.wait_ran('after-nuke', 20))
-        self.say('groups re-created by the worker: %s' % sorted(
-            self.keys.parse(k.decode()).queue for k, names in self.groups().items() if names))
+        self.say('groups re-created by the worker: %s' % sorted(set(
+            self.keys.parse(k.decode()).queue for k, names in self.groups().items() if names)))
 
     def close(self):
         if self.worker is not None and self.worker.poll() is None:
