@@ -2,6 +2,7 @@
 confirmation and the plan -> confirm -> apply shape, and the formatting of counts."""
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 
 import click
@@ -12,6 +13,7 @@ from celery.platforms import EX_UNAVAILABLE
 
 from ..connection import client_from_url, first_url, safe_url
 from ..errors import StreamsError, one_line
+from ..keys import Keys
 from ..options import Options
 
 PREFIX_META = 'celery_streams.prefix'
@@ -187,3 +189,10 @@ def age(seconds) -> str:
 def queues_option(group: str, default: str):
     return click.option('-Q', '--queues', cls=CeleryOption, type=COMMA_SEPARATED_LIST, help_group=group,
                         help='Comma separated queue names; default: %s.' % default)
+
+
+def listing_json(target: Target, limit, queues) -> str:
+    """The JSON document of a listing command (``dead-letters list``, ``scheduled``)."""
+    return json.dumps({'broker': target.url, 'global_keyprefix': target.prefix or '',
+                       'namespace': Keys(target.prefix).prefix, 'limit': limit or None,
+                       'queues': [q.as_dict() for q in queues]}, indent=2)

@@ -8,8 +8,8 @@ from celery.bin.base import CeleryCommand, CeleryOption
 
 from .. import admin
 from ..keys import Keys
-from .base import (DRY_RUN_NOTE, Target, age, cell, count, dry_run_option, force_option, obj_of,
-                   plan_confirm_apply, prefix_option, progress_bar, queues_option, streams)
+from .base import (DRY_RUN_NOTE, Target, age, cell, count, dry_run_option, force_option, listing_json,
+                   obj_of, plan_confirm_apply, prefix_option, progress_bar, queues_option, streams)
 
 DEAD_LETTER_LIMIT = 100
 UNDECODABLE_NOTE = 'undecodable payload: a worker will dead-letter it again'
@@ -39,10 +39,7 @@ def list_dead_letters(ctx, queues, as_json, limit, prefix, **kwargs):
         found = admin.dead_letters(target.client, global_keyprefix=target.prefix, queues=queues,
                                    limit=limit)
     if as_json:
-        obj.echo(json.dumps({
-            'broker': target.url, 'global_keyprefix': target.prefix or '',
-            'namespace': Keys(target.prefix).prefix, 'limit': limit or None,
-            'queues': [q.as_dict() for q in found]}, indent=2))
+        obj.echo(listing_json(target, limit, found))
         return
     obj.echo(target.describe())
     if not found:

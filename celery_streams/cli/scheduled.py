@@ -1,15 +1,13 @@
 """``celery streams scheduled``: the messages waiting for their ETA (delayed delivery)."""
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 
 import click
 from celery.bin.base import CeleryCommand, CeleryOption
 
 from .. import admin
-from ..keys import Keys
-from .base import Target, cell, obj_of, prefix_option, queues_option, streams
+from .base import Target, cell, listing_json, obj_of, prefix_option, queues_option, streams
 
 SCHEDULED_LIMIT = 10
 
@@ -35,10 +33,7 @@ def scheduled(ctx, queues, limit, as_json, prefix, **kwargs):
         found = admin.scheduled(target.client, global_keyprefix=target.prefix, queues=queues,
                                 limit=limit)
     if as_json:
-        obj.echo(json.dumps({
-            'broker': target.url, 'global_keyprefix': target.prefix or '',
-            'namespace': Keys(target.prefix).prefix, 'limit': limit or None,
-            'queues': [q.as_dict() for q in found]}, indent=2))
+        obj.echo(listing_json(target, limit, found))
         return
     obj.echo(target.describe())
     if not found:
