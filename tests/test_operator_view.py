@@ -9,6 +9,7 @@ import time
 import pytest
 
 from celery_streams import admin
+from tests.helpers import wait_until
 from tests.workers import ROOT, Worker, app_env, celery_command, clean_env
 
 
@@ -24,42 +25,44 @@ def consumers(redis_server, prefix):
     return [c for g in doc['queues'][0]['groups'] for c in g['consumers']]
 
 
-def test_status_names_the_node_and_a_cancelled_consumer_is_not_alive(redis_server, prefix):
-    env = app_env(redis_server, prefix)
-    worker = Worker(env, '-P', 'solo', name='w1').start()
-    try:
+@pytest.fixture
+def running_worker(redis_server, prefix):
+    """``start(name)``: a ``-P solo`` worker that has read one task, so its consumer shows."""
+    started = []
+
+    def start(name):
+        env = app_env(redis_server, prefix)
+        started.append(Worker(env, '-P', 'solo', name=name).start())
         run_one_task(env)
-        deadline = time.monotonic() + 10
-        while not consumers(redis_server, prefix) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        found = consumers(redis_server, prefix)
-        assert found and all(c['name'].startswith('w1@') for c in found), found
-        assert any(c['alive'] for c in found), found
-        done = subprocess.run(celery_command('control', 'cancel_consumer', 'celery'), env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stdout + done.stderr
-        deadline = time.monotonic() + 15   # Celery runs the cancel at its hub's next turn
-        while any(c['alive'] for c in consumers(redis_server, prefix)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(c['alive'] for c in consumers(redis_server, prefix)), consumers(redis_server, prefix)
-    finally:
+        wait_until(lambda: consumers(redis_server, prefix), what='a consumer in XINFO CONSUMERS')
+        return env
+
+    yield start
+    for worker in started:
         worker.stop()
 
 
-def test_status_from_the_command_line_shows_the_node(redis_server, prefix):
-    env = app_env(redis_server, prefix)
-    worker = Worker(env, '-P', 'solo', name='w2').start()
-    try:
-        run_one_task(env)
-        deadline = time.monotonic() + 10
-        while not consumers(redis_server, prefix) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        done = subprocess.run([sys.executable, '-m', 'celery', '-A', 'tests.apps.e2e', 'streams',
-                               'status'], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        assert 'consumer w2@' in done.stdout, done.stdout
-    finally:
-        worker.stop()
+def test_status_names_the_node_and_a_cancelled_consumer_is_not_alive(running_worker, redis_server,
+                                                                     prefix):
+    env = running_worker('w1')
+    found = consumers(redis_server, prefix)
+    assert found and all(c['name'].startswith('w1@') for c in found), found
+    assert any(c['alive'] for c in found), found
+    done = subprocess.run(celery_command('control', 'cancel_consumer', 'celery'), env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    deadline = time.monotonic() + 15   # Celery runs the cancel at its hub's next turn
+    while any(c['alive'] for c in consumers(redis_server, prefix)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(c['alive'] for c in consumers(redis_server, prefix)), consumers(redis_server, prefix)
+
+
+def test_status_from_the_command_line_shows_the_node(running_worker):
+    env = running_worker('w2')
+    done = subprocess.run([sys.executable, '-m', 'celery', '-A', 'tests.apps.e2e', 'streams',
+                           'status'], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert 'consumer w2@' in done.stdout, done.stdout
 
 
 def test_status_watch_shows_rates_in_and_out(redis_server, prefix):
