@@ -12,11 +12,23 @@ URL                            meaning
 ``rediss-streams://h:6380/0``  the same over TLS
 ``redis://h:6379/0``           with ``broker_transport`` set to this transport
 ``rediss://h:6380/0``          the same over TLS
+``sentinel-streams://s1:26379/0;sentinel-streams://s2:26379/0``
+                               the master the Sentinels name (transport option
+                               ``master_name``), followed through failovers
 =============================  =============================================
 
 The database is a number (``/0``; a trailing slash is allowed); no database
 means 0. ``broker_use_ssl`` (``True`` or a dict of redis-py ``ssl_*``
-arguments) turns TLS on for any scheme.
+arguments) turns TLS on for any scheme but ``sentinel-streams``.
+
+A ``sentinel-streams://`` URL names Sentinels (default port 26379), and every
+``;``-separated URL is one more Sentinel to ask, as with kombu's Sentinel
+transport. The database, user and password of the first URL are the master's;
+``sentinel_kwargs`` holds the Sentinels' own (see docs/sentinel.md). Both
+connection pools of a channel are redis-py ``SentinelConnectionPool`` s: each
+new connection asks the Sentinels where the master is, and a connection that
+meets a demoted master (``READONLY``) is dropped as lost, so kombu reconnects
+and the next connections go to the new master.
 """
 from __future__ import annotations
 
@@ -27,26 +39,38 @@ import redis
 from kombu.utils.url import parse_url
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 
 from .errors import ConfigurationError
 from .options import Options
 
 #: The name kombu's ``broker_transport`` setting gives this transport.
 TRANSPORT_PATH = 'celery_streams.transport:Transport'
+#: The scheme of URLs that name Sentinels (registered by ``import celery_streams``).
+SENTINEL_SCHEME = 'sentinel-streams'
 #: URL schemes this transport answers to (registered by ``import celery_streams``).
-SCHEMES = ('redis-streams', 'rediss-streams')
+SCHEMES = ('redis-streams', 'rediss-streams', SENTINEL_SCHEME)
 #: Every scheme :meth:`Address.from_url` accepts.
 REDIS_SCHEMES = ('redis', 'rediss') + SCHEMES
 TLS_SCHEMES = ('rediss', 'rediss-streams')
 DEFAULT_PORT = 6379
+DEFAULT_SENTINEL_PORT = 26379
 DEFAULT_HOST = '127.0.0.1'
 #: Seconds an operator command waits for a TCP connection when the options do not say.
 DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Seconds a question to one Sentinel may take (connect, reply) unless ``sentinel_kwargs``
+#: or the socket options say otherwise: a silent Sentinel must not hold up the others.
+SENTINEL_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
 class Address:
-    """One Redis server and the credentials and TLS settings to reach it."""
+    """One Redis server and the credentials and TLS settings to reach it.
+
+    With ``sentinels`` (``(host, port)`` pairs), the server is the master those
+    Sentinels name (transport option ``master_name``); ``host`` and ``port``
+    are then the first Sentinel's.
+    """
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -55,34 +79,77 @@ class Address:
     password: str | None = field(default=None, repr=False)
     tls: bool = False
     ssl: Mapping[str, Any] | None = field(default=None, repr=False)   # redis-py ssl_* arguments
+    sentinels: tuple = ()
 
     @classmethod
-    def from_kombu(cls, conninfo) -> Address:
-        """From kombu's ``Connection`` (what a worker or producer connects with)."""
+    def from_kombu(cls, conninfo, options: Options | None = None) -> Address:
+        """From kombu's ``Connection`` (what a worker or producer connects with).
+
+        With ``options``, also checks that they fit the URL (:meth:`check`).
+        """
         ssl = conninfo.ssl
-        return cls(host=conninfo.hostname or DEFAULT_HOST, port=conninfo.port or DEFAULT_PORT,
-                   db=database(conninfo.virtual_host), username=conninfo.userid,
-                   password=conninfo.password,
-                   tls=bool(ssl) or conninfo.transport_cls in TLS_SCHEMES,
-                   ssl=ssl_arguments(ssl) if isinstance(ssl, Mapping) else None)
+        sentinel = conninfo.transport_cls == SENTINEL_SCHEME
+        port = conninfo.port or (DEFAULT_SENTINEL_PORT if sentinel else DEFAULT_PORT)
+        address = cls(host=conninfo.hostname or DEFAULT_HOST, port=port,
+                      db=database(conninfo.virtual_host), username=conninfo.userid,
+                      password=conninfo.password,
+                      tls=bool(ssl) or conninfo.transport_cls in TLS_SCHEMES,
+                      ssl=ssl_arguments(ssl) if isinstance(ssl, Mapping) else None,
+                      sentinels=sentinel_addresses(conninfo.alt or [], (conninfo.hostname, port))
+                      if sentinel else ())
+        return address.check(options) if options is not None else address
 
     @classmethod
-    def from_url(cls, url: str, ssl: Any = None) -> Address:
-        """From a broker URL (any of :data:`REDIS_SCHEMES`) and Celery's ``broker_use_ssl``."""
-        parts = _parse(url)
+    def from_url(cls, url: Any, ssl: Any = None, options: Options | None = None) -> Address:
+        """From a broker URL (any of :data:`REDIS_SCHEMES`) and Celery's ``broker_use_ssl``.
+
+        ``url`` may be Celery's ``broker_url`` as it is (``a;b`` or a list): the
+        first URL is the server, and with ``sentinel-streams://`` every URL is a
+        Sentinel. With ``options``, also checks that they fit (:meth:`check`).
+        """
+        urls = broker_urls(url) or [url]
+        _refuse_mixed(urls)
+        parts = _parse(urls[0])
         settings: dict = {}
         for extra in (parts.get('ssl'), ssl):
             if isinstance(extra, Mapping):
                 settings.update(ssl_arguments(extra))
-        return cls(host=parts['hostname'] or DEFAULT_HOST, port=parts['port'] or DEFAULT_PORT,
-                   db=database(parts['virtual_host']), username=parts['userid'],
-                   password=parts['password'],
-                   tls=parts['transport'] in TLS_SCHEMES or bool(ssl) or bool(parts.get('ssl')),
-                   ssl=settings or None)
+        sentinel = parts['transport'] == SENTINEL_SCHEME
+        if sentinel:
+            for other in urls[1:]:
+                _parse(other)
+        port = parts['port'] or (DEFAULT_SENTINEL_PORT if sentinel else DEFAULT_PORT)
+        address = cls(host=parts['hostname'] or DEFAULT_HOST, port=port,
+                      db=database(parts['virtual_host']), username=parts['userid'],
+                      password=parts['password'],
+                      tls=parts['transport'] in TLS_SCHEMES or bool(ssl) or bool(parts.get('ssl')),
+                      ssl=settings or None,
+                      sentinels=sentinel_addresses(urls, (parts['hostname'], port)) if sentinel else ())
+        return address.check(options) if options is not None else address
+
+    def check(self, options: Options) -> Address:
+        """Refuse, in one line, transport options that do not fit this address; return it."""
+        if self.sentinels:
+            if options.master_name is None:
+                raise ConfigurationError(
+                    'a sentinel-streams:// broker URL needs the transport option master_name '
+                    '(the name the Sentinels monitor, as in their "sentinel monitor NAME ..." line)')
+            if self.tls:
+                raise ConfigurationError(
+                    'TLS is not supported with sentinel-streams:// URLs yet (broker_use_ssl or '
+                    'ssl_* arguments were given)')
+        elif options.sentinel_options:
+            raise ConfigurationError(
+                'transport option(s) %s apply to Redis Sentinel only: write the broker URL as '
+                'sentinel-streams://sentinel-host:26379 (one per Sentinel, ;-separated), or drop them'
+                % ', '.join(options.sentinel_options))
+        return self
 
     @property
     def where(self) -> str:
-        """``host:port``, for messages (never the password)."""
+        """``host:port`` (every Sentinel's, with Sentinel), for messages (never the password)."""
+        if self.sentinels:
+            return 'the master of Sentinels %s' % ','.join('%s:%s' % s for s in self.sentinels)
         return '%s:%s' % (self.host, self.port)
 
     def pool_arguments(self, options: Options, **overrides) -> dict:
@@ -105,20 +172,85 @@ class Address:
         params.update(overrides)
         return {k: v for k, v in params.items() if v is not None}
 
+    def pool(self, options: Options, **overrides) -> redis.ConnectionPool:
+        """A connection pool to this server: with Sentinels, to the master they name now.
+
+        A ``SentinelConnectionPool`` asks the Sentinels for the master each time
+        it connects, and turns a ``READONLY`` reply (the master was demoted) into
+        a ``ConnectionError`` that drops the connection.
+        """
+        arguments = self.pool_arguments(options, **overrides)
+        if not self.sentinels:
+            return redis.ConnectionPool(**arguments)
+        self.check(options)
+        del arguments['host'], arguments['port']
+        return SentinelPool(options.master_name, Sentinels(
+            list(self.sentinels), min_other_sentinels=options.min_other_sentinels or 0,
+            sentinel_kwargs=sentinel_arguments(arguments, options.sentinel_kwargs)), **arguments)
+
     def client(self, options: Options, **overrides) -> redis.Redis:
-        return redis.Redis(connection_pool=redis.ConnectionPool(**self.pool_arguments(options, **overrides)))
+        return redis.Redis(connection_pool=self.pool(options, **overrides))
 
 
-def client_from_url(url: str, *, ssl: Any = None,
+class Sentinels(Sentinel):
+    """redis-py's Sentinel client, whose "no master" error is one short line."""
+
+    def discover_master(self, service_name):
+        try:
+            return super().discover_master(service_name)
+        except MasterNotFoundError:
+            where = ','.join('{host}:{port}'.format_map(s.connection_pool.connection_kwargs)
+                             for s in self.sentinels)
+            raise MasterNotFoundError(
+                'no master %r from the Sentinels at %s: none answered, or none knows a healthy '
+                'master by that name' % (service_name, where)) from None
+
+
+class SentinelPool(SentinelConnectionPool):
+    """redis-py's pool to the master Sentinels name; closing it closes the Sentinel connections too."""
+
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        super().disconnect(inuse_connections)
+        if inuse_connections:   # the pool is closed (redis-py only drops idle ones on a failover)
+            for sentinel in self.sentinel_manager.sentinels:
+                sentinel.close()
+
+
+def sentinel_arguments(pool_arguments: Mapping[str, Any], given: Mapping[str, Any] | None) -> dict:
+    """redis-py arguments of the connections to the Sentinels: ``sentinel_kwargs`` over the
+    socket options of the broker connection, with :data:`SENTINEL_TIMEOUT` and no retries."""
+    arguments = {k: v for k, v in pool_arguments.items() if k.startswith('socket_')}
+    arguments.setdefault('socket_timeout', SENTINEL_TIMEOUT)
+    arguments.setdefault('socket_connect_timeout', SENTINEL_TIMEOUT)
+    arguments['retry'] = Retry(NoBackoff(), 0)   # one Sentinel down: ask the next one at once
+    arguments.update(given or {})
+    return arguments
+
+
+def follow_master(pool) -> None:
+    """Ask the Sentinels where the master is now (a no-op without Sentinel).
+
+    When it moved, redis-py drops the idle connections to the old one, so
+    the next command goes to the new master.
+    """
+    if isinstance(pool, SentinelConnectionPool):
+        try:
+            pool.get_master_address()
+        except redis.ConnectionError:
+            pass
+
+
+def client_from_url(url: Any, *, ssl: Any = None,
                     transport_options: Mapping[str, Any] | None = None) -> redis.Redis:
     """A client for an operator command: text replies, no retries, a connect timeout.
 
-    ``ssl`` is Celery's ``broker_use_ssl``; ``ssl_*`` query arguments of the
-    URL are used too. The client does not retry: a command fails at once and
-    says why.
+    ``url`` may be Celery's ``broker_url`` as it is (``a;b`` or a list): see
+    :meth:`Address.from_url`. ``ssl`` is Celery's ``broker_use_ssl``;
+    ``ssl_*`` query arguments of the URL are used too. The client does not
+    retry: a command fails at once and says why.
     """
     options = Options.from_transport_options(transport_options)
-    return Address.from_url(url, ssl).client(
+    return Address.from_url(url, ssl, options).client(
         options, max_connections=None, health_check_interval=None, decode_responses=True,
         socket_connect_timeout=options.socket_connect_timeout or DEFAULT_CONNECT_TIMEOUT,
         retry=Retry(NoBackoff(), 0))
@@ -156,6 +288,27 @@ def first_url(broker_url: Any) -> str | None:
     return broker_url or None
 
 
+def broker_urls(broker_url: Any) -> list[str]:
+    """Every URL of Celery's ``broker_url`` (a string, ``a;b`` or a list), in order."""
+    items = list(broker_url) if isinstance(broker_url, (list, tuple)) else [broker_url]
+    urls: list[str] = []
+    for item in items:
+        if isinstance(item, str):
+            urls.extend(part.strip() for part in item.split(';') if part.strip())
+    return urls
+
+
+def sentinel_addresses(urls, default: tuple) -> tuple:
+    """``(host, port)`` of every ``sentinel-streams://`` URL (kombu reads its Sentinel
+    transport's from ``Connection.alt`` alike); ``default`` when there is none."""
+    found = []
+    for url in urls:
+        if isinstance(url, str) and url.split('://', 1)[0] == SENTINEL_SCHEME:
+            parts = _parse(url)
+            found.append((parts['hostname'] or DEFAULT_HOST, parts['port'] or DEFAULT_SENTINEL_PORT))
+    return tuple(found) or ((default[0] or DEFAULT_HOST, default[1]),)
+
+
 def safe_url(url: Any) -> str:
     """The URL with its password masked (``redis://user:**@host/0``), whatever it looks like.
 
@@ -172,7 +325,12 @@ def safe_url(url: Any) -> str:
 
 
 def refuse_foreign_alternates(client) -> None:
-    """Failover URLs must select this transport too, or kombu switches to another one."""
+    """Failover URLs must select this transport too, or kombu switches to another one.
+
+    Sentinel URLs go together or not at all: a list of them names Sentinels
+    (every one is asked), a list of Redis URLs names servers (kombu tries
+    them in turn); a list of both means neither.
+    """
     for url in client.alt or ():
         if not isinstance(url, str) or '://' not in url:
             continue
@@ -180,8 +338,20 @@ def refuse_foreign_alternates(client) -> None:
         if scheme not in SCHEMES and scheme != TRANSPORT_PATH:
             raise ConfigurationError(
                 'failover URL %s://... would switch to another transport on failover; '
-                'write every broker URL as redis-streams:// (or rediss-streams://) '
-                'and import celery_streams where the app is created' % scheme)
+                'write every broker URL as redis-streams:// (or rediss-streams://, or '
+                'sentinel-streams:// for Sentinels) and import celery_streams where the app '
+                'is created' % scheme)
+    _refuse_mixed(client.alt or ())
+
+
+def _refuse_mixed(urls) -> None:
+    kinds = {url.split('://', 1)[0] == SENTINEL_SCHEME
+             for url in urls if isinstance(url, str) and '://' in url}
+    if len(kinds) > 1:
+        raise ConfigurationError(
+            'the broker URLs mix sentinel-streams:// (Sentinels) with Redis servers; '
+            'list either Sentinels only (sentinel-streams://s1:26379;sentinel-streams://s2:26379) '
+            'or Redis servers only')
 
 
 def _parse(url: str) -> dict:

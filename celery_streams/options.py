@@ -44,12 +44,31 @@ option                          default          meaning
                                                  at once, the worker holds it until due
 ``delayed_delivery_threshold``  ``1.0``          seconds: an ETA at most this far ahead
                                                  (server clock) is published at once
+``master_name``                 ``None``         kombu's: the name the Sentinels monitor;
+                                                 required with ``sentinel-streams://``
+                                                 URLs, refused with any other
+``sentinel_kwargs``             ``None``         kombu's: redis-py arguments of the
+                                                 connections to the Sentinels (``password``
+                                                 ...); default: the socket options above,
+                                                 5 s timeouts, no retries
+``min_other_sentinels``         ``0``            kombu's: a Sentinel that sees fewer other
+                                                 Sentinels is not asked for the master
+``publish_wait_replicas``       ``0``            a publish returns once this many replicas
+                                                 have it (``WAIT``, pipelined with the
+                                                 write), else raises ``NotReplicated``;
+                                                 0: off
+``publish_wait_timeout``        ``1.0``          seconds ``WAIT`` waits for them at most
 ==============================  ===============  ===========================================
 
 ``delayed_delivery`` decides how a *publisher* stores a message; every
 consumer moves the due entries of the schedules of the queues it consumes,
 whatever its own setting (see :mod:`celery_streams.scheduler`). Broadcasts
 (fanout exchanges) are never scheduled.
+
+The Sentinel options (``master_name``, ``sentinel_kwargs``,
+``min_other_sentinels``) mean what they mean to kombu's Sentinel transport;
+they are checked against the URL when the transport or a command starts
+(:func:`celery_streams.connection.Address.check`, see docs/sentinel.md).
 
 Options kombu's Redis transport knows but that mean nothing here (its ack
 emulation, BRPOP and PUB/SUB settings) are accepted with one warning. A name
@@ -73,11 +92,11 @@ IGNORED = frozenset({
     'unacked_mutex_expire', 'unacked_restore_limit', 'unacked_restore_interval',
     'unacked_restore_throttle', 'sep', 'fanout_prefix', 'fanout_patterns',
     'reauth_check_interval', 'credential_provider', 'brpop_timeout',
+    'sentinel_fanout_compat',   # kombu's Sentinel transport: its PUB/SUB fanout topics
 })
 
-#: kombu's Sentinel transport options: refused, so nobody believes failover works.
-SENTINEL = frozenset({'master_name', 'min_other_sentinels', 'sentinel_kwargs',
-                      'sentinel_fanout_compat'})
+#: kombu's Sentinel transport options: for ``sentinel-streams://`` URLs only.
+SENTINEL = ('master_name', 'sentinel_kwargs', 'min_other_sentinels')
 
 #: Options read by kombu itself (the connection, the virtual channel, Celery).
 KOMBU_OWN = frozenset({
@@ -109,17 +128,17 @@ class Options:
     priority_semantics: str = 'kombu'
     delayed_delivery: bool = True
     delayed_delivery_threshold: float = 1.0
+    master_name: str | None = None
+    sentinel_kwargs: dict | None = None
+    min_other_sentinels: int | None = None
+    publish_wait_replicas: int = 0
+    publish_wait_timeout: float = 1.0
     ignored: tuple = field(default=(), compare=False)
 
     @classmethod
     def from_transport_options(cls, transport_options: Mapping[str, Any] | None) -> Options:
         """Parse kombu's ``transport_options``; raise one line on a name nobody knows."""
         given = dict(transport_options or {})
-        sentinel = sorted(k for k in given if k in SENTINEL)
-        if sentinel:
-            raise ConfigurationError(
-                'transport option(s) %s: Redis Sentinel is not supported by celery_streams; '
-                'use failover URLs (redis-streams://a;redis-streams://b)' % ', '.join(sentinel))
         ours = {f.name: f for f in fields(cls) if f.name != 'ignored'}
         unknown = sorted(k for k in given if k not in ours and k not in IGNORED and k not in KOMBU_OWN)
         if unknown:
@@ -142,6 +161,23 @@ class Options:
         if 'delayed_delivery_threshold' in values:
             values['delayed_delivery_threshold'] = _not_negative(
                 'delayed_delivery_threshold', values['delayed_delivery_threshold'])
+        for name in ('min_other_sentinels', 'publish_wait_replicas'):
+            if name in values:
+                values[name] = _count(name, values[name])
+        if 'publish_wait_timeout' in values:
+            values['publish_wait_timeout'] = _positive('publish_wait_timeout',
+                                                       values['publish_wait_timeout'], float)
+        if 'master_name' in values and (not isinstance(values['master_name'], str)
+                                        or not values['master_name']):
+            raise ConfigurationError('transport option master_name must be the name the '
+                                     'Sentinels monitor (a non-empty string), not %r'
+                                     % (values['master_name'],))
+        if values.get('sentinel_kwargs') is not None:
+            if not isinstance(values['sentinel_kwargs'], Mapping):
+                raise ConfigurationError(
+                    'transport option sentinel_kwargs must be a dict of redis-py connection '
+                    "arguments (as {'password': ...}), not %r" % (values['sentinel_kwargs'],))
+            values['sentinel_kwargs'] = dict(values['sentinel_kwargs'])
         if not isinstance(values.get('consumer_group', 'x'), str) or not values.get('consumer_group', 'x'):
             raise ConfigurationError('transport option consumer_group must be a non-empty string')
         _choice('queue_order_strategy', values, ('round_robin', 'sorted', 'priority'))
@@ -158,6 +194,11 @@ class Options:
             values['priority_steps'] = steps
         ignored = tuple(sorted(k for k in given if k in IGNORED))
         return cls(ignored=ignored, **values)
+
+    @property
+    def sentinel_options(self) -> list[str]:
+        """The Sentinel options that were set (they need a ``sentinel-streams://`` URL)."""
+        return [name for name in SENTINEL if getattr(self, name) is not None]
 
     def warn_ignored(self) -> None:
         if self.ignored:
@@ -181,6 +222,14 @@ def _positive(name, value, kind):
         raise ConfigurationError(
             'transport option %s must be a positive number, not %r' % (name, value))
     return number
+
+
+def _count(name, value):
+    """A whole number, 0 or more."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+        raise ConfigurationError(
+            'transport option %s must be a whole number, 0 or more, not %r' % (name, value))
+    return int(value)
 
 
 def _flag(name, value):

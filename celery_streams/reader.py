@@ -62,7 +62,7 @@ class Reader:
     @cached_property
     def client(self) -> redis.Redis:
         """The dedicated connection for the blocking read (``client.connection``)."""
-        pool = redis.ConnectionPool(**self.channel.address.pool_arguments(self.options, max_connections=1))
+        pool = self.channel.address.pool(self.options, max_connections=1)
         return redis.Redis(connection_pool=pool, single_connection_client=True)
 
     def drop_connection(self) -> None:

@@ -6,7 +6,8 @@ Use it from Celery with two settings::
     broker_transport = 'celery_streams.transport:Transport'
 
 or, once ``import celery_streams`` ran in the process, with a URL alone:
-``redis-streams://localhost:6379/0`` (``rediss-streams://`` for TLS).
+``redis-streams://localhost:6379/0`` (``rediss-streams://`` for TLS,
+``sentinel-streams://`` for Redis Sentinel: see docs/sentinel.md).
 
 Each kombu queue is a stream; all workers share one consumer group per stream
 (``consumer_group``), so each message goes to one of them and stays in the
@@ -96,7 +97,7 @@ class Channel(virtual.Channel):
         # can tell whose consumer it is in `celery streams status`.
         self.consumer_name = '%s:%s:%s' % (hooks.worker_node_name() or socket.gethostname(),
                                            os.getpid(), secrets.token_hex(3))
-        self.pool = redis.ConnectionPool(**self.address.pool_arguments(options))
+        self.pool = self.address.pool(options)   # with Sentinel: follows the master
         self.pool_client = redis.Redis(connection_pool=self.pool)
         self.scripts = Scripts(self.pool_client)
         self.queues = QueueTable(
@@ -386,8 +387,8 @@ class Transport(virtual.Transport):
     def __init__(self, client, **kwargs):
         self.options = Options.from_transport_options(client.transport_options)
         refuse_foreign_alternates(client)
+        self.address = Address.from_kombu(client, self.options)   # options that fit the URL
         super().__init__(client, **kwargs)
-        self.address = Address.from_kombu(client)
         self.poller = Poller(renew_every=min(max(self.options.visibility_timeout / 3, 0.2), 60.0))
         self._eviction_checked = False
 

@@ -479,3 +479,234 @@ def create_acl_user(client: redis.Redis, username: str, password: str,
              *commands]
     client.execute_command("ACL", "SETUSER", username, *rules)
     return rules
+
+
+# --------------------------------------------------------------------------
+# Sentinel
+# --------------------------------------------------------------------------
+
+_SENTINEL_CONFIG = """\
+port {port}
+bind 127.0.0.1
+dir {dir}
+logfile {log}
+daemonize no
+sentinel resolve-hostnames no
+sentinel monitor {name} 127.0.0.1 {master_port} {quorum}
+sentinel down-after-milliseconds {name} {down_after_ms}
+sentinel failover-timeout {name} {failover_timeout_ms}
+sentinel parallel-syncs {name} 1
+sentinel myid {myid}
+{known}"""
+
+
+@dataclass(eq=False)
+class SentinelServer(RedisServer):
+    """A Sentinel: ``redis-server sentinel.conf --sentinel`` (no ``redis-sentinel``
+    binary needed). Sentinel rewrites its configuration file as it learns; the file
+    is written once, so :meth:`restart` keeps what it learned."""
+
+    master_name: str = "cs-master"
+    master_port: int = 0
+    quorum: int = 2
+    down_after_ms: int = 1000
+    failover_timeout_ms: int = 3000
+    #: This Sentinel's id, and ``known-replica`` / ``known-sentinel`` lines: a topology
+    #: whose Sentinels know each other from the start needs no discovery (about 5 s).
+    myid: str = field(default_factory=lambda: os.urandom(20).hex())
+    known: tuple[str, ...] = ()
+
+    @property
+    def config_path(self) -> Path:
+        return Path(self.dir) / "sentinel.conf"
+
+    def command_line(self) -> list[str]:
+        if not self.config_path.exists():
+            self.config_path.write_text(_SENTINEL_CONFIG.format(
+                port=self.port, dir=self.dir, log=self.log_path, name=self.master_name,
+                master_port=self.master_port, quorum=self.quorum,
+                down_after_ms=self.down_after_ms, failover_timeout_ms=self.failover_timeout_ms,
+                myid=self.myid, known="".join(line + "\n" for line in self.known)))
+        return [self.binary, str(self.config_path), "--sentinel"]
+
+    def master(self) -> dict:
+        """What this Sentinel knows of its master (``SENTINEL MASTER``), as text."""
+        with self.client(socket_timeout=2, retry=NO_RETRY, decode_responses=True) as client:
+            return client.sentinel_master(self.master_name)
+
+    def master_address(self) -> tuple[str, int]:
+        with self.client(socket_timeout=2, retry=NO_RETRY, decode_responses=True) as client:
+            host, port = client.sentinel_get_master_addr_by_name(self.master_name)
+        return host, int(port)
+
+
+@dataclass(eq=False)
+class SentinelTopology:
+    """A master, ``replicas`` replicas and ``sentinels`` Sentinels on free loopback ports.
+
+    Short ``down_after_ms`` and ``failover_timeout_ms`` keep failovers to a few
+    seconds. :meth:`start` returns once every Sentinel sees the master, every
+    replica and every other Sentinel (so a failover can be agreed on).
+    ``servers`` are the data servers, the original master first; which one is the
+    master now is :meth:`current_master`.
+    """
+
+    binary: str = ""
+    master_name: str = "cs-master"
+    replicas: int = 1
+    sentinels: int = 3
+    down_after_ms: int = 1000
+    failover_timeout_ms: int = 3000
+    servers: list = field(default_factory=list, init=False)
+    sentinel_servers: list = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        if not self.binary or os.sep not in self.binary:
+            self.binary = find_server(self.binary or None).path
+
+    def start(self, timeout: float = 20.0) -> "SentinelTopology":
+        # Any of them may become master: none waits 5 s (the default) before a full sync.
+        data_args = ("--repl-diskless-sync-delay", "0")
+        master = RedisServer(self.binary, name="master", extra_args=data_args).start()
+        self.servers = [master]
+        for i in range(self.replicas):
+            self.servers.append(RedisServer(
+                self.binary, name="replica%d" % i,
+                extra_args=data_args + ("--replicaof", "127.0.0.1", str(master.port))).start())
+        self.sentinel_servers = [SentinelServer(
+            self.binary, name="sentinel%d" % i, master_name=self.master_name,
+            master_port=master.port, quorum=self.sentinels // 2 + 1,
+            down_after_ms=self.down_after_ms, failover_timeout_ms=self.failover_timeout_ms)
+            for i in range(self.sentinels)]
+        replicas = ["sentinel known-replica %s 127.0.0.1 %d" % (self.master_name, s.port)
+                     for s in self.servers[1:]]
+        for sentinel in self.sentinel_servers:
+            sentinel.known = tuple(replicas + [
+                "sentinel known-sentinel %s 127.0.0.1 %d %s" % (self.master_name, s.port, s.myid)
+                for s in self.sentinel_servers if s is not sentinel])
+            sentinel.start()
+        self.wait_healthy(timeout)
+        return self
+
+    # -- addresses --------------------------------------------------------------
+
+    def urls(self, scheme: str = "sentinel-streams", db: int = 0) -> str:
+        """The broker URL: every Sentinel, ``;``-separated (the database on each)."""
+        return ";".join("%s://127.0.0.1:%d/%d" % (scheme, s.port, db)
+                        for s in self.sentinel_servers)
+
+    def server_at(self, port: int) -> RedisServer:
+        return next(s for s in self.servers if s.port == port)
+
+    def current_master(self) -> RedisServer:
+        """The data server the Sentinels name as master now."""
+        return self.server_at(self.sentinel_servers[0].master_address()[1])
+
+    def role(self, server: RedisServer) -> str:
+        """``master`` or ``slave`` as ``server`` says (``down`` when it does not answer)."""
+        try:
+            with server.client(socket_timeout=1, socket_connect_timeout=1,
+                               retry=NO_RETRY) as client:
+                return client.info("replication")["role"]
+        except redis.RedisError:
+            return "down"
+
+    # -- health and failovers --------------------------------------------------
+
+    def healthy(self) -> bool:
+        """Every Sentinel agrees on one master that says it is master, sees every
+        live replica as such and the other Sentinels; every live replica is in sync."""
+        try:
+            addresses = {s.master_address() for s in self.sentinel_servers}
+            if len(addresses) != 1:
+                return False
+            master = self.server_at(addresses.pop()[1])
+            replicas = [s for s in self.servers if s is not master and s.is_running()]
+            if self.role(master) != "master":
+                return False
+            with master.client(socket_timeout=1, retry=NO_RETRY) as client:
+                if client.info("replication")["connected_slaves"] < len(replicas):
+                    return False
+            for sentinel in self.sentinel_servers:
+                state = sentinel.master()
+                if (int(state["num-other-sentinels"]) < len(self.sentinel_servers) - 1
+                        or int(state["num-slaves"]) < len(replicas)
+                        or state["flags"] != "master"):
+                    return False
+            for replica in replicas:
+                with replica.client(socket_timeout=1, retry=NO_RETRY) as client:
+                    info = client.info("replication")
+                if info["role"] != "slave" or info.get("master_link_status") != "up" \
+                        or int(info.get("master_port", 0)) != master.port:
+                    return False
+            return True
+        except (redis.RedisError, StopIteration, KeyError):
+            return False
+
+    def wait_healthy(self, timeout: float = 20.0) -> float:
+        """Wait until :meth:`healthy`; return the seconds it took."""
+        started = time.monotonic()
+        while not self.healthy():
+            if time.monotonic() - started > timeout:
+                raise ServerStartError(
+                    "Sentinel topology not healthy after %ss:\n%s" % (timeout, self.describe()))
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    def wait_master_changed(self, old: RedisServer, timeout: float = 20.0) -> RedisServer:
+        """Wait until a new master is promoted (it says ``master``) and every Sentinel names
+        it; return it. The old master may still think it is master (it is demoted later)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                ports = {s.master_address()[1] for s in self.sentinel_servers}
+            except redis.RedisError:
+                ports = set()
+            if len(ports) == 1 and old.port not in ports:
+                new = self.server_at(ports.pop())
+                if self.role(new) == "master":
+                    return new
+            time.sleep(0.02)
+        raise AssertionError("no failover after %ss:\n%s" % (timeout, self.describe()))
+
+    def wait_demoted(self, old: RedisServer, new: RedisServer, timeout: float = 20.0) -> None:
+        """Wait until the old master is a replica of the new one (the failover is complete)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with old.client(socket_timeout=1, retry=NO_RETRY) as client:
+                    info = client.info("replication")
+                if info["role"] == "slave" and int(info.get("master_port", 0)) == new.port:
+                    return
+            except redis.RedisError:
+                pass
+            time.sleep(0.02)
+        raise AssertionError("old master not demoted after %ss:\n%s" % (timeout, self.describe()))
+
+    def failover(self) -> None:
+        """``SENTINEL FAILOVER``: promote a replica without waiting for the master to fail."""
+        with self.sentinel_servers[0].client(socket_timeout=5, retry=NO_RETRY) as client:
+            client.execute_command("SENTINEL", "FAILOVER", self.master_name)
+
+    def describe(self) -> str:
+        lines = ["%s :%d %s" % (s.name, s.port, self.role(s)) for s in self.servers]
+        for sentinel in self.sentinel_servers:
+            try:
+                state = sentinel.master()
+                lines.append("%s :%d master=%s:%s flags=%s slaves=%s others=%s" % (
+                    sentinel.name, sentinel.port, state.get("ip"), state.get("port"),
+                    state.get("flags"), state.get("num-slaves"), state.get("num-other-sentinels")))
+            except redis.RedisError as exc:
+                lines.append("%s :%d %r" % (sentinel.name, sentinel.port, exc))
+            lines.append(sentinel.log_tail(8))
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        for server in self.sentinel_servers + self.servers:
+            server.close()
+
+    def __enter__(self) -> "SentinelTopology":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -33,9 +33,74 @@ def test_unknown_transport_option_fails_in_one_line():
     assert "'visibilty_timeout'" in str(info.value) and '\n' not in str(info.value)
 
 
-def test_sentinel_options_are_refused_in_one_line():
-    with pytest.raises(errors.ConfigurationError, match='Sentinel is not supported'):
-        Connection(nowhere(), transport_options={'master_name': 'mymaster'}).connect()
+def test_sentinel_options_are_refused_without_a_sentinel_url_in_one_line():
+    with pytest.raises(errors.ConfigurationError) as info:
+        Connection(nowhere(), transport_options={'master_name': 'mymaster',
+                                                 'sentinel_kwargs': {}}).connect()
+    message = str(info.value)
+    assert message.startswith('transport option(s) master_name, sentinel_kwargs apply to Redis '
+                              'Sentinel only') and 'sentinel-streams://' in message
+    assert '\n' not in message
+
+
+def test_a_sentinel_url_needs_master_name_in_one_line():
+    with pytest.raises(errors.ConfigurationError) as info:
+        Connection('sentinel-streams://127.0.0.1:%d' % free_port()).connect()
+    assert 'needs the transport option master_name' in str(info.value) and '\n' not in str(info.value)
+
+
+@pytest.mark.parametrize('url', [
+    'sentinel-streams://127.0.0.1:1;redis-streams://127.0.0.1:2',
+    'redis-streams://127.0.0.1:1;sentinel-streams://127.0.0.1:2',
+])
+def test_sentinel_and_redis_urls_do_not_mix(url):
+    with pytest.raises(errors.ConfigurationError, match='mix sentinel-streams://'):
+        Connection(url, transport_options={'master_name': 'm'}).connect()
+    with pytest.raises(errors.ConfigurationError, match='mix sentinel-streams://'):
+        admin.client_from_url(url, transport_options={'master_name': 'm'})
+
+
+def test_a_sentinel_url_lists_every_sentinel_and_the_masters_database():
+    options = Options.from_transport_options({'master_name': 'm'})
+    url = 'sentinel-streams://:pw@s1:5000/3;sentinel-streams://s2;sentinel-streams://s3:5002/3'
+    from_url = Address.from_url(url, options=options)
+    assert from_url == Address.from_kombu(Connection(url), options)
+    assert from_url.sentinels == (('s1', 5000), ('s2', 26379), ('s3', 5002))
+    assert (from_url.db, from_url.password, from_url.tls) == (3, 'pw', False)
+    assert Address.from_url(url.split(';')) == from_url                       # a list, as Celery allows
+    assert Address.from_url('sentinel-streams://h').sentinels == (('h', 26379),)
+    assert 'pw' not in from_url.where and 's2:26379' in from_url.where
+    with pytest.raises(errors.ConfigurationError, match='TLS is not supported'):
+        Address.from_url('sentinel-streams://h', ssl=True, options=options)
+
+
+def test_a_sentinel_pool_follows_the_master_with_the_given_options():
+    from redis.sentinel import SentinelConnectionPool
+    options = Options.from_transport_options({
+        'master_name': 'm', 'socket_timeout': 2, 'min_other_sentinels': 1,
+        'sentinel_kwargs': {'password': 'sentinel-secret'}})
+    pool = Address.from_url('sentinel-streams://:pw@s1:5000/3;sentinel-streams://s2',
+                            options=options).pool(options, max_connections=1)
+    assert isinstance(pool, SentinelConnectionPool) and pool.service_name == 'm'
+    assert pool.max_connections == 1
+    kwargs = pool.connection_kwargs
+    assert (kwargs['db'], kwargs['password'], kwargs['socket_timeout']) == (3, 'pw', 2)
+    assert 'host' not in kwargs and 'port' not in kwargs
+    manager = pool.sentinel_manager
+    assert manager.min_other_sentinels == 1
+    assert [(c.connection_pool.connection_kwargs['host'], c.connection_pool.connection_kwargs['port'])
+            for c in manager.sentinels] == [('s1', 5000), ('s2', 26379)]
+    sentinel_kwargs = manager.sentinels[0].connection_pool.connection_kwargs
+    assert sentinel_kwargs['password'] == 'sentinel-secret' and sentinel_kwargs['socket_timeout'] == 2
+    assert sentinel_kwargs['socket_connect_timeout'] == 5.0
+    pool.disconnect()
+
+
+def test_the_sentinel_scheme_selects_this_transport():
+    from celery_streams.transport import Transport
+    assert Connection('sentinel-streams://h', transport_options={'master_name': 'm'}
+                      ).transport_cls == 'sentinel-streams'
+    assert kombu.transport.resolve_transport('sentinel-streams') is Transport
 
 
 def test_plain_redis_failover_url_is_refused():
@@ -65,7 +130,11 @@ def test_options_defaults_and_conversions():
 
 @pytest.mark.parametrize('given, message', [
     ({'visibilty_timeout': 5}, "unknown transport option(s) 'visibilty_timeout'"),
-    ({'master_name': 'x'}, 'Redis Sentinel is not supported'),
+    ({'master_name': ''}, 'master_name must be the name the Sentinels monitor'),
+    ({'sentinel_kwargs': 'password'}, 'sentinel_kwargs must be a dict'),
+    ({'min_other_sentinels': -1}, 'min_other_sentinels must be a whole number'),
+    ({'publish_wait_replicas': 1.5}, 'publish_wait_replicas must be a whole number'),
+    ({'publish_wait_timeout': 0}, 'publish_wait_timeout must be a positive number'),
     ({'visibility_timeout': 0}, 'visibility_timeout must be a positive number'),
     ({'max_deliveries': 'x'}, 'max_deliveries must be a positive number'),
     ({'consumer_group': ''}, 'consumer_group must be a non-empty string'),

@@ -11,7 +11,7 @@ from celery.bin.base import COMMA_SEPARATED_LIST, CeleryOption, CLIContext, hand
 from celery.exceptions import CeleryCommandException
 from celery.platforms import EX_UNAVAILABLE
 
-from ..connection import client_from_url, first_url, safe_url
+from ..connection import SENTINEL_SCHEME, broker_urls, client_from_url, safe_url
 from ..errors import StreamsError, one_line
 from ..keys import Keys
 from ..options import Options
@@ -29,15 +29,18 @@ class Target:
 
     def __init__(self, ctx: click.Context, prefix: str | None):
         app = ctx.obj.app
-        url = first_url(app.conf.broker_url)
-        if not url:
+        urls = broker_urls(app.conf.broker_url)
+        if not urls:
             raise click.ClickException(
                 'no broker URL: pass --broker redis://host:6379/0 or -A an app that sets broker_url')
-        self.url = safe_url(url)
+        # Sentinels: every one is asked for the master (as by the worker); else the first server.
+        if not urls[0].startswith(SENTINEL_SCHEME + '://'):
+            urls = urls[:1]
+        self.url = ';'.join(safe_url(url) for url in urls)
         transport_options = dict(app.conf.broker_transport_options or {})
         with one_line_errors(self.url):
             options = Options.from_transport_options(transport_options)
-            self.client = client_from_url(url, ssl=app.conf.broker_use_ssl,
+            self.client = client_from_url(urls, ssl=app.conf.broker_use_ssl,
                                           transport_options=transport_options)
         ctx.call_on_close(self.client.close)
         if prefix is None:
