@@ -44,6 +44,15 @@ class OutOfMemory(StreamsError):
     """Redis refused a write because it reached ``maxmemory``."""
 
 
+class NotReplicated(StreamsError):
+    """A publish was written to the master, but fewer replicas than ``publish_wait_replicas``
+    acknowledged it within ``publish_wait_timeout``: a failover now may lose it.
+
+    The message is not withdrawn: it may still be delivered. Publishing it
+    again is safe only where running a task twice is.
+    """
+
+
 # The classes kombu's Redis transport treats as connection and channel errors,
 # listed here: importing kombu.transport.redis needs packages that kombu
 # installs only with its ``redis`` extra.
@@ -60,7 +69,7 @@ _redis_channel_errors = virtual.Transport.channel_errors + (
 connection_errors = _redis_connection_errors
 #: A full Redis is reported, not retried. Configuration errors and schema
 #: mismatches are in neither tuple: they stop a worker at startup, in one line.
-channel_errors = _redis_channel_errors + (OutOfMemory,)
+channel_errors = _redis_channel_errors + (OutOfMemory, NotReplicated)
 
 
 def is_missing_group(error: Exception) -> bool:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from kombu.exceptions import BatchPublishError
 
+from . import replication
+
 
 class PublishBatch:
     """Buffer the writes of several publishes in one non-transactional pipeline."""
@@ -44,6 +46,9 @@ class PublishBatch:
         self._check_usable()
         if not self._buffered:
             return
+        wait = replication.wait_command(self.channel.options)
+        if wait:   # confirmed by replicas: one WAIT behind the whole batch
+            self.pipeline.execute_command(*wait)
         try:
             results = self.pipeline.execute(raise_on_error=False)
         except Exception as exc:
@@ -53,6 +58,7 @@ class PublishBatch:
             self._buffered = 0
             self.pipeline.reset()
             callbacks, self._on_results = self._on_results, []
+        confirmed = results.pop() if wait else None
         for index, on_result in callbacks:
             if not isinstance(results[index], Exception):
                 on_result(results[index])
@@ -61,6 +67,12 @@ class PublishBatch:
             self._failed = errors[0]
             raise BatchPublishError('%d of %d writes of a publish batch failed: %s'
                                     % (len(errors), len(results), errors[0])) from errors[0]
+        if wait:
+            try:
+                replication.confirm(confirmed, self.channel.options, self.channel.pool)
+            except Exception as exc:
+                self._failed = exc
+                raise
 
     def discard(self):
         self._buffered = 0

@@ -26,7 +26,7 @@ from fnmatch import fnmatchcase
 import redis
 from kombu.utils.json import dumps
 
-from . import errors, scheduler, wire
+from . import errors, replication, scheduler, wire
 from .keys import SEP
 
 
@@ -39,6 +39,8 @@ class Router:
         self.keys = channel.keys
         self.queues = channel.queues
         self.scripts = channel.scripts
+        #: ``WAIT`` sent behind every write (``publish_wait_replicas``), or None.
+        self.wait = replication.wait_command(self.options)
 
     def bucket(self, message) -> int:
         """The priority bucket of ``message`` (kombu: the step at or below its priority)."""
@@ -61,10 +63,14 @@ class Router:
         commands = [('XADD', key, '*', 'payload', payload)]
         if expires is not None:
             commands.append(('PEXPIRE', key, expires))
+        if self.wait:
+            commands.append(self.wait)
         try:
-            wire.calls(self.channel.pool, commands, raise_on_error=True)
+            replies = wire.calls(self.channel.pool, commands, raise_on_error=True)
         except redis.ResponseError as exc:
             raise errors.translate_write_error(exc) from None
+        if self.wait:
+            replication.confirm(replies[-1], self.options, self.channel.pool)
 
     def _schedule(self, queue, bucket, due, payload, if_exists, _publish_batch=None, pipe=None):
         """Add a message due at ``due`` (ms) to the schedule of ``queue`` (the ``schedule`` script).
@@ -80,7 +86,7 @@ class Router:
             _publish_batch.add(lambda pipe: self.scripts.schedule(keys=keys, args=args, client=pipe))
             return None
         try:
-            return self.scripts.call(self.channel.pool, 'schedule', keys, args)
+            return self._call(self.channel.pool, 'schedule', keys, args)
         except redis.ResponseError as exc:
             raise errors.translate_write_error(exc) from None
 
@@ -115,10 +121,24 @@ class Router:
         bindings for the exchange (nuked): the caller restores them.
         """
         try:
-            return self.scripts.call(self.channel.pool, 'route', [self.keys.bindings(exchange)],
-                                     self._route_argv(exchange, kind, routing_key, message))
+            return self._call(self.channel.pool, 'route', [self.keys.bindings(exchange)],
+                              self._route_argv(exchange, kind, routing_key, message))
         except redis.ResponseError as exc:
             raise errors.translate_write_error(exc) from None
+
+    def _call(self, pool, name, keys, args):
+        """:meth:`Scripts.call`, with ``WAIT`` pipelined behind it when publishes are confirmed."""
+        if not self.wait:
+            return self.scripts.call(pool, name, keys, args)
+        command = self.scripts.command(name, keys, args)
+        replies = wire.calls(pool, [command, self.wait])
+        if isinstance(replies[0], redis.exceptions.NoScriptError):
+            self.scripts.reload(name)
+            replies = wire.calls(pool, [command, self.wait])
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        replication.confirm(replies[1], self.options, pool)
+        return replies[0]
 
     def _route_argv(self, exchange, kind, routing_key, message) -> list:
         declared = {queue: self.queues.expires(queue) or 0
@@ -172,13 +192,19 @@ class Router:
             _publish_batch.add(append)
             return
         with self.channel.pool_client.pipeline(transaction=False) as pipe:
-            results = append(pipe).execute(raise_on_error=False)
+            append(pipe)
+            if self.wait:
+                pipe.execute_command(*self.wait)
+            results = pipe.execute(raise_on_error=False)
+        confirmed = results.pop() if self.wait else None
         for result in results:
             if isinstance(result, Exception):
                 raise errors.translate_write_error(result)
         gone = {queue for queue, result in zip(queues, results) if result is None}
         if gone:
             self.queues.drop_stale_bindings(exchange, gone)
+        if self.wait:
+            replication.confirm(confirmed, self.options, self.channel.pool)
 
 
 def serialize(message, now_ms: float) -> str:
