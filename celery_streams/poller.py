@@ -60,6 +60,13 @@ class ConsumingChannel(Protocol):
     def start_read(self) -> Optional[int]:
         """Send a read unless one is out or nothing may be read; the socket's fd, or None."""
 
+    def read_held_back(self) -> Optional[float]:
+        """Seconds until a read the last :meth:`start_read` held back goes out (None: none).
+
+        A busy channel waits for more of its prefetch window to come free, so
+        that one read brings several messages (:meth:`celery_streams.qos.QoS.refill_wait`).
+        """
+
     def finish_read(self) -> bool: ...
     def promote_due(self) -> None:
         """Move the scheduled messages that came due into their streams (delayed delivery)."""
@@ -85,6 +92,7 @@ class Poller:
         self.hub = None
         self._hub_fds: dict[int, ConsumingChannel] = {}   # fd -> channel, registered with the hub
         self._due_timers: dict = {}   # channel -> (monotonic time, hub timer entry): next due
+        self._refill_timers: dict = {}   # channel -> hub timer entry: a held-back read
         self._renewer = Renewer(self, min(renew_every, Renewer.EVERY)) if renew_every else None
 
     def add(self, channel):
@@ -132,7 +140,7 @@ class Poller:
             self.hub.on_tick.discard(self.on_tick)
             for fd in list(self._hub_fds):
                 self._forget_fd(fd)
-            for channel in list(self._due_timers):
+            for channel in set(self._due_timers) | set(self._refill_timers):
                 self._disarm(channel)
             self.hub = None
 
@@ -174,6 +182,7 @@ class Poller:
             raise
         if fd is None:
             self._forget_channel_fds(channel)
+            self._arm_refill(channel)
         elif self._hub_fds.get(fd) is not channel:
             self._forget_channel_fds(channel)
             self._hub_fds[fd] = channel
@@ -199,6 +208,20 @@ class Poller:
         armed = self._due_timers.pop(channel, None)
         if armed is not None:
             armed[1].cancel()
+        refill = self._refill_timers.pop(channel, None)
+        if refill is not None:
+            refill.cancel()
+
+    def _arm_refill(self, channel):
+        """A read held back for a fuller window goes out when its wait ends, events or not."""
+        wait = channel.read_held_back()
+        if wait is not None and channel not in self._refill_timers:
+            self._refill_timers[channel] = self.hub.call_later(wait, self._on_refill, channel)
+
+    def _on_refill(self, channel):
+        self._refill_timers.pop(channel, None)
+        if channel in self.channels and self.hub is not None:
+            self._start(channel)
 
     def _on_due(self, channel):
         """The hub timer: move the channel's due messages; the XADD wakes its blocked read."""
@@ -264,8 +287,11 @@ class Poller:
             if not reading:
                 if remaining == 0:
                     raise socket.timeout()
-                # Nothing may be read now (no consumer, or QoS full): wait a bit.
-                sleep(0.05 if remaining is None else min(0.05, remaining))
+                # Nothing may be read now (no consumer, QoS full, or a read held
+                # back for a fuller window): wait a bit.
+                pause = min([0.05] + [wait for wait in (c.read_held_back() for c in self.channels)
+                                      if wait is not None])
+                sleep(pause if remaining is None else min(pause, remaining))
                 continue
             wait, due_in = remaining, _nearest(channel.next_due_in() for channel in reading.values())
             if due_in is not None:   # wake when the next scheduled message is due

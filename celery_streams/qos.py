@@ -8,7 +8,8 @@ several queues) has its own tag.
 Like kombu's Redis transport, the QoS owns the bookkeeping of what was
 delivered: kombu's prefetch accounting, the *read budget* (how many messages
 the next read may take), acks batched per turn of the consume loop (one
-``XACK`` and one ``XDEL`` per stream per round trip) and restores (the
+``XACK`` and one ``XDEL`` per stream in one write, whose replies the loop does
+not wait for: :mod:`celery_streams.acks`) and restores (the
 ``restore`` script: an entry goes back only if it is still pending for its
 reader, so an acked or drained message never returns).
 """
@@ -17,11 +18,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from time import monotonic
 from typing import NamedTuple
 
 from kombu.transport import virtual
 
-from . import errors, wire
+from . import errors
+from .acks import AckPipe
 from .hooks import running_delivery_tags
 
 logger = logging.getLogger(__name__)
@@ -30,6 +33,9 @@ logger = logging.getLogger(__name__)
 UNLIMITED_BATCH = 100
 #: Queued acks are sent at the latest when this many are waiting.
 ACK_BATCH = 256
+#: Seconds a busy consumer waits for half its prefetch window to come free
+#: before it reads the free slots anyway (:meth:`QoS.refill_wait`).
+REFILL_WAIT = 0.005
 
 
 class Tag(NamedTuple):
@@ -55,6 +61,8 @@ class QoS(virtual.QoS):
         super().__init__(channel, prefetch_count)
         self._acks: deque = deque()   # tags acked by the app, not yet sent
         self._loop_thread = None      # the thread whose acks wait for the next turn
+        self.pipe = AckPipe(channel.pool)
+        self._short_since = None      # since when fewer than half the window is free
 
     # -- kombu's QoS ----------------------------------------------------------
 
@@ -117,10 +125,31 @@ class QoS(virtual.QoS):
             # Celery's worker_disable_prefetch patched can_consume: one at a time.
             return 1
         estimate = self.can_consume_max_estimate()
-        # Every free slot is read at once, however many messages are held:
-        # Celery raises prefetch_count by one for each ETA task it holds, so
-        # the held ones say nothing about when the next ack comes.
         return UNLIMITED_BATCH if estimate is None else estimate
+
+    def refill_wait(self, budget: int) -> float:
+        """Seconds to hold back a read of ``budget`` free slots; 0: read now.
+
+        A busy consumer refills its prefetch window once half of it is free,
+        so that each read brings several messages instead of the one slot an
+        ack just freed. Reads are one at a time per channel, so a worker
+        reading slot by slot spends a round trip per task. Fewer free slots
+        are read after :data:`REFILL_WAIT` at the latest: Celery raises
+        ``prefetch_count`` by one for each ETA task it holds, so half the
+        window may never come free.
+        """
+        window = self.prefetch_count
+        if not window or budget * 2 >= window or 'can_consume' in vars(self):
+            self._short_since = None
+            return 0.0
+        now = monotonic()
+        if self._short_since is None:
+            self._short_since = now
+        wait = self._short_since + REFILL_WAIT - now
+        if wait <= 0:
+            self._short_since = None
+            return 0.0
+        return wait
 
     # -- acks -----------------------------------------------------------------
 
@@ -142,7 +171,8 @@ class QoS(virtual.QoS):
     def has_acks(self) -> bool:
         return bool(self._acks)
 
-    def flush_acks(self) -> None:
+    def flush_acks(self, wait=False) -> None:
+        """Write the queued acks; read the replies that came (``wait``: all of them)."""
         tags = []
         while True:
             try:
@@ -150,14 +180,16 @@ class QoS(virtual.QoS):
             except IndexError:
                 break
         if tags:
-            try:
-                self.ack_tags(tags)
-            except Exception:
-                self._acks.extendleft(reversed(tags))
-                raise
+            self.ack_tags(tags, wait=wait)
+        else:
+            self.pipe.collect(wait)
 
-    def ack_tags(self, tags) -> None:
-        """XACK and XDEL the entries of ``tags``: one XACK and one XDEL per stream, one round trip."""
+    def ack_tags(self, tags, wait=True) -> None:
+        """XACK and XDEL the entries of ``tags``: one XACK and one XDEL per stream, one write.
+
+        With ``wait`` it returns once Redis replied to them (and to every ack
+        written before); else the replies are read by a later call.
+        """
         channel = self.channel
         by_stream: dict = {}
         for tag in map(parse_tag, tags):
@@ -165,7 +197,7 @@ class QoS(virtual.QoS):
         commands = []
         for key, ids in by_stream.items():
             commands += [('XACK', key, channel.group, *ids), ('XDEL', key, *ids)]
-        wire.calls(channel.pool, commands, raise_on_error=True)
+        self.pipe.write(commands, wait=wait)
 
     # -- restores -------------------------------------------------------------
 
@@ -181,7 +213,7 @@ class QoS(virtual.QoS):
             return []
         channel = self.channel
         try:
-            self.flush_acks()   # an acked message must never be restored
+            self.flush_acks(wait=True)   # an acked message must never be restored
             with channel.pool_client.pipeline(transaction=False) as pipe:
                 for tag in map(parse_tag, tags):
                     channel.scripts.restore(keys=[channel.keys.stream(tag.queue, tag.bucket)],

@@ -58,6 +58,8 @@ class Reader:
         self.outstanding: Read | None = None
         self._rotation = 0
         self._block_next = False        # the last read found nothing: wait for new entries
+        #: Seconds the last :meth:`start` held a read back to fill more of the window (0: none).
+        self.held_back = 0.0
 
     @cached_property
     def client(self) -> redis.Redis:
@@ -123,13 +125,19 @@ class Reader:
     def start(self, queues, budget):
         """Send one read over ``queues`` for at most ``budget`` messages, unless one is out.
 
-        Returns the socket's file descriptor while a read is outstanding, else None.
+        Returns the socket's file descriptor while a read is outstanding, else
+        None; :attr:`held_back` then says whether, and for how long, the read
+        waits for more of the prefetch window to come free.
         """
+        self.held_back = 0.0
         if self.outstanding is not None:
             return self.outstanding.connection._sock.fileno()
         if self.scheduler.promote_due(queues):
             self._block_next = False   # they wait in the streams now: read them at once
         if not budget:
+            return None
+        self.held_back = self.channel.qos.refill_wait(budget)
+        if self.held_back:
             return None
         plan = self.plan(queues)
         if not plan:

@@ -250,8 +250,13 @@ class Channel(virtual.Channel):
     def start_read(self):
         """Send one read over the consumed streams, unless one is out or nothing may be read."""
         if self.reader.outstanding is None and (self.closed or self.inbox or not self._active_queues):
+            self.reader.held_back = 0.0
             return None
         return self.reader.start(self.consuming_queues(), self.qos.read_budget())
+
+    def read_held_back(self):
+        """Seconds until a read held back by the last :meth:`start_read` goes out, or None."""
+        return self.reader.held_back or None
 
     def finish_read(self):
         return self.reader.finish()
@@ -326,7 +331,7 @@ class Channel(virtual.Channel):
         if self.closed:
             return
         try:
-            self.qos.flush_acks()
+            self.qos.flush_acks(wait=True)
             if self.reading:
                 self.reader.finish()
             self.inbox.restore()
