@@ -624,8 +624,12 @@ class SentinelTopology:
             replicas = [s for s in self.servers if s is not master and s.is_running()]
             if self.role(master) != "master":
                 return False
+            # A replica the master lists as "online" may not get writes yet (after a diskless
+            # sync, Redis 7 starts the stream at the replica's first ACK, up to 1 s later):
+            # one write every replica acknowledges says it does.
             with master.client(socket_timeout=1, retry=NO_RETRY) as client:
-                if client.info("replication")["connected_slaves"] < len(replicas):
+                client.set("cs-topology-probe", "1", px=10000)
+                if client.wait(len(replicas), 100) < len(replicas):
                     return False
             for sentinel in self.sentinel_servers:
                 state = sentinel.master()
