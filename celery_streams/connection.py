@@ -5,17 +5,17 @@ Both the transport (from kombu's connection info) and the operator commands
 to ``celery worker`` and to ``celery streams``: schemes, default port,
 database, credentials and TLS are read in one place.
 
-=============================  =============================================
-URL                            meaning
-=============================  =============================================
-``redis-streams://h:6379/0``   this transport (once ``import celery_streams`` ran)
-``rediss-streams://h:6380/0``  the same over TLS
-``redis://h:6379/0``           with ``broker_transport`` set to this transport
-``rediss://h:6380/0``          the same over TLS
-``sentinel-streams://s1:26379/0;sentinel-streams://s2:26379/0``
-                               the master the Sentinels name (transport option
-                               ``master_name``), followed through failovers
-=============================  =============================================
+==================================  ==========================================================
+URL                                 meaning
+==================================  ==========================================================
+``redis-streams://h:6379/0``        this transport (once ``import celery_streams`` ran)
+``rediss-streams://h:6380/0``       the same over TLS
+``redis://h:6379/0``                with ``broker_transport`` set to this transport
+``rediss://h:6380/0``               the same over TLS
+``sentinel-streams://s1:26379/0``   the master the Sentinels name (transport option
+                                    ``master_name``), followed through failovers; more
+                                    Sentinels: ``sentinel-streams://s1;sentinel-streams://s2``
+==================================  ==========================================================
 
 The database is a number (``/0``; a trailing slash is allowed); no database
 means 0. ``broker_use_ssl`` (``True`` or a dict of redis-py ``ssl_*``
