@@ -25,12 +25,17 @@ import celery_streams  # noqa: F401  (registers sentinel-streams://)
 from celery_streams import errors
 from celery_streams.keys import Keys
 from tests import servers
-from tests.apps.sentinel import journal_key
 from tests.helpers import wait_until
 from tests.servers import SentinelTopology
 from tests.workers import ROOT, Worker, clean_env
 
 pytestmark = pytest.mark.slow
+
+
+def journal_key(what, prefix):
+    """The journal list of ``tests/apps/sentinel.py`` (not imported: its app would become
+    this process's current app, and the in-process CLI tests would take its options)."""
+    return 'sentinel:%s:%s' % (prefix, what)
 
 APP = 'tests.apps.sentinel'
 TASK = 'tests.apps.sentinel.record'
