@@ -18,6 +18,8 @@ import logging
 from dataclasses import dataclass
 from time import monotonic
 
+import redis
+
 from . import errors
 from .errors import one_line
 from .keys import FANOUT, SCHEMA_VERSION, TASK, Keys, binding_member, glob_escape, parse_binding
@@ -115,7 +117,22 @@ class QueueTable:
             if record.expires is not None:
                 for stream in self.keys.streams(queue):
                     pipe.pexpire(stream, record.expires)
-            raise_unless_busygroup(pipe.execute(raise_on_error=False))
+            results = pipe.execute(raise_on_error=False)
+        if any(isinstance(errors.translate_write_error(r), errors.OutOfMemory)
+               for r in results if isinstance(r, Exception)) and self._declared_in_redis(queue):
+            return   # a full Redis refuses every write, even one with nothing to do
+        raise_unless_busygroup(results)
+
+    def _declared_in_redis(self, queue: str) -> bool:
+        """Whether ``queue`` is registered and its main stream has the group (read-only checks)."""
+        return bool(self.client.hexists(self.keys.queues, queue)) and self._has_group(self.keys.stream(queue))
+
+    def _has_group(self, stream: str) -> bool:
+        try:
+            groups = self.client.xinfo_groups(stream)
+        except redis.ResponseError:   # no such stream
+            return False
+        return any(text(group['name']) == self.group for group in groups)
 
     def others_consume(self, queue: str, me: str) -> bool:
         """Whether a consumer other than ``me`` lives on ``queue``.
@@ -236,6 +253,8 @@ class QueueTable:
         for (queue, stream), result in zip(plan, results):
             if isinstance(result, Exception):
                 error = errors.translate_write_error(result)
+                if isinstance(error, errors.OutOfMemory) and self._has_group(stream):
+                    continue   # a full Redis refuses the script, even with nothing to create
                 if not isinstance(error, errors.OutOfMemory) or stream == self.keys.stream(queue):
                     raise error
                 if stream not in self.refused:   # a full Redis: consumers must still drain it

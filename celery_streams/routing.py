@@ -26,7 +26,7 @@ from fnmatch import fnmatchcase
 import redis
 from kombu.utils.json import dumps
 
-from . import errors, replication, scheduler, wire
+from . import errors, replication, scheduler
 from .keys import SEP
 
 
@@ -55,40 +55,51 @@ class Router:
         due = scheduler.due_ms(message, now_ms, self.options)
         if due is not None:
             return self._schedule(queue, bucket, due, payload, False, _publish_batch)
-        key = self.keys.stream(queue, bucket)
-        expires = self.queues.expires(queue)
-        if _publish_batch is not None:
-            _publish_batch.add(lambda pipe: _xadd(pipe, key, payload, expires))
-            return
-        commands = [('XADD', key, '*', 'payload', payload)]
-        if expires is not None:
-            commands.append(('PEXPIRE', key, expires))
-        if self.wait:
-            commands.append(self.wait)
-        try:
-            replies = wire.calls(self.channel.pool, commands, raise_on_error=True)
-        except redis.ResponseError as exc:
-            raise errors.translate_write_error(exc) from None
-        if self.wait:
-            replication.confirm(replies[-1], self.options, self.channel.pool)
+        self._write(_xadd(self.keys.stream(queue, bucket), payload, self.queues.expires(queue)),
+                    _publish_batch)
 
-    def _schedule(self, queue, bucket, due, payload, if_exists, _publish_batch=None, pipe=None):
+    def _schedule(self, queue, bucket, due, payload, if_exists, _publish_batch=None):
         """Add a message due at ``due`` (ms) to the schedule of ``queue`` (the ``schedule`` script).
 
         ``if_exists``: only while the queue's main stream exists (a queue known
         from bindings only). Returns 1, or None when the queue is gone.
         """
-        keys = [self.keys.scheduled(queue), self.keys.stream(queue)]
-        args = [due, bucket, scheduler.new_token(), payload, '1' if if_exists else '0']
-        if pipe is not None:
-            return self.scripts.schedule(keys=keys, args=args, client=pipe)
-        if _publish_batch is not None:
-            _publish_batch.add(lambda pipe: self.scripts.schedule(keys=keys, args=args, client=pipe))
+        replies = self._write([self._schedule_command(queue, bucket, due, payload, if_exists)],
+                              _publish_batch)
+        return replies and replies[0]
+
+    def _schedule_command(self, queue, bucket, due, payload, if_exists) -> tuple:
+        return self.scripts.command('schedule', [self.keys.scheduled(queue), self.keys.stream(queue)],
+                                    [due, bucket, scheduler.new_token(), payload,
+                                     '1' if if_exists else '0'])
+
+    def _write(self, commands, batch=None, on_result=None):
+        """One publish's commands: buffered in ``batch``, or sent now; their replies (None if buffered).
+
+        ``on_result(reply of the first command)``: called once the commands ran.
+        """
+        if batch is not None:
+            batch.add(commands, on_result)
             return None
-        try:
-            return self._call(self.channel.pool, 'schedule', keys, args)
-        except redis.ResponseError as exc:
-            raise errors.translate_write_error(exc) from None
+        replies = self.run(commands)
+        if on_result is not None:
+            on_result(replies[0])
+        return replies
+
+    def run(self, commands) -> list:
+        """Send ``commands`` in one round trip (``WAIT`` behind them when publishes are
+        confirmed by replicas); their replies, or the first error, in one line."""
+        wait = self.wait
+        replies = self.scripts.run(self.channel.line, [*commands, wait] if wait else commands)
+        confirmed = replies.pop() if wait else None
+        for reply in replies:
+            if isinstance(reply, redis.ResponseError):
+                raise errors.translate_write_error(reply) from None
+            if isinstance(reply, Exception):
+                raise reply
+        if wait:
+            replication.confirm(confirmed, self.options, self.channel.pool)
+        return replies
 
     def publish(self, message, exchange, routing_key, **kwargs):
         """Route one message through ``exchange`` and append it (kombu's ``basic_publish``)."""
@@ -100,45 +111,30 @@ class Router:
             return self.put_fanout(exchange, message, routing_key, **kwargs)
         if not channel.deadletter_queue:
             batch = kwargs.get('_publish_batch')
-            if batch is not None:
-                self._route_in_batch(batch, exchange, kind, routing_key, message)
-                return
-            if self._route(exchange, kind, routing_key, message) >= 0:
-                return
+            route = self.scripts.command('route', [self.keys.bindings(exchange)],
+                                         self._route_argv(exchange, kind, routing_key, message))
+
+            def fall_back(delivered):
+                if delivered == -1:   # no bindings in Redis: route by this process's declarations
+                    self._put_declared(exchange, routing_key, message)   # now: a batch is flushing
+
+            self._write([route], batch, on_result=fall_back)
+            return
+        self._put_declared(exchange, routing_key, message, kwargs.get('_publish_batch'))
+
+    def _put_declared(self, exchange, routing_key, message, batch=None):
+        """Route with kombu's lookup: to the queues this process declared (created when
+        missing), and to the others only while they exist."""
+        channel = self.channel
         declared_here = {queue for _, _, queue in self.queues.declared_bindings(exchange)}
         queues = [q for q in channel._lookup(exchange, routing_key) if q and q != channel.deadletter_queue]
         for queue in queues:
             if queue in declared_here:
-                self.put(queue, message, **kwargs)
+                self.put(queue, message, _publish_batch=batch)
         elsewhere = [q for q in queues if q not in declared_here]
         if elsewhere:
-            self._append_if_exists(exchange, elsewhere, message, self.bucket(message), 0, **kwargs)
-
-    def _route(self, exchange, kind, routing_key, message) -> int:
-        """Look up the bindings and append, in one round trip (the ``route`` script).
-
-        Returns how many queues got the message, or -1 when Redis has no
-        bindings for the exchange (nuked): the caller restores them.
-        """
-        try:
-            return self._call(self.channel.pool, 'route', [self.keys.bindings(exchange)],
-                              self._route_argv(exchange, kind, routing_key, message))
-        except redis.ResponseError as exc:
-            raise errors.translate_write_error(exc) from None
-
-    def _call(self, pool, name, keys, args):
-        """:meth:`Scripts.call`, with ``WAIT`` pipelined behind it when publishes are confirmed."""
-        if not self.wait:
-            return self.scripts.call(pool, name, keys, args)
-        command = self.scripts.command(name, keys, args)
-        replies = wire.calls(pool, [command, self.wait])
-        if isinstance(replies[0], redis.exceptions.NoScriptError):
-            self.scripts.reload(name)
-            replies = wire.calls(pool, [command, self.wait])
-        if isinstance(replies[0], Exception):
-            raise replies[0]
-        replication.confirm(replies[1], self.options, pool)
-        return replies[0]
+            self._append_if_exists(exchange, elsewhere, message, self.bucket(message), 0,
+                                   _publish_batch=batch)
 
     def _route_argv(self, exchange, kind, routing_key, message) -> list:
         declared = {queue: self.queues.expires(queue) or 0
@@ -148,19 +144,6 @@ class Router:
         return [kind, routing_key or '', serialize(message, now_ms), self.keys.queue_head,
                 self.bucket(message), SEP, due or 0, scheduler.new_token() if due else '',
                 *[x for pair in declared.items() for x in pair]]
-
-    def _route_in_batch(self, batch, exchange, kind, routing_key, message):
-        """The ``route`` script in a publish batch; without bindings, publish as below at flush."""
-        key = self.keys.bindings(exchange)
-        argv = self._route_argv(exchange, kind, routing_key, message)
-
-        def fall_back(reply):
-            if reply == -1:   # no bindings in Redis: restore them from this process's declarations
-                for queue in self.channel._lookup(exchange, routing_key):
-                    self.put(queue, message)
-
-        batch.add(lambda pipe: self.scripts.route(keys=[key], args=argv, client=pipe),
-                  on_result=fall_back)
 
     def put_fanout(self, exchange, message, routing_key, **kwargs):
         """Copy a broadcast into the stream of every bound queue (priority bucket 0), trimmed.
@@ -175,36 +158,21 @@ class Router:
 
     def _append_if_exists(self, exchange, queues, message, bucket, maxlen, _publish_batch=None,
                           schedule=True, **kwargs):
+        """Append (or schedule) to each of ``queues`` while its stream exists; bindings of
+        the ones gone are removed."""
         now_ms = self.channel.server_time_ms()
         payload = serialize(message, now_ms)
         due = scheduler.due_ms(message, now_ms, self.options) if schedule else None
-
-        def append(pipe):
-            for queue in queues:
-                if due is not None:
-                    self._schedule(queue, bucket, due, payload, True, pipe=pipe)
-                else:
-                    self.scripts.append(keys=[self.keys.stream(queue, bucket)], client=pipe,
-                                        args=[maxlen, payload, self.queues.expires(queue) or 0])
-            return pipe
-
-        if _publish_batch is not None:
-            _publish_batch.add(append)
-            return
-        with self.channel.pool_client.pipeline(transaction=False) as pipe:
-            append(pipe)
-            if self.wait:
-                pipe.execute_command(*self.wait)
-            results = pipe.execute(raise_on_error=False)
-        confirmed = results.pop() if self.wait else None
-        for result in results:
-            if isinstance(result, Exception):
-                raise errors.translate_write_error(result)
-        gone = {queue for queue, result in zip(queues, results) if result is None}
-        if gone:
-            self.queues.drop_stale_bindings(exchange, gone)
-        if self.wait:
-            replication.confirm(confirmed, self.options, self.channel.pool)
+        commands = [
+            self._schedule_command(queue, bucket, due, payload, True) if due is not None else
+            self.scripts.command('append', [self.keys.stream(queue, bucket)],
+                                 [maxlen, payload, self.queues.expires(queue) or 0])
+            for queue in queues]
+        replies = self._write(commands, _publish_batch)
+        if replies is not None:
+            gone = {queue for queue, reply in zip(queues, replies) if reply is None}
+            if gone:
+                self.queues.drop_stale_bindings(exchange, gone)
 
 
 def serialize(message, now_ms: float) -> str:
@@ -234,8 +202,9 @@ def fanout_matches(bound_key, routing_key) -> bool:
     return fnmatchcase(routing_key or '', bound_key.replace('#', '*'))
 
 
-def _xadd(pipe, key, payload, expires):
-    pipe.xadd(key, {'payload': payload})
+def _xadd(key, payload, expires) -> list:
+    """The commands appending ``payload`` to stream ``key`` (renewing its ``x-expires``)."""
+    commands = [('XADD', key, '*', 'payload', payload)]
     if expires is not None:
-        pipe.pexpire(key, expires)
-    return pipe
+        commands.append(('PEXPIRE', key, expires))
+    return commands

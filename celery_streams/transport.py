@@ -44,7 +44,7 @@ import redis
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 
-from . import errors, hooks
+from . import errors, hooks, wire
 from .connection import SCHEMES, TLS_SCHEMES, Address, refuse_foreign_alternates  # noqa: F401
 from .inbox import Inbox
 from .inventory import last_entry_id
@@ -99,6 +99,7 @@ class Channel(virtual.Channel):
                                            os.getpid(), secrets.token_hex(3))
         self.pool = self.address.pool(options)   # with Sentinel: follows the master
         self.pool_client = redis.Redis(connection_pool=self.pool)
+        self.line = wire.Line(self.pool)   # publishes: one connection, no checkout per call
         self.scripts = Scripts(self.pool_client)
         self.queues = QueueTable(
             self, self.pool_client, self.keys, self.group,

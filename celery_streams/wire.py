@@ -8,6 +8,9 @@ redis-py as usual.
 """
 from __future__ import annotations
 
+import os
+import threading
+
 from redis import exceptions
 
 
@@ -28,8 +31,38 @@ def pack(args) -> bytes:
     return b''.join(out)
 
 
+class Line:
+    """One connection of ``pool`` kept for a channel's hot commands; usable where a pool is.
+
+    A publish checked a connection out of the pool and back in each time,
+    about 10 µs of a 115 µs publish (measured on loopback). A line keeps one
+    connection (per process: a forked child takes a new one), with a lock
+    for the rare channel shared by threads.
+    """
+
+    def __init__(self, pool):
+        self.pool = pool
+        self._lock = threading.Lock()
+        self._connection = None
+        self._pid = os.getpid()
+
+    def get_connection(self):
+        self._lock.acquire()
+        if self._connection is None or self._pid != os.getpid():
+            self._pid = os.getpid()
+            try:
+                self._connection = self.pool.get_connection()
+            except BaseException:
+                self._lock.release()
+                raise
+        return self._connection
+
+    def release(self, connection):
+        self._lock.release()
+
+
 def call(pool, *args):
-    """Send one command on a connection of ``pool``; return its reply or raise its error."""
+    """Send one command on a connection of ``pool`` (or a :class:`Line`); return its reply or raise its error."""
     return calls(pool, [args], raise_on_error=True)[0]
 
 

@@ -498,6 +498,12 @@ def test_scripts_survive_script_flush(conn, r):
     message.requeue()                                      # restore.lua (redis-py Script)
     r.script_flush()
     assert q(conn.default_channel).purge() == 1            # drain.lua
+    r.script_flush()
+    producer = Producer(conn.default_channel)
+    with producer.batch(max_size=10):                      # route.lua in a batch, sent again
+        for n in range(4, 7):
+            producer.publish({'n': n}, exchange=ex, routing_key='k')
+    assert [b['n'] for b, _ in drain_all(conn, [q], 3)] == [4, 5, 6]
 
 
 def test_producer_batch_through_an_exchange_routes_in_redis(conn, r, keys, prefix):

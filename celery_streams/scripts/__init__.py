@@ -7,8 +7,9 @@ each handles ``NOSCRIPT`` (a server restart or ``SCRIPT FLUSH``) by itself:
 * ``scripts.drain(keys=..., args=..., client=pipe)`` -- redis-py's ``Script``:
   on a client it re-loads and retries; in a pipeline, the pipeline loads
   every script it carries before it runs;
-* :meth:`Scripts.call` -- the hot path: packed by hand on a pooled connection
-  (:mod:`celery_streams.wire`), re-loaded and retried once on ``NOSCRIPT``;
+* :meth:`Scripts.run` -- the hot path (publishes): commands packed by hand
+  and sent in one write (:mod:`celery_streams.wire`); the ones refused with
+  ``NOSCRIPT`` are sent again once the scripts are loaded;
 * :meth:`Scripts.command` + :meth:`Scripts.reload` -- a read sent now and
   answered later (the consume loop): the caller reloads and sends again.
 
@@ -55,14 +56,23 @@ class Scripts:
         """Load script ``name`` again (after ``NOSCRIPT``)."""
         self.client.script_load(source(name))
 
-    def call(self, pool, name: str, keys, args):
-        """Run script ``name`` on a connection of ``pool``, packed by hand; its reply."""
-        command = self.command(name, keys, args)
-        try:
-            return wire.call(pool, *command)
-        except NoScriptError:
-            self.reload(name)
-            return wire.call(pool, *command)
+    def run(self, pool, commands) -> list:
+        """Send ``commands`` (scripts from :meth:`command`, or any) in one write; their replies.
+
+        Errors are returned as exceptions. Commands refused with ``NOSCRIPT``
+        did not run: the scripts are loaded and those are sent again (with the
+        closing ``WAIT``, if any, so that it still covers them).
+        """
+        replies = wire.calls(pool, commands)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            for name in NAMES:
+                self.reload(name)
+            if commands[-1][0] == 'WAIT' and missing[-1] != len(commands) - 1:
+                missing.append(len(commands) - 1)
+            for i, reply in zip(missing, wire.calls(pool, [commands[i] for i in missing])):
+                replies[i] = reply
+        return replies
 
     def drain_stream(self, stream, until: str, *, delete_empty: bool = False,
                      step: int = DRAIN_STEP, progress=None) -> tuple[int, int]:
