@@ -37,6 +37,7 @@ class AckPipe:
         self._connection = None
         self._unread: deque = deque()   # (packed commands, number of replies), oldest first
         self._unsent: list = []         # the same, to be written (again, if a connection broke)
+        self._moves = getattr(pool, 'moves', 0)   # Sentinel: the master moved (connection.moves)
 
     def write(self, commands: Iterable[tuple], wait: bool = False) -> None:
         """Write ``commands``; with ``wait``, return once every ack written so far got its reply.
@@ -67,13 +68,17 @@ class AckPipe:
     # -- with the lock held ---------------------------------------------------
 
     def _send(self) -> None:
+        moves = getattr(self.pool, 'moves', 0)
         if self._connection is None:
             self._connection = self.pool.get_connection()
-        elif self._connection._sock is None and self._unread:
-            self._lost()   # disconnected (``pool.disconnect()``) with replies unread
+        elif (self._connection._sock is None and self._unread) or moves != self._moves:
+            self._lost()   # disconnected (``pool.disconnect()``), or the master moved
+        self._moves = moves
         if not self._unsent:
             return
         try:
+            if self._connection._sock is None:
+                self._connection.connect()   # with Sentinel: to where the master is now
             # No health check: its PING would read the replies of earlier acks.
             self._connection.send_packed_command([b''.join(p for p, _ in self._unsent)],
                                                  check_health=False)

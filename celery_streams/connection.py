@@ -207,7 +207,21 @@ class Sentinels(Sentinel):
 
 
 class SentinelPool(SentinelConnectionPool):
-    """redis-py's pool to the master Sentinels name; closing it closes the Sentinel connections too."""
+    """redis-py's pool to the master Sentinels name; closing it closes the Sentinel connections too.
+
+    :attr:`moves` counts the times the master moved: redis-py drops only the
+    idle connections then, so the ones held outside the pool (a channel's
+    publish line, its ack pipe, its reader) compare it and reconnect.
+    """
+
+    moves = 0
+
+    def get_master_address(self):
+        before = self.master_address
+        address = super().get_master_address()
+        if before is not None and address != before:
+            self.moves += 1
+        return address
 
     def disconnect(self, inuse_connections: bool = True) -> None:
         super().disconnect(inuse_connections)
@@ -227,17 +241,25 @@ def sentinel_arguments(pool_arguments: Mapping[str, Any], given: Mapping[str, An
     return arguments
 
 
-def follow_master(pool) -> None:
-    """Ask the Sentinels where the master is now (a no-op without Sentinel).
+def follow_master(pool) -> bool:
+    """Ask the Sentinels where the master is now (a no-op without Sentinel); True if it moved.
 
     When it moved, redis-py drops the idle connections to the old one, so
-    the next command goes to the new master.
+    the next command goes to the new master; held ones follow :func:`moves`.
     """
     if isinstance(pool, SentinelConnectionPool):
+        before = moves(pool)
         try:
             pool.get_master_address()
         except redis.ConnectionError:
-            pass
+            return False
+        return moves(pool) != before
+    return False
+
+
+def moves(pool) -> int:
+    """How many times the master of ``pool`` moved (always 0 without Sentinel)."""
+    return getattr(pool, 'moves', 0)
 
 
 def client_from_url(url: Any, *, ssl: Any = None,

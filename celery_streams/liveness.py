@@ -61,12 +61,16 @@ class Liveness:
         Liveness every third of ``visibility_timeout``; the expiry of consumed
         queues with an ``x-expires`` every third of it -- off the hub, so a full
         prefetch window or a long task under ``-P solo`` never lets a consumed
-        queue expire.
+        queue expire. With Sentinel, where the master is: a channel follows a
+        failover within about a second, even while the old master still takes
+        writes (after ``SENTINEL FAILOVER`` it does so for about 10 s).
         """
         channel = self.channel
         if channel.closed and not channel.qos.holds_messages():
             self.forget()   # a held channel's last running task was acked
             return False
+        if not channel.closed:
+            channel.follow_master()
         now = monotonic()
         if now >= self._next_renew:
             self._next_renew = now + self.renew_every

@@ -67,6 +67,9 @@ class ConsumingChannel(Protocol):
         that one read brings several messages (:meth:`celery_streams.qos.QoS.refill_wait`).
         """
 
+    def read_socket(self) -> object:
+        """The socket of the outstanding read (None when there is none)."""
+
     def finish_read(self) -> bool: ...
     def promote_due(self) -> None:
         """Move the scheduled messages that came due into their streams (delayed delivery)."""
@@ -91,6 +94,9 @@ class Poller:
         self.held: list[ConsumingChannel] = []
         self.hub = None
         self._hub_fds: dict[int, ConsumingChannel] = {}   # fd -> channel, registered with the hub
+        # fd -> the socket registered: a reconnect may reuse the number of a closed one,
+        # which epoll forgot when it was closed.
+        self._hub_socks: dict = {}
         self._due_timers: dict = {}   # channel -> (monotonic time, hub timer entry): next due
         self._refill_timers: dict = {}   # channel -> hub timer entry: a held-back read
         self._renewer = Renewer(self, min(renew_every, Renewer.EVERY)) if renew_every else None
@@ -183,9 +189,10 @@ class Poller:
         if fd is None:
             self._forget_channel_fds(channel)
             self._arm_refill(channel)
-        elif self._hub_fds.get(fd) is not channel:
+        elif self._hub_fds.get(fd) is not channel or self._hub_socks.get(fd) is not channel.read_socket():
             self._forget_channel_fds(channel)
             self._hub_fds[fd] = channel
+            self._hub_socks[fd] = channel.read_socket()
             self.hub.add_reader(fd, self.on_readable, fd)
         self._arm(channel)
         channel.check_stale_read(STALE_READ_MARGIN)
@@ -242,6 +249,7 @@ class Poller:
 
     def _forget_fd(self, fd):
         self._hub_fds.pop(fd, None)
+        self._hub_socks.pop(fd, None)
         if self.hub is not None:
             try:
                 self.hub.remove_reader(fd)

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import redis
 
 from . import errors
+from .connection import moves as master_moves
 from .scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Reader:
         self._block_next = False        # the last read found nothing: wait for new entries
         #: Seconds the last :meth:`start` held a read back to fill more of the window (0: none).
         self.held_back = 0.0
+        self._moves = master_moves(channel.pool)   # Sentinel: the master moved
 
     @cached_property
     def client(self) -> redis.Redis:
@@ -130,6 +132,10 @@ class Reader:
         waits for more of the prefetch window to come free.
         """
         self.held_back = 0.0
+        if master_moves(self.channel.pool) != self._moves:
+            self._moves = master_moves(self.channel.pool)
+            logger.info('celery_streams: the master moved (Sentinel): reading from the new one')
+            self.drop_connection()
         if self.outstanding is not None:
             return self.outstanding.connection._sock.fileno()
         if self.scheduler.promote_due(queues):

@@ -45,7 +45,7 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 
 from . import errors, hooks, wire
-from .connection import SCHEMES, TLS_SCHEMES, Address, refuse_foreign_alternates  # noqa: F401
+from .connection import SCHEMES, TLS_SCHEMES, Address, follow_master, refuse_foreign_alternates  # noqa: F401
 from .inbox import Inbox
 from .inventory import last_entry_id
 from .keys import SCHEMA_VERSION, Keys
@@ -259,6 +259,10 @@ class Channel(virtual.Channel):
         """Seconds until a read held back by the last :meth:`start_read` goes out, or None."""
         return self.reader.held_back or None
 
+    def read_socket(self):
+        read = self.reader.outstanding
+        return None if read is None else read.connection._sock
+
     def finish_read(self):
         return self.reader.finish()
 
@@ -291,6 +295,13 @@ class Channel(virtual.Channel):
     def next_due_in(self):
         """Seconds until the next scheduled message of a consumed queue is due, or None."""
         return None if self.closed else self.reader.scheduler.next_due_in(self.consuming_queues())
+
+    def follow_master(self):
+        """Sentinel: ask where the master is; when it moved, this channel's connections follow
+        (:func:`celery_streams.connection.moves`), the reader at its next read."""
+        if follow_master(self.pool):
+            logger.warning('celery_streams: the Sentinels moved master %r to %s:%s; following it',
+                           self.options.master_name, *self.pool.master_address)
 
     def renew_liveness(self):
         self.liveness.renew()

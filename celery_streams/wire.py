@@ -45,16 +45,26 @@ class Line:
         self._lock = threading.Lock()
         self._connection = None
         self._pid = os.getpid()
+        self._moves = getattr(pool, 'moves', 0)   # Sentinel: the master moved (connection.moves)
 
     def get_connection(self):
         self._lock.acquire()
-        if self._connection is None or self._pid != os.getpid():
-            self._pid = os.getpid()
-            try:
+        moves = getattr(self.pool, 'moves', 0)
+        if moves != self._moves:
+            self._moves = moves
+            if self._connection is not None:
+                self._connection.disconnect()   # reconnects to the new master
+        try:
+            if self._connection is None or self._pid != os.getpid():
+                self._pid = os.getpid()
                 self._connection = self.pool.get_connection()
-            except BaseException:
-                self._lock.release()
-                raise
+            elif self._connection._sock is None:
+                # connect() itself: with Sentinel it asks where the master is, where
+                # redis-py's implicit reconnect would go back to the old address.
+                self._connection.connect()
+        except BaseException:
+            self._lock.release()
+            raise
         return self._connection
 
     def release(self, connection):
