@@ -60,6 +60,9 @@ def pytest_configure(config):
     """In CI, abort early without servers; make SIGTERM run the cleanup."""
     config.addinivalue_line(
         "markers", "needs_server: skipped when no Redis/Valkey server is available")
+    config.addinivalue_line(
+        "markers", "one_server: runs on the preferred server kind only (see "
+        "pytest_collection_modifyitems)")
     if _DISCOVERY_ERROR and in_ci():
         raise pytest.UsageError(_DISCOVERY_ERROR + " (CI=true: servers are required)")
     if (threading.current_thread() is threading.main_thread()
@@ -75,8 +78,26 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Without servers, skip every test that needs one (see the module docstring)."""
+    """Without servers, skip every test that needs one (see the module docstring).
+
+    With several kinds, a test marked ``one_server`` (what it checks does not
+    depend on the server: a pool, a CLI, packaging) runs on the preferred kind
+    only (Redis 7 where available), so the matrix costs time only where the
+    servers differ.
+    """
     if SERVERS:
+        preferred = servers.preferred_server("redis7").name
+        keep, drop = [], []
+        for item in items:
+            param = getattr(getattr(item, "callspec", None), "params", {}).get("redis_server")
+            if item.get_closest_marker("one_server") and param is not None \
+                    and getattr(param, "name", preferred) != preferred:
+                drop.append(item)
+            else:
+                keep.append(item)
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = keep
         return
     skip = pytest.mark.skip(reason=f"needs a Redis/Valkey server: {_DISCOVERY_ERROR}")
     for item in items:

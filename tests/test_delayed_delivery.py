@@ -347,6 +347,7 @@ def test_a_countdown_task_waits_in_redis_then_runs_on_time(start_worker, client_
     assert r.zcard(keys.scheduled('celery')) == 0
 
 
+@pytest.mark.one_server
 def test_priority_bucket_kept_and_moved_while_the_worker_is_full(start_worker, client_app, journal,
                                                                  r, keys):
     """A priority-7 countdown task moves into bucket 6's stream when due, even while the only

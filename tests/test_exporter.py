@@ -23,6 +23,8 @@ from celery_streams import exporter
 from tests.helpers import wait_until
 from tests.workers import ROOT, Worker, app_env, celery_command
 
+pytestmark = pytest.mark.one_server   # nothing here depends on the server kind
+
 DOCS = ROOT / 'docs'
 
 

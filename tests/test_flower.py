@@ -13,6 +13,8 @@ import pytest
 from tests.servers import free_port
 from tests.workers import ROOT, app_env
 
+pytestmark = pytest.mark.one_server   # nothing here depends on the server kind
+
 pytest.importorskip('flower')
 
 

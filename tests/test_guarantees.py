@@ -423,6 +423,7 @@ def test_a_task_expiring_while_queued_ends_revoked(start_worker, client_app, jou
 
 # -- 6. x-expires -----------------------------------------------------------------
 
+@pytest.mark.one_server
 def test_a_consumed_queue_with_x_expires_does_not_expire(redis_server, prefix, r, keys, unique_name):
     """A queue with ``x-expires`` lives while consumed, even while its consumer's prefetch is full."""
     name = unique_name
@@ -497,6 +498,7 @@ def test_message_ttl_is_not_judged_by_a_skewed_consumer_clock(redis_server, pref
 
 # -- 9. a long -P solo task is no half-open connection ----------------------------
 
+@pytest.mark.one_server
 def test_a_long_solo_task_causes_no_false_reconnect_or_redelivery(start_worker, client_app, r, keys,
                                                                   journal):
     """Under -P solo, a 13 s task with 2 more tasks prefetched: each runs once, no reconnect."""
@@ -565,6 +567,7 @@ with Consumer(conn, [q], callbacks=[lambda b, m: m.ack()]):
 '''
 
 
+@pytest.mark.one_server
 def test_the_broadcast_queue_of_a_killed_consumer_goes_away(redis_server, prefix, unique_name, r,
                                                              keys):
     """A broadcast (fanout, auto_delete) queue whose consumer was killed disappears within a
@@ -631,6 +634,7 @@ def test_a_message_in_flight_when_its_group_was_lost_comes_back_marked_redeliver
 
 # -- 8. a connection blip under a running acks_late task -------------------------
 
+@pytest.mark.one_server
 def test_a_connection_blip_does_not_rerun_a_running_acks_late_task(
         start_worker, client_app, journal, redis_server, r, keys):
     """The broker connections of a worker are killed while an ``acks_late`` task runs: the task

@@ -12,6 +12,8 @@ from celery_streams import admin
 from tests.helpers import wait_until
 from tests.workers import ROOT, Worker, app_env, celery_command, clean_env
 
+pytestmark = pytest.mark.one_server   # nothing here depends on the server kind
+
 
 def run_one_task(env):
     """A consumer shows in XINFO CONSUMERS once it has read an entry (Redis 7.0+)."""
