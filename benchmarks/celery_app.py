@@ -66,3 +66,20 @@ def eta_lateness(self):
     if eta is not None and eta.tzinfo is None:
         eta = eta.replace(tzinfo=timezone.utc)
     counter().rpush(KEY + ':lateness', started - eta.timestamp() if eta is not None else 'nan')
+
+
+@app.task(bind=True)
+def eta_run(self):
+    """Record, in one round trip: the seconds from the task's ETA to its start (``KEY:lateness``),
+    one more run for this worker (``KEY:hosts``, by hostname) and its start time (``KEY:started``)."""
+    started = time.time()
+    eta = self.request.eta
+    if isinstance(eta, str):
+        eta = datetime.fromisoformat(eta)
+    if eta is not None and eta.tzinfo is None:
+        eta = eta.replace(tzinfo=timezone.utc)
+    pipe = counter().pipeline(transaction=False)
+    pipe.rpush(KEY + ':lateness', started - eta.timestamp() if eta is not None else 'nan')
+    pipe.hincrby(KEY + ':hosts', self.request.hostname or '?', 1)
+    pipe.rpush(KEY + ':started', started)
+    pipe.execute()
