@@ -99,6 +99,7 @@ class Poller:
         self._hub_socks: dict = {}
         self._due_timers: dict = {}   # channel -> (monotonic time, hub timer entry): next due
         self._refill_timers: dict = {}   # channel -> hub timer entry: a held-back read
+        self._in_tick = False
         self._renewer = Renewer(self, min(renew_every, Renewer.EVERY)) if renew_every else None
 
     def add(self, channel):
@@ -151,9 +152,26 @@ class Poller:
             self.hub = None
 
     def on_tick(self):
-        for channel in list(self.channels):
-            channel.flush_acks()
-            self._start(channel)
+        self._in_tick = True
+        try:
+            for channel in list(self.channels):
+                channel.flush_acks()
+                self._start(channel)
+        finally:
+            self._in_tick = False
+
+    def _timer_armed(self):
+        """A timer was armed: from ``on_tick``, wake the hub so that it sleeps no longer than that.
+
+        kombu's hub works out how long to sleep (its next timer) *before* it
+        calls ``on_tick``, so without this a timer armed there would wait for
+        the next event or a timer already set: up to a second, and a worker
+        holding ETA tasks (whose window never gets half free) read about ten
+        messages a second.
+        """
+        waker = getattr(self.hub, '_waker', None) if self._in_tick else None
+        if waker is not None:
+            waker.wake()
 
     def on_readable(self, fd):
         channel = self._hub_fds.get(fd)
@@ -210,6 +228,7 @@ class Poller:
                 return
             armed[1].cancel()
         self._due_timers[channel] = (when, self.hub.call_later(when - monotonic(), self._on_due, channel))
+        self._timer_armed()
 
     def _disarm(self, channel):
         armed = self._due_timers.pop(channel, None)
@@ -224,6 +243,7 @@ class Poller:
         wait = channel.read_held_back()
         if wait is not None and channel not in self._refill_timers:
             self._refill_timers[channel] = self.hub.call_later(wait, self._on_refill, channel)
+            self._timer_armed()
 
     def _on_refill(self, channel):
         self._refill_timers.pop(channel, None)

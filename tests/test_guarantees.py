@@ -185,6 +185,25 @@ def test_held_countdown_tasks_do_not_stop_a_worker_reading(start_worker, client_
         'the plain task did not run within 5 s while 3 countdown tasks were held\n' + tail(worker))
 
 
+def test_a_worker_holding_countdown_tasks_reads_them_without_waiting(start_worker, client_app, r, keys):
+    """400 countdown tasks an hour ahead, delayed delivery off: the worker takes them all in seconds.
+
+    Celery raises ``prefetch_count`` by one for each one it holds, so no more than
+    the original window (8) is ever free: a read held back for a fuller window
+    must still go out a few ms later, not when the event hub next wakes (once a
+    second: 400 would take about 50 s).
+    """
+    client_app.conf.broker_transport_options = dict(client_app.conf.broker_transport_options,
+                                                    delayed_delivery=False)
+    start_worker('-c', '2')
+    with client_app.producer_or_acquire() as producer:
+        for i in range(400):
+            client_app.send_task(E2E + 'record', args=('eta%d' % i,), countdown=3600, producer=producer)
+    stream = keys.stream('celery')
+    assert wait_until(lambda: r.xpending(stream, 'celery')['pending'] == 400, 15), (
+        'the worker holds %d of 400 countdown tasks after 15 s' % r.xpending(stream, 'celery')['pending'])
+
+
 def test_running_acks_late_tasks_do_not_stop_a_worker_reading(start_worker, client_app, journal):
     """With acks_late and -c 4, a new task starts within seconds while 3 long tasks run."""
     worker = start_worker('-c', '4', E2E_PREFETCH=1, E2E_ACKS_LATE=1)
