@@ -63,6 +63,7 @@ class QoS(virtual.QoS):
         self._loop_thread = None      # the thread whose acks wait for the next turn
         self.pipe = AckPipe(channel.pool)
         self._short_since = None      # since when fewer than half the window is free
+        self._base_window = 0         # the smallest prefetch_count seen (refill_wait)
 
     # -- kombu's QoS ----------------------------------------------------------
 
@@ -133,12 +134,15 @@ class QoS(virtual.QoS):
         A busy consumer refills its prefetch window once half of it is free,
         so that each read brings several messages instead of the one slot an
         ack just freed. Reads are one at a time per channel, so a worker
-        reading slot by slot spends a round trip per task. Fewer free slots
-        are read after :data:`REFILL_WAIT` at the latest: Celery raises
-        ``prefetch_count`` by one for each ETA task it holds, so half the
-        window may never come free.
+        reading slot by slot spends a round trip per task. Celery raises
+        ``prefetch_count`` by one for each ETA task it holds, and those slots
+        come free only when the tasks are due: "half" is of the smallest window
+        seen. Fewer free slots are read after :data:`REFILL_WAIT` at the latest.
         """
         window = self.prefetch_count
+        if window:
+            # The smallest window seen: the one without ETA tasks, whose half can come free.
+            window = self._base_window = min(self._base_window or window, window)
         if not window or budget * 2 >= window or 'can_consume' in vars(self):
             self._short_since = None
             return 0.0
