@@ -29,15 +29,20 @@ MAX_UNREAD = 32
 
 
 class AckPipe:
-    """One connection of ``pool`` that acks are written on, their replies read later."""
+    """One connection of ``pool`` that acks are written on, their replies read later.
+
+    The connection is a :class:`~celery_streams.wire.Line`'s: one per process,
+    following the master after a Sentinel failover. Unread replies belong to
+    the socket they were written on: once the line has another socket, the
+    acks they answer are written again.
+    """
 
     def __init__(self, pool):
-        self.pool = pool
+        self.line = wire.Line(pool)
         self._lock = threading.Lock()
-        self._connection = None
+        self._sock = None               # the socket the unread replies come on
         self._unread: deque = deque()   # (packed commands, number of replies), oldest first
         self._unsent: list = []         # the same, to be written (again, if a connection broke)
-        self._moves = getattr(pool, 'moves', 0)   # Sentinel: the master moved (connection.moves)
 
     def write(self, commands: Iterable[tuple], wait: bool = False) -> None:
         """Write ``commands``; with ``wait``, return once every ack written so far got its reply.
@@ -49,16 +54,14 @@ class AckPipe:
         packed = b''.join(wire.pack(args) for args in commands)
         with self._lock:
             self._unsent.append((packed, len(commands)))
-            self._send()
-            self._collect(wait or len(self._unread) > MAX_UNREAD)
+            self._collect(self._send(), wait or len(self._unread) > MAX_UNREAD)
 
     def collect(self, wait: bool = False) -> None:
         """Read the replies that arrived (with ``wait``: all, after writing what is unsent)."""
         if not self._unread and not self._unsent:
             return
         with self._lock:
-            self._send()
-            self._collect(wait)
+            self._collect(self._send(), wait)
 
     @property
     def unconfirmed(self) -> int:
@@ -67,29 +70,31 @@ class AckPipe:
 
     # -- with the lock held ---------------------------------------------------
 
-    def _send(self) -> None:
-        moves = getattr(self.pool, 'moves', 0)
-        if self._connection is None:
-            self._connection = self.pool.get_connection()
-        elif (self._connection._sock is None and self._unread) or moves != self._moves:
-            self._lost()   # disconnected (``pool.disconnect()``), or the master moved
-        self._moves = moves
-        if not self._unsent:
-            return
-        try:
-            if self._connection._sock is None:
-                self._connection.connect()   # with Sentinel: to where the master is now
-            # No health check: its PING would read the replies of earlier acks.
-            self._connection.send_packed_command([b''.join(p for p, _ in self._unsent)],
-                                                 check_health=False)
-        except BaseException:
-            self._lost()
-            raise
-        self._unread.extend(self._unsent)
-        self._unsent = []
+    def _send(self):
+        connection = self.line.get_connection()
+        self.line.release(connection)
+        if self._unread and connection._sock is not self._sock:
+            self._requeue()   # disconnected, forked, or the master moved: those replies are gone
+        if self._unsent:
+            try:
+                # No health check: its PING would read the replies of earlier acks.
+                connection.send_packed_command([b''.join(p for p, _ in self._unsent)],
+                                               check_health=False)
+            except BaseException:
+                self._lost(connection)
+                raise
+            self._sock = connection._sock
+            self._unread.extend(self._unsent)
+            self._unsent = []
+        return connection
 
-    def _collect(self, wait: bool) -> None:
-        connection, unread = self._connection, self._unread
+    def _collect(self, connection, wait: bool) -> None:
+        unread = self._unread
+        if unread and connection._sock is not self._sock:   # closed meanwhile, by another thread
+            self._requeue()
+            if not wait:
+                return
+            connection = self._send()
         first_error = None
         try:
             while unread and (wait or connection.can_read(timeout=0)):
@@ -100,13 +105,16 @@ class AckPipe:
                         first_error = first_error or error
                 unread.popleft()
         except BaseException:
-            self._lost()
+            self._lost(connection)
             raise
         if first_error is not None:
             raise first_error
 
-    def _lost(self) -> None:
-        """The connection broke: what has no reply yet is written again on a new one."""
+    def _requeue(self) -> None:
         self._unsent = list(self._unread) + self._unsent
         self._unread.clear()
-        self._connection.disconnect()
+
+    def _lost(self, connection) -> None:
+        """The connection broke: what has no reply yet is written again on a new one."""
+        self._requeue()
+        connection.disconnect()

@@ -303,11 +303,8 @@ def ssl_arguments(settings: Mapping[str, Any]) -> dict:
 
 def first_url(broker_url: Any) -> str | None:
     """The first URL of Celery's ``broker_url`` (a string, ``a;b`` or a list)."""
-    if isinstance(broker_url, (list, tuple)):
-        broker_url = broker_url[0] if broker_url else None
-    if isinstance(broker_url, str):
-        broker_url = broker_url.split(';')[0].strip()
-    return broker_url or None
+    urls = broker_urls(broker_url)
+    return urls[0] if urls else None
 
 
 def broker_urls(broker_url: Any) -> list[str]:

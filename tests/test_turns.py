@@ -80,7 +80,7 @@ def test_acks_land_when_the_connection_drops_before_redis_ran_them(
             for message in got:
                 qos.ack_later(message.delivery_tag)   # written, replies not waited for
             assert qos.pipe.unconfirmed >= 1
-            qos.pipe._connection.disconnect()         # the connection drops before they ran
+            qos.pipe.line._connection.disconnect()         # the connection drops before they ran
         finally:
             r.client_unpause()
         qos.flush_acks(wait=True)
