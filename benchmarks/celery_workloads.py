@@ -101,6 +101,29 @@ def delete_queues(app, *names):
         pass
 
 
+def run_send(broker, n):
+    """Tasks/s of ``send_task`` one by one (no batch, no worker), timed until all are queued."""
+    from .kombu_workloads import queue_size
+
+    queue = 'csbench-%s-send' % uuid.uuid4().hex[:10]
+    app = make_app(broker, broker.transport_options)
+    try:
+        with app.connection_for_write() as conn:
+            channel = conn.default_channel
+            Queue(queue, Exchange(queue), routing_key=queue)(channel).declare()
+            for _ in range(200):   # warm up: the producer pool, the scripts
+                app.send_task(NOOP, queue=queue)
+            began = time.perf_counter()
+            for _ in range(n):
+                app.send_task(NOOP, queue=queue)
+            wait_until(lambda: queue_size(channel, Queue(queue)) >= n + 200, timeout=120,
+                       what='%d tasks queued' % n)
+            return {'rate': n / (time.perf_counter() - began)}
+    finally:
+        delete_queues(app, queue)
+        app.close()
+
+
 def run_throughput(broker, n, workers=1, acks_late=False, profile=None):
     """Tasks/s of ``workers`` prefork workers draining ``n`` queued no-op tasks.
 

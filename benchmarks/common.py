@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -103,13 +103,14 @@ class Broker:
     url: str
     server: RedisServer     # the private Redis: the broker itself, or just the task counters
     on_redis: bool = True   # the broker is that Redis (flushed between runs)
+    transport_options: dict = field(default_factory=dict)
 
     @property
     def redis(self) -> RedisServer | None:
         return self.server if self.on_redis else None
 
     def connection(self, **kwargs) -> Connection:
-        return Connection(self.url, **kwargs)
+        return Connection(self.url, transport_options=self.transport_options, **kwargs)
 
     @property
     def counter_url(self) -> str:
@@ -124,6 +125,19 @@ class Broker:
 
 
 STREAMS, KOMBU_REDIS, RABBITMQ = 'celery_streams', 'kombu redis', 'rabbitmq'
+#: celery_streams with ``publish_confirm='later'``: run in the publish workloads only.
+STREAMS_LATER = 'celery_streams later'
+
+
+def with_confirm_later(brokers):
+    """``brokers`` with celery_streams' ``publish_confirm='later'`` after celery_streams."""
+    out = []
+    for broker in brokers:
+        out.append(broker)
+        if broker.name == STREAMS:
+            out.append(Broker(STREAMS_LATER, broker.url, broker.server,
+                              transport_options={'publish_confirm': 'later'}))
+    return out
 
 
 def make_brokers(server: RedisServer, with_rabbit=True):

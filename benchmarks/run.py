@@ -23,7 +23,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks import kombu_workloads as kw  # noqa: E402
 from benchmarks.common import (KOMBU_REDIS, ROOT, STREAMS, RedisServer, alternate,  # noqa: E402
                                machine_info, make_brokers, median, rabbit_version,
-                               snapshot_sources, sources_digest)
+                               snapshot_sources, sources_digest, with_confirm_later)
 
 SIZES = {
     #                 full       quick
@@ -109,6 +109,8 @@ class Bench:
 
 
 def _cell(value, runs):
+    if not runs:
+        return '-'   # not run for this broker
     if value != value:   # NaN: no successful run
         return 'failed'
     text = _num(value)
@@ -128,13 +130,17 @@ def pick(results, field):
 def run_kombu(bench, brokers, only):
     n, rounds = bench.size['messages'], bench.size['rounds']
     rows = []
+    publishers = with_confirm_later(brokers)
     if 'publish' in only:
         bench.log('== kombu publish, %d messages, 1 queue' % n)
         rows.append(('publish (msg/s)', alternate(
-            brokers, rounds, bench.log, lambda b: kw.run_publish(b, n))))
+            publishers, rounds, bench.log, lambda b: kw.run_publish(b, n))))
+        bench.log('== Celery send_task one by one, %d tasks' % n)
+        rows.append(('Celery send_task, one by one (tasks/s)', alternate(
+            publishers, rounds, bench.log, lambda b: cw.run_send(b, n))))
     if 'batch' in only:
         bench.log('== kombu Producer.batch() publish, %d messages' % n)
-        res = alternate(brokers, rounds, bench.log, lambda b: kw.run_publish(b, n, batch=True))
+        res = alternate(publishers, rounds, bench.log, lambda b: kw.run_publish(b, n, batch=True))
         batched = {name: runs[0]['batched'] for name, runs in res.items() if runs}
         label = 'publish in Producer.batch() (msg/s; pipelined: %s)' % ', '.join(
             '%s %s' % (name, 'yes' if flag else 'no') for name, flag in batched.items())
@@ -144,12 +150,13 @@ def run_kombu(bench, brokers, only):
         rows.append(('consume + ack, prefetch %d (msg/s)' % kw.PREFETCH, alternate(
             brokers, rounds, bench.log, lambda b: kw.run_consume(b, n))))
     if rows:
+        shown = publishers if {'publish', 'batch'} & only else brokers
         bench.compare('kombu: publish and consume', [(label, pick(res, 'rate')) for label, res in rows],
-                      brokers, 'msg/s', note=(
+                      shown, 'msg/s', note=(
             '%d JSON messages of ~300 bytes, one queue behind a direct exchange (as Celery '
             'declares them); publish timed until the broker reports all of them queued; consume '
             'drains a pre-filled queue with one Consumer, acking each message.' % n))
-        bench.work('kombu', rows, brokers, 'the timed part; commands: calls per message')
+        bench.work('kombu', rows, shown, 'the timed part; commands: calls per message')
 
 
 def run_queues(bench, brokers):

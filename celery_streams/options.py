@@ -58,6 +58,11 @@ option                          default          meaning
                                                  write), else raises ``NotReplicated``;
                                                  0: off
 ``publish_wait_timeout``        ``1.0``          seconds ``WAIT`` waits for them at most
+``publish_confirm``             ``'now'``        ``now``: a publish returns once Redis has
+                                                 the message; ``later``: once it is
+                                                 written, Redis' reply read by a later
+                                                 publish (faster; what can be lost:
+                                                 docs/guarantees.md)
 ==============================  ===============  ===========================================
 
 ``delayed_delivery`` decides how a *publisher* stores a message; every
@@ -133,6 +138,7 @@ class Options:
     min_other_sentinels: int | None = None
     publish_wait_replicas: int = 0
     publish_wait_timeout: float = 1.0
+    publish_confirm: str = 'now'
     ignored: tuple = field(default=(), compare=False)
 
     @classmethod
@@ -182,6 +188,11 @@ class Options:
             raise ConfigurationError('transport option consumer_group must be a non-empty string')
         _choice('queue_order_strategy', values, ('round_robin', 'sorted', 'priority'))
         _choice('priority_semantics', values, ('kombu', 'rabbitmq'))
+        _choice('publish_confirm', values, ('now', 'later'))
+        if values.get('publish_confirm') == 'later' and values.get('publish_wait_replicas'):
+            raise ConfigurationError(
+                "transport option publish_wait_replicas needs publish_confirm='now': a publish "
+                'confirmed later does not wait for replicas either')
         if 'priority_steps' in values:
             try:
                 steps = tuple(sorted({int(step) for step in values['priority_steps']}))

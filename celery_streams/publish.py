@@ -21,7 +21,7 @@ class PublishBatch:
         self._buffered = 0
         self._failed = None
         self._closed = False
-        self._on_results = []   # (index of the publish's first command, callback)
+        self._on_replies = []   # (index of the publish's first command, its count, callback)
 
     def publish(self, message, **kwargs):
         self._check_usable()
@@ -30,14 +30,14 @@ class PublishBatch:
             self.flush()
         return result
 
-    def add(self, commands, on_result=None):
+    def add(self, commands, on_replies=None):
         """Buffer the commands of one publish.
 
-        ``on_result(reply)`` is called with the reply of its first command
-        when the batch is flushed.
+        ``on_replies(replies)`` is called with the replies of its commands
+        once the batch was flushed and they ran.
         """
-        if on_result is not None:
-            self._on_results.append((len(self._commands), on_result))
+        if on_replies is not None:
+            self._on_replies.append((len(self._commands), len(commands), on_replies))
         self._commands.extend(commands)
         self._buffered += 1
 
@@ -46,21 +46,25 @@ class PublishBatch:
         if not self._buffered:
             return
         router = self.channel.router
-        commands, callbacks = self._commands, self._on_results
+        commands, callbacks = self._commands, self._on_replies
+
+        def dispatch(replies):
+            for start, count, on_replies in callbacks:
+                on_replies(replies[start:start + count])
+
         self.discard()
         try:
-            results = router.run(commands)   # WAIT behind the whole batch when confirmed by replicas
+            # WAIT behind the whole batch when confirmed by replicas.
+            router.run(commands, on_replies=dispatch if callbacks else None)
         except Exception as exc:
             self._failed = exc
             raise BatchPublishError('%s of a publish batch of %d commands failed, delivery is '
                                     'uncertain: %s' % (type(exc).__name__, len(commands), exc)) from exc
-        for index, on_result in callbacks:
-            on_result(results[index])
 
     def discard(self):
         self._buffered = 0
         self._commands = []
-        self._on_results = []
+        self._on_replies = []
 
     def close(self):
         if not self._closed:

@@ -17,17 +17,37 @@ before a worker declared its queue, or after a nuke, is lost. Queues known only
 from bindings another process wrote (a reply queue, a broadcast queue)
 receive a message only while their stream exists: a queue that expired or was
 deleted leaves a stale binding, which is removed.
+
+A publish returns once Redis replied (``publish_confirm='now'``, the default):
+a message whose publish returned is in Redis. With ``publish_confirm='later'``
+it returns once the message is written on a connection of its own
+(:class:`~celery_streams.pipe.Pipe`); the replies are read by later publishes
+(the older half once :data:`CONFIRM_WINDOW` are unread: one read for hundreds
+of replies) and at the channel's close. A connection that drops before a reply is read gets the unconfirmed
+messages written again (a duplicate, if one had run); one Redis refused is
+logged and lost; what was written when the process died may be lost.
 """
 from __future__ import annotations
 
+import logging
 from bisect import bisect
 from fnmatch import fnmatchcase
+from functools import partial
 
 import redis
 from kombu.utils.json import dumps
+from redis.exceptions import NoScriptError
 
 from . import errors, replication, scheduler
 from .keys import SEP
+from .pipe import Pipe
+
+logger = logging.getLogger(__name__)
+
+#: ``publish_confirm='later'``: publishes written whose replies are unread, beyond which
+#: a publish reads the replies of the older half (about 0.5 MB of 300-byte messages kept
+#: for a resend).
+CONFIRM_WINDOW = 1000
 
 
 class Router:
@@ -41,6 +61,10 @@ class Router:
         self.scripts = channel.scripts
         #: ``WAIT`` sent behind every write (``publish_wait_replicas``), or None.
         self.wait = replication.wait_command(self.options)
+        #: ``publish_confirm='later'``: the connection publishes are written on, replies read later.
+        self.pipe = Pipe(channel.pool, CONFIRM_WINDOW, poll=False) if self.options.publish_confirm == 'later' else None
+        #: Publishes written without waiting that Redis refused (lost), since the channel opened.
+        self.refused = 0
 
     def bucket(self, message) -> int:
         """The priority bucket of ``message`` (kombu: the step at or below its priority)."""
@@ -54,41 +78,44 @@ class Router:
         payload = serialize(message, now_ms)
         due = scheduler.due_ms(message, now_ms, self.options)
         if due is not None:
-            return self._schedule(queue, bucket, due, payload, False, _publish_batch)
-        self._write(_xadd(self.keys.stream(queue, bucket), payload, self.queues.expires(queue)),
-                    _publish_batch)
+            self._write([self._schedule_command(queue, bucket, due, payload, False)], _publish_batch)
+        else:
+            self._write(_xadd(self.keys.stream(queue, bucket), payload, self.queues.expires(queue)),
+                        _publish_batch)
 
-    def _schedule(self, queue, bucket, due, payload, if_exists, _publish_batch=None):
+    def _schedule_command(self, queue, bucket, due, payload, if_exists) -> tuple:
         """Add a message due at ``due`` (ms) to the schedule of ``queue`` (the ``schedule`` script).
 
         ``if_exists``: only while the queue's main stream exists (a queue known
-        from bindings only). Returns 1, or None when the queue is gone.
+        from bindings only); the script answers None when it is gone.
         """
-        replies = self._write([self._schedule_command(queue, bucket, due, payload, if_exists)],
-                              _publish_batch)
-        return replies and replies[0]
-
-    def _schedule_command(self, queue, bucket, due, payload, if_exists) -> tuple:
         return self.scripts.command('schedule', [self.keys.scheduled(queue), self.keys.stream(queue)],
                                     [due, bucket, scheduler.new_token(), payload,
                                      '1' if if_exists else '0'])
 
-    def _write(self, commands, batch=None, on_result=None):
-        """One publish's commands: buffered in ``batch``, or sent now; their replies (None if buffered).
+    def _write(self, commands, batch=None, on_replies=None) -> None:
+        """One publish's commands: buffered in ``batch``, or sent now.
 
-        ``on_result(reply of the first command)``: called once the commands ran.
+        ``on_replies(replies)``: called once the commands ran (with
+        ``publish_confirm='later'``, by a later publish).
         """
         if batch is not None:
-            batch.add(commands, on_result)
-            return None
-        replies = self.run(commands)
-        if on_result is not None:
-            on_result(replies[0])
-        return replies
+            batch.add(commands, on_replies)
+        else:
+            self.run(commands, on_replies)
 
-    def run(self, commands) -> list:
-        """Send ``commands`` in one round trip (``WAIT`` behind them when publishes are
-        confirmed by replicas); their replies, or the first error, in one line."""
+    def run(self, commands, on_replies=None) -> None:
+        """Send ``commands`` in one write and check their replies, then ``on_replies(replies)``.
+
+        ``publish_confirm='now'``: returns once Redis replied (with ``WAIT``
+        behind them when publishes are confirmed by replicas), raising the
+        first error in one line. ``'later'``: returns once they are written
+        (:meth:`_confirmed` checks the replies).
+        """
+        if self.pipe is not None:
+            self.pipe.write(commands, on_replies=partial(self._confirmed, commands, on_replies),
+                            retry=False)
+            return
         wait = self.wait
         replies = self.scripts.run(self.channel.line, [*commands, wait] if wait else commands)
         confirmed = replies.pop() if wait else None
@@ -99,7 +126,53 @@ class Router:
                 raise reply
         if wait:
             replication.confirm(confirmed, self.options, self.channel.pool)
-        return replies
+        if on_replies is not None:
+            on_replies(replies)
+
+    def _confirmed(self, commands, on_replies, replies, tries=3) -> None:
+        """The replies of commands written earlier (``publish_confirm='later'``).
+
+        Commands refused with ``NOSCRIPT`` (a restart, ``SCRIPT FLUSH``) did
+        not run: they are written again once the scripts are loaded. Any other
+        error is logged, once per publish: that message is lost.
+        """
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing and tries:
+            self.scripts.reload_all()
+
+            def again(new_replies):
+                for i, reply in zip(missing, new_replies):
+                    replies[i] = reply
+                self._confirmed(commands, on_replies, replies, tries - 1)
+
+            try:
+                self.pipe.write([commands[i] for i in missing], on_replies=again)
+            except errors.connection_errors:
+                pass   # kept: the next publish writes them again
+            return
+        failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
+        if failed is not None:
+            self.refused += 1
+            logger.error('celery_streams: a publish written without waiting '
+                         "(publish_confirm='later') was refused, the message is lost: %s",
+                         errors.translate_write_error(failed)
+                         if isinstance(failed, redis.ResponseError) else failed)
+        elif on_replies is not None:
+            try:
+                on_replies(replies)
+            except errors.connection_errors as exc:   # not this publish's error: log it
+                logger.error('celery_streams: a publish written without waiting could not be '
+                             'routed on: %s', exc)
+
+    def close(self) -> None:
+        """Read the replies of the publishes not yet confirmed (``publish_confirm='later'``)."""
+        if self.pipe is None or not self.pipe.unconfirmed:
+            return
+        try:
+            self.pipe.collect(wait=True)
+        except errors.connection_errors as exc:
+            logger.warning('celery_streams: %d publish(es) written without waiting are not '
+                           'confirmed, Redis may not have them: %s', self.pipe.unconfirmed, exc)
 
     def publish(self, message, exchange, routing_key, **kwargs):
         """Route one message through ``exchange`` and append it (kombu's ``basic_publish``)."""
@@ -114,11 +187,11 @@ class Router:
             route = self.scripts.command('route', [self.keys.bindings(exchange)],
                                          self._route_argv(exchange, kind, routing_key, message))
 
-            def fall_back(delivered):
-                if delivered == -1:   # no bindings in Redis: route by this process's declarations
+            def fall_back(replies):
+                if replies[0] == -1:   # no bindings in Redis: route by this process's declarations
                     self._put_declared(exchange, routing_key, message)   # now: a batch is flushing
 
-            self._write([route], batch, on_result=fall_back)
+            self._write([route], batch, on_replies=fall_back)
             return
         self._put_declared(exchange, routing_key, message, kwargs.get('_publish_batch'))
 
@@ -168,11 +241,13 @@ class Router:
             self.scripts.command('append', [self.keys.stream(queue, bucket)],
                                  [maxlen, payload, self.queues.expires(queue) or 0])
             for queue in queues]
-        replies = self._write(commands, _publish_batch)
-        if replies is not None:
+
+        def drop_gone(replies):
             gone = {queue for queue, reply in zip(queues, replies) if reply is None}
             if gone:
                 self.queues.drop_stale_bindings(exchange, gone)
+
+        self._write(commands, _publish_batch, on_replies=drop_gone)
 
 
 def serialize(message, now_ms: float) -> str:

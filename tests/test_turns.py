@@ -1,7 +1,7 @@
 """A turn of the consume loop: acks that are not waited for, and reads held back for a fuller window.
 
 * Acks of the loop are written without waiting for their replies
-  (:mod:`celery_streams.acks`). They must land all the same, also when the
+  (:mod:`celery_streams.pipe`). They must land all the same, also when the
   connection drops before Redis ran them, and before anything that must come
   after them (a restore).
 * A busy consumer holds a read back until half its prefetch window is free

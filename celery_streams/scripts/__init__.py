@@ -56,6 +56,11 @@ class Scripts:
         """Load script ``name`` again (after ``NOSCRIPT``)."""
         self.client.script_load(source(name))
 
+    def reload_all(self) -> None:
+        """Load every script again (after ``NOSCRIPT``: the server lost them all)."""
+        for name in NAMES:
+            self.reload(name)
+
     def run(self, pool, commands) -> list:
         """Send ``commands`` (scripts from :meth:`command`, or any) in one write; their replies.
 
@@ -66,8 +71,7 @@ class Scripts:
         replies = wire.calls(pool, commands)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
-            for name in NAMES:
-                self.reload(name)
+            self.reload_all()
             if commands[-1][0] == 'WAIT' and missing[-1] != len(commands) - 1:
                 missing.append(len(commands) - 1)
             for i, reply in zip(missing, wire.calls(pool, [commands[i] for i in missing])):
