@@ -1,6 +1,6 @@
 """``python -m benchmarks``: see :mod:`benchmarks.run`; ``... soak``: see :mod:`benchmarks.soak`;
 ``... drain-latency``: see :mod:`benchmarks.drain_latency`; ``... delayed-delivery``: see
-:mod:`benchmarks.delayed_delivery`."""
+:mod:`benchmarks.delayed_delivery`; ``... client-cost``: see :mod:`benchmarks.client_cost`."""
 import sys
 
 if sys.argv[1:2] == ['soak']:
@@ -15,6 +15,11 @@ if sys.argv[1:2] == ['drain-latency']:
 
 if sys.argv[1:2] == ['delayed-delivery']:
     from benchmarks.delayed_delivery import main
+
+    sys.exit(main(sys.argv[2:]))
+
+if sys.argv[1:2] == ['client-cost']:
+    from benchmarks.client_cost import main
 
     sys.exit(main(sys.argv[2:]))
 

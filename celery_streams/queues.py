@@ -72,6 +72,9 @@ class QueueTable:
         self.idle_consumer_ms = idle_consumer_ms
         self._records: dict[str, QueueRecord] = {}
         self._expiry_refreshed_at = 0.0
+        #: Changes when a queue is deleted, declared again or bound to a fanout exchange:
+        #: what a read plan depends on (see :meth:`celery_streams.reader.Reader.plan`).
+        self.version = 0
 
     def __getitem__(self, queue: str) -> QueueRecord:
         record = self._records.get(queue)
@@ -107,7 +110,9 @@ class QueueTable:
                 % queue)
         arguments = arguments or {}
         record = self[queue]
-        record.deleted = False
+        if record.deleted:
+            record.deleted = False
+            self.version += 1
         record.auto_delete = record.auto_delete or bool(auto_delete)
         record.expires = _milliseconds(arguments.get('x-expires'))
         record.message_ttl = _milliseconds(arguments.get('x-message-ttl'))
@@ -169,6 +174,7 @@ class QueueTable:
         record = self[queue]
         record.auto_delete = False
         record.deleted = True
+        self.version += 1
 
     # -- bindings -------------------------------------------------------------
 
@@ -181,7 +187,9 @@ class QueueTable:
         pipe.sadd(self.keys.bindings(exchange), binding_member(routing_key, pattern, queue))
         if self.channel.typeof(exchange).type == 'fanout':
             record = self[queue]
-            record.fanout_exchange = exchange
+            if record.fanout_exchange != exchange:
+                record.fanout_exchange = exchange
+                self.version += 1
             if record.auto_delete and record.expires is None:
                 record.expires = self.orphan_expiry_ms
                 pipe.pexpire(self.keys.stream(queue), record.expires)

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import redis
 
-from . import errors
+from . import errors, wire
 from .connection import moves as master_moves
 from .scheduler import Scheduler
 
@@ -45,6 +45,15 @@ class Read(NamedTuple):
     sent_at: float
 
 
+class Plan(NamedTuple):
+    """The streams one read names, in reading order."""
+
+    queues: list      # the queues read, each once
+    streams: list     # their stream keys: priority buckets first, queues rotated
+    packed: bytes     # the same keys, packed (RESP bulk strings)
+    optional: str     # per stream: '1' for a priority bucket (may be missing), '0' for a main stream
+
+
 class Reader:
     """The read side of one channel."""
 
@@ -58,6 +67,7 @@ class Reader:
         self.block_ms = int(self.options.polling_interval * 1000)
         self.outstanding: Read | None = None
         self._rotation = 0
+        self._layouts: dict = {}        # (queues, broadcast flags) -> Reader._lay_out
         self._block_next = False        # the last read found nothing: wait for new entries
         #: Seconds the last :meth:`start` held a read back to fill more of the window (0: none).
         self.held_back = 0.0
@@ -87,40 +97,78 @@ class Reader:
         buckets = self.options.priority_steps
         return buckets[::-1] if self.options.priority_semantics == 'rabbitmq' else buckets
 
-    def plan(self, queues) -> list:
-        """``(queue, bucket)`` pairs in reading order: priority buckets, then queues.
+    def plan(self, queues) -> Plan:
+        """The streams of ``queues`` in reading order: priority buckets, then queues.
 
-        Queues bound to a fanout exchange have no priority buckets.
+        Queues bound to a fanout exchange have no priority buckets. The keys of
+        a set of queues are laid out (and packed) once; a read only rotates
+        them (``queue_order_strategy='round_robin'``): with 100 queues,
+        building and packing 400 keys per read cost about 0.4 ms.
         """
-        queues = [q for q in dict.fromkeys(queues) if not self.queues.is_deleted(q)]
+        key = (tuple(queues), self.queues.version)
+        cached = self._layouts.get(key)
+        if cached is None:
+            if len(self._layouts) > 32:   # queue sets come and go (add_consumer, cancel)
+                self._layouts.clear()
+            cached = self._layouts[key] = self._lay_out(key[0])
+        queues, layout = cached
         strategy = self.options.queue_order_strategy
-        if strategy == 'sorted':
-            queues.sort()
-        elif strategy == 'round_robin' and len(queues) > 1:
-            start = self._rotation % len(queues)
-            queues = queues[start:] + queues[:start]
+        shift = 0
+        if strategy == 'round_robin' and len(queues) > 1:
+            shift = self._rotation
             self._rotation += 1
-        return [(queue, bucket) for bucket in self.bucket_order() for queue in queues
-                if not bucket or not self.queues.is_broadcast(queue)]
+        streams, packed, optional = [], [], []
+        for bucket, keys, packs in layout:
+            k = shift % len(keys)
+            streams += keys[k:]
+            streams += keys[:k]
+            packed += packs[k:]
+            packed += packs[:k]
+            optional.append(('1' if bucket else '0') * len(keys))
+        return Plan(queues, streams, b''.join(packed), ''.join(optional))
 
-    def budget_read(self, plan, budget, noack) -> list:
-        streams = [self.keys.stream(queue, bucket) for queue, bucket in plan]
-        optional = ''.join('1' if bucket else '0' for _, bucket in plan)
+    def _lay_out(self, queues) -> tuple:
+        """The queues read (each once, none deleted; sorted if so ordered) and, per priority
+        bucket in reading order, ``(bucket, their stream keys, the same packed)``."""
+        table = self.queues
+        queues = [q for q in dict.fromkeys(queues) if not table.is_deleted(q)]
+        if self.options.queue_order_strategy == 'sorted':
+            queues.sort()
+        layout = []
+        for bucket in self.bucket_order():
+            keys = [self.keys.stream(q, bucket) for q in queues if not bucket or not table.is_broadcast(q)]
+            if keys:
+                layout.append((bucket, keys, [wire.pack_args([key]) for key in keys]))
+        return queues, layout
+
+    def _read_args(self, budget, noack, optional) -> list:
         channel = self.channel
-        return channel.scripts.command('read', streams, [channel.group, channel.consumer_name, budget,
-                                                         '1' if noack else '0', optional])
+        return [channel.group, channel.consumer_name, budget, '1' if noack else '0', optional]
 
-    def blocking_read(self, plan, noack) -> list:
-        """Every stream of the plan: each got its group when its consumer started."""
+    def budget_read(self, plan: Plan, budget, noack) -> list:
+        """The ``read`` script over the streams of ``plan``, as a command."""
+        return self.channel.scripts.command('read', plan.streams,
+                                            self._read_args(budget, noack, plan.optional))
+
+    def _packed_budget_read(self, plan: Plan, budget, noack) -> bytes:
+        args = self._read_args(budget, noack, plan.optional)
+        head = ['EVALSHA', self.channel.scripts.read.sha, len(plan.streams)]
+        return (b'*%d\r\n' % (len(head) + len(plan.streams) + len(args))
+                + wire.pack_args(head) + plan.packed + wire.pack_args(args))
+
+    def _packed_blocking_read(self, plan: Plan, noack) -> bytes:
+        """``XREADGROUP ... BLOCK`` over every stream of the plan: each got its group when
+        its consumer started (but for the ones a full Redis refused)."""
+        streams, packed = plan.streams, plan.packed
         refused = self.queues.refused
-        streams = [self.keys.stream(queue, bucket) for queue, bucket in plan]
-        streams = [stream for stream in streams if stream not in refused]
-        block = self.scheduler.block_ms(self.block_ms, [queue for queue, _ in plan])
-        command = ['XREADGROUP', 'GROUP', self.channel.group, self.channel.consumer_name,
-                   'COUNT', 1, 'BLOCK', block]
-        if noack:
-            command.append('NOACK')
-        return command + ['STREAMS', *streams, *['>'] * len(streams)]
+        if refused and not refused.isdisjoint(streams):
+            streams = [stream for stream in streams if stream not in refused]
+            packed = wire.pack_args(streams)
+        block = self.scheduler.block_ms(self.block_ms, plan.queues)
+        head = ['XREADGROUP', 'GROUP', self.channel.group, self.channel.consumer_name,
+                'COUNT', 1, 'BLOCK', block, *(['NOACK'] if noack else []), 'STREAMS']
+        return (b'*%d\r\n' % (len(head) + 2 * len(streams))
+                + wire.pack_args(head) + packed + b'$1\r\n>\r\n' * len(streams))
 
     # -- the consume loop's read ----------------------------------------------
 
@@ -146,25 +194,25 @@ class Reader:
         if self.held_back:
             return None
         plan = self.plan(queues)
-        if not plan:
+        if not plan.streams:
             return None
-        queues = list(dict.fromkeys(queue for queue, _ in plan))
+        queues = plan.queues
         noack = all(self.queues[q].no_ack for q in queues)
         if not noack:
             self.channel.liveness.ensure_alive()
         if self._block_next:
-            command = self.blocking_read(plan, noack)
+            kind, command = 'XREADGROUP', self._packed_blocking_read(plan, noack)
         else:
-            command = self.budget_read(plan, budget, noack)
+            kind, command = 'EVALSHA', self._packed_budget_read(plan, budget, noack)
         connection = self.client.connection
         try:
             if connection._sock is None:
                 connection.connect()
-            connection.send_command(*command)
+            connection.send_packed_command([command])
         except errors.connection_errors:
             connection.disconnect()
             raise
-        self.outstanding = Read(connection, command[0], queues, noack, monotonic())
+        self.outstanding = Read(connection, kind, queues, noack, monotonic())
         return connection._sock.fileno()
 
     def finish(self) -> bool:
@@ -223,8 +271,9 @@ class Reader:
         """
         channel, buffer = self.channel, self.inbox.buffer
         self.scheduler.promote_due([queue])
-        plan = [(queue, bucket) for bucket in self.bucket_order()]
-        command = self.budget_read(plan, 1, noack=False)
+        streams = [self.keys.stream(queue, bucket) for bucket in self.bucket_order()]
+        optional = ''.join('1' if bucket else '0' for bucket in self.bucket_order())
+        command = self.budget_read(Plan([queue], streams, b'', optional), 1, noack=False)
         for _ in range(100):
             try:
                 [replies] = channel.pool_client.execute_command(*command)

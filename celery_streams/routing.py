@@ -62,7 +62,8 @@ class Router:
         #: ``WAIT`` sent behind every write (``publish_wait_replicas``), or None.
         self.wait = replication.wait_command(self.options)
         #: ``publish_confirm='later'``: the connection publishes are written on, replies read later.
-        self.pipe = Pipe(channel.pool, CONFIRM_WINDOW, poll=False) if self.options.publish_confirm == 'later' else None
+        self.pipe = (Pipe(channel.pool, CONFIRM_WINDOW, poll=False)
+                     if self.options.publish_confirm == 'later' else None)
         #: Publishes written without waiting that Redis refused (lost), since the channel opened.
         self.refused = 0
 

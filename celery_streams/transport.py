@@ -227,7 +227,7 @@ class Channel(virtual.Channel):
             self.queues[queue].no_ack = False
             if not self.closed:
                 try:
-                    self.liveness.renew()   # its liveness ends now, unless it still holds messages
+                    self.liveness.release(queue)   # unless it still holds messages of it
                 except errors.connection_errors + (redis.ResponseError,) as exc:
                     logger.debug('celery_streams: liveness not renewed at cancel: %s', exc)
         return result

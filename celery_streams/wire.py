@@ -21,7 +21,13 @@ def text(value):
 
 def pack(args) -> bytes:
     """One command in RESP: ``*<n>`` then ``$<len>`` and each argument."""
-    out = [b'*%d\r\n' % len(args)]
+    return b'*%d\r\n' % len(args) + pack_args(args)
+
+
+def pack_args(args) -> bytes:
+    """Arguments in RESP, each ``$<len>`` and its bytes, without the ``*<n>`` of a command
+    (so that packed parts can be joined into one)."""
+    out = []
     for arg in args:
         if isinstance(arg, str):
             arg = arg.encode()
@@ -72,7 +78,8 @@ class Line:
 
 
 def call(pool, *args):
-    """Send one command on a connection of ``pool`` (or a :class:`Line`); return its reply or raise its error."""
+    """Send one command on a connection of ``pool`` (or a :class:`Line`); its reply, or raise
+    its error."""
     return calls(pool, [args], raise_on_error=True)[0]
 
 

@@ -89,7 +89,8 @@ class Pinger(threading.Thread):
         time.sleep(0.02)
         self.done.set()
         self.join()
-        self.slow = [(entry['duration'] / 1000, entry['command'][:60]) for entry in self.client.slowlog_get(128)]
+        self.slow = [(entry['duration'] / 1000, entry['command'][:60])
+                     for entry in self.client.slowlog_get(128)]
         self.client.close()
 
     @property
