@@ -55,6 +55,7 @@ from typing import Callable, Iterable, Mapping
 
 import redis
 
+from .cluster import node_client
 from .connection import client_from_url, first_url, safe_url  # noqa: F401  (public here)
 from . import deadletters
 from .deadletters import (DeadLetter, DeadLetterQueue, PurgedDeadLetters,  # noqa: F401
@@ -155,7 +156,9 @@ def plan_drain_queue(client: redis.Redis, keys: Keys, queue: str, *, kind: str |
     if dead_letters:
         planned.dead_letters_removed = client.xlen(keys.dead_letters(queue))
     if scheduled:
-        planned.scheduled_removed, planned.scheduled_until = plan_stamp(client, keys.scheduled(queue))
+        schedule = keys.scheduled(queue)   # MULTI with TIME: on the node of the schedule
+        planned.scheduled_removed, planned.scheduled_until = plan_stamp(node_client(client, schedule),
+                                                                        schedule)
     return planned
 
 
@@ -191,7 +194,7 @@ def apply_drain(client: redis.Redis, plan: list[DrainedQueue], *, global_keypref
             result.dead_letters_removed = counts[dead][0]
         if planned.scheduled_removed is not None:
             key = keys.scheduled(planned.queue)
-            stamp = planned.scheduled_until or plan_stamp(client, key)[1]
+            stamp = planned.scheduled_until or plan_stamp(node_client(client, key), key)[1]
             result.scheduled_removed = drain_schedule(scripts, key, stamp, progress=progress)
             result.scheduled_until = stamp
         logger.info('celery_streams: drained queue %r: %s entries removed, %s pending cleared',
