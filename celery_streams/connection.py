@@ -276,8 +276,12 @@ class Address:
             return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in self.seeds],
                                 **arguments)
         except RedisClusterException as exc:   # not a RedisError: said here in one line
-            raise redis.ConnectionError('no Redis Cluster at %s: %s'
-                                        % (self.where, one_line(exc))) from None
+            text = one_line(exc)
+            if 'cannot be connected' in text and 'not enabled' not in text:   # none answered
+                raise redis.ConnectionError(text) from None
+            raise ConfigurationError('the seed nodes %s are not a usable Redis Cluster: %s'
+                                     % (','.join('%s:%s' % s for s in self.seeds),
+                                        text.rpartition('reachable node: ')[2])) from None
 
 
 class Sentinels(Sentinel):

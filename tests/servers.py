@@ -879,6 +879,13 @@ class ClusterTopology:
         seeds = ",".join(f"127.0.0.1:{s.port}" for s in self.servers[:self.masters])
         return f"{scheme}://{seeds}" + ("" if db is None else f"/{db}")
 
+    def client(self, **kwargs):
+        """A redis-py ``RedisCluster`` of this cluster (text replies unless ``kwargs`` say)."""
+        from redis.cluster import ClusterNode, RedisCluster
+        kwargs.setdefault("decode_responses", True)
+        return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", s.port) for s in self.live()],
+                            **kwargs)
+
     # -- health -----------------------------------------------------------------
 
     def settled(self) -> bool:
