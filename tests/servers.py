@@ -779,7 +779,7 @@ class ClusterTopology:
                 server.start()
             except ServerStartError as exc:
                 self.close()
-                raise ClusterUnsupported(f"{flavor} {version} does not run a cluster: {exc}")
+                raise ClusterUnsupported(f"{flavor} {version} does not run a cluster: {exc}") from None
         ids = [self.node_id(s) for s in self.servers]
         for i, master in enumerate(self.servers[:self.masters]):
             with self._client(master) as client:
@@ -838,6 +838,11 @@ class ClusterTopology:
                           "slots": slots})
         return found
 
+    def roles(self, server: RedisServer) -> dict[int, str]:
+        """``port -> id of its master`` (``-`` for a master) of every node ``server`` sees up."""
+        return {node["port"]: node["master"] for node in self.nodes(server)
+                if "fail" not in node["flags"] and "fail?" not in node["flags"]}
+
     def owners(self, server: RedisServer) -> dict[int, int]:
         """``first slot of a range -> port of its master``, as ``server`` sees it."""
         return {first: node["port"] for node in self.nodes(server)
@@ -889,8 +894,9 @@ class ClusterTopology:
     # -- health -----------------------------------------------------------------
 
     def settled(self) -> bool:
-        """Every live node says ``cluster_state:ok`` and sees the same slot owners, every
-        master has slots, and every live replica is in sync with its master."""
+        """Every live node says ``cluster_state:ok`` and sees the same slot owners and the
+        same masters and replicas (a demoted master is known as one everywhere), every master
+        has slots, and every live replica is in sync with its master."""
         try:
             views = []
             for server in self.live():
@@ -900,9 +906,9 @@ class ClusterTopology:
                     info = client.info("replication")
                 if info["role"] == "slave" and info.get("master_link_status") != "up":
                     return False
-                views.append(self.owners(server))
+                views.append((self.owners(server), self.roles(server)))
             if any(view != views[0] for view in views) or \
-                    len(set(views[0].values())) != self.masters:
+                    len(set(views[0][0].values())) != self.masters:
                 return False
             return True
         except (redis.RedisError, KeyError, ValueError):

@@ -2,7 +2,7 @@
 
 One cluster (:class:`~tests.servers.ClusterTopology`) per server kind that runs one
 (Redis 7, Valkey 8), started once for the module. Each test makes its queues under
-a prefix of its own, by writing the transport's own keys (:class:`Keys`, its scripts),
+a prefix of its own, by writing the transport's own keys (the ``keys`` fixture, its scripts),
 with names whose slots land on every master; then runs the commands in-process through
 ``celery`` with a ``redis-streams+cluster://`` URL. The slot migration and failover
 tests come last: they move slots, and every test finds where its queues live anew.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from kombu import Connection
+from kombu import Connection, Producer
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
@@ -20,7 +20,6 @@ import celery_streams  # noqa: F401  (registers the schemes)
 from celery_streams.connection import CLUSTER_REFUSAL, client_from_url
 from celery_streams.deadletters import record
 from celery_streams.errors import ConfigurationError
-from celery_streams.keys import Keys
 from celery_streams.scripts import Scripts
 from tests import servers
 from tests.helpers import one_line
@@ -156,7 +155,7 @@ def test_workers_and_publishers_refuse_a_cluster_url_in_one_line(cluster):
     for url in (cluster.urls(), cluster.urls().replace(',', ';redis-streams+cluster://')):
         with Connection(url) as connection:
             with pytest.raises(ConfigurationError) as refused:
-                connection.default_channel
+                Producer(connection).publish({'n': 1}, routing_key='celery')
         assert str(refused.value) == CLUSTER_REFUSAL and '\n' not in CLUSTER_REFUSAL
 
 
@@ -268,3 +267,16 @@ def test_status_after_a_failover(run, cluster, rc, queues, keys, prefix):
     result = run('--broker', cluster.urls(), 'streams', 'drain', '--prefix', prefix, '-f')
     assert result.exit_code == 0, result.output
     assert all(q['length'] == 0 for q in status_of(run, cluster, prefix).values())
+
+
+def test_status_after_a_master_dies(run, cluster, rc, queues, keys, prefix):
+    """The master dies (its replica takes over after the node timeout); it is still listed
+    as a seed in the URL: the client asks the next one."""
+    name = next(iter(queues))
+    dead = cluster.master_for(keys.stream(name))
+    new = cluster.kill(dead)
+    assert cluster.master_for(keys.stream(name)) is new
+
+    found = status_of(run, cluster, prefix)
+    assert {q: (found[q]['length'], found[q]['pending']) for q in queues} == \
+        {q: (messages, 1) for q, messages in queues.items()}
