@@ -45,7 +45,11 @@ empty) and ``UNLINK``. Their ``progress`` argument, a callable, is given the
 number of entries each step removed or cleared (the CLI draws a progress bar
 with it on a terminal).
 
-Clients may be made with ``decode_responses`` on or off (RESP2).
+Clients may be made with ``decode_responses`` on or off (RESP2). Every
+function also takes a redis-py ``RedisCluster`` (``client_from_url`` gives one
+for a ``redis-streams+cluster://`` URL): ``SCAN`` covers every primary and
+each queue's commands go to the node owning its slot (see
+:mod:`celery_streams.cluster`).
 """
 from __future__ import annotations
 

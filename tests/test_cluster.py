@@ -222,6 +222,20 @@ def test_dead_letters_list_and_requeue_on_every_master(run, cluster, rc, queues,
         assert rc.xlen(keys.stream(name)) == messages + 1
 
 
+def test_dead_letters_show_and_purge_on_every_master(run, cluster, rc, queues, keys, prefix):
+    last = sorted(queues)[-1]
+    [(entry_id, _)] = rc.xrange(keys.dead_letters(last))
+    result = run('--broker', cluster.urls(), 'streams', 'dead-letters', 'show', entry_id,
+                 '--prefix', prefix, '--json')
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)['dead_letter']['queue'] == last
+    result = run('--broker', cluster.urls(), 'streams', 'dead-letters', 'purge', '--prefix', prefix,
+                 '-f')
+    assert result.exit_code == 0, result.output
+    assert 'Total: %d dead letters from %d queues.' % (len(queues), len(queues)) in result.output
+    assert not any(rc.exists(keys.dead_letters(name)) for name in queues)
+
+
 def test_nuke_removes_every_transport_key_on_every_master(run, cluster, rc, queues, keys, prefix):
     rc.sadd(keys.bindings('celery'), 'binding')
     rc.set(keys.schema, 1)
