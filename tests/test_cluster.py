@@ -182,6 +182,18 @@ def test_status_lists_every_queue_of_every_master(run, cluster, queues, prefix):
         assert [c['name'] for c in q['groups'][0]['consumers']] == ['w1']
 
 
+def test_the_exporter_collects_the_queues_of_every_master(cluster, queues, prefix):
+    from celery_streams.exporter import Exporter
+    client = client_from_url(cluster.urls())
+    try:
+        text = Exporter(client, global_keyprefix=prefix).metrics()
+    finally:
+        client.close()
+    assert 'celery_streams_last_scrape_error 0' in text
+    for name, messages in queues.items():
+        assert 'celery_streams_queue_stream_length{queue_name="%s"} %d' % (name, messages) in text
+
+
 def test_status_and_scheduled_with_semicolon_separated_seed_urls(run, cluster, queues, prefix):
     url = cluster.urls().replace(',', ';redis-streams+cluster://')
     assert set(status_of(run, cluster, prefix, url)) == set(queues)
