@@ -780,6 +780,15 @@ class ClusterTopology:
             except ServerStartError as exc:
                 self.close()
                 raise ClusterUnsupported(f"{flavor} {version} does not run a cluster: {exc}") from None
+        try:
+            self._join(timeout)
+        except BaseException:   # no server left behind by a cluster that did not form
+            self.close()
+            raise
+        return self
+
+    def _join(self, timeout: float) -> None:
+        """Slots to the masters, every node met, replicas to their masters; wait until settled."""
         ids = [self.node_id(s) for s in self.servers]
         for i, master in enumerate(self.servers[:self.masters]):
             with self._client(master) as client:
@@ -799,7 +808,6 @@ class ClusterTopology:
             with self._client(replica) as client:
                 client.execute_command("CLUSTER", "REPLICATE", ids[i])
         self.wait_settled(timeout)
-        return self
 
     # -- what the nodes say --------------------------------------------------
 
