@@ -1,9 +1,11 @@
 """celery_streams: a Celery/Kombu broker transport on Redis Streams consumer groups.
 
 Importing the package registers the URL schemes ``redis-streams://``,
-``rediss-streams://`` (TLS) and ``sentinel-streams://`` (Redis Sentinel) with
-kombu, so a broker URL alone selects the transport in this process. Import it
-where the Celery app is created.
+``rediss-streams://`` (TLS), ``sentinel-streams://`` (Redis Sentinel) and
+``redis-streams+cluster://`` / ``rediss-streams+cluster://`` (Redis Cluster:
+the ``celery streams`` commands only, for now) with kombu, so a broker URL
+alone selects the transport in this process. Import it where the Celery app
+is created.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ __version__ = '0.1.0'
 
 TRANSPORT = 'celery_streams.transport:Transport'
 
-for _scheme in ('redis-streams', 'rediss-streams', 'sentinel-streams'):
+for _scheme in ('redis-streams', 'rediss-streams', 'sentinel-streams', 'redis-streams+cluster',
+                'rediss-streams+cluster'):
     TRANSPORT_ALIASES.setdefault(_scheme, TRANSPORT)
 
 __all__ = ['TRANSPORT', '__version__']

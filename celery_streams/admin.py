@@ -45,7 +45,11 @@ empty) and ``UNLINK``. Their ``progress`` argument, a callable, is given the
 number of entries each step removed or cleared (the CLI draws a progress bar
 with it on a terminal).
 
-Clients may be made with ``decode_responses`` on or off (RESP2).
+Clients may be made with ``decode_responses`` on or off (RESP2). Every
+function also takes a redis-py ``RedisCluster`` (``client_from_url`` gives one
+for a ``redis-streams+cluster://`` URL): ``SCAN`` covers every primary and
+each queue's commands go to the node owning its slot (see
+:mod:`celery_streams.cluster`).
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ from typing import Callable, Iterable, Mapping
 
 import redis
 
+from .cluster import node_client
 from .connection import client_from_url, first_url, safe_url  # noqa: F401  (public here)
 from . import deadletters
 from .deadletters import (DeadLetter, DeadLetterQueue, PurgedDeadLetters,  # noqa: F401
@@ -155,7 +160,9 @@ def plan_drain_queue(client: redis.Redis, keys: Keys, queue: str, *, kind: str |
     if dead_letters:
         planned.dead_letters_removed = client.xlen(keys.dead_letters(queue))
     if scheduled:
-        planned.scheduled_removed, planned.scheduled_until = plan_stamp(client, keys.scheduled(queue))
+        schedule = keys.scheduled(queue)   # MULTI with TIME: on the node of the schedule
+        planned.scheduled_removed, planned.scheduled_until = plan_stamp(node_client(client, schedule),
+                                                                        schedule)
     return planned
 
 
@@ -191,7 +198,7 @@ def apply_drain(client: redis.Redis, plan: list[DrainedQueue], *, global_keypref
             result.dead_letters_removed = counts[dead][0]
         if planned.scheduled_removed is not None:
             key = keys.scheduled(planned.queue)
-            stamp = planned.scheduled_until or plan_stamp(client, key)[1]
+            stamp = planned.scheduled_until or plan_stamp(node_client(client, key), key)[1]
             result.scheduled_removed = drain_schedule(scripts, key, stamp, progress=progress)
             result.scheduled_until = stamp
         logger.info('celery_streams: drained queue %r: %s entries removed, %s pending cleared',

@@ -15,6 +15,10 @@ URL                                 meaning
 ``sentinel-streams://s1:26379/0``   the master the Sentinels name (transport option
                                     ``master_name``), followed through failovers; more
                                     Sentinels: ``sentinel-streams://s1;sentinel-streams://s2``
+``redis-streams+cluster://h1,h2``   a Redis Cluster, by seed nodes (``host[:port]``,
+                                    comma-separated, or ``;``-separated URLs); the
+                                    ``celery streams`` commands only, for now
+``rediss-streams+cluster://h1,h2``  the same over TLS
 ==================================  ==========================================================
 
 The database is a number (``/0``; a trailing slash is allowed); no database
@@ -29,30 +33,54 @@ connection pools of a channel are redis-py ``SentinelConnectionPool`` s: each
 new connection asks the Sentinels where the master is, and a connection that
 meets a demoted master (``READONLY``) is dropped as lost, so kombu reconnects
 and the next connections go to the new master.
+
+A ``redis-streams+cluster://`` URL names seed nodes of a Redis Cluster:
+``redis-streams+cluster://:pw@h1:7000,h2:7001,h3:7002`` (default port 6379),
+or one node per ``;``-separated URL. The credentials, the TLS settings and the
+``ssl_*`` query arguments of the first URL apply to every node; the database
+must be 0 (a cluster has no other). :func:`client_from_url` gives a redis-py
+``RedisCluster`` for it, which learns the other nodes from the seeds, follows
+``MOVED`` / ``ASK`` and re-reads the topology after a failover: the operator
+commands run on a cluster (see :mod:`celery_streams.cluster`). Workers and
+publishers do not yet: the transport refuses such a URL in one line
+(:data:`CLUSTER_REFUSAL`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 import redis
 from kombu.utils.url import parse_url
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, one_line
 from .options import Options
 
 #: The name kombu's ``broker_transport`` setting gives this transport.
 TRANSPORT_PATH = 'celery_streams.transport:Transport'
 #: The scheme of URLs that name Sentinels (registered by ``import celery_streams``).
 SENTINEL_SCHEME = 'sentinel-streams'
+#: The schemes of URLs that name Redis Cluster seed nodes (plain and TLS).
+CLUSTER_SCHEME = 'redis-streams+cluster'
+CLUSTER_TLS_SCHEME = 'rediss-streams+cluster'
+CLUSTER_SCHEMES = (CLUSTER_SCHEME, CLUSTER_TLS_SCHEME)
 #: URL schemes this transport answers to (registered by ``import celery_streams``).
-SCHEMES = ('redis-streams', 'rediss-streams', SENTINEL_SCHEME)
+SCHEMES = ('redis-streams', 'rediss-streams', SENTINEL_SCHEME) + CLUSTER_SCHEMES
 #: Every scheme :meth:`Address.from_url` accepts.
 REDIS_SCHEMES = ('redis', 'rediss') + SCHEMES
-TLS_SCHEMES = ('rediss', 'rediss-streams')
+TLS_SCHEMES = ('rediss', 'rediss-streams', CLUSTER_TLS_SCHEME)
+#: What a worker or publisher given a cluster URL is told (kombu reads
+#: ``redis-streams+cluster://h`` as transport ``redis-streams``, host ``cluster://h``).
+CLUSTER_REFUSAL = (
+    'Redis Cluster (redis-streams+cluster://) is not supported by the celery_streams workers and '
+    'publishers yet; only the `celery streams` commands (status, drain, nuke, dead-letters, '
+    'scheduled) run on a cluster: give workers a redis-streams:// or sentinel-streams:// URL')
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
 DEFAULT_HOST = '127.0.0.1'
@@ -69,7 +97,9 @@ class Address:
 
     With ``sentinels`` (``(host, port)`` pairs), the server is the master those
     Sentinels name (transport option ``master_name``); ``host`` and ``port``
-    are then the first Sentinel's.
+    are then the first Sentinel's. With ``cluster``, it is a Redis Cluster
+    known by its ``seeds`` (``(host, port)`` pairs; ``host`` and ``port``
+    are the first one's).
     """
 
     host: str = DEFAULT_HOST
@@ -80,13 +110,19 @@ class Address:
     tls: bool = False
     ssl: Mapping[str, Any] | None = field(default=None, repr=False)   # redis-py ssl_* arguments
     sentinels: tuple = ()
+    cluster: bool = False
+    seeds: tuple = ()
 
     @classmethod
     def from_kombu(cls, conninfo, options: Options | None = None) -> Address:
         """From kombu's ``Connection`` (what a worker or producer connects with).
 
         With ``options``, also checks that they fit the URL (:meth:`check`).
+        A Redis Cluster URL is refused (:data:`CLUSTER_REFUSAL`).
         """
+        if conninfo.transport_cls in CLUSTER_SCHEMES or \
+                str(conninfo.hostname or '').startswith('cluster://'):
+            raise ConfigurationError(CLUSTER_REFUSAL)
         ssl = conninfo.ssl
         sentinel = conninfo.transport_cls == SENTINEL_SCHEME
         port = conninfo.port or (DEFAULT_SENTINEL_PORT if sentinel else DEFAULT_PORT)
@@ -109,11 +145,10 @@ class Address:
         """
         urls = broker_urls(url) or [url]
         _refuse_mixed(urls)
+        if _scheme(urls[0]) in CLUSTER_SCHEMES:
+            return cls.from_cluster_urls(urls, ssl, options)
         parts = _parse(urls[0])
-        settings: dict = {}
-        for extra in (parts.get('ssl'), ssl):
-            if isinstance(extra, Mapping):
-                settings.update(ssl_arguments(extra))
+        settings = _ssl_settings(parts, ssl)
         sentinel = parts['transport'] == SENTINEL_SCHEME
         if sentinel:
             for other in urls[1:]:
@@ -125,6 +160,31 @@ class Address:
                       tls=parts['transport'] in TLS_SCHEMES or bool(ssl) or bool(parts.get('ssl')),
                       ssl=settings or None,
                       sentinels=sentinel_addresses(urls, (parts['hostname'], port)) if sentinel else ())
+        return address.check(options) if options is not None else address
+
+    @classmethod
+    def from_cluster_urls(cls, urls: list, ssl: Any = None,
+                          options: Options | None = None) -> Address:
+        """From ``redis-streams+cluster://`` URLs: every host of every URL is a seed node;
+        the first URL's credentials, database (0 only) and TLS settings are the cluster's."""
+        seeds: list = []
+        parts: dict | None = None
+        for url in urls:
+            first, hosts = _parse_cluster(url)
+            parts = parts or first
+            seeds += hosts
+        assert parts is not None
+        db = database(parts['virtual_host'])
+        if db:
+            raise ConfigurationError(
+                'broker URL %s names database %d, but a Redis Cluster has database 0 only: '
+                'drop the /%d' % (safe_url(urls[0]), db, db))
+        address = cls(host=seeds[0][0], port=seeds[0][1], db=0, username=parts['userid'],
+                      password=parts['password'],
+                      tls=_scheme(urls[0]) == CLUSTER_TLS_SCHEME or bool(ssl)
+                      or bool(parts.get('ssl')),
+                      ssl=_ssl_settings(parts, ssl) or None, cluster=True,
+                      seeds=tuple(dict.fromkeys(seeds)))
         return address.check(options) if options is not None else address
 
     def check(self, options: Options) -> Address:
@@ -150,6 +210,8 @@ class Address:
         """``host:port`` (every Sentinel's, with Sentinel), for messages (never the password)."""
         if self.sentinels:
             return 'the master of Sentinels %s' % ','.join('%s:%s' % s for s in self.sentinels)
+        if self.cluster:
+            return 'the cluster of %s' % ','.join('%s:%s' % s for s in self.seeds)
         return '%s:%s' % (self.host, self.port)
 
     def pool_arguments(self, options: Options, **overrides) -> dict:
@@ -177,8 +239,12 @@ class Address:
 
         A ``SentinelConnectionPool`` asks the Sentinels for the master each time
         it connects, and turns a ``READONLY`` reply (the master was demoted) into
-        a ``ConnectionError`` that drops the connection.
+        a ``ConnectionError`` that drops the connection. A Redis Cluster has no
+        single pool: refused (:data:`CLUSTER_REFUSAL`), as the transport is the
+        only caller.
         """
+        if self.cluster:
+            raise ConfigurationError(CLUSTER_REFUSAL)
         arguments = self.pool_arguments(options, **overrides)
         if not self.sentinels:
             return redis.ConnectionPool(**arguments)
@@ -188,8 +254,34 @@ class Address:
             list(self.sentinels), min_other_sentinels=options.min_other_sentinels or 0,
             sentinel_kwargs=sentinel_arguments(arguments, options.sentinel_kwargs)), **arguments)
 
-    def client(self, options: Options, **overrides) -> redis.Redis:
+    def client(self, options: Options, **overrides) -> redis.Redis | RedisCluster:
+        """A client of this server; of the whole cluster (``RedisCluster``) with ``cluster``."""
+        if self.cluster:
+            return self.cluster_client(options, **overrides)
         return redis.Redis(connection_pool=self.pool(options, **overrides))
+
+    def cluster_client(self, options: Options, **overrides) -> RedisCluster:
+        """A ``RedisCluster`` that starts from the seed nodes.
+
+        It keeps redis-py's own retries (a few, with a short backoff): they are
+        how it follows a failover or a slot move, re-reading the topology. A
+        seed that cannot be reached, or is no cluster node, is one line.
+        """
+        arguments = self.pool_arguments(options, **overrides)
+        for name in ('host', 'port', 'db', 'retry'):
+            arguments.pop(name, None)
+        if arguments.pop('connection_class', None) is not None:
+            arguments['ssl'] = True
+        try:
+            return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in self.seeds],
+                                **arguments)
+        except RedisClusterException as exc:   # not a RedisError: said here in one line
+            text = one_line(exc)
+            if 'cannot be connected' in text and 'not enabled' not in text:   # none answered
+                raise redis.ConnectionError(text) from None
+            raise ConfigurationError('the seed nodes %s are not a usable Redis Cluster: %s'
+                                     % (','.join('%s:%s' % s for s in self.seeds),
+                                        text.rpartition('reachable node: ')[2])) from None
 
 
 class Sentinels(Sentinel):
@@ -278,6 +370,13 @@ def client_from_url(url: Any, *, ssl: Any = None,
         retry=Retry(NoBackoff(), 0))
 
 
+def connection_kwargs(client) -> Mapping[str, Any]:
+    """The connection settings of a client (host, password...), of a cluster's nodes too."""
+    if isinstance(client, RedisCluster):
+        return client.nodes_manager.connection_kwargs
+    return client.connection_pool.connection_kwargs
+
+
 def database(virtual_host: Any) -> int:
     """The database number of a URL's path (``/0``, ``0``, ``/0/``; none: 0)."""
     if virtual_host in (None, '', '/'):
@@ -364,13 +463,68 @@ def refuse_foreign_alternates(client) -> None:
 
 
 def _refuse_mixed(urls) -> None:
-    kinds = {url.split('://', 1)[0] == SENTINEL_SCHEME
-             for url in urls if isinstance(url, str) and '://' in url}
-    if len(kinds) > 1:
+    kinds = {_kind(url) for url in urls if isinstance(url, str) and '://' in url}
+    if 'sentinel' in kinds and len(kinds) > 1:
         raise ConfigurationError(
             'the broker URLs mix sentinel-streams:// (Sentinels) with Redis servers; '
             'list either Sentinels only (sentinel-streams://s1:26379;sentinel-streams://s2:26379) '
             'or Redis servers only')
+    if len(kinds) > 1:
+        raise ConfigurationError(
+            'the broker URLs mix redis-streams+cluster:// (Redis Cluster nodes) with other '
+            'servers; list the nodes of one cluster only '
+            '(redis-streams+cluster://h1:7000,h2:7001)')
+
+
+def _scheme(url: Any) -> str:
+    return url.split('://', 1)[0] if isinstance(url, str) else ''
+
+
+def _kind(url: str) -> str:
+    scheme = _scheme(url)
+    return 'sentinel' if scheme == SENTINEL_SCHEME else \
+        'cluster' if scheme in CLUSTER_SCHEMES else 'server'
+
+
+def _ssl_settings(parts: Mapping[str, Any], ssl: Any) -> dict:
+    """The ``ssl_*`` arguments of a parsed URL's query and of ``broker_use_ssl``."""
+    settings: dict = {}
+    for extra in (parts.get('ssl'), ssl):
+        if isinstance(extra, Mapping):
+            settings.update(ssl_arguments(extra))
+    return settings
+
+
+def _parse_cluster(url: str) -> tuple[dict, list]:
+    """``(parts, seeds)`` of one ``redis-streams+cluster://`` URL: ``parts`` as
+    :func:`_parse` gives them for its first host, ``seeds`` every ``(host, port)``."""
+    scheme, _, rest = url.partition('://')
+    if scheme not in CLUSTER_SCHEMES:
+        raise ConfigurationError(
+            'broker URL %s is not a Redis Cluster URL: list the nodes of one cluster as '
+            '%s://h1:7000,h2:7001 (or ;-separated %s:// URLs)'
+            % (safe_url(url), CLUSTER_SCHEME, CLUSTER_SCHEME))
+    netloc = urlsplit('//' + rest).netloc
+    credentials, at, hosts = netloc.rpartition('@')
+    seeds = [_seed(url, host) for host in hosts.split(',')]
+    plain = 'rediss' if scheme == CLUSTER_TLS_SCHEME else 'redis'
+    parts = _parse('%s://%s%s%s' % (plain, credentials + at, hosts.split(',')[0],
+                                    rest[len(netloc):]))
+    return parts, seeds
+
+
+def _seed(url: str, host: str) -> tuple[str, int]:
+    """``(host, port)`` of one seed node of a cluster URL (``host`` or ``host:port``)."""
+    try:
+        split = urlsplit('//' + host)
+        name, port = split.hostname, split.port
+    except ValueError:   # a port that is not a number, or out of range
+        name = port = None
+    if not name or port == 0:
+        raise ConfigurationError(
+            'broker URL %s: seed node %r is not host or host:port (a port is a number); list '
+            'the nodes as %s://h1:7000,h2:7001' % (safe_url(url), host, CLUSTER_SCHEME))
+    return name, port or DEFAULT_PORT
 
 
 def _parse(url: str) -> dict:

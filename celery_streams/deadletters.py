@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 import redis
 from kombu.utils.json import loads
 
+from .cluster import by_node
 from .errors import StreamsError
 from .inventory import Inventory, age_seconds, last_entry_id, server_now_ms
 from .keys import Keys
@@ -203,16 +204,18 @@ def apply_requeue(client: redis.Redis, plan: list[RequeuedDeadLetter], *,
     keys = Keys(global_keyprefix)
     script = Scripts(client).requeue_dead
     todo = [item for item in plan if item.outcome != 'empty']
-    for start in range(0, len(todo), PAGE):
-        batch = todo[start:start + PAGE]
-        with client.pipeline(transaction=False) as pipe:
-            for item in batch:
-                script(keys=[keys.dead_letters(item.dead_letter.queue), item.stream],
-                       args=[item.dead_letter.id], client=pipe)
-            replies = pipe.execute()
-        for item, reply in zip(batch, replies):
-            item.outcome = _text(reply[0])
-            item.new_id = _text(reply[1]) if len(reply) > 1 else None
+    # On a cluster, one pipeline per node: both keys of a call are of one queue (one slot).
+    for node, items in by_node(client, todo, lambda item: keys.dead_letters(item.dead_letter.queue)):
+        for start in range(0, len(items), PAGE):
+            batch = items[start:start + PAGE]
+            with node.pipeline(transaction=False) as pipe:
+                for item in batch:
+                    script(keys=[keys.dead_letters(item.dead_letter.queue), item.stream],
+                           args=[item.dead_letter.id], client=pipe)
+                replies = pipe.execute()
+            for item, reply in zip(batch, replies):
+                item.outcome = _text(reply[0])
+                item.new_id = _text(reply[1]) if len(reply) > 1 else None
     requeued = [item for item in plan if item.outcome == 'requeued']
     if requeued:
         logger.info('celery_streams: requeued %d dead letters of %s', len(requeued),

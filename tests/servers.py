@@ -714,3 +714,294 @@ class SentinelTopology:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------
+# Redis Cluster
+# --------------------------------------------------------------------------
+
+#: Every slot of a cluster: 0 .. SLOTS - 1.
+SLOTS = 16384
+
+
+class ClusterUnsupported(RuntimeError):
+    """The server cannot run a cluster this rig builds (older than 7.0, or built without it)."""
+
+
+@dataclass(eq=False)
+class ClusterTopology:
+    """``masters`` masters with one replica each, on free loopback ports: a Redis Cluster.
+
+    Built by the tests themselves, as ``redis-cli --cluster create`` would:
+    ``CLUSTER ADDSLOTSRANGE`` (``ADDSLOTS`` on a server without it) splits the
+    slots evenly among the masters, ``CLUSTER MEET`` joins every node, and
+    ``CLUSTER REPLICATE`` makes the replicas. Each server keeps its own
+    ``cluster-config-file`` in its directory; a short ``node_timeout_ms``
+    keeps failovers to a few seconds. :meth:`start` returns once every node
+    reports ``cluster_state:ok`` and all agree on the owner of every slot; it
+    raises :class:`ClusterUnsupported` for a server older than 7.0 or one
+    without cluster support.
+
+    ``servers`` are the data servers, masters first (``masters[i]``'s replica
+    is ``servers[masters + i]``); which are masters now is :meth:`primaries`.
+    """
+
+    binary: str = ""
+    masters: int = 3
+    node_timeout_ms: int = 1500
+    servers: list = field(default_factory=list, init=False)
+    bus_ports: dict = field(default_factory=dict, init=False)   # server port -> cluster bus port
+
+    def __post_init__(self) -> None:
+        if not self.binary or os.sep not in self.binary:
+            self.binary = find_server(self.binary or None).path
+
+    def start(self, timeout: float = 30.0) -> "ClusterTopology":
+        flavor, version = binary_version(self.binary)
+        if int(version.split(".")[0]) < 7:
+            raise ClusterUnsupported(f"{flavor} {version}: the cluster rig needs 7.0 or later")
+        args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(self.node_timeout_ms),
+                # A replica always may take over (its data is never "too old" here) and stays
+                # with its master; nobody waits 5 s before a full sync.
+                "--cluster-replica-validity-factor", "0",
+                "--cluster-allow-replica-migration", "no",
+                "--repl-diskless-sync-delay", "0")
+        for i in range(self.masters * 2):
+            role = "master" if i < self.masters else "replica"
+            # The cluster bus listens on a port of its own, free too (port + 10000 may not be).
+            bus_port = free_port()
+            server = RedisServer(self.binary, name=f"cluster-{role}{i % self.masters}",
+                                 extra_args=args + ("--cluster-port", str(bus_port)))
+            self.servers.append(server)
+            self.bus_ports[server.port] = bus_port
+            try:
+                server.start()
+            except ServerStartError as exc:
+                self.close()
+                raise ClusterUnsupported(f"{flavor} {version} does not run a cluster: {exc}") from None
+        try:
+            self._join(timeout)
+        except BaseException:   # no server left behind by a cluster that did not form
+            self.close()
+            raise
+        return self
+
+    def _join(self, timeout: float) -> None:
+        """Slots to the masters, every node met, replicas to their masters; wait until settled."""
+        ids = [self.node_id(s) for s in self.servers]
+        for i, master in enumerate(self.servers[:self.masters]):
+            with self._client(master) as client:
+                client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+                first, last = self.slot_range(i)
+                try:
+                    client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+                except redis.ResponseError:   # before 7.0 (or without it): one by one
+                    client.execute_command("CLUSTER", "ADDSLOTS", *range(first, last + 1))
+        with self._client(self.servers[0]) as client:
+            for server in self.servers[1:]:
+                client.execute_command("CLUSTER", "MEET", "127.0.0.1", server.port,
+                                       self.bus_ports[server.port])
+        self._wait(lambda: all(len(self.nodes(s)) == len(self.servers) for s in self.servers),
+                   timeout, "every node to know every other")
+        for i, replica in enumerate(self.servers[self.masters:]):
+            with self._client(replica) as client:
+                client.execute_command("CLUSTER", "REPLICATE", ids[i])
+        self.wait_settled(timeout)
+
+    # -- what the nodes say --------------------------------------------------
+
+    def _client(self, server: RedisServer) -> redis.Redis:
+        return server.client(socket_timeout=2, socket_connect_timeout=1, retry=NO_RETRY,
+                             decode_responses=True)
+
+    def slot_range(self, i: int) -> tuple[int, int]:
+        """The slots master ``i`` is given at the start: ``(first, last)``, inclusive."""
+        size = SLOTS // self.masters
+        return i * size, SLOTS - 1 if i == self.masters - 1 else (i + 1) * size - 1
+
+    def node_id(self, server: RedisServer) -> str:
+        with self._client(server) as client:
+            return client.execute_command("CLUSTER", "MYID")
+
+    def nodes(self, server: RedisServer) -> list[dict]:
+        """``CLUSTER NODES`` of ``server``: one dict per node it knows (id, port, flags,
+        master id, slots as ``(first, last)`` pairs)."""
+        with self._client(server) as client:
+            text = client.execute_command("CLUSTER", "NODES")
+        if isinstance(text, dict):   # redis-py parses it when it can: ask for the raw text
+            with server.client(socket_timeout=2, retry=NO_RETRY) as raw:
+                text = raw.execute_command("CLUSTER NODES", NEVER_DECODE=[]).decode()
+        found = []
+        for line in text.strip().splitlines():
+            fields = line.split()
+            slots = []
+            for part in fields[8:]:
+                if part.startswith("["):   # a slot being migrated or imported
+                    continue
+                first, _, last = part.partition("-")
+                slots.append((int(first), int(last or first)))
+            found.append({"id": fields[0], "port": int(fields[1].split("@")[0].rsplit(":", 1)[1]),
+                          "flags": set(fields[2].split(",")), "master": fields[3],
+                          "slots": slots})
+        return found
+
+    def roles(self, server: RedisServer) -> dict[int, str]:
+        """``port -> id of its master`` (``-`` for a master) of every node ``server`` sees up."""
+        return {node["port"]: node["master"] for node in self.nodes(server)
+                if "fail" not in node["flags"] and "fail?" not in node["flags"]}
+
+    def owners(self, server: RedisServer) -> dict[int, int]:
+        """``first slot of a range -> port of its master``, as ``server`` sees it."""
+        return {first: node["port"] for node in self.nodes(server)
+                if "master" in node["flags"] and "fail" not in node["flags"]
+                for first, _ in node["slots"]}
+
+    def server_at(self, port: int) -> RedisServer:
+        return next(s for s in self.servers if s.port == port)
+
+    def live(self) -> list[RedisServer]:
+        return [s for s in self.servers if s.is_running()]
+
+    def primaries(self) -> list[RedisServer]:
+        """The servers that are masters now (with slots), as the first live node sees it."""
+        ports = set(self.owners(self.live()[0]).values())
+        return [s for s in self.servers if s.port in ports]
+
+    def master_for(self, key: str | bytes) -> RedisServer:
+        """The master that owns the slot of ``key`` now."""
+        from redis.crc import key_slot
+        slot = key_slot(key.encode() if isinstance(key, str) else key)
+        return self.owner_of(slot)
+
+    def owner_of(self, slot: int) -> RedisServer:
+        for node in self.nodes(self.live()[0]):
+            if "master" in node["flags"] and any(a <= slot <= b for a, b in node["slots"]):
+                return self.server_at(node["port"])
+        raise LookupError(f"no master owns slot {slot}")
+
+    def replica_of(self, master: RedisServer) -> RedisServer:
+        master_id = self.node_id(master)
+        for node in self.nodes(master):
+            if node["master"] == master_id and "fail" not in node["flags"]:
+                return self.server_at(node["port"])
+        raise LookupError(f"{master.name} has no live replica")
+
+    def urls(self, scheme: str = "redis-streams+cluster", db: Optional[int] = None) -> str:
+        """A broker URL naming every master as a seed node: ``scheme://h:p,h:p,h:p``."""
+        seeds = ",".join(f"127.0.0.1:{s.port}" for s in self.servers[:self.masters])
+        return f"{scheme}://{seeds}" + ("" if db is None else f"/{db}")
+
+    def client(self, **kwargs):
+        """A redis-py ``RedisCluster`` of this cluster (text replies unless ``kwargs`` say)."""
+        from redis.cluster import ClusterNode, RedisCluster
+        kwargs.setdefault("decode_responses", True)
+        return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", s.port) for s in self.live()],
+                            **kwargs)
+
+    # -- health -----------------------------------------------------------------
+
+    def settled(self) -> bool:
+        """Every live node says ``cluster_state:ok`` and sees the same slot owners and the
+        same masters and replicas (a demoted master is known as one everywhere), every master
+        has slots, and every live replica is in sync with its master."""
+        try:
+            views = []
+            for server in self.live():
+                with self._client(server) as client:
+                    if client.cluster("info")["cluster_state"] != "ok":
+                        return False
+                    info = client.info("replication")
+                if info["role"] == "slave" and info.get("master_link_status") != "up":
+                    return False
+                views.append((self.owners(server), self.roles(server)))
+            if any(view != views[0] for view in views) or \
+                    len(set(views[0][0].values())) != self.masters:
+                return False
+            return True
+        except (redis.RedisError, KeyError, ValueError):
+            return False
+
+    def wait_settled(self, timeout: float = 30.0) -> float:
+        """Wait until :meth:`settled`; return the seconds it took."""
+        return self._wait(self.settled, timeout, "the cluster to settle")
+
+    def _wait(self, done, timeout: float, what: str) -> float:
+        started = time.monotonic()
+        while not done():
+            if time.monotonic() - started > timeout:
+                raise ServerStartError(f"waited {timeout}s for {what}:\n{self.describe()}")
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    # -- changes ---------------------------------------------------------------
+
+    def fail_over(self, master: RedisServer, timeout: float = 30.0) -> RedisServer:
+        """``CLUSTER FAILOVER`` on the replica of ``master``; wait until it is the master of
+        the slots and the old master its replica. Returns the new master."""
+        replica = self.replica_of(master)
+        with self._client(replica) as client:
+            client.execute_command("CLUSTER", "FAILOVER")
+        self._wait(lambda: replica in self.primaries() and master not in self.primaries()
+                   and self.settled(), timeout, f"{replica.name} to take over from {master.name}")
+        return replica
+
+    def kill(self, master: RedisServer, timeout: float = 30.0) -> RedisServer:
+        """Crash ``master`` (SIGKILL); wait until the cluster promoted its replica and is ok
+        again. Returns the new master."""
+        replica = self.replica_of(master)
+        master.kill()
+        self._wait(lambda: replica in self.primaries() and self.settled(), timeout,
+                   f"{replica.name} to replace the killed {master.name}")
+        return replica
+
+    def migrate_slot(self, slot: int, target: RedisServer, timeout: float = 30.0) -> None:
+        """Move ``slot`` and its keys to master ``target``, as ``redis-cli --cluster reshard``
+        does: ``SETSLOT IMPORTING`` / ``MIGRATING``, ``MIGRATE`` the keys, then ``SETSLOT NODE``
+        on every master (the replicas follow theirs)."""
+        source = self.owner_of(slot)
+        if source is target:
+            return
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        with self._client(target) as to, self._client(source) as since:
+            to.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            since.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            while True:
+                keys = since.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+                if not keys:
+                    break
+                since.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000,
+                                      "KEYS", *keys)
+            to.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+            since.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        for server in self.primaries():
+            if server not in (source, target):
+                with self._client(server) as client:
+                    client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        self._wait(lambda: self.settled() and self.owner_of(slot) is target, timeout,
+                   f"slot {slot} to move to {target.name}")
+
+    def describe(self) -> str:
+        lines = []
+        for server in self.servers:
+            try:
+                with self._client(server) as client:
+                    state = client.cluster("info")["cluster_state"]
+                    role = client.info("replication")["role"]
+                lines.append(f"{server.name} :{server.port} {role} cluster_state:{state}")
+            except redis.RedisError as exc:
+                lines.append(f"{server.name} :{server.port} {exc!r}")
+        return "\n".join(lines)
+
+    def stop(self) -> None:
+        """Stop every server for good and delete their directories."""
+        for server in self.servers:
+            server.close()
+
+    close = stop
+
+    def __enter__(self) -> "ClusterTopology":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()

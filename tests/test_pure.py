@@ -5,6 +5,8 @@ Transport options, the key schema, delivery tags, RESP packing, and broker URLs.
 """
 from __future__ import annotations
 
+import ssl
+
 import kombu
 import pytest
 import redis
@@ -72,6 +74,45 @@ def test_a_sentinel_url_lists_every_sentinel_and_the_masters_database():
     assert 'pw' not in from_url.where and 's2:26379' in from_url.where
     with pytest.raises(errors.ConfigurationError, match='TLS is not supported'):
         Address.from_url('sentinel-streams://h', ssl=True, options=options)
+
+
+def test_a_cluster_url_lists_every_seed_with_the_first_urls_credentials_and_tls():
+    url = 'rediss-streams+cluster://u:p%40w@h1:7000,h2,[::1]:7002/0?ssl_cert_reqs=none'
+    address = Address.from_url(url)
+    assert address.cluster and address.seeds == (('h1', 7000), ('h2', 6379), ('::1', 7002))
+    assert (address.host, address.port, address.db) == ('h1', 7000, 0)
+    assert (address.username, address.password, address.tls) == ('u', 'p@w', True)
+    assert address.ssl == {'ssl_cert_reqs': ssl.CERT_NONE}
+    assert 'p@w' not in address.where and 'h2:6379' in address.where
+    split = 'redis-streams+cluster://:pw@h1:7000;redis-streams+cluster://h2:7001'
+    assert Address.from_url(split).seeds == Address.from_url(split.split(';')).seeds == (
+        ('h1', 7000), ('h2', 7001))
+    assert (Address.from_url(split).password, Address.from_url(split).tls) == ('pw', False)
+    assert Address.from_url('redis-streams+cluster://h1', ssl=True).tls
+
+
+@pytest.mark.parametrize('url, words', [
+    ('redis-streams+cluster://h1/2', 'database 0 only'),
+    ('redis-streams+cluster://h1:7000,h2:x', "seed node 'h2:x'"),
+    ('redis-streams+cluster://h1,,h2', "seed node ''"),
+    ('redis-streams+cluster://h1;redis-streams://h2', 'mix redis-streams+cluster://'),
+    ('redis-streams+cluster://h1;sentinel-streams://h2', 'mix sentinel-streams://'),
+])
+def test_cluster_url_errors_are_one_line(url, words):
+    with pytest.raises(errors.ConfigurationError) as refused:
+        Address.from_url(url)
+    assert words in str(refused.value) and '\n' not in str(refused.value)
+
+
+def test_a_cluster_url_is_refused_by_the_transport_in_one_line():
+    from celery_streams.connection import CLUSTER_REFUSAL
+    for url in ('redis-streams+cluster://h1:7000,h2:7001', 'redis-streams+cluster://h1;redis-streams+cluster://h2',
+                'rediss-streams+cluster://h1'):
+        with pytest.raises(errors.ConfigurationError) as refused:
+            Connection(url).connect()
+        assert str(refused.value) == CLUSTER_REFUSAL
+    with pytest.raises(errors.ConfigurationError, match='not supported by the celery_streams workers'):
+        Address.from_url('redis-streams+cluster://h1').pool(Options.from_transport_options({}))
 
 
 def test_a_sentinel_pool_follows_the_master_with_the_given_options():

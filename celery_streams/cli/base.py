@@ -11,7 +11,8 @@ from celery.bin.base import COMMA_SEPARATED_LIST, CeleryOption, CLIContext, hand
 from celery.exceptions import CeleryCommandException
 from celery.platforms import EX_UNAVAILABLE
 
-from ..connection import SENTINEL_SCHEME, broker_urls, client_from_url, safe_url
+from ..connection import (CLUSTER_SCHEMES, SENTINEL_SCHEME, broker_urls, client_from_url,
+                          connection_kwargs, safe_url)
 from ..errors import StreamsError, one_line
 from ..keys import Keys
 from ..options import Options
@@ -33,8 +34,9 @@ class Target:
         if not urls:
             raise click.ClickException(
                 'no broker URL: pass --broker redis://host:6379/0 or -A an app that sets broker_url')
-        # Sentinels: every one is asked for the master (as by the worker); else the first server.
-        if not urls[0].startswith(SENTINEL_SCHEME + '://'):
+        # Sentinels: every one is asked for the master (as by the worker); cluster nodes: every
+        # one is a seed; else the first server.
+        if urls[0].split('://', 1)[0] not in (SENTINEL_SCHEME,) + CLUSTER_SCHEMES:
             urls = urls[:1]
         self.url = ';'.join(safe_url(url) for url in urls)
         transport_options = dict(app.conf.broker_transport_options or {})
@@ -50,7 +52,7 @@ class Target:
 
     def errors(self):
         """:func:`one_line_errors` for this broker."""
-        has_password = bool(self.client.connection_pool.connection_kwargs.get('password'))
+        has_password = bool(connection_kwargs(self.client).get('password'))
         return one_line_errors(self.url, has_password)
 
     def describe(self) -> str:

@@ -1,0 +1,308 @@
+"""Redis Cluster, for real: the ``celery streams`` commands on 3 masters and 3 replicas.
+
+One cluster (:class:`~tests.servers.ClusterTopology`) per server kind that runs one
+(Redis 7, Valkey 8), started once for the module. Each test makes its queues under
+a prefix of its own, by writing the transport's own keys (the ``keys`` fixture, its scripts),
+with names whose slots land on every master; then runs the commands in-process through
+``celery`` with a ``redis-streams+cluster://`` URL. The slot migration and failover
+tests come last: they move slots, and every test finds where its queues live anew.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+from kombu import Connection, Producer
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
+
+import celery_streams  # noqa: F401  (registers the schemes)
+from celery_streams.connection import CLUSTER_REFUSAL, client_from_url
+from celery_streams.deadletters import record
+from celery_streams.errors import ConfigurationError
+from celery_streams.scripts import Scripts
+from tests import servers
+from tests.helpers import one_line
+from tests.servers import ClusterTopology, ClusterUnsupported
+
+pytestmark = pytest.mark.needs_server
+
+try:   # each kind found; one older than 7.0, or without cluster support, is skipped saying why
+    _KINDS = servers.available_servers()
+except servers.NoServerFound:
+    _KINDS = []
+FAR_FUTURE_MS = 4102444800000   # 2100-01-01: scheduled messages that never come due here
+
+
+@pytest.fixture(scope='module', params=_KINDS or [None], ids=lambda s: s.name if s else 'no-server')
+def cluster(request):
+    if request.param is None:
+        pytest.skip('no Redis/Valkey server of 7.0 or later')
+    try:
+        topology = ClusterTopology(request.param.path).start()
+    except ClusterUnsupported as exc:
+        pytest.skip(str(exc).splitlines()[0])
+    yield topology
+    topology.stop()
+
+
+@pytest.fixture
+def rc(cluster):
+    """A plain redis-py cluster client, to write and look at the transport's keys."""
+    client = cluster.client()
+    yield client
+    client.close()
+
+
+def spread_names(cluster, per_master=2, stem='q'):
+    """Queue names, ``per_master`` on each master (their hash tags decide their slots)."""
+    wanted = {s.port: per_master for s in cluster.primaries()}
+    names, i = [], 0
+    while any(wanted.values()):
+        name = '%s%d' % (stem, i)
+        owner = cluster.master_for('{%s}' % name).port
+        if wanted.get(owner):
+            wanted[owner] -= 1
+            names.append(name)
+        i += 1
+    return names
+
+
+def make_queue(rc, keys, name, *, messages, read=1, dead=1, scheduled=1):
+    """A task queue as a worker leaves it: in the registry, ``messages`` in its stream,
+    ``read`` of them delivered (pending), ``dead`` dead letters, ``scheduled`` waiting."""
+    scripts, stream = Scripts(rc), keys.stream(name)
+    rc.hset(keys.queues, name, 'task')
+    rc.xgroup_create(stream, 'celery', '0', mkstream=True)
+    for n in range(messages):
+        rc.xadd(stream, {'payload': '{"n": %d}' % n})
+    if read:
+        rc.xreadgroup('celery', 'w1', {stream: '>'}, count=read)
+    for n in range(dead):
+        rc.xadd(keys.dead_letters(name),
+                record(name, stream, '1-%d' % n, {'payload': '{"dead": %d}' % n}, 'test'))
+    for n in range(scheduled):
+        scripts.schedule(keys=[keys.scheduled(name), stream],
+                         args=[FAR_FUTURE_MS, 0, 'token%d' % n, '{"later": %d}' % n, '0'])
+
+
+def transport_keys(cluster, keys):
+    """Every key under the prefix on every master, by a SCAN of each master itself."""
+    found = set()
+    for server in cluster.primaries():
+        with server.client(decode_responses=True) as client:
+            found |= set(client.scan_iter(match=keys.match_all, count=1000))
+    return found
+
+
+@pytest.fixture
+def queues(cluster, rc, keys):
+    """Two queues on each master: ``name -> messages`` (the n-th has n + 2)."""
+    names = spread_names(cluster)
+    assert len({cluster.master_for(keys.stream(q)).port for q in names}) == 3
+    made = {}
+    for n, name in enumerate(names):
+        make_queue(rc, keys, name, messages=n + 2)
+        made[name] = n + 2
+    return made
+
+
+def status_of(run, cluster, prefix, url=None):
+    result = run('--broker', url or cluster.urls(), 'streams', 'status', '--prefix', prefix, '--json')
+    assert result.exit_code == 0, result.output
+    return {q['name']: q for q in json.loads(result.output)['queues']}
+
+
+# -- URLs -------------------------------------------------------------------------
+
+def test_client_from_url_gives_a_cluster_client_that_knows_every_master(cluster):
+    client = client_from_url(cluster.urls().split(',')[0])   # one seed is enough
+    try:
+        assert isinstance(client, RedisCluster)
+        assert {n.port for n in client.get_primaries()} == {s.port for s in cluster.primaries()}
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize('url, words', [
+    ('redis-streams+cluster://127.0.0.1:{port}/1', 'database 0 only'),
+    ('redis-streams+cluster://127.0.0.1:{port},127.0.0.1:port', "seed node '127.0.0.1:port'"),
+    ('redis-streams+cluster://127.0.0.1:{port};redis-streams://127.0.0.1:{port}', 'mix'),
+])
+def test_url_errors_are_one_line(run, cluster, url, words):
+    result = run('--broker', url.format(port=cluster.servers[0].port), 'streams', 'status')
+    assert result.exit_code != 0
+    line = one_line(result)
+    assert words in line and 'Traceback' not in result.output, line
+
+
+def test_an_unreachable_seed_is_one_line(run):
+    result = run('--broker', 'redis-streams+cluster://127.0.0.1:%d' % servers.free_port(),
+                 'streams', 'status')
+    assert result.exit_code == 69
+    assert one_line(result).startswith('Error: cannot reach Redis at redis-streams+cluster://'), result.output
+
+
+def test_a_seed_that_is_no_cluster_node_is_one_line(run, fresh_redis_server):
+    server = fresh_redis_server()
+    result = run('--broker', 'redis-streams+cluster://127.0.0.1:%d' % server.port, 'streams', 'status')
+    assert result.exit_code == 1
+    line = one_line(result)
+    assert 'the seed nodes 127.0.0.1:%d are not a usable Redis Cluster' % server.port in line, line
+
+
+def test_workers_and_publishers_refuse_a_cluster_url_in_one_line(cluster):
+    for url in (cluster.urls(), cluster.urls().replace(',', ';redis-streams+cluster://')):
+        with Connection(url) as connection:
+            with pytest.raises(ConfigurationError) as refused:
+                Producer(connection).publish({'n': 1}, routing_key='celery')
+        assert str(refused.value) == CLUSTER_REFUSAL and '\n' not in CLUSTER_REFUSAL
+
+
+def test_a_worker_given_a_cluster_url_stops_with_one_line(cluster, tmp_path):
+    from tests.test_startup_errors import run_worker
+    done = run_worker(tmp_path, cluster.urls(), {})
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    assert 'Traceback' not in output, output[-3000:]
+    lines = [x for x in output.splitlines() if 'Redis Cluster' in x]
+    assert lines and all('not supported by the celery_streams workers' in x for x in lines), output[-3000:]
+
+
+# -- the commands on every master ----------------------------------------------------
+
+def test_status_lists_every_queue_of_every_master(run, cluster, queues, prefix):
+    found = status_of(run, cluster, prefix)
+    assert set(found) == set(queues)
+    for name, messages in queues.items():
+        q = found[name]
+        assert (q['kind'], q['length'], q['pending'], q['waiting'], q['dead_letters'],
+                q['scheduled']) == ('task', messages, 1, messages - 1, 1, 1), q
+        assert [g['name'] for g in q['groups']] == ['celery']
+        assert [c['name'] for c in q['groups'][0]['consumers']] == ['w1']
+
+
+def test_the_exporter_collects_the_queues_of_every_master(cluster, queues, prefix):
+    from celery_streams.exporter import Exporter
+    client = client_from_url(cluster.urls())
+    try:
+        text = Exporter(client, global_keyprefix=prefix).metrics()
+    finally:
+        client.close()
+    assert 'celery_streams_last_scrape_error 0' in text
+    for name, messages in queues.items():
+        assert 'celery_streams_queue_stream_length{queue_name="%s"} %d' % (name, messages) in text
+
+
+def test_status_and_scheduled_with_semicolon_separated_seed_urls(run, cluster, queues, prefix):
+    url = cluster.urls().replace(',', ';redis-streams+cluster://')
+    assert set(status_of(run, cluster, prefix, url)) == set(queues)
+    result = run('--broker', url, 'streams', 'scheduled', '--prefix', prefix, '--json')
+    assert result.exit_code == 0, result.output
+    assert {q['queue']: q['scheduled'] for q in json.loads(result.output)['queues']} == \
+        {name: 1 for name in queues}
+
+
+def test_drain_empties_every_queue_and_keeps_every_group(run, cluster, rc, queues, keys, prefix):
+    result = run('--broker', cluster.urls(), 'streams', 'drain', '--prefix', prefix, '-f')
+    assert result.exit_code == 0, result.output
+    for name, messages in queues.items():
+        assert "Drained queue '%s' (task): %d messages, 1 pending entry" % (name, messages) \
+            in result.output
+        stream = keys.stream(name)
+        with cluster.master_for(stream).client(decode_responses=True) as node:   # the owner itself
+            assert node.xlen(stream) == 0
+            assert [g['name'] for g in node.xinfo_groups(stream)] == ['celery']
+            assert node.xpending(stream, 'celery')['pending'] == 0
+            assert node.zcard(keys.scheduled(name)) == 0
+            assert node.xlen(keys.dead_letters(name)) == 1   # dead letters stay unless asked
+    assert all(q['length'] == 0 for q in status_of(run, cluster, prefix).values())
+
+
+def test_dead_letters_list_and_requeue_on_every_master(run, cluster, rc, queues, keys, prefix):
+    result = run('--broker', cluster.urls(), 'streams', 'dead-letters', 'list', '--prefix', prefix,
+                 '--json')
+    assert result.exit_code == 0, result.output
+    assert {q['name']: q['count'] for q in json.loads(result.output)['queues']} == \
+        {name: 1 for name in queues}
+    result = run('--broker', cluster.urls(), 'streams', 'dead-letters', 'requeue', '--prefix',
+                 prefix, '-f')
+    assert result.exit_code == 0, result.output
+    assert 'Total: %d dead letters requeued' % len(queues) in result.output
+    for name, messages in queues.items():
+        assert rc.xlen(keys.dead_letters(name)) == 0
+        assert rc.xlen(keys.stream(name)) == messages + 1
+
+
+def test_dead_letters_show_and_purge_on_every_master(run, cluster, rc, queues, keys, prefix):
+    last = sorted(queues)[-1]
+    [(entry_id, _)] = rc.xrange(keys.dead_letters(last))
+    result = run('--broker', cluster.urls(), 'streams', 'dead-letters', 'show', entry_id,
+                 '--prefix', prefix, '--json')
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)['dead_letter']['queue'] == last
+    result = run('--broker', cluster.urls(), 'streams', 'dead-letters', 'purge', '--prefix', prefix,
+                 '-f')
+    assert result.exit_code == 0, result.output
+    assert 'Total: %d dead letters from %d queues.' % (len(queues), len(queues)) in result.output
+    assert not any(rc.exists(keys.dead_letters(name)) for name in queues)
+
+
+def test_nuke_removes_every_transport_key_on_every_master(run, cluster, rc, queues, keys, prefix):
+    rc.sadd(keys.bindings('celery'), 'binding')
+    rc.set(keys.schema, 1)
+    foreign = [prefix + 'mine', '{%s}other' % prefix, 'celery-streams-%s' % prefix]
+    for key in foreign:
+        rc.set(key, 'keep')
+    before = transport_keys(cluster, keys)
+    assert len(before) >= 3 * len(queues) + 3 and rc.exists(keys.queues)
+    result = run('--broker', cluster.urls(), 'streams', 'nuke', '--prefix', prefix, '-f')
+    assert result.exit_code == 0, result.output
+    assert 'Destroyed %d consumer groups' % len(queues) in result.output
+    assert transport_keys(cluster, keys) == set()
+    assert [rc.get(key) for key in foreign] == ['keep'] * len(foreign)
+
+
+# -- slots that move, masters that change ------------------------------------------------
+
+def test_status_and_drain_follow_a_queue_whose_slot_moved(run, cluster, rc, keys, prefix):
+    [name] = spread_names(cluster, per_master=1, stem='moved')[:1]
+    make_queue(rc, keys, name, messages=4)
+    source = cluster.master_for(keys.stream(name))
+    target = next(s for s in cluster.primaries() if s is not source)
+    cluster.migrate_slot(key_slot(keys.stream(name).encode()), target)
+    assert cluster.master_for(keys.stream(name)) is target
+
+    q = status_of(run, cluster, prefix)[name]
+    assert (q['length'], q['pending'], q['dead_letters'], q['scheduled']) == (4, 1, 1, 1)
+    result = run('--broker', cluster.urls(), 'streams', 'drain', '--prefix', prefix, '-f')
+    assert result.exit_code == 0, result.output
+    with target.client(decode_responses=True) as node:
+        assert node.xlen(keys.stream(name)) == 0 and node.zcard(keys.scheduled(name)) == 0
+        assert [g['name'] for g in node.xinfo_groups(keys.stream(name))] == ['celery']
+
+
+def test_status_after_a_failover(run, cluster, rc, queues, keys, prefix):
+    name = next(iter(queues))
+    old = cluster.master_for(keys.stream(name))
+    new = cluster.fail_over(old)
+    assert cluster.master_for(keys.stream(name)) is new
+
+    found = status_of(run, cluster, prefix)
+    assert {q: found[q]['length'] for q in queues} == queues
+    result = run('--broker', cluster.urls(), 'streams', 'drain', '--prefix', prefix, '-f')
+    assert result.exit_code == 0, result.output
+    assert all(q['length'] == 0 for q in status_of(run, cluster, prefix).values())
+
+
+def test_status_after_a_master_dies(run, cluster, rc, queues, keys, prefix):
+    """The master dies (its replica takes over after the node timeout); it is still listed
+    as a seed in the URL: the client asks the next one."""
+    name = next(iter(queues))
+    dead = cluster.master_for(keys.stream(name))
+    new = cluster.kill(dead)
+    assert cluster.master_for(keys.stream(name)) is new
+
+    found = status_of(run, cluster, prefix)
+    assert {q: (found[q]['length'], found[q]['pending']) for q in queues} == \
+        {q: (messages, 1) for q, messages in queues.items()}
