@@ -20,7 +20,7 @@ from time import monotonic
 
 import redis
 
-from . import errors
+from . import errors, wire
 from .errors import one_line
 from .keys import FANOUT, SCHEMA_VERSION, TASK, Keys, binding_member, glob_escape, parse_binding
 from .wire import text
@@ -72,6 +72,9 @@ class QueueTable:
         self.idle_consumer_ms = idle_consumer_ms
         self._records: dict[str, QueueRecord] = {}
         self._expiry_refreshed_at = 0.0
+        #: Queues a consumer started on whose priority buckets may lack their stream and
+        #: group: :meth:`ensure_wanted_groups` creates them before the next read.
+        self.groups_wanted: set = set()
         #: Changes when a queue is deleted, declared again or bound to a fanout exchange:
         #: what a read plan depends on (see :meth:`celery_streams.reader.Reader.plan`).
         self.version = 0
@@ -103,7 +106,14 @@ class QueueTable:
 
     # -- declaring ------------------------------------------------------------
 
-    def declare(self, queue: str, auto_delete: bool = False, arguments=None) -> None:
+    def declare(self, queue: str, auto_delete: bool = False, arguments=None) -> int:
+        """Create ``queue``'s main stream and group (at ``0``) and register it; return how
+        many messages it holds for a consumer (kombu's ``queue_declare`` message count).
+
+        One packed write with the count's commands: a consumer of 100 queues
+        declared them in 38 ms with a redis-py pipeline for each and another
+        for the count.
+        """
         if '{' in queue or '}' in queue:
             raise errors.ConfigurationError(
                 'queue name %r: braces are not allowed (they delimit the queue in its Redis keys)'
@@ -116,17 +126,18 @@ class QueueTable:
         record.auto_delete = record.auto_delete or bool(auto_delete)
         record.expires = _milliseconds(arguments.get('x-expires'))
         record.message_ttl = _milliseconds(arguments.get('x-message-ttl'))
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.xgroup_create(self.keys.stream(queue), self.group, id='0', mkstream=True)
-            pipe.hsetnx(self.keys.queues, queue, TASK)
-            if record.expires is not None:
-                for stream in self.keys.streams(queue):
-                    pipe.pexpire(stream, record.expires)
-            results = pipe.execute(raise_on_error=False)
+        commands = [('XGROUP', 'CREATE', self.keys.stream(queue), self.group, '0', 'MKSTREAM'),
+                    ('HSETNX', self.keys.queues, queue, TASK)]
+        if record.expires is not None:
+            commands += [('PEXPIRE', stream, record.expires) for stream in self.keys.streams(queue)]
+        counting = depth_commands(self.keys, self.group, queue)
+        replies = wire.calls(self.channel.line, commands + counting)
+        results, counts = replies[:len(commands)], replies[len(commands):]
         if any(isinstance(errors.translate_write_error(r), errors.OutOfMemory)
                for r in results if isinstance(r, Exception)) and self._declared_in_redis(queue):
-            return   # a full Redis refuses every write, even one with nothing to do
+            return depth_of(counts)   # a full Redis refuses every write, even one with nothing to do
         raise_unless_busygroup(results)
+        return depth_of(counts)
 
     def _declared_in_redis(self, queue: str) -> bool:
         """Whether ``queue`` is registered and its main stream has the group (read-only checks)."""
@@ -179,12 +190,19 @@ class QueueTable:
     # -- bindings -------------------------------------------------------------
 
     def bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
-        with self.client.pipeline(transaction=False) as pipe:
-            self.write_binding(pipe, exchange, routing_key, pattern, queue)
-            pipe.execute()
+        for reply in wire.calls(self.channel.line,
+                                self.binding_commands(exchange, routing_key, pattern, queue)):
+            if isinstance(reply, Exception):
+                raise errors.translate_write_error(reply)
 
     def write_binding(self, pipe, exchange, routing_key, pattern, queue) -> None:
-        pipe.sadd(self.keys.bindings(exchange), binding_member(routing_key, pattern, queue))
+        for command in self.binding_commands(exchange, routing_key, pattern, queue):
+            pipe.execute_command(*command)
+
+    def binding_commands(self, exchange, routing_key, pattern, queue) -> list:
+        """The commands that store a binding (a fanout one also marks its queue a broadcast
+        queue, here and in the registry)."""
+        commands = [('SADD', self.keys.bindings(exchange), binding_member(routing_key, pattern, queue))]
         if self.channel.typeof(exchange).type == 'fanout':
             record = self[queue]
             if record.fanout_exchange != exchange:
@@ -192,8 +210,9 @@ class QueueTable:
                 self.version += 1
             if record.auto_delete and record.expires is None:
                 record.expires = self.orphan_expiry_ms
-                pipe.pexpire(self.keys.stream(queue), record.expires)
-            pipe.hset(self.keys.queues, queue, FANOUT)
+                commands.append(('PEXPIRE', self.keys.stream(queue), record.expires))
+            commands.append(('HSET', self.keys.queues, queue, FANOUT))
+        return commands
 
     def declared_bindings(self, exchange: str) -> list:
         """``(routing_key, pattern, queue)`` of ``exchange`` as this process declared them."""
@@ -250,13 +269,13 @@ class QueueTable:
         Returns queue -> whether a group was created.
         """
         plan = [(queue, stream) for queue in queues for stream in self.read_streams(queue)]
-        script = self.channel.scripts.create_group
-        with self.client.pipeline(transaction=False) as pipe:
-            for queue, stream in plan:
-                _, bucket = self.keys.parse_stream(stream)
-                script(keys=[stream, self.keys.healed(queue, bucket)], client=pipe,
-                       args=[self.group, self._start_id(queue), int(healing), self.healed_mark_ms])
-            results = pipe.execute(raise_on_error=False)
+        scripts = self.channel.scripts
+        # One packed write (no SCRIPT EXISTS first, as a redis-py pipeline of scripts
+        # does): a consumer of 100 queues starts with 100 round trips fewer.
+        results = scripts.run(self.channel.line, [
+            scripts.command('create_group', [stream, self.healed_key(stream)],
+                            [self.group, self._start_id(queue), int(healing), self.healed_mark_ms])
+            for queue, stream in plan])
         created: dict = {}
         for (queue, stream), result in zip(plan, results):
             if isinstance(result, Exception):
@@ -275,6 +294,17 @@ class QueueTable:
             if result[1]:
                 self.healed_marks[stream] = entry_id_tuple(text(result[1]))
         return created
+
+    def ensure_wanted_groups(self) -> None:
+        """Create the groups of :attr:`groups_wanted` (in one write: a consumer of 100
+        queues started with 100 round trips)."""
+        if self.groups_wanted:
+            self.ensure_groups([q for q in self.groups_wanted if not self.is_deleted(q)])
+            self.groups_wanted.clear()
+
+    def healed_key(self, stream: str) -> str:
+        """The healed mark of a queue stream (see the ``create_group`` script)."""
+        return self.keys.healed(*self.keys.parse_stream(stream))
 
     def retry_refused(self, queues) -> None:
         """Create the streams a full Redis refused, for those of ``queues`` that have some."""
@@ -347,15 +377,30 @@ def queue_depth(client, keys: Keys, group: str, queue: str) -> int:
     """Messages of ``queue`` no consumer received yet, over every priority bucket, in one round
     trip (kombu's ``queue_declare(passive=True).message_count``; Flower's queue length)."""
     with client.pipeline(transaction=False) as pipe:
-        for key in keys.streams(queue):
-            pipe.xlen(key)
-            pipe.xpending(key, group)
-        results = pipe.execute(raise_on_error=False)
+        for command in depth_commands(keys, group, queue):
+            pipe.execute_command(*command)
+        return depth_of(pipe.execute(raise_on_error=False))
+
+
+def depth_commands(keys: Keys, group: str, queue: str) -> list:
+    """``XLEN`` and ``XPENDING`` (summary) of every stream of ``queue``: see :func:`depth_of`."""
+    return [command for key in keys.streams(queue)
+            for command in (('XLEN', key), ('XPENDING', key, group))]
+
+
+def depth_of(replies) -> int:
+    """The messages no consumer received yet, from the replies to :func:`depth_commands`
+    (a stream without the group has none pending)."""
     size = 0
-    for length, pending in zip(results[::2], results[1::2]):
+    for length, pending in zip(replies[::2], replies[1::2]):
         if isinstance(length, Exception):
             raise length
-        pending = 0 if isinstance(pending, Exception) else pending['pending']
+        if isinstance(pending, dict):   # redis-py's parsed summary
+            pending = pending['pending']
+        elif isinstance(pending, (list, tuple)):   # the raw reply: count, smallest, greatest...
+            pending = pending[0]
+        else:
+            pending = 0
         size += max(length - pending, 0)
     return size
 

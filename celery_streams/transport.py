@@ -43,6 +43,7 @@ from time import time
 import redis
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
+from kombu.transport.virtual.base import queue_declare_ok_t
 
 from . import errors, hooks, wire
 from .connection import SCHEMES, TLS_SCHEMES, Address, follow_master, refuse_foreign_alternates  # noqa: F401
@@ -162,7 +163,13 @@ class Channel(virtual.Channel):
     # -- declaring (kombu hooks) ------------------------------------------------
 
     def _new_queue(self, queue, auto_delete=False, **kwargs):
-        self.queues.declare(queue, auto_delete, kwargs.get('arguments'))
+        return self.queues.declare(queue, auto_delete, kwargs.get('arguments'))
+
+    def queue_declare(self, queue=None, passive=False, **kwargs):
+        """kombu's, with the declaration and its message count in one round trip."""
+        if passive or not queue:
+            return super().queue_declare(queue, passive, **kwargs)
+        return queue_declare_ok_t(queue, self._new_queue(queue, **kwargs), 0)
 
     def prepare_queue_arguments(self, arguments, **kwargs):
         return to_rabbitmq_queue_arguments(arguments, **kwargs)
@@ -214,7 +221,9 @@ class Channel(virtual.Channel):
     def basic_consume(self, queue, no_ack, *args, **kwargs):
         record = self.queues[queue]
         if not record.consumed:
-            self.queues.ensure_groups([queue])   # every bucket: the blocking read names them all
+            # Every bucket gets its stream and group before the next read (the blocking
+            # read names them all), for all the queues consumed since in one write.
+            self.queues.groups_wanted.add(queue)
         record.consumed = True
         record.no_ack = bool(no_ack)
         return super().basic_consume(queue, no_ack, *args, **kwargs)

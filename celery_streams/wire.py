@@ -28,12 +28,15 @@ def pack_args(args) -> bytes:
     """Arguments in RESP, each ``$<len>`` and its bytes, without the ``*<n>`` of a command
     (so that packed parts can be joined into one)."""
     out = []
+    append = out.append
     for arg in args:
-        if isinstance(arg, str):
+        kind = type(arg)
+        if kind is str:
             arg = arg.encode()
-        elif not isinstance(arg, bytes):
-            arg = str(arg).encode()
-        out.append(b'$%d\r\n%s\r\n' % (len(arg), arg))
+        elif kind is not bytes:   # the rare subclass, or a number
+            arg = (arg.encode() if isinstance(arg, str) else
+                   arg if isinstance(arg, bytes) else str(arg).encode())
+        append(b'$%d\r\n%s\r\n' % (len(arg), arg))
     return b''.join(out)
 
 
