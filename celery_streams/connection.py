@@ -234,12 +234,16 @@ class Address:
         params.update(overrides)
         return {k: v for k, v in params.items() if v is not None}
 
-    def pool(self, options: Options, **overrides) -> redis.ConnectionPool:
+    def pool(self, options: Options, follow=None, **overrides) -> redis.ConnectionPool:
         """A connection pool to this server: with Sentinels, to the master they name now.
 
         A ``SentinelConnectionPool`` asks the Sentinels for the master each time
         it connects, and turns a ``READONLY`` reply (the master was demoted) into
-        a ``ConnectionError`` that drops the connection. A Redis Cluster has no
+        a ``ConnectionError`` that drops the connection. With ``follow`` (a pool
+        of this address), it connects to the master *that* pool last found
+        instead of asking again: a channel's reader then goes where the channel
+        decided the master is (:func:`follow_master`), never to a master a
+        Sentinel that has not heard of the failover yet still names. A Redis Cluster has no
         single pool: refused (:data:`CLUSTER_REFUSAL`), as the transport is the
         only caller.
         """
@@ -250,9 +254,11 @@ class Address:
             return redis.ConnectionPool(**arguments)
         self.check(options)
         del arguments['host'], arguments['port']
-        return SentinelPool(options.master_name, Sentinels(
+        pool = SentinelPool(options.master_name, Sentinels(
             list(self.sentinels), min_other_sentinels=options.min_other_sentinels or 0,
             sentinel_kwargs=sentinel_arguments(arguments, options.sentinel_kwargs)), **arguments)
+        pool.leader = follow if isinstance(follow, SentinelPool) else None
+        return pool
 
     def client(self, options: Options, **overrides) -> redis.Redis | RedisCluster:
         """A client of this server; of the whole cluster (``RedisCluster``) with ``cluster``."""
@@ -307,8 +313,12 @@ class SentinelPool(SentinelConnectionPool):
     """
 
     moves = 0
+    #: A pool whose last known master this one connects to (see :meth:`Address.pool`).
+    leader = None
 
     def get_master_address(self):
+        if self.leader is not None:
+            return self.leader.master_address or self.leader.get_master_address()
         before = self.master_address
         address = super().get_master_address()
         if before is not None and address != before:

@@ -72,9 +72,6 @@ class QueueTable:
         self.idle_consumer_ms = idle_consumer_ms
         self._records: dict[str, QueueRecord] = {}
         self._expiry_refreshed_at = 0.0
-        #: Queues a consumer started on whose priority buckets may lack their stream and
-        #: group: :meth:`ensure_wanted_groups` creates them before the next read.
-        self.groups_wanted: set = set()
         #: Changes when a queue is deleted, declared again or bound to a fanout exchange:
         #: what a read plan depends on (see :meth:`celery_streams.reader.Reader.plan`).
         self.version = 0
@@ -294,13 +291,6 @@ class QueueTable:
             if result[1]:
                 self.healed_marks[stream] = entry_id_tuple(text(result[1]))
         return created
-
-    def ensure_wanted_groups(self) -> None:
-        """Create the groups of :attr:`groups_wanted` (in one write: a consumer of 100
-        queues started with 100 round trips)."""
-        if self.groups_wanted:
-            self.ensure_groups([q for q in self.groups_wanted if not self.is_deleted(q)])
-            self.groups_wanted.clear()
 
     def healed_key(self, stream: str) -> str:
         """The healed mark of a queue stream (see the ``create_group`` script)."""

@@ -76,7 +76,7 @@ class Reader:
     @cached_property
     def client(self) -> redis.Redis:
         """The dedicated connection for the blocking read (``client.connection``)."""
-        pool = self.channel.address.pool(self.options, max_connections=1)
+        pool = self.channel.address.pool(self.options, follow=self.channel.pool, max_connections=1)
         return redis.Redis(connection_pool=pool, single_connection_client=True)
 
     def drop_connection(self) -> None:
@@ -193,7 +193,6 @@ class Reader:
         self.held_back = self.channel.qos.refill_wait(budget)
         if self.held_back:
             return None
-        self.queues.ensure_wanted_groups()
         plan = self.plan(queues)
         if not plan.streams:
             return None
