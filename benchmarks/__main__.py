@@ -1,6 +1,7 @@
 """``python -m benchmarks``: see :mod:`benchmarks.run`; ``... soak``: see :mod:`benchmarks.soak`;
 ``... drain-latency``: see :mod:`benchmarks.drain_latency`; ``... delayed-delivery``: see
-:mod:`benchmarks.delayed_delivery`; ``... client-cost``: see :mod:`benchmarks.client_cost`."""
+:mod:`benchmarks.delayed_delivery`; ``... client-cost``: see :mod:`benchmarks.client_cost`; ``... idle``: see
+:mod:`benchmarks.idle`."""
 import sys
 
 if sys.argv[1:2] == ['soak']:
@@ -15,6 +16,11 @@ if sys.argv[1:2] == ['drain-latency']:
 
 if sys.argv[1:2] == ['delayed-delivery']:
     from benchmarks.delayed_delivery import main
+
+    sys.exit(main(sys.argv[2:]))
+
+if sys.argv[1:2] == ['idle']:
+    from benchmarks.idle import main
 
     sys.exit(main(sys.argv[2:]))
 
