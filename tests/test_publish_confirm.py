@@ -36,6 +36,16 @@ def queue(name):
     return Queue(name, Exchange(name), name)
 
 
+def producer_of(conn, q, count=0):
+    """A producer on ``conn``'s default channel, ``q`` declared, bodies ``0..count-1`` published
+    through its exchange."""
+    producer = Producer(conn.default_channel)
+    q(conn.default_channel).declare()
+    for i in range(count):
+        producer.publish(i, exchange=q.exchange, routing_key=q.name)
+    return producer
+
+
 def bodies_in(r, keys, name):
     """The bodies in the queue's main stream, in stream order."""
     return [json.loads(json.loads(fields[b'payload'])['body'])
@@ -94,8 +104,7 @@ def test_unconfirmed_messages_are_written_again_when_the_connection_drops(
     the next publish writes them again, and each is in Redis once."""
     q = queue(unique_name)
     with connection(redis_server, prefix, **LATER) as conn:
-        producer = Producer(conn.default_channel)
-        q(conn.default_channel).declare()
+        producer = producer_of(conn, q)
         pipe = conn.default_channel.router.pipe
         r.client_pause(5000, all=False)
         try:
@@ -112,10 +121,7 @@ def test_unconfirmed_messages_are_written_again_when_the_connection_drops(
 def test_a_script_flush_between_publishes_loses_nothing(redis_server, prefix, unique_name, r, keys):
     q = queue(unique_name)
     with connection(redis_server, prefix, **LATER) as conn:
-        producer = Producer(conn.default_channel)
-        q(conn.default_channel).declare()
-        for i in range(10):
-            producer.publish(i, exchange=q.exchange, routing_key=unique_name)
+        producer = producer_of(conn, q, 10)
         r.script_flush()
         for i in range(10, 20):
             producer.publish(i, exchange=q.exchange, routing_key=unique_name)
@@ -147,10 +153,7 @@ def test_a_forked_child_never_writes_its_parents_messages_again(
         redis_server, prefix, unique_name, r, keys):
     q = queue(unique_name)
     with connection(redis_server, prefix, **LATER) as conn:
-        producer = Producer(conn.default_channel)
-        q(conn.default_channel).declare()
-        for i in range(10):
-            producer.publish(i, exchange=q.exchange, routing_key=unique_name)
+        producer = producer_of(conn, q, 10)
         assert conn.default_channel.router.pipe.unconfirmed == 10
         pid = os.fork()
         if pid == 0:   # the child: one message of its own, then its exit confirms it
