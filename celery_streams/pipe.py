@@ -192,13 +192,19 @@ class Pipe:
 
 
 def _deliver(done) -> None:
-    """Hand each write's replies to its callback; then raise the first error of the others."""
+    """Hand each write's replies to its callback (the others: their first error reply); then
+    raise the first error of them all, once every callback ran."""
     first_error = None
     for write, replies in done:
-        if write.on_replies is not None:
-            write.on_replies(replies)
-        elif first_error is None:
-            first_error = next((r for r in replies if isinstance(r, exceptions.ResponseError)), None)
+        try:
+            if write.on_replies is not None:
+                write.on_replies(replies)
+            else:
+                error = next((r for r in replies if isinstance(r, exceptions.ResponseError)), None)
+                if error is not None:
+                    raise error
+        except Exception as exc:   # noqa: BLE001 - raised below, after the other callbacks
+            first_error = first_error or exc
     if first_error is not None:
         raise first_error
 

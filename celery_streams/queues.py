@@ -72,6 +72,8 @@ class QueueTable:
         self.idle_consumer_ms = idle_consumer_ms
         self._records: dict[str, QueueRecord] = {}
         self._expiry_refreshed_at = 0.0
+        #: Group creations :meth:`start_groups` wrote whose replies were not read yet.
+        self.groups_unconfirmed = 0
         #: Changes when a queue is deleted, declared again or bound to a fanout exchange:
         #: what a read plan depends on (see :meth:`celery_streams.reader.Reader.plan`).
         self.version = 0
@@ -265,14 +267,49 @@ class QueueTable:
         ``create_group`` script); marks found are kept in :attr:`healed_marks`.
         Returns queue -> whether a group was created.
         """
-        plan = [(queue, stream) for queue in queues for stream in self.read_streams(queue)]
+        plan = self._group_plan(queues)
         scripts = self.channel.scripts
-        # One packed write (no SCRIPT EXISTS first, as a redis-py pipeline of scripts
-        # does): a consumer of 100 queues starts with 100 round trips fewer.
-        results = scripts.run(self.channel.line, [
-            scripts.command('create_group', [stream, self.healed_key(stream)],
-                            [self.group, self._start_id(queue), int(healing), self.healed_mark_ms])
-            for queue, stream in plan])
+        # One packed write (no SCRIPT EXISTS first, as a redis-py pipeline of scripts does).
+        return self._groups_made(plan, scripts.run(self.channel.line, self._group_commands(plan, healing)))
+
+    def start_groups(self, queue) -> None:
+        """A consumer starts on ``queue``: its groups (:meth:`ensure_groups`) are written now,
+        without waiting for Redis' reply, on the ack pipe; :meth:`confirm_groups` waits for
+        them before the next read.
+
+        A consumer of 100 queues started with one round trip per queue (16 ms).
+        The groups are made when consuming starts, as before: a group destroyed
+        after that fails the next read, which heals it with its healed mark.
+        """
+        plan = self._group_plan([queue])
+        self.groups_unconfirmed += 1
+
+        def made(replies):
+            self.groups_unconfirmed -= 1
+            if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
+                self.channel.scripts.reload_all()   # the server lost its scripts: now, waiting
+                self.ensure_groups([queue])
+            else:
+                self._groups_made(plan, replies)
+
+        self.channel.qos.pipe.write(self._group_commands(plan, healing=False), on_replies=made)
+
+    def confirm_groups(self) -> None:
+        """Before a read: every group :meth:`start_groups` wrote is in Redis (or its error raised)."""
+        if self.groups_unconfirmed:
+            self.channel.qos.pipe.collect(wait=True)
+
+    def _group_plan(self, queues) -> list:
+        return [(queue, stream) for queue in queues for stream in self.read_streams(queue)]
+
+    def _group_commands(self, plan, healing) -> list:
+        scripts = self.channel.scripts
+        return [scripts.command('create_group', [stream, self.healed_key(stream)],
+                                [self.group, self._start_id(queue), int(healing), self.healed_mark_ms])
+                for queue, stream in plan]
+
+    def _groups_made(self, plan, results) -> dict:
+        """The replies of the ``create_group`` calls of ``plan``; queue -> whether one was created."""
         created: dict = {}
         for (queue, stream), result in zip(plan, results):
             if isinstance(result, Exception):

@@ -193,6 +193,7 @@ class Reader:
         self.held_back = self.channel.qos.refill_wait(budget)
         if self.held_back:
             return None
+        self.queues.confirm_groups()
         plan = self.plan(queues)
         if not plan.streams:
             return None

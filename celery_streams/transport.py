@@ -221,7 +221,7 @@ class Channel(virtual.Channel):
     def basic_consume(self, queue, no_ack, *args, **kwargs):
         record = self.queues[queue]
         if not record.consumed:
-            self.queues.ensure_groups([queue])   # every bucket: the blocking read names them all
+            self.queues.start_groups(queue)   # every bucket: the blocking read names them all
         record.consumed = True
         record.no_ack = bool(no_ack)
         return super().basic_consume(queue, no_ack, *args, **kwargs)
