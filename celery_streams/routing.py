@@ -139,7 +139,10 @@ class Router:
         """
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing and tries:
-            self.scripts.reload_all()
+            try:
+                self.scripts.reload_all()
+            except errors.connection_errors:
+                pass   # written again all the same: another NOSCRIPT costs one of the tries
 
             def again(new_replies):
                 for i, reply in zip(missing, new_replies):
@@ -161,9 +164,9 @@ class Router:
         elif on_replies is not None:
             try:
                 on_replies(replies)
-            except errors.connection_errors as exc:   # not this publish's error: log it
+            except Exception as exc:   # noqa: BLE001 - an earlier publish's, not the caller's
                 logger.error('celery_streams: a publish written without waiting could not be '
-                             'routed on: %s', exc)
+                             'routed on: %s', errors.one_line(exc))
 
     def close(self) -> None:
         """Read the replies of the publishes not yet confirmed (``publish_confirm='later'``)."""
