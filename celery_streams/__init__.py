@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from kombu.transport import TRANSPORT_ALIASES
 
+from .connection import SCHEMES, TRANSPORT_PATH as TRANSPORT
+
 __version__ = '0.1.0'
 
-TRANSPORT = 'celery_streams.transport:Transport'
-
-for _scheme in ('redis-streams', 'rediss-streams', 'sentinel-streams', 'redis-streams+cluster',
-                'rediss-streams+cluster'):
+for _scheme in SCHEMES:
     TRANSPORT_ALIASES.setdefault(_scheme, TRANSPORT)
 
 __all__ = ['TRANSPORT', '__version__']
