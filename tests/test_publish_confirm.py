@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
-from kombu import Exchange, Producer, Queue
+from kombu import Consumer, Exchange, Producer, Queue
 
 from celery_streams.errors import ConfigurationError
 from celery_streams.options import Options
@@ -96,6 +98,42 @@ def test_a_process_that_exits_without_closing_loses_nothing(redis_server, prefix
     entries = r.xrange(keys.stream(unique_name))
     args = [json.loads(json.loads(fields[b'payload'])['body'])[0][0] for _, fields in entries]
     assert args == list(range(3000))
+
+
+def test_a_running_consumer_gets_everything_another_process_confirms_later(
+        redis_server, prefix, unique_name, r, keys):
+    """The consumer is already reading (blocked) when another process publishes 2,500
+    messages with ``'later'`` and exits: every one arrives, once."""
+    q = queue(unique_name)
+    script = textwrap.dedent('''
+        import sys
+        import celery_streams
+        from kombu import Connection, Exchange, Producer, Queue
+        name = sys.argv[3]
+        q = Queue(name, Exchange(name), name)
+        conn = Connection(sys.argv[1], transport_options={'global_keyprefix': sys.argv[2],
+                                                          'publish_confirm': 'later'})
+        producer = Producer(conn.default_channel)
+        for i in range(2500):
+            producer.publish(i, exchange=q.exchange, routing_key=name, declare=[q])
+    ''')
+    got = []
+    with connection(redis_server, prefix) as conn:
+        with Consumer(conn.channel(), [q], callbacks=[lambda body, m: (got.append(body), m.ack())]):
+            try:
+                conn.drain_events(timeout=0.3)   # the read is out, blocked on an empty queue
+            except socket.timeout:
+                pass
+            done = subprocess.run([sys.executable, '-c', script, streams_url(redis_server), prefix,
+                                   unique_name], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr[-2000:]
+            deadline = time.monotonic() + 20
+            while len(got) < 2500 and time.monotonic() < deadline:
+                try:
+                    conn.drain_events(timeout=1)
+                except socket.timeout:
+                    pass
+    assert sorted(got) == list(range(2500))
 
 
 def test_unconfirmed_messages_are_written_again_when_the_connection_drops(

@@ -521,3 +521,48 @@ def test_producer_batch_through_an_exchange_routes_in_redis(conn, r, keys, prefi
         producer.publish({'after': 'nuke'}, exchange=ex, routing_key='a.b')
     assert r.smembers(keys.bindings('batchex'))
     assert drain_all(conn, [q], 1)[0][0] == {'after': 'nuke'}
+
+
+def test_a_declaration_counts_the_waiting_messages_like_a_passive_one(conn, keys):
+    """The declaration and its count go in one write: priority buckets counted, a message in
+    flight not."""
+    q = Queue('dc', Exchange('dc'), 'dc')
+    publish(conn, q.exchange, 'dc', [{'n': i} for i in range(5)], declare=[q])
+    Producer(conn.default_channel).publish({'n': 'urgent'}, exchange=q.exchange, routing_key='dc',
+                                           priority=9)
+    assert q(conn.default_channel).get() is not None     # one in flight, unacked
+    passive = q(conn.default_channel).queue_declare(passive=True).message_count
+    assert q(conn.default_channel).queue_declare(passive=False).message_count == passive == 5
+
+
+def test_liveness_follows_each_consumed_queue_and_a_cancel_spares_what_is_held(conn, r, keys):
+    """Liveness keys are written for each queue a consumer takes on, also one added later; a
+    cancel ends the liveness of a queue it holds nothing of, and keeps the one it holds a
+    message of (else another worker could take that message over while it runs)."""
+    held, idle, later = (Queue(n, Exchange(n), n) for n in ('lh', 'li', 'll'))
+    publish(conn, held.exchange, 'lh', [{'n': 1}], declare=[held, idle, later])
+    channel = conn.channel()
+    got = []
+    consumer = Consumer(channel, [held, idle], callbacks=[lambda body, m: got.append(m)])
+    consumer.consume()
+    while not got:
+        conn.drain_events(timeout=5)
+
+    def alive(queue):
+        return r.exists(keys.alive(queue, channel.consumer_name)) == 1
+
+    assert alive('lh') and alive('li')
+    consumer.add_queue(later)
+    consumer.consume()
+    publish(conn, later.exchange, 'll', [{'n': 2}])
+    while len(got) < 2:
+        conn.drain_events(timeout=5)
+    got[1].ack()
+    assert alive('ll')
+    consumer.cancel_by_queue('lh')
+    consumer.cancel_by_queue('li')
+    assert alive('lh'), 'the liveness of a queue whose message is still held ended'
+    assert not alive('li')
+    got[0].ack()
+    consumer.cancel()
+    channel.close()
