@@ -187,7 +187,7 @@ class Liveness:
         """
         channel = self.channel
         now = monotonic()
-        if channel.reader.outstanding is not None or channel.inbox or now < self._next_reclaim:
+        if channel.reader.outstanding or channel.inbox or now < self._next_reclaim:
             return
         self._next_reclaim = now + self.reclaim_every
         if now >= self._next_prune:

@@ -45,9 +45,8 @@ MIN_DUE_WAIT = 0.002
 class ConsumingChannel(Protocol):
     """What the poller asks of a channel (:class:`celery_streams.transport.Channel`)."""
 
-    @property
-    def reading(self) -> bool:
-        """A read was sent and its reply not parsed yet."""
+    def reading_on(self, fd: int) -> bool:
+        """A read was sent on socket ``fd`` and its reply not parsed yet."""
 
     def loop_turn(self, thread_ident: Optional[int]) -> None:
         """Acks made on that thread wait for the next :meth:`flush_acks` (None: sent at once)."""
@@ -57,8 +56,10 @@ class ConsumingChannel(Protocol):
     def deliver_buffered(self, limit: Optional[int] = None) -> bool: ...
     def has_buffered(self) -> bool: ...
 
-    def start_read(self) -> Optional[int]:
-        """Send a read unless one is out or nothing may be read; the socket's fd, or None."""
+    def start_read(self) -> list:
+        """Send a read on each lane that has none out, unless nothing may be read (a lane: one
+        connection; a channel on one server has one, on a Redis Cluster one per slot it reads).
+        Returns the file descriptors of the sockets with a read out."""
 
     def read_held_back(self) -> Optional[float]:
         """Seconds until a read the last :meth:`start_read` held back goes out (None: none).
@@ -67,10 +68,10 @@ class ConsumingChannel(Protocol):
         that one read brings several messages (:meth:`celery_streams.qos.QoS.refill_wait`).
         """
 
-    def read_socket(self) -> object:
-        """The socket of the outstanding read (None when there is none)."""
+    def read_socket(self, fd: int) -> object:
+        """The socket of the read outstanding on ``fd`` (None when there is none)."""
 
-    def finish_read(self) -> bool: ...
+    def finish_read(self, fd: int) -> bool: ...
     def promote_due(self) -> None:
         """Move the scheduled messages that came due into their streams (delayed delivery)."""
 
@@ -78,7 +79,7 @@ class ConsumingChannel(Protocol):
         """Seconds until the next scheduled message known to be due, or None."""
 
     def check_stale_read(self, margin: float) -> None: ...
-    def drop_reader_connection(self) -> None: ...
+    def drop_reader_connection(self, fd: int) -> None: ...
     def renewal_tick(self) -> bool:
         """Called from the renewal thread about every second: renew what is due.
 
@@ -177,13 +178,13 @@ class Poller:
         if channel is None:
             self._forget_fd(fd)
             return
-        if not channel.reading:
+        if not channel.reading_on(fd):
             # No reply is expected: the server closed the idle connection.
             self._forget_fd(fd)
-            channel.drop_reader_connection()
+            channel.drop_reader_connection(fd)
             return
         try:
-            channel.finish_read()
+            channel.finish_read(fd)
         except Exception:
             self._forget_fd(fd)
             raise
@@ -199,18 +200,22 @@ class Poller:
         try:
             channel.maybe_reclaim()
             channel.deliver_buffered()
-            fd = channel.start_read()
+            fds = channel.start_read()
         except Exception:
             self._forget_channel_fds(channel)
             raise
-        if fd is None:
-            self._forget_channel_fds(channel)
+        for fd, owner in list(self._hub_fds.items()):
+            if owner is channel and fd not in fds:
+                self._forget_fd(fd)
+        for fd in fds:
+            sock = channel.read_socket(fd)
+            if self._hub_fds.get(fd) is not channel or self._hub_socks.get(fd) is not sock:
+                self._forget_fd(fd)
+                self._hub_fds[fd] = channel
+                self._hub_socks[fd] = sock
+                self.hub.add_reader(fd, self.on_readable, fd)
+        if channel.read_held_back() is not None:
             self._arm_refill(channel)
-        elif self._hub_fds.get(fd) is not channel or self._hub_socks.get(fd) is not channel.read_socket():
-            self._forget_channel_fds(channel)
-            self._hub_fds[fd] = channel
-            self._hub_socks[fd] = channel.read_socket()
-            self.hub.add_reader(fd, self.on_readable, fd)
         self._arm(channel)
         channel.check_stale_read(STALE_READ_MARGIN)
 
@@ -309,8 +314,7 @@ class Poller:
                     return
             reading = {}
             for channel in list(self.channels):
-                fd = channel.start_read()
-                if fd is not None:
+                for fd in channel.start_read():
                     reading[fd] = channel
             remaining = None if deadline is None else max(deadline - monotonic(), 0)
             if not reading:
@@ -322,19 +326,20 @@ class Poller:
                                       if wait is not None])
                 sleep(pause if remaining is None else min(pause, remaining))
                 continue
-            wait, due_in = remaining, _nearest(channel.next_due_in() for channel in reading.values())
+            channels = list(dict.fromkeys(reading.values()))
+            wait, due_in = remaining, _nearest(channel.next_due_in() for channel in channels)
             if due_in is not None:   # wake when the next scheduled message is due
                 due_in = max(due_in, MIN_DUE_WAIT)
                 wait = due_in if remaining is None else min(remaining, due_in)
             ready = _wait_readable(reading, wait)
             if not ready and due_in is not None:
-                for channel in reading.values():   # the XADD wakes its blocked read
+                for channel in channels:   # the XADD wakes its blocked read
                     channel.promote_due()
             for fd in ready:
-                reading[fd].finish_read()
-            if any(channel.deliver_buffered(limit=1) for channel in reading.values()):
+                reading[fd].finish_read(fd)
+            if any(channel.deliver_buffered(limit=1) for channel in channels):
                 return
-            for channel in reading.values():
+            for channel in channels:
                 channel.check_stale_read(STALE_READ_MARGIN)
             if deadline is not None and monotonic() >= deadline:
                 raise socket.timeout()

@@ -17,12 +17,19 @@ when the socket is readable, so the event hub never waits on Redis.
 * Before a read is sent, the scheduled messages that came due are moved into
   the streams (:class:`celery_streams.scheduler.Scheduler`), and a blocking
   read waits no longer than until the next one is due (delayed delivery).
+
+A read goes out on a :class:`Lane`: one connection and its outstanding read.
+On one server (or the master Sentinels name) a channel has one lane for all
+its queues. On a Redis Cluster, Redis refuses a read whose keys lie in two
+slots, even on one node, so a channel has a lane per slot it reads
+(:class:`celery_streams.cluster.ClusterLanes`): each queue's streams are read
+from the node that owns them, all lanes at once, and the prefetch budget is
+shared: a lane's read takes what the reads already out leave.
 """
 from __future__ import annotations
 
 import logging
 import select
-from functools import cached_property
 from time import monotonic
 from typing import NamedTuple
 
@@ -43,6 +50,7 @@ class Read(NamedTuple):
     queues: list
     noack: bool
     sent_at: float
+    count: int = 0    # the most messages it may bring
 
 
 class Plan(NamedTuple):
@@ -52,6 +60,65 @@ class Plan(NamedTuple):
     streams: list     # their stream keys: priority buckets first, queues rotated
     packed: bytes     # the same keys, packed (RESP bulk strings)
     optional: str     # per stream: '1' for a priority bucket (may be missing), '0' for a main stream
+
+
+class Lane:
+    """One reading connection and the read outstanding on it (at most one)."""
+
+    def __init__(self, client: redis.Redis, asking: bool = False):
+        self.client = client
+        self.outstanding: Read | None = None
+        #: The last read found nothing: the next one waits for new entries (``BLOCK``).
+        self.block_next = False
+        #: Redis Cluster: the slot is migrating here; each read goes after ``ASKING``.
+        self.asking = asking
+
+    @property
+    def connection(self):
+        return self.client.connection
+
+    def fileno(self) -> int | None:
+        sock = self.outstanding.connection._sock if self.outstanding is not None else None
+        return None if sock is None else sock.fileno()
+
+    def send(self, kind: str, command: bytes, queues, noack, count) -> int:
+        connection = self.client.connection
+        if self.asking:
+            command = wire.pack(['ASKING']) + command
+        try:
+            if connection._sock is None:
+                connection.connect()
+            connection.send_packed_command([command])
+        except errors.connection_errors:
+            connection.disconnect()
+            raise
+        self.outstanding = Read(connection, kind, queues, noack, monotonic(), count)
+        return connection._sock.fileno()
+
+    def receive(self):
+        """The reply of the outstanding read (its error raised); the read is no longer out."""
+        read, self.outstanding = self.outstanding, None
+        try:
+            if self.asking:
+                self.client.parse_response(read.connection, 'ASKING')
+            if read.command == 'EVALSHA':
+                [replies] = self.client.parse_response(read.connection, 'EVALSHA')
+                return replies
+            return self.client.parse_response(read.connection, 'XREADGROUP')
+        except redis.ResponseError:
+            raise
+        except BaseException:
+            read.connection.disconnect()
+            raise
+
+    def drop(self) -> None:
+        if self.client.connection is not None:
+            self.client.connection.disconnect()
+        self.outstanding = None
+
+    def close(self) -> None:
+        self.client.close()
+        self.client.connection_pool.disconnect()
 
 
 class Reader:
@@ -65,31 +132,51 @@ class Reader:
         self.inbox = channel.inbox
         self.scheduler = Scheduler(channel)
         self.block_ms = int(self.options.polling_interval * 1000)
-        self.outstanding: Read | None = None
         self._rotation = 0
         self._layouts: dict = {}        # (queues, broadcast flags) -> Reader._lay_out
-        self._block_next = False        # the last read found nothing: wait for new entries
         #: Seconds the last :meth:`start` held a read back to fill more of the window (0: none).
         self.held_back = 0.0
         self._moves = master_moves(channel.pool)   # Sentinel: the master moved
+        self._lane: Lane | None = None
 
-    @cached_property
+    @property
     def client(self) -> redis.Redis:
         """The dedicated connection for the blocking read (``client.connection``)."""
-        pool = self.channel.address.pool(self.options, follow=self.channel.pool, max_connections=1)
-        return redis.Redis(connection_pool=pool, single_connection_client=True)
+        return self.lane().client
 
-    def drop_connection(self) -> None:
-        client = self.__dict__.get('client')
-        if client is not None and client.connection is not None:
-            client.connection.disconnect()
-        self.outstanding = None
+    def lane(self) -> Lane:
+        """The channel's one lane (made at first use)."""
+        if self._lane is None:
+            pool = self.channel.address.pool(self.options, follow=self.channel.pool, max_connections=1)
+            self._lane = Lane(redis.Redis(connection_pool=pool, single_connection_client=True))
+        return self._lane
+
+    def lanes(self) -> list:
+        """Every lane open now."""
+        return [self._lane] if self._lane is not None else []
+
+    def route(self, queues) -> list:
+        """``[(lane, its queues)]``: where each of ``queues`` is read."""
+        return [(self.lane(), queues)]
+
+    def lane_of(self, fd) -> Lane | None:
+        """The lane whose outstanding read came on socket ``fd``."""
+        return next((lane for lane in self.lanes() if lane.fileno() == fd), None)
+
+    @property
+    def outstanding(self) -> bool:
+        """Whether any read is out."""
+        return any(lane.outstanding is not None for lane in self.lanes())
+
+    def drop_connection(self, fd=None) -> None:
+        """Drop the connection of the lane reading on ``fd`` (None: of every lane)."""
+        for lane in self.lanes():
+            if fd is None or lane.fileno() == fd:
+                lane.drop()
 
     def close(self) -> None:
-        client = self.__dict__.get('client')
-        if client is not None:
-            client.close()
-            client.connection_pool.disconnect()
+        for lane in self.lanes():
+            lane.close()
 
     # -- plans ----------------------------------------------------------------
 
@@ -108,7 +195,7 @@ class Reader:
         key = (tuple(queues), self.queues.version)
         cached = self._layouts.get(key)
         if cached is None:
-            if len(self._layouts) > 32:   # queue sets come and go (add_consumer, cancel)
+            if len(self._layouts) > 32 + len(self.lanes()):   # queue sets come and go (add_consumer, cancel)
                 self._layouts.clear()
             cached = self._layouts[key] = self._lay_out(key[0])
         queues, layout = cached
@@ -172,95 +259,107 @@ class Reader:
 
     # -- the consume loop's read ----------------------------------------------
 
-    def start(self, queues, budget):
-        """Send one read over ``queues`` for at most ``budget`` messages, unless one is out.
+    def start(self, queues, budget) -> list:
+        """Send a read over ``queues`` on each lane that has none out, sharing ``budget``
+        (the most messages they may bring together).
 
-        Returns the socket's file descriptor while a read is outstanding, else
-        None; :attr:`held_back` then says whether, and for how long, the read
-        waits for more of the prefetch window to come free.
+        Returns the file descriptors of the sockets with a read outstanding;
+        :attr:`held_back` then says whether, and for how long, reads wait for
+        more of the prefetch window to come free.
         """
         self.held_back = 0.0
         if master_moves(self.channel.pool) != self._moves:
             self._moves = master_moves(self.channel.pool)
             logger.info('celery_streams: the master moved (Sentinel): reading from the new one')
             self.drop_connection()
-        if self.outstanding is not None:
-            return self.outstanding.connection._sock.fileno()
+        idle = [(lane, lane_queues) for lane, lane_queues in self.route(queues)
+                if lane.outstanding is None]
+        if idle:
+            self._send_reads(queues, idle, budget)
+        return self.fds()
+
+    def fds(self) -> list:
+        """The file descriptors of the sockets with a read outstanding."""
+        return [lane.outstanding.connection._sock.fileno() for lane in self.lanes()
+                if lane.outstanding is not None]
+
+    def _send_reads(self, queues, idle, budget) -> None:
         if self.scheduler.promote_due(queues):
-            self._block_next = False   # they wait in the streams now: read them at once
-        if not budget:
-            return None
+            for lane, _ in idle:
+                lane.block_next = False   # they wait in the streams now: read them at once
+        budget -= sum(lane.outstanding.count for lane in self.lanes() if lane.outstanding is not None)
+        if budget <= 0:
+            return
         self.held_back = self.channel.qos.refill_wait(budget)
         if self.held_back:
-            return None
+            return
         self.queues.confirm_groups()
-        plan = self.plan(queues)
-        if not plan.streams:
-            return None
-        queues = plan.queues
-        noack = all(self.queues[q].no_ack for q in queues)
-        if not noack:
-            self.channel.liveness.ensure_alive()
-        if self._block_next:
-            kind, command = 'XREADGROUP', self._packed_blocking_read(plan, noack)
-        else:
-            kind, command = 'EVALSHA', self._packed_budget_read(plan, budget, noack)
-        connection = self.client.connection
-        try:
-            if connection._sock is None:
-                connection.connect()
-            connection.send_packed_command([command])
-        except errors.connection_errors:
-            connection.disconnect()
-            raise
-        self.outstanding = Read(connection, kind, queues, noack, monotonic())
-        return connection._sock.fileno()
-
-    def finish(self) -> bool:
-        """Read the reply of the outstanding read into the inbox. True if it brought messages."""
-        read, self.outstanding = self.outstanding, None
-        try:
-            if read.command == 'EVALSHA':
-                [replies] = self.client.parse_response(read.connection, 'EVALSHA')
+        alive = False
+        for lane, lane_queues in idle:
+            plan = self.plan(lane_queues)
+            if not plan.streams:
+                continue
+            noack = all(self.queues[q].no_ack for q in plan.queues)
+            if not noack and not alive:
+                self.channel.liveness.ensure_alive()
+                alive = True
+            if lane.block_next:
+                count = len(plan.streams)
+                lane.send('XREADGROUP', self._packed_blocking_read(plan, noack), plan.queues, noack, count)
             else:
-                replies = self.client.parse_response(read.connection, 'XREADGROUP')
+                count = budget
+                lane.send('EVALSHA', self._packed_budget_read(plan, budget, noack), plan.queues, noack, count)
+            budget -= count
+            if budget <= 0:
+                return
+
+    def finish(self, fd=None) -> bool:
+        """Read the reply of the read outstanding on ``fd`` (None: the first one out) into the
+        inbox. True if it brought messages."""
+        lane = (self.lane_of(fd) if fd is not None else
+                next(lane for lane in self.lanes() if lane.outstanding is not None))
+        read = lane.outstanding
+        try:
+            replies = lane.receive()
         except redis.exceptions.NoScriptError:   # the server restarted or flushed its scripts
             self.channel.scripts.reload('read')
             return False
         except redis.ResponseError as exc:
             if errors.is_missing_group(exc):
-                self.heal(read.queues, exc)
+                self.heal(lane, read.queues, exc)
+                return False
+            if self.redirected(lane, read, exc):
                 return False
             raise
-        except BaseException:
-            read.connection.disconnect()
-            raise
+        before = len(self.inbox)
         self.inbox.add_reply(replies or (), read.noack)
-        self._block_next = not self.inbox
+        lane.block_next = len(self.inbox) <= before
         return bool(self.inbox)
 
-    def heal(self, queues, error) -> None:
+    def finish_all(self) -> None:
+        """Read the reply of every read out (a closing channel)."""
+        while self.outstanding:
+            self.finish()
+
+    def redirected(self, lane, read, error) -> bool:
+        """A Redis Cluster sent the read elsewhere (``MOVED``, ``ASK``): follow; True if so."""
+        return False
+
+    def heal(self, lane, queues, error) -> None:
         """Re-create what vanished; the next read does not block (something may be waiting)."""
         if self.queues.heal(queues, error):
-            self._block_next = False
+            lane.block_next = False
 
     def check_stale(self, margin) -> None:
         """Drop the connection of a read that got no reply long after its BLOCK ran out."""
-        if self.outstanding is not None:
-            waited = monotonic() - self.outstanding.sent_at
-            if waited > self.block_ms / 1000 + margin and not self._reply_waiting():
+        for lane in self.lanes():
+            if lane.outstanding is None:
+                continue
+            waited = monotonic() - lane.outstanding.sent_at
+            if waited > self.block_ms / 1000 + margin and not _reply_waiting(lane.outstanding):
                 logger.warning('celery_streams: no reply to a read for %.0f s; reconnecting', waited)
-                self.drop_connection()
+                lane.drop()
                 raise redis.ConnectionError('no reply from Redis for %.0f s' % waited)
-
-    def _reply_waiting(self) -> bool:
-        """A reply sits unread in the socket: the hub was busy (a task under ``-P solo``)."""
-        sock = self.outstanding.connection._sock
-        if sock is None:
-            return False
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
 
     # -- basic_get ------------------------------------------------------------
 
@@ -284,7 +383,7 @@ class Reader:
             except redis.ResponseError as exc:
                 if not errors.is_missing_group(exc):
                     raise
-                self.heal([queue], exc)
+                self.queues.heal([queue], exc)
                 continue
             if not replies:
                 return None
@@ -293,3 +392,13 @@ class Reader:
             if len(buffer) > before:
                 return buffer.pop()[1]
         return None
+
+
+def _reply_waiting(read: Read) -> bool:
+    """A reply sits unread in the socket: the hub was busy (a task under ``-P solo``)."""
+    sock = read.connection._sock
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))

@@ -261,31 +261,37 @@ class Channel(virtual.Channel):
 
     @property
     def reading(self):
-        return self.reader.outstanding is not None
+        """A read was sent and its reply not parsed yet."""
+        return self.reader.outstanding
+
+    def reading_on(self, fd):
+        """A read was sent on socket ``fd`` and its reply not parsed yet."""
+        return self.reader.lane_of(fd) is not None
 
     def start_read(self):
-        """Send one read over the consumed streams, unless one is out or nothing may be read."""
-        if self.reader.outstanding is None and (self.closed or self.inbox or not self._active_queues):
+        """Send a read on each lane with none out, unless nothing may be read; the file
+        descriptors of the sockets with a read out."""
+        if self.closed or self.inbox or not self._active_queues:
             self.reader.held_back = 0.0
-            return None
+            return self.reader.fds()
         return self.reader.start(self.consuming_queues(), self.qos.read_budget())
 
     def read_held_back(self):
         """Seconds until a read held back by the last :meth:`start_read` goes out, or None."""
         return self.reader.held_back or None
 
-    def read_socket(self):
-        read = self.reader.outstanding
-        return None if read is None else read.connection._sock
+    def read_socket(self, fd):
+        lane = self.reader.lane_of(fd)
+        return None if lane is None else lane.outstanding.connection._sock
 
-    def finish_read(self):
-        return self.reader.finish()
+    def finish_read(self, fd=None):
+        return self.reader.finish(fd)
 
     def check_stale_read(self, margin):
         self.reader.check_stale(margin)
 
-    def drop_reader_connection(self):
-        self.reader.drop_connection()
+    def drop_reader_connection(self, fd=None):
+        self.reader.drop_connection(fd)
 
     def has_buffered(self):
         return bool(self.inbox)
@@ -360,8 +366,7 @@ class Channel(virtual.Channel):
         self.router.close()   # publishes confirmed later: read their replies
         try:
             self.qos.flush_acks(wait=True)
-            if self.reading:
-                self.reader.finish()
+            self.reader.finish_all()
             self.inbox.restore()
         except Exception:   # the connection is gone: reclaim will return them
             logger.debug('celery_streams: could not return the last read', exc_info=True)
