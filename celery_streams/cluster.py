@@ -21,10 +21,17 @@ finds the new owner.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterable, TypeVar
 
 import redis
 from redis.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import AskError, MovedError
+
+from .reader import Lane, Reader
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar('T')
 
@@ -52,3 +59,141 @@ def by_node(client, items: Iterable[T], key: Callable[[T], str]) -> list[tuple[r
         node = client.get_node_from_key(key(item))
         groups.setdefault(node.name, (client.get_redis_connection(node), []))[1].append(item)
     return list(groups.values())
+
+
+def by_slot(items: Iterable[T], key: Callable[[T], str]) -> list[list[T]]:
+    """``items`` grouped by the slot of ``key(item)``, in the order of each slot's first item."""
+    groups: dict[int, list[T]] = {}
+    for item in items:
+        groups.setdefault(key_slot(key(item).encode()), []).append(item)
+    return list(groups.values())
+
+
+# -- workers and publishers ---------------------------------------------------
+
+
+class ClusterLine:
+    """Where a single server's pool (or :class:`~celery_streams.wire.Line`) stands for a
+    channel on a Redis Cluster: commands sent in one batch, each to the master that owns
+    its key.
+
+    It is redis-py's cluster pipeline: one write per node, all nodes at once,
+    and a command answered ``MOVED`` or ``ASK`` (a slot that moved, or is
+    moving) sent again where it was told, the topology read anew. Every
+    command the transport batches names the keys of one queue (one slot).
+    """
+
+    #: What :func:`celery_streams.connection.moves` reads (Sentinel only).
+    moves = 0
+
+    def __init__(self, client: RedisCluster):
+        self.client = client
+
+    def calls(self, commands) -> list:
+        """The replies of ``commands`` (errors as exceptions), in order."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for args in commands:
+                pipe.execute_command(*args)
+            return pipe.execute(raise_on_error=False)
+
+    def disconnect(self) -> None:
+        self.client.close()
+
+
+class ClusterPipe:
+    """:class:`~celery_streams.pipe.Pipe`'s interface on a Redis Cluster: each write waits for
+    its replies (a batch per node through :class:`ClusterLine`), so nothing is left unread."""
+
+    unconfirmed = 0
+
+    def __init__(self, line: ClusterLine):
+        self.line = line
+
+    def write(self, commands, wait: bool = False, on_replies=None, retry: bool = True) -> None:
+        replies = self.line.calls(list(commands))
+        if on_replies is not None:
+            on_replies(replies)
+            return
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+
+    def collect(self, wait: bool = False, timeout: float | None = None) -> None:
+        """Nothing is ever unread."""
+
+
+class ClusterReader(Reader):
+    """A channel's reads on a Redis Cluster: a lane per slot read, on the node that owns it.
+
+    Redis refuses a read whose keys lie in two slots, even on one node, and a
+    blocked connection serves nothing else: each slot with a consumed queue
+    (all of one queue's keys share a slot) gets a connection of its own to
+    its master, and the reads of all of them are out at once. When a slot
+    moves, the node answers the next read ``MOVED`` (the lane goes to the new
+    owner) or, while it migrates, ``ASK`` (the lane reads from the target,
+    each read after ``ASKING``). A node that goes away breaks its lane's
+    connection: the channel's connection is lost, and kombu's reconnect finds
+    the masters anew.
+    """
+
+    def __init__(self, channel):
+        super().__init__(channel)
+        self.cluster: RedisCluster = channel.pool_client
+        self._lanes: dict[int, Lane] = {}   # slot -> its lane
+        self._turn = 0
+
+    @property
+    def client(self) -> redis.Redis:
+        """The connection of the first lane (Celery's cold shutdown closes it), or a lane's
+        to the owner of the first consumed queue."""
+        lanes = self.lanes()
+        if lanes:
+            return lanes[0].client
+        queues = self.channel.consuming_queues() or ['celery']
+        return self._lane_for(key_slot(self.keys.stream(queues[0]).encode())).client
+
+    def lanes(self) -> list:
+        return list(self._lanes.values())
+
+    def route(self, queues) -> list:
+        """``[(lane, queues)]``: the queues by slot, each slot's lane; lanes no queue needs
+        any more are closed. The order turns, so that no slot always reads first."""
+        by_slot: dict[int, list] = {}
+        for queue in queues:
+            by_slot.setdefault(key_slot(self.keys.stream(queue).encode()), []).append(queue)
+        for slot in [slot for slot, lane in self._lanes.items()
+                     if slot not in by_slot and lane.outstanding is None]:
+            self._lanes.pop(slot).close()
+        routes = [(self._lane_for(slot), slot_queues) for slot, slot_queues in by_slot.items()]
+        if len(routes) > 1:
+            self._turn = (self._turn + 1) % len(routes)
+            routes = routes[self._turn:] + routes[:self._turn]
+        return routes
+
+    def _lane_for(self, slot: int) -> Lane:
+        lane = self._lanes.get(slot)
+        if lane is None:
+            node = self.cluster.nodes_manager.get_node_from_slot(slot)
+            lane = self._lanes[slot] = self._open(node.host, node.port)
+        return lane
+
+    def _open(self, host, port, asking: bool = False) -> Lane:
+        pool = self.channel.address.node_pool(self.options, host, port)
+        return Lane(redis.Redis(connection_pool=pool, single_connection_client=True), asking)
+
+    def redirected(self, lane, read, error) -> bool:
+        if not isinstance(error, (AskError, MovedError)):   # MovedError is an AskError
+            return False
+        slot = next((s for s, known in self._lanes.items() if known is lane), None)
+        if slot is None:
+            return True
+        asking = not isinstance(error, MovedError)
+        if isinstance(error, MovedError):
+            # The topology changed: every command of the channel needs the new one.
+            self.cluster.nodes_manager.initialize()
+        logger.info('celery_streams: slot %d of queue(s) %s %s %s:%s; reading there',
+                    slot, ', '.join(map(repr, read.queues)),
+                    'is moving to' if asking else 'moved to', error.host, error.port)
+        lane.close()
+        self._lanes[slot] = self._open(error.host, error.port, asking=asking)
+        return True

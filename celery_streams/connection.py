@@ -118,11 +118,13 @@ class Address:
         """From kombu's ``Connection`` (what a worker or producer connects with).
 
         With ``options``, also checks that they fit the URL (:meth:`check`).
-        A Redis Cluster URL is refused (:data:`CLUSTER_REFUSAL`).
+        kombu reads ``redis-streams+cluster://h1,h2`` as transport
+        ``redis-streams`` with host ``cluster://h1,h2``: that is a Redis Cluster.
         """
-        if conninfo.transport_cls in CLUSTER_SCHEMES or \
-                str(conninfo.hostname or '').startswith('cluster://'):
-            raise ConfigurationError(CLUSTER_REFUSAL)
+        hostname = str(conninfo.hostname or '')
+        if hostname.startswith('cluster://'):
+            urls = conninfo.alt or ['%s+%s' % (conninfo.transport_cls, hostname)]
+            return cls.from_cluster_urls(urls, conninfo.ssl or None, options)
         ssl = conninfo.ssl
         sentinel = conninfo.transport_cls == SENTINEL_SCHEME
         port = conninfo.port or (DEFAULT_SENTINEL_PORT if sentinel else DEFAULT_PORT)
@@ -198,6 +200,10 @@ class Address:
                 raise ConfigurationError(
                     'TLS is not supported with sentinel-streams:// URLs yet (broker_use_ssl or '
                     'ssl_* arguments were given)')
+        elif self.cluster and options.publish_wait_replicas:
+            raise ConfigurationError(
+                'publish_wait_replicas is not supported on a Redis Cluster yet (WAIT must follow '
+                'each write on its node\'s connection): drop it')
         elif options.sentinel_options:
             raise ConfigurationError(
                 'transport option(s) %s apply to Redis Sentinel only: write the broker URL as '
@@ -233,6 +239,11 @@ class Address:
             params.update(self.ssl or {})
         params.update(overrides)
         return {k: v for k, v in params.items() if v is not None}
+
+    def node_pool(self, options: Options, host: str, port: int) -> redis.ConnectionPool:
+        """A pool of one connection to one node of a Redis Cluster (a reader's lane)."""
+        return redis.ConnectionPool(**self.pool_arguments(options, host=host, port=port, db=0,
+                                                          max_connections=1))
 
     def pool(self, options: Options, follow=None, **overrides) -> redis.ConnectionPool:
         """A connection pool to this server: with Sentinels, to the master they name now.

@@ -16,6 +16,7 @@ from time import monotonic
 
 import redis
 
+from .cluster import by_slot
 from .errors import one_line
 
 logger = logging.getLogger(__name__)
@@ -96,8 +97,8 @@ class Liveness:
                 with self.channel.pool_client.pipeline(transaction=False) as pipe:
                     for queue in queues:
                         pipe.set(self.keys.alive(queue, name), 1, px=self.visibility_ms)
-                    if released:
-                        pipe.delete(*[self.keys.alive(queue, name) for queue in released])
+                    for queue in released:   # one key a command: they lie in many slots
+                        pipe.delete(self.keys.alive(queue, name))
                     pipe.execute()
             self.alive_queues = frozenset(queues)
 
@@ -201,14 +202,21 @@ class Liveness:
         if not budget:
             return
         pairs = [(queue, bucket) for bucket in channel.reader.bucket_order() for queue in queues]
-        try:
-            claimed = channel.scripts.reclaim(
-                keys=[self.keys.stream(queue, bucket) for queue, bucket in pairs],
-                args=[channel.group, channel.consumer_name, self.visibility_ms, budget,
-                      *[self.keys.alive_prefix(queue) for queue, _ in pairs]])
-        except redis.ResponseError as exc:   # e.g. an ACL without XCLAIM: consuming goes on
-            logger.warning('celery_streams: reclaim failed: %s', one_line(exc))
-            return
+        # A Redis Cluster runs a script on the keys of one slot: a call per slot there.
+        claimed = []
+        for slot_pairs in (by_slot(pairs, lambda pair: self.keys.stream(pair[0]))
+                           if channel.address.cluster else [pairs]):
+            try:
+                claimed += channel.scripts.reclaim(
+                    keys=[self.keys.stream(queue, bucket) for queue, bucket in slot_pairs],
+                    args=[channel.group, channel.consumer_name, self.visibility_ms,
+                          budget - len(claimed) // 4,
+                          *[self.keys.alive_prefix(queue) for queue, _ in slot_pairs]])
+            except redis.ResponseError as exc:   # e.g. an ACL without XCLAIM: consuming goes on
+                logger.warning('celery_streams: reclaim failed: %s', one_line(exc))
+                return
+            if len(claimed) // 4 >= budget:
+                break
         for queue, count in channel.inbox.add_claimed(claimed).items():
             logger.info('celery_streams: took over %d message(s) of queue %r from consumers '
                         'silent for more than visibility_timeout', count, queue)

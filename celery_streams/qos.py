@@ -24,7 +24,6 @@ from typing import NamedTuple
 from kombu.transport import virtual
 
 from . import errors
-from .pipe import Pipe
 from .hooks import running_delivery_tags
 
 logger = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ class QoS(virtual.QoS):
         super().__init__(channel, prefetch_count)
         self._acks: deque = deque()   # tags acked by the app, not yet sent
         self._loop_thread = None      # the thread whose acks wait for the next turn
-        self.pipe = Pipe(channel.pool)
+        self.pipe = channel.open_pipe()
         self._short_since = None      # since when fewer than half the window is free
         self._base_window = 0         # the smallest prefetch_count seen (refill_wait)
 

@@ -177,7 +177,7 @@ class QueueTable:
                 _, pattern, _ = self.channel.typeof(exchange).prepare_bind(
                     queue, exchange, routing_key, args)
                 pipe.srem(self.keys.bindings(exchange), binding_member(routing_key, pattern, queue))
-            pipe.delete(*self.keys.streams(queue), self.keys.scheduled(queue))
+            pipe.execute_command('DEL', *self.keys.streams(queue), self.keys.scheduled(queue))   # one slot
             pipe.hdel(self.keys.queues, queue)
             pipe.execute()
         state.queue_bindings_delete(queue)
@@ -396,8 +396,21 @@ class QueueTable:
             pipe.execute()
 
     def prune_registry(self, scripts) -> int:
-        """Forget registered queues whose streams expired; returns how many."""
-        return scripts.prune_registry(keys=[self.keys.queues], args=[self.keys.queue_head])
+        """Forget registered queues whose streams expired; returns how many.
+
+        On a Redis Cluster the registry and the streams lie in different slots:
+        the streams are looked at here, and a queue whose stream is gone is
+        removed with ``HDEL`` (declared again meanwhile, it is registered again
+        by its next declaration or heal).
+        """
+        if not self.channel.address.cluster:
+            return scripts.prune_registry(keys=[self.keys.queues], args=[self.keys.queue_head])
+        queues = [text(queue) for queue in self.client.hkeys(self.keys.queues)]
+        with self.client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.exists(self.keys.stream(queue))
+            gone = [queue for queue, exists in zip(queues, pipe.execute()) if not exists]
+        return self.client.hdel(self.keys.queues, *gone) if gone else 0
 
 
 def queue_depth(client, keys: Keys, group: str, queue: str) -> int:

@@ -40,7 +40,6 @@ from redis.exceptions import NoScriptError
 
 from . import errors, replication, scheduler
 from .keys import SEP
-from .pipe import Pipe
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +61,13 @@ class Router:
         #: ``WAIT`` sent behind every write (``publish_wait_replicas``), or None.
         self.wait = replication.wait_command(self.options)
         #: ``publish_confirm='later'``: the connection publishes are written on, replies read later.
-        self.pipe = (Pipe(channel.pool, CONFIRM_WINDOW, poll=False)
-                     if self.options.publish_confirm == 'later' else None)
+        #: On a Redis Cluster, ``'later'`` is ``'now'``.
+        self.pipe = (channel.open_pipe(CONFIRM_WINDOW, poll=False)
+                     if self.options.publish_confirm == 'later' and not channel.address.cluster
+                     else None)
+        #: A Redis Cluster: exchanges are routed here, not by the ``route`` script (whose
+        #: bindings and queues lie in different slots).
+        self.cluster = channel.address.cluster
         #: Publishes written without waiting that Redis refused (lost), since the channel opened.
         self.refused = 0
 
@@ -186,7 +190,7 @@ class Router:
         kind = channel.typeof(exchange).type
         if kind == 'fanout':
             return self.put_fanout(exchange, message, routing_key, **kwargs)
-        if not channel.deadletter_queue:
+        if not channel.deadletter_queue and not self.cluster:
             batch = kwargs.get('_publish_batch')
             route = self.scripts.command('route', [self.keys.bindings(exchange)],
                                          self._route_argv(exchange, kind, routing_key, message))

@@ -56,6 +56,8 @@ from .poller import Poller
 from .publish import PublishBatch
 from .qos import ACK_BATCH, UNLIMITED_BATCH, QoS  # noqa: F401  (documented here)
 from .queues import QueueTable, queue_depth
+from .cluster import ClusterLine, ClusterPipe, ClusterReader
+from .pipe import Pipe
 from .reader import Reader
 from .routing import Router
 from .scripts import Scripts
@@ -98,9 +100,13 @@ class Channel(virtual.Channel):
         # can tell whose consumer it is in `celery streams status`.
         self.consumer_name = '%s:%s:%s' % (hooks.worker_node_name() or socket.gethostname(),
                                            os.getpid(), secrets.token_hex(3))
-        self.pool = self.address.pool(options)   # with Sentinel: follows the master
-        self.pool_client = redis.Redis(connection_pool=self.pool)
-        self.line = wire.Line(self.pool)   # publishes: one connection, no checkout per call
+        if self.address.cluster:   # every command to the master of its key's slot
+            self.pool_client = self.address.cluster_client(options)
+            self.pool = self.line = ClusterLine(self.pool_client)
+        else:
+            self.pool = self.address.pool(options)   # with Sentinel: follows the master
+            self.pool_client = redis.Redis(connection_pool=self.pool)
+            self.line = wire.Line(self.pool)   # publishes: one connection, no checkout per call
         self.scripts = Scripts(self.pool_client)
         self.queues = QueueTable(
             self, self.pool_client, self.keys, self.group,
@@ -109,7 +115,7 @@ class Channel(virtual.Channel):
             healed_mark_ms=int(options.visibility_timeout * 1000))
         self.router = Router(self)
         self.inbox = Inbox(self)
-        self.reader = Reader(self)
+        self.reader = (ClusterReader if self.address.cluster else Reader)(self)
         self.liveness = Liveness(self)
         try:
             self._check_server()
@@ -118,17 +124,27 @@ class Channel(virtual.Channel):
             raise
         connection.poller.add(self)
 
+    def open_pipe(self, max_unread=None, poll=True):
+        """A :class:`~celery_streams.pipe.Pipe` for this channel's writes read later (acks,
+        ``publish_confirm='later'``); on a Redis Cluster, one that reads them at once."""
+        if self.address.cluster:
+            return ClusterPipe(self.line)
+        return Pipe(self.pool, poll=poll, **({} if max_unread is None else {'max_unread': max_unread}))
+
     def _check_server(self):
         """Fail early and in one line on credentials, schema or eviction trouble."""
         try:
-            with self.pool_client.pipeline(transaction=False) as pipe:
-                pipe.ping()
-                pipe.set(self.keys.schema, SCHEMA_VERSION, nx=True)
-                pipe.get(self.keys.schema)
-                pipe.script_load(self.scripts.read.script)
-                pipe.time()
-                sent = time()
-                _, _, version, _, (seconds, micros) = pipe.execute()
+            if self.address.cluster:
+                version, (seconds, micros), sent = self._check_cluster()
+            else:
+                with self.pool_client.pipeline(transaction=False) as pipe:
+                    pipe.ping()
+                    pipe.set(self.keys.schema, SCHEMA_VERSION, nx=True)
+                    pipe.get(self.keys.schema)
+                    pipe.script_load(self.scripts.read.script)
+                    pipe.time()
+                    sent = time()
+                    _, _, version, _, (seconds, micros) = pipe.execute()
                 # Ages and deadlines are measured on the server's clock: a host whose
                 # clock is off must neither drop fresh messages nor keep stale ones.
                 self._clock_offset_ms = (seconds * 1000 + micros / 1000) - (sent + time()) * 500
@@ -150,6 +166,17 @@ class Channel(virtual.Channel):
                 'keys under %r use schema %s, this celery_streams writes schema %s'
                 % (self.keys.prefix, int(version), SCHEMA_VERSION))
         self.connection.check_eviction_policy(self.pool_client)
+
+    def _check_cluster(self):
+        """:meth:`_check_server`'s questions, on a Redis Cluster: the scripts are loaded on
+        every master (its pipelines load none)."""
+        client = self.pool_client
+        client.set(self.keys.schema, SCHEMA_VERSION, nx=True)
+        version = client.get(self.keys.schema)
+        self.scripts.reload_all()
+        node = client.get_node_from_key(self.keys.schema)
+        sent = time()
+        return version, client.time(target_nodes=node), sent
 
     def server_time_ms(self) -> float:
         """Now, in ms since the epoch, by the server's clock (as measured when the channel opened)."""

@@ -87,7 +87,21 @@ def call(pool, *args):
 
 
 def calls(pool, commands, raise_on_error=False):
-    """Send several commands in one write; return their replies (errors as exceptions)."""
+    """Send several commands in one write; return their replies (errors as exceptions).
+
+    On a Redis Cluster (:class:`celery_streams.cluster.ClusterLine` for ``pool``), one
+    write per node.
+    """
+    batch = getattr(pool, 'calls', None)
+    replies = batch(commands) if batch is not None else _calls(pool, commands)
+    if raise_on_error:
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+    return replies
+
+
+def _calls(pool, commands) -> list:
     connection = pool.get_connection()
     try:
         connection.send_packed_command([b''.join(pack(args) for args in commands)])
@@ -102,8 +116,4 @@ def calls(pool, commands, raise_on_error=False):
         raise
     finally:
         pool.release(connection)
-    if raise_on_error:
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
     return replies
