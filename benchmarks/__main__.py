@@ -1,7 +1,7 @@
 """``python -m benchmarks``: see :mod:`benchmarks.run`; ``... soak``: see :mod:`benchmarks.soak`;
 ``... drain-latency``: see :mod:`benchmarks.drain_latency`; ``... delayed-delivery``: see
 :mod:`benchmarks.delayed_delivery`; ``... client-cost``: see :mod:`benchmarks.client_cost`; ``... idle``: see
-:mod:`benchmarks.idle`."""
+:mod:`benchmarks.idle`; ``... cluster``: see :mod:`benchmarks.cluster`."""
 import sys
 
 if sys.argv[1:2] == ['soak']:
@@ -26,6 +26,11 @@ if sys.argv[1:2] == ['idle']:
 
 if sys.argv[1:2] == ['client-cost']:
     from benchmarks.client_cost import main
+
+    sys.exit(main(sys.argv[2:]))
+
+if sys.argv[1:2] == ['cluster']:
+    from benchmarks.cluster import main
 
     sys.exit(main(sys.argv[2:]))
 

@@ -40,10 +40,8 @@ or one node per ``;``-separated URL. The credentials, the TLS settings and the
 ``ssl_*`` query arguments of the first URL apply to every node; the database
 must be 0 (a cluster has no other). :func:`client_from_url` gives a redis-py
 ``RedisCluster`` for it, which learns the other nodes from the seeds, follows
-``MOVED`` / ``ASK`` and re-reads the topology after a failover: the operator
-commands run on a cluster (see :mod:`celery_streams.cluster`). Workers and
-publishers do not yet: the transport refuses such a URL in one line
-(:data:`CLUSTER_REFUSAL`).
+``MOVED`` / ``ASK`` and re-reads the topology after a failover. Workers, publishers and the
+operator commands all take such a URL (see :mod:`celery_streams.cluster`).
 """
 from __future__ import annotations
 
@@ -75,12 +73,6 @@ SCHEMES = ('redis-streams', 'rediss-streams', SENTINEL_SCHEME) + CLUSTER_SCHEMES
 #: Every scheme :meth:`Address.from_url` accepts.
 REDIS_SCHEMES = ('redis', 'rediss') + SCHEMES
 TLS_SCHEMES = ('rediss', 'rediss-streams', CLUSTER_TLS_SCHEME)
-#: What a worker or publisher given a cluster URL is told (kombu reads
-#: ``redis-streams+cluster://h`` as transport ``redis-streams``, host ``cluster://h``).
-CLUSTER_REFUSAL = (
-    'Redis Cluster (redis-streams+cluster://) is not supported by the celery_streams workers and '
-    'publishers yet; only the `celery streams` commands (status, drain, nuke, dead-letters, '
-    'scheduled) run on a cluster: give workers a redis-streams:// or sentinel-streams:// URL')
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
 DEFAULT_HOST = '127.0.0.1'
@@ -255,11 +247,10 @@ class Address:
         instead of asking again: a channel's reader then goes where the channel
         decided the master is (:func:`follow_master`), never to a master a
         Sentinel that has not heard of the failover yet still names. A Redis Cluster has no
-        single pool: refused (:data:`CLUSTER_REFUSAL`), as the transport is the
-        only caller.
+        single pool (:meth:`cluster_client`, :meth:`node_pool`).
         """
         if self.cluster:
-            raise ConfigurationError(CLUSTER_REFUSAL)
+            raise ValueError('a Redis Cluster has no single connection pool: use cluster_client()')
         arguments = self.pool_arguments(options, **overrides)
         if not self.sentinels:
             return redis.ConnectionPool(**arguments)

@@ -171,12 +171,12 @@ class Liveness:
     def leave_groups(self, queues) -> None:
         """Remove this consumer from the groups it read, where it owns nothing any more."""
         channel = self.channel
-        with channel.pool_client.pipeline(transaction=False) as pipe:
-            for queue in queues:
-                for stream in self.keys.streams(queue):
-                    channel.scripts.forget_consumer(keys=[stream], client=pipe,
-                                                    args=[channel.group, channel.consumer_name])
-            pipe.execute()
+        commands = [channel.scripts.command('forget_consumer', [stream],
+                                            [channel.group, channel.consumer_name])
+                    for queue in queues for stream in self.keys.streams(queue)]
+        for reply in channel.scripts.run(channel.line, commands) if commands else ():
+            if isinstance(reply, Exception):
+                raise reply
 
     # -- reclaim --------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from typing import NamedTuple
 from kombu.transport import virtual
 
 from . import errors
+from .cluster import by_slot
 from .hooks import running_delivery_tags
 
 logger = logging.getLogger(__name__)
@@ -214,17 +215,24 @@ class QoS(virtual.QoS):
         """
         if not tags:
             return []
-        channel = self.channel
         try:
             self.flush_acks(wait=True)   # an acked message must never be restored
-            with channel.pool_client.pipeline(transaction=False) as pipe:
-                for tag in map(parse_tag, tags):
-                    channel.scripts.restore(keys=[channel.keys.stream(tag.queue, tag.bucket)],
-                                            client=pipe, args=[channel.group, tag.consumer,
-                                                               tag.entry_id, int(attempted)])
-                results = pipe.execute(raise_on_error=False)
         except errors.connection_errors as exc:
             # Redis is away: nothing was put back. The entries stay pending for
             # this consumer and are taken over once its liveness lapses.
+            return [(tag, exc) for tag in tags]
+        # On a Redis Cluster, a batch per slot: a node that is gone keeps only its own.
+        batches = (by_slot(tags, lambda tag: self.channel.keys.stream(parse_tag(tag).queue))
+                   if self.channel.address.cluster else [tags])
+        return [failed for batch in batches for failed in self._restore(batch, attempted)]
+
+    def _restore(self, tags, attempted) -> list:
+        channel = self.channel
+        commands = [channel.scripts.command('restore', [channel.keys.stream(tag.queue, tag.bucket)],
+                                            [channel.group, tag.consumer, tag.entry_id, int(attempted)])
+                    for tag in map(parse_tag, tags)]
+        try:
+            results = channel.scripts.run(channel.line, commands)
+        except errors.connection_errors as exc:
             return [(tag, exc) for tag in tags]
         return [(tag, result) for tag, result in zip(tags, results) if isinstance(result, Exception)]

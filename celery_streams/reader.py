@@ -318,6 +318,9 @@ class Reader:
         inbox. True if it brought messages."""
         lane = (self.lane_of(fd) if fd is not None else
                 next(lane for lane in self.lanes() if lane.outstanding is not None))
+        return self._finish(lane)
+
+    def _finish(self, lane) -> bool:
         read = lane.outstanding
         try:
             replies = lane.receive()
@@ -337,9 +340,21 @@ class Reader:
         return bool(self.inbox)
 
     def finish_all(self) -> None:
-        """Read the reply of every read out (a closing channel)."""
-        while self.outstanding:
-            self.finish()
+        """Read the reply of every read out (a closing channel), so that what they brought
+        can be put back. A lane whose connection broke loses its reply: its entries are
+        taken over once this consumer's liveness lapses. Raises the first such error once
+        every lane was read."""
+        first_error = None
+        for lane in self.lanes():
+            if lane.outstanding is None:
+                continue
+            try:
+                self._finish(lane)
+            except errors.connection_errors as exc:
+                lane.drop()
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
 
     def redirected(self, lane, read, error) -> bool:
         """A Redis Cluster sent the read elsewhere (``MOVED``, ``ASK``): follow; True if so."""

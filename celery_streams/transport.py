@@ -35,6 +35,7 @@ Transport options: see :mod:`celery_streams.options`. Key schema: see
 from __future__ import annotations
 
 import logging
+from functools import partial
 import os
 import secrets
 import socket
@@ -46,7 +47,7 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.transport.virtual.base import queue_declare_ok_t
 
 from . import errors, hooks, wire
-from .connection import SCHEMES, TLS_SCHEMES, Address, follow_master, refuse_foreign_alternates  # noqa: F401
+from .connection import SCHEMES, TLS_SCHEMES, Address, follow_master, refuse_foreign_alternates, safe_url  # noqa: F401
 from .inbox import Inbox
 from .inventory import last_entry_id
 from .keys import SCHEMA_VERSION, Keys
@@ -391,12 +392,13 @@ class Channel(virtual.Channel):
         if self.closed:
             return
         self.router.close()   # publishes confirmed later: read their replies
-        try:
-            self.qos.flush_acks(wait=True)
-            self.reader.finish_all()
-            self.inbox.restore()
-        except Exception:   # the connection is gone: reclaim will return them
-            logger.debug('celery_streams: could not return the last read', exc_info=True)
+        # Each step on its own: on a Redis Cluster, one node gone leaves the others'.
+        for step in (partial(self.qos.flush_acks, wait=True), self.reader.finish_all,
+                     self.inbox.restore):
+            try:
+                step()
+            except Exception:   # the connection is gone: reclaim will return them
+                logger.debug('celery_streams: could not return the last read', exc_info=True)
         poller = getattr(self.connection, 'poller', None)
         consumed = self.queues.consumed()
         # A clean close deletes the auto-delete queues it consumed (a worker's
@@ -427,10 +429,20 @@ class Channel(virtual.Channel):
         self.pool.disconnect()
 
 
+class _PrintsClusterURLs:
+    """``Transport.can_parse_url``: kombu parses this transport's URLs (asked of the class),
+    but a connection to a Redis Cluster prints its own URL (asked of the transport, for
+    ``Connection.as_uri``: kombu's parser takes the list of seed nodes for a bad port)."""
+
+    def __get__(self, transport, owner=None) -> bool:
+        return transport is not None and transport.address.cluster
+
+
 class Transport(virtual.Transport):
     """Kombu transport: Redis Streams with consumer groups."""
 
     Channel = Channel
+    can_parse_url = _PrintsClusterURLs()
 
     default_port = 6379  # type: ignore[assignment]
     driver_type = 'redis'
@@ -459,6 +471,11 @@ class Transport(virtual.Transport):
 
     def driver_version(self):
         return redis.__version__
+
+    def as_uri(self, uri, include_password=False, mask='**') -> str:
+        """A Redis Cluster's URL, as given (with its password masked unless asked for)."""
+        uri = '%s+%s' % (self.client.transport_cls, uri)
+        return uri if include_password else safe_url(uri).replace(':**@', ':%s@' % mask)
 
     def close_connection(self, connection):
         try:

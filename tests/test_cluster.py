@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from kombu import Connection, Producer
+from kombu import Connection, Producer, Queue
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
 import celery_streams  # noqa: F401  (registers the schemes)
-from celery_streams.connection import CLUSTER_REFUSAL, client_from_url
+from celery_streams.connection import client_from_url
 from celery_streams.deadletters import record
-from celery_streams.errors import ConfigurationError
 from celery_streams.scripts import Scripts
 from tests import servers
 from tests.helpers import one_line
@@ -151,22 +150,18 @@ def test_a_seed_that_is_no_cluster_node_is_one_line(run, fresh_redis_server):
     assert 'the seed nodes 127.0.0.1:%d are not a usable Redis Cluster' % server.port in line, line
 
 
-def test_workers_and_publishers_refuse_a_cluster_url_in_one_line(cluster):
+def test_a_publish_goes_to_the_master_of_its_queue_given_either_form_of_url(cluster, rc, keys, prefix):
+    names = spread_names(cluster, per_master=1, stem=prefix.rstrip(':') + 'p')
     for url in (cluster.urls(), cluster.urls().replace(',', ';redis-streams+cluster://')):
-        with Connection(url) as connection:
-            with pytest.raises(ConfigurationError) as refused:
-                Producer(connection).publish({'n': 1}, routing_key='celery')
-        assert str(refused.value) == CLUSTER_REFUSAL and '\n' not in CLUSTER_REFUSAL
-
-
-def test_a_worker_given_a_cluster_url_stops_with_one_line(cluster, tmp_path):
-    from tests.test_startup_errors import run_worker
-    done = run_worker(tmp_path, cluster.urls(), {})
-    output = done.stdout + done.stderr
-    assert done.returncode != 0, output[-3000:]
-    assert 'Traceback' not in output, output[-3000:]
-    lines = [x for x in output.splitlines() if 'Redis Cluster' in x]
-    assert lines and all('not supported by the celery_streams workers' in x for x in lines), output[-3000:]
+        with Connection(url, transport_options={'global_keyprefix': prefix}) as connection:
+            producer = Producer(connection)
+            for name in names:
+                producer.publish({'to': name}, routing_key=name, declare=[Queue(name)])
+    for name in names:
+        owner = cluster.master_for(keys.stream(name)).client()
+        entries = owner.xrange(keys.stream(name))
+        assert [json.loads(json.loads(f[b'payload'])['body']) for _, f in entries] == [{'to': name}] * 2
+        owner.close()
 
 
 # -- the commands on every master ----------------------------------------------------

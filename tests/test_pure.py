@@ -91,15 +91,34 @@ def test_a_cluster_url_lists_every_seed_with_the_first_urls_credentials_and_tls(
     assert Address.from_url('redis-streams+cluster://h1', ssl=True).tls
 
 
-def test_a_cluster_url_is_refused_by_the_transport_in_one_line():
-    from celery_streams.connection import CLUSTER_REFUSAL
-    for url in ('redis-streams+cluster://h1:7000,h2:7001', 'redis-streams+cluster://h1;redis-streams+cluster://h2',
-                'rediss-streams+cluster://h1'):
-        with pytest.raises(errors.ConfigurationError) as refused:
-            Connection(url).connect()
-        assert str(refused.value) == CLUSTER_REFUSAL
-    with pytest.raises(errors.ConfigurationError, match='not supported by the celery_streams workers'):
+def test_the_transport_reads_a_cluster_url_in_every_form_kombu_passes_it():
+    """kombu reads ``redis-streams+cluster://h1,h2`` as transport ``redis-streams`` with host
+    ``cluster://h1,h2`` (and a ``;`` list as alternates): the transport finds the seeds."""
+    for url, seeds in (('redis-streams+cluster://:pw@h1:7000,h2:7001', (('h1', 7000), ('h2', 7001))),
+                       ('redis-streams+cluster://h1;redis-streams+cluster://h2:7002',
+                        (('h1', 6379), ('h2', 7002))),
+                       ('rediss-streams+cluster://h1', (('h1', 6379),))):
+        connection = Connection(url)
+        address = Address.from_kombu(connection, Options.from_transport_options({}))
+        assert (address.cluster, address.seeds) == (True, seeds)
+        assert address.tls == url.startswith('rediss')
+        # Celery prints it (worker banner): kombu's URL parser takes the seed list for a bad port
+        assert connection.as_uri().startswith(url.split(';')[0].replace(':pw@', ':**@')[:20])
+    assert Connection('redis-streams+cluster://:pw@h1:7000,h2:7001').as_uri() == \
+        'redis-streams+cluster://:**@h1:7000,h2:7001'
+    with pytest.raises(ValueError, match='no single connection pool'):
         Address.from_url('redis-streams+cluster://h1').pool(Options.from_transport_options({}))
+
+
+def test_options_a_cluster_cannot_honour_are_refused_in_one_line():
+    for url, options, says in (
+            ('redis-streams+cluster://h1', {'publish_wait_replicas': 1},
+             'publish_wait_replicas is not supported on a Redis Cluster'),
+            ('redis-streams+cluster://h1/2', {}, 'a Redis Cluster has database 0 only'),
+            ('redis-streams+cluster://h1', {'master_name': 'm'}, 'apply to Redis Sentinel only')):
+        with pytest.raises(errors.ConfigurationError) as refused:
+            Connection(url, transport_options=options).connect()
+        assert says in str(refused.value) and '\n' not in str(refused.value)
 
 
 def test_a_sentinel_pool_follows_the_master_with_the_given_options():
