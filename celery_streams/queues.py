@@ -223,7 +223,7 @@ class QueueTable:
         When Redis has none (nuked, or never written), this process's own
         declarations are used and written back, so other processes see them again.
         """
-        members = self.client.smembers(self.keys.bindings(exchange))
+        members = wire.call(self.channel.line, 'SMEMBERS', self.keys.bindings(exchange))
         if members:
             return [parse_binding(member) for member in members]
         local = self.declared_bindings(exchange)

@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, NamedTuple, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 from urllib.parse import quote
 
 import redis
@@ -955,10 +955,12 @@ class ClusterTopology:
                    f"{replica.name} to replace the killed {master.name}")
         return replica
 
-    def migrate_slot(self, slot: int, target: RedisServer, timeout: float = 30.0) -> None:
+    def migrate_slot(self, slot: int, target: RedisServer, timeout: float = 30.0,
+                     halfway: Optional[Callable[[], None]] = None) -> None:
         """Move ``slot`` and its keys to master ``target``, as ``redis-cli --cluster reshard``
         does: ``SETSLOT IMPORTING`` / ``MIGRATING``, ``MIGRATE`` the keys, then ``SETSLOT NODE``
-        on every master (the replicas follow theirs)."""
+        on every master (the replicas follow theirs). ``halfway()`` is called once the keys
+        moved, while the slot still migrates (its old owner answers ``ASK`` for them)."""
         source = self.owner_of(slot)
         if source is target:
             return
@@ -972,6 +974,8 @@ class ClusterTopology:
                     break
                 since.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000,
                                       "KEYS", *keys)
+            if halfway is not None:
+                halfway()
             to.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
             since.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
         for server in self.primaries():

@@ -10,6 +10,8 @@ tests come last: they move slots, and every test finds where its queues live ane
 from __future__ import annotations
 
 import json
+import socket
+import time
 
 import pytest
 from kombu import Connection, Producer, Queue
@@ -162,6 +164,87 @@ def test_a_publish_goes_to_the_master_of_its_queue_given_either_form_of_url(clus
         entries = owner.xrange(keys.stream(name))
         assert [json.loads(json.loads(f[b'payload'])['body']) for _, f in entries] == [{'to': name}] * 2
         owner.close()
+
+
+def test_a_consumer_of_queues_on_every_master_shares_one_prefetch_window(cluster, rc, keys, prefix):
+    """Reads go out on every master at once; together they never take more than the window."""
+    names = spread_names(cluster, per_master=2, stem=prefix.rstrip(':') + 'w')
+    with Connection(cluster.urls(), transport_options={'global_keyprefix': prefix}) as connection:
+        producer = Producer(connection)
+        for name in names:
+            for n in range(30):
+                producer.publish({'n': n}, routing_key=name, declare=[Queue(name)])
+        got = []
+        channel = connection.channel()
+        channel.basic_qos(0, 10, False)
+        consumer = connection.Consumer([Queue(name) for name in names], channel=channel,
+                                       callbacks=[lambda body, message: got.append(message)])
+        consumer.consume()
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                connection.drain_events(timeout=0.2)
+            except socket.timeout:
+                pass
+        held = sum(rc.xpending(keys.stream(name), 'celery')['pending'] for name in names)
+        assert (len(got), held) == (10, 10)   # nothing read beyond the window, on any master
+        for message in got:
+            message.ack()
+        got.clear()
+        while len(got) < 170 and time.monotonic() < deadline + 20:   # the rest, acking as they come
+            try:
+                connection.drain_events(timeout=0.2)
+            except socket.timeout:
+                pass
+            for message in got[-10:]:
+                if not message.acknowledged:
+                    message.ack()
+        assert len(got) == 170
+        assert sum(rc.xpending(keys.stream(name), 'celery')['pending'] for name in names) <= 10
+
+
+def test_a_consumer_reads_a_queue_whose_slot_is_halfway_moved(cluster, rc, keys, prefix, caplog):
+    """While a slot migrates, its old owner answers ``ASK`` for the keys already moved: the
+    consumer reads them from the new owner (after ``ASKING``), publishes and acks follow too."""
+    name = spread_names(cluster, per_master=1, stem=prefix.rstrip(':') + 'm')[0]
+    stream = keys.stream(name)
+    source = cluster.master_for(stream)
+    target = next(m for m in cluster.primaries() if m.port != source.port)
+    with Connection(cluster.urls(), transport_options={'global_keyprefix': prefix}) as connection:
+        producer = Producer(connection)
+        producer.publish({'n': 0}, routing_key=name, declare=[Queue(name)])
+        got = []
+        consumer = connection.Consumer([Queue(name)], callbacks=[
+            lambda body, message: (got.append(body['n']), message.ack())])
+        consumer.consume()
+
+        def drain(count):
+            deadline = time.monotonic() + 10
+            while len(got) < count and time.monotonic() < deadline:
+                try:
+                    connection.drain_events(timeout=0.2)
+                except socket.timeout:
+                    pass
+
+        drain(1)
+
+        def halfway():
+            with target.client() as there:   # the keys moved; the slot is still the source's
+                assert there.execute_command('CLUSTER', 'COUNTKEYSINSLOT', key_slot(stream.encode()))
+            for n in range(1, 6):
+                producer.publish({'n': n}, routing_key=name)
+            drain(6)
+
+        with caplog.at_level('INFO', logger='celery_streams'):
+            cluster.migrate_slot(key_slot(stream.encode()), target, halfway=halfway)
+            for n in range(6, 9):
+                producer.publish({'n': n}, routing_key=name)
+            drain(9)
+    assert got == list(range(9))
+    assert 'is moving to' in caplog.text
+    owner = target.client()
+    assert owner.xpending(stream, 'celery')['pending'] == 0   # every ack reached the new owner
+    owner.close()
 
 
 # -- the commands on every master ----------------------------------------------------

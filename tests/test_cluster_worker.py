@@ -192,6 +192,8 @@ def test_a_running_worker_runs_what_another_process_publishes_on_every_master(ri
     assert len({rig.master_of(q).port for q in queues}) == 3
     worker = rig.worker(queues, '-P', 'threads', '-c', '4')
     app = rig.client_app()
+    odd = rig.cluster.master_for(rig.keys.stream(queues[-1])).client()
+    odd.xadd(rig.keys.stream(queues[-1]), {'payload': b'\xff\x00 not json'})   # arbitrary bytes
     tokens = []
     for i in range(240):   # plain, with a priority, with a countdown (delayed delivery)
         token = 't%d' % i
@@ -207,6 +209,8 @@ def test_a_running_worker_runs_what_another_process_publishes_on_every_master(ri
     while rig.pending(queues) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert rig.pending(queues) == 0
+    assert odd.xlen(rig.keys.dead_letters(queues[-1])) == 1   # the odd entry, and only it
+    odd.close()
     assert 'Traceback' not in worker.text()
     report(queues=len(queues), tasks=len(tokens), seconds=took)
 
