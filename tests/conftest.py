@@ -26,7 +26,7 @@ import threading
 import pytest
 
 from tests import servers
-from tests.servers import RedisServer, ServerBinary, TlsFiles
+from tests.servers import ClusterTopology, ClusterUnsupported, RedisServer, ServerBinary, TlsFiles
 # Fixtures shared by the CLI and admin tests
 from tests.kombu_state import run, state, streams_state  # noqa: F401
 
@@ -223,3 +223,37 @@ def r(redis_server):
     client = redis_server.client()
     yield client
     client.close()
+
+
+try:   # each kind found; one older than 7.0, or without cluster support, is skipped saying why
+    _CLUSTER_KINDS = servers.available_servers()
+except servers.NoServerFound:
+    _CLUSTER_KINDS = []
+
+
+@pytest.fixture(scope="module", params=_CLUSTER_KINDS or [None], ids=lambda s: s.name if s else "no-server")
+def cluster(request):
+    """A Redis Cluster of 3 masters and 3 replicas on loopback, per server kind that runs one
+    (Redis 7, Valkey 8), for the module."""
+    if request.param is None:
+        pytest.skip("no Redis/Valkey server of 7.0 or later")
+    try:
+        topology = ClusterTopology(request.param.path).start()
+    except ClusterUnsupported as exc:
+        pytest.skip(str(exc).splitlines()[0])
+    yield topology
+    topology.stop()
+
+
+@pytest.fixture
+def report(capsys, request, record_property):
+    """``report(name=value, ...)``: print a test's figures (even without ``-s``) and record them
+    in the JUnit XML."""
+    def report(**figures):
+        for name, value in figures.items():
+            record_property(name, value)
+        text = ", ".join("%s=%s" % (k, ("%.2fs" % v) if isinstance(v, float) else v)
+                         for k, v in figures.items())
+        with capsys.disabled():
+            print("\n[%s] %s" % (request.node.name, text), flush=True)
+    return report

@@ -24,27 +24,10 @@ from celery_streams.deadletters import record
 from celery_streams.scripts import Scripts
 from tests import servers
 from tests.helpers import one_line
-from tests.servers import ClusterTopology, ClusterUnsupported
 
 pytestmark = pytest.mark.needs_server
 
-try:   # each kind found; one older than 7.0, or without cluster support, is skipped saying why
-    _KINDS = servers.available_servers()
-except servers.NoServerFound:
-    _KINDS = []
 FAR_FUTURE_MS = 4102444800000   # 2100-01-01: scheduled messages that never come due here
-
-
-@pytest.fixture(scope='module', params=_KINDS or [None], ids=lambda s: s.name if s else 'no-server')
-def cluster(request):
-    if request.param is None:
-        pytest.skip('no Redis/Valkey server of 7.0 or later')
-    try:
-        topology = ClusterTopology(request.param.path).start()
-    except ClusterUnsupported as exc:
-        pytest.skip(str(exc).splitlines()[0])
-    yield topology
-    topology.stop()
 
 
 @pytest.fixture

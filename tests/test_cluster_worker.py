@@ -23,32 +23,15 @@ import celery_streams  # noqa: F401  (registers redis-streams+cluster://)
 from celery_streams import errors
 from celery_streams.keys import Keys
 from tests import servers
-from tests.servers import ClusterTopology, ClusterUnsupported
-from tests.workers import ROOT, Worker, clean_env
+from tests.workers import ROOT, Worker, clean_env, stop_all
 
 pytestmark = [pytest.mark.needs_server, pytest.mark.slow]
 
-try:
-    _KINDS = servers.available_servers()
-except servers.NoServerFound:
-    _KINDS = []
 APP = 'tests.apps.cluster'
 TASK = 'tests.apps.cluster.record'
 WORKER_FLAGS = ('--without-mingle', '--without-gossip', '--without-heartbeat')
 #: A publish is retried for up to ~10 s: longer than a failover here (node timeout 1.5 s).
 PUBLISH_RETRY = {'max_retries': 40, 'interval_start': 0, 'interval_step': 0.1, 'interval_max': 0.25}
-
-
-@pytest.fixture(scope='module', params=_KINDS or [None], ids=lambda s: s.name if s else 'no-server')
-def cluster(request):
-    if request.param is None:
-        pytest.skip('no Redis/Valkey server of 7.0 or later')
-    try:
-        topology = ClusterTopology(request.param.path).start()
-    except ClusterUnsupported as exc:
-        pytest.skip(str(exc).splitlines()[0])
-    yield topology
-    topology.stop()
 
 
 @pytest.fixture(scope='module')
@@ -106,6 +89,12 @@ class Rig:
     def ran(self) -> Counter:
         return Counter(t.decode() for t in self.journal.lrange('cluster:%s:ran' % self.prefix, 0, -1))
 
+    def longest_pause(self, start, end) -> float:
+        """The longest stretch of ``[start, end]`` (``time.time()``) in which no task ran."""
+        marks = sorted(float(t) for t in self.journal.lrange('cluster:%s:at' % self.prefix, 0, -1))
+        marks = [start] + [t for t in marks if start < t < end] + [end]
+        return max(b - a for a, b in zip(marks, marks[1:]))
+
     def wait_ran(self, tokens, timeout=60) -> bool:
         tokens = set(tokens)
         deadline = time.monotonic() + timeout
@@ -126,11 +115,7 @@ class Rig:
             client.close()
 
     def close(self):
-        for worker in self.workers:
-            try:
-                worker.stop(timeout=15)
-            except Exception:
-                worker.kill()
+        stop_all(self.workers)
         for app in self.apps:
             app.close()
         self.journal.close()
@@ -141,18 +126,6 @@ def rig(cluster, journal_server, unique_name):
     rig = Rig(cluster, journal_server, unique_name + ':')
     yield rig
     rig.close()
-
-
-@pytest.fixture
-def report(capsys, request, record_property):
-    def report(**figures):
-        for name, value in figures.items():
-            record_property(name, value)
-        text = ', '.join('%s=%s' % (k, ('%.2fs' % v) if isinstance(v, float) else v)
-                         for k, v in figures.items())
-        with capsys.disabled():
-            print('\n[%s] %s' % (request.node.name, text), flush=True)
-    return report
 
 
 class Publisher(threading.Thread):
@@ -263,7 +236,7 @@ def test_a_master_failing_over_under_a_running_worker_loses_nothing(rig, report,
     publisher = Publisher(rig.client_app(), queues, interval=0.005)
     publisher.start()
     time.sleep(1.5)
-    failed_at = time.monotonic()
+    failed_at, failed_wall = time.monotonic(), time.time()
     if how == 'kill-master':
         promoted = rig.cluster.kill(victim)
     else:
@@ -271,11 +244,13 @@ def test_a_master_failing_over_under_a_running_worker_loses_nothing(rig, report,
     failover = time.monotonic() - failed_at
     time.sleep(2)
     publisher.stop()
+    stopped_wall = time.time()
     tokens = publisher.tokens()
     assert rig.master_of(victim_queue).port == promoted.port
     assert rig.wait_ran(tokens, timeout=90), sorted(set(tokens) - set(rig.ran()))[:10]
     ran = rig.ran()
     after = [t for t, at in publisher.returned if at > failed_at]
     report(how=how, published=len(tokens), after_failover=len(after), failed=len(publisher.failed),
-           ran_twice=sum(1 for t in tokens if ran[t] > 1), failover=failover)
+           ran_twice=sum(1 for t in tokens if ran[t] > 1), failover=failover,
+           worker_ran_nothing_for=rig.longest_pause(failed_wall, stopped_wall))
     assert after, 'nothing was published after the failover: the test proves nothing'

@@ -22,7 +22,7 @@ from celery_streams.keys import Keys
 from tests import servers
 from tests.apps.faults import ROUTED_QUEUES, journal_key
 from tests.helpers import backend_url, streams_url, wait_until
-from tests.workers import Worker, app_env
+from tests.workers import Worker, app_env, stop_all
 
 pytestmark = pytest.mark.slow
 
@@ -104,11 +104,7 @@ class Rig:
             time.sleep(0.05)
 
     def close(self):
-        for worker in self.workers:
-            try:
-                worker.stop(timeout=15)
-            except Exception:
-                worker.kill()
+        stop_all(self.workers)
         for app in self.apps:
             app.close()
         self.journal.close()

@@ -27,7 +27,7 @@ from celery_streams.keys import Keys
 from tests import servers
 from tests.helpers import wait_until
 from tests.servers import SentinelTopology
-from tests.workers import ROOT, Worker, clean_env
+from tests.workers import ROOT, Worker, clean_env, stop_all
 
 pytestmark = pytest.mark.slow
 
@@ -116,11 +116,7 @@ class Rig:
         return True
 
     def close(self):
-        for worker in self.workers:
-            try:
-                worker.stop(timeout=15)
-            except Exception:
-                worker.kill()
+        stop_all(self.workers)
         for app in self.apps:
             app.close()
         self.journal.close()
@@ -131,18 +127,6 @@ def rig(topology, journal_server, unique_name):
     rig = Rig(topology, journal_server, unique_name + ':')
     yield rig
     rig.close()
-
-
-@pytest.fixture
-def report(capsys, request, record_property):
-    def report(**figures):
-        for name, value in figures.items():
-            record_property(name, value)
-        text = ', '.join('%s=%s' % (k, ('%.2fs' % v) if isinstance(v, float) else v)
-                         for k, v in figures.items())
-        with capsys.disabled():
-            print('\n[%s] %s' % (request.node.name, text), flush=True)
-    return report
 
 
 class Publisher(threading.Thread):

@@ -62,6 +62,15 @@ def app_env(server, prefix, *, app=E2E_APP, backend=None, **extra):
     return env
 
 
+def stop_all(workers, timeout=15):
+    """Stop each worker; kill the ones that do not stop within ``timeout`` seconds."""
+    for worker in workers:
+        try:
+            worker.stop(timeout=timeout)
+        except Exception:
+            worker.kill()
+
+
 def celery_command(*args, app=E2E_APP):
     return [sys.executable, '-m', 'celery', '-A', app, *args]
 

@@ -8,7 +8,8 @@ Configured from the environment:
 * ``CLUSTER_PREFIX``  -- ``global_keyprefix``, also the journal's namespace
 
 The task ``record(token, seconds)`` appends ``token`` to the journal list
-``cluster:<prefix>:ran`` (one item per execution), after sleeping ``seconds``.
+``cluster:<prefix>:ran`` (one item per execution) and the worker's clock to
+``cluster:<prefix>:at``, after sleeping ``seconds``.
 """
 import os
 import time
@@ -47,5 +48,8 @@ def journal():
 def record(token, seconds=0.0):
     if seconds:
         time.sleep(seconds)
-    journal().rpush('cluster:%s:ran' % PREFIX, token)
+    with journal().pipeline() as pipe:
+        pipe.rpush('cluster:%s:ran' % PREFIX, token)
+        pipe.rpush('cluster:%s:at' % PREFIX, '%.6f' % time.time())
+        pipe.execute()
     return token
