@@ -230,6 +230,25 @@ def test_a_consumer_reads_a_queue_whose_slot_is_halfway_moved(cluster, rc, keys,
     owner.close()
 
 
+def test_a_queue_is_counted_purged_and_deleted_on_its_master(cluster, rc, keys, prefix):
+    """kombu's queue operations on a cluster: each queue's commands (and its purge's
+    transaction) run on its own master."""
+    names = spread_names(cluster, per_master=1, stem=prefix.rstrip(':') + 'd')
+    with Connection(cluster.urls(), transport_options={'global_keyprefix': prefix}) as connection:
+        channel = connection.channel()
+        producer = Producer(channel)
+        for i, name in enumerate(names):
+            for n in range(i + 2):
+                producer.publish({'n': n}, routing_key=name, declare=[Queue(name)])
+            producer.publish({'n': 'later'}, routing_key=name, headers={'eta': '2100-01-01T00:00:00+00:00'})
+        assert [channel.queue_declare(name, passive=True).message_count for name in names] == [3, 4, 5]
+        assert [channel.queue_purge(name) for name in names] == [3, 4, 5]
+        assert [channel.queue_declare(name, passive=True).message_count for name in names] == [0, 0, 0]
+        for name in names:
+            channel.queue_delete(name)
+    assert not [key for key in rc.scan_iter(match=keys.match_queue_keys)]
+
+
 # -- the commands on every master ----------------------------------------------------
 
 def test_status_lists_every_queue_of_every_master(run, cluster, queues, prefix):
