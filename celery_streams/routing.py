@@ -39,7 +39,7 @@ from kombu.utils.json import dumps
 from redis.exceptions import NoScriptError
 
 from . import errors, replication, scheduler
-from .keys import SEP
+from .keys import SEP, parse_binding
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +78,19 @@ class Router:
 
     def put(self, queue, message, _publish_batch=None, **kwargs):
         """Append to the stream of a queue by name (created when missing), or schedule it."""
+        self._write(self._put_commands([queue], message), _publish_batch)
+
+    def _put_commands(self, queues, message) -> list:
+        """The commands appending ``message`` to each of ``queues`` (created when missing), or
+        scheduling it there."""
         bucket = self.bucket(message)
         now_ms = self.channel.server_time_ms()
         payload = serialize(message, now_ms)
         due = scheduler.due_ms(message, now_ms, self.options)
         if due is not None:
-            self._write([self._schedule_command(queue, bucket, due, payload, False)], _publish_batch)
-        else:
-            self._write(_xadd(self.keys.stream(queue, bucket), payload, self.queues.expires(queue)),
-                        _publish_batch)
+            return [self._schedule_command(queue, bucket, due, payload, False) for queue in queues]
+        return [command for queue in queues
+                for command in _xadd(self.keys.stream(queue, bucket), payload, self.queues.expires(queue))]
 
     def _schedule_command(self, queue, bucket, due, payload, if_exists) -> tuple:
         """Add a message due at ``due`` (ms) to the schedule of ``queue`` (the ``schedule`` script).
@@ -190,7 +194,9 @@ class Router:
         kind = channel.typeof(exchange).type
         if kind == 'fanout':
             return self.put_fanout(exchange, message, routing_key, **kwargs)
-        if not channel.deadletter_queue and not self.cluster:
+        if self.cluster and not channel.deadletter_queue:
+            return self._route_in_client(exchange, kind, routing_key, message, kwargs.get('_publish_batch'))
+        if not channel.deadletter_queue:
             batch = kwargs.get('_publish_batch')
             route = self.scripts.command('route', [self.keys.bindings(exchange)],
                                          self._route_argv(exchange, kind, routing_key, message))
@@ -202,6 +208,34 @@ class Router:
             self._write([route], batch, on_replies=fall_back)
             return
         self._put_declared(exchange, routing_key, message, kwargs.get('_publish_batch'))
+
+    def _route_in_client(self, exchange, kind, routing_key, message, batch=None):
+        """Route through a direct or topic exchange on a Redis Cluster, where the bindings
+        and the queues lie in different slots (the ``route`` script cannot run).
+
+        The queues this process bound get the message in the same write as the
+        ``SMEMBERS`` of the bindings (one round trip for Celery's ``send_task``);
+        the queues other processes bound, once the bindings are read, while
+        their streams exist. With no bindings in Redis, this process's are
+        written back.
+        """
+        declared = self.queues.declared_bindings(exchange)
+        lookup = self.channel.typeof(exchange).lookup
+        here = sorted(lookup(declared, exchange, routing_key, None)) if declared else []
+        bindings = ('SMEMBERS', self.keys.bindings(exchange))
+
+        def route_others(replies):
+            members = replies[0]
+            if not members:
+                if declared:
+                    self.queues.table(exchange)   # writes this process's bindings back
+                return
+            table = [parse_binding(member) for member in members]
+            others = sorted(lookup(table, exchange, routing_key, None) - set(here))
+            if others:
+                self._append_if_exists(exchange, others, message, self.bucket(message), 0)
+
+        self._write([bindings, *self._put_commands(here, message)], batch, on_replies=route_others)
 
     def _put_declared(self, exchange, routing_key, message, batch=None):
         """Route with kombu's lookup: to the queues this process declared (created when

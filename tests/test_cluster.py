@@ -249,6 +249,36 @@ def test_a_queue_is_counted_purged_and_deleted_on_its_master(cluster, rc, keys, 
     assert not [key for key in rc.scan_iter(match=keys.match_queue_keys)]
 
 
+def test_exchanges_route_to_queues_on_every_master_whoever_bound_them(cluster, rc, keys, prefix):
+    """A direct and a topic exchange on a cluster: the bindings live in a slot of their own,
+    the queues on every master; queues bound by another process get the message too, and a
+    binding whose queue is gone is dropped."""
+    from kombu import Exchange
+    names = spread_names(cluster, per_master=1, stem=prefix.rstrip(':') + 'x')
+    topic = Exchange(prefix + 'topic', 'topic')
+    options = {'global_keyprefix': prefix}
+    with Connection(cluster.urls(), transport_options=options) as binder:
+        channel = binder.channel()
+        for name in names:   # bound by this process only
+            Queue(name, topic, routing_key='jobs.%s.#' % name)(channel).declare()
+        Queue(names[0] + 'gone', topic, routing_key='jobs.#')(channel).declare()
+    rc.delete(keys.stream(names[0] + 'gone'))   # it expired (x-expires): its binding is stale
+    with Connection(cluster.urls(), transport_options=options) as publisher:
+        producer = Producer(publisher)
+        topic(publisher.default_channel).declare()   # its type; the bindings are the binder's
+        for name in names:
+            producer.publish({'to': name}, exchange=topic, routing_key='jobs.%s.run' % name)
+        direct = Exchange(prefix + 'direct', 'direct')
+        Queue(names[1], direct, routing_key='rk')(publisher.default_channel).declare()
+        producer.publish({'to': 'direct'}, exchange=direct, routing_key='rk')
+    for name in names:
+        bodies = [json.loads(json.loads(f['payload'])['body']) for _, f in rc.xrange(keys.stream(name))]
+        assert bodies == [{'to': name}] + ([{'to': 'direct'}] if name == names[1] else [])
+    members = rc.smembers(keys.bindings(prefix + 'topic'))
+    assert not [m for m in members if m.endswith('gone')], members   # the stale binding went
+    assert not rc.exists(keys.stream(names[0] + 'gone'))
+
+
 # -- the commands on every master ----------------------------------------------------
 
 def test_status_lists_every_queue_of_every_master(run, cluster, queues, prefix):
