@@ -285,11 +285,20 @@ class Address:
                                 **arguments)
         except RedisClusterException as exc:   # not a RedisError: said here in one line
             text = one_line(exc)
+            reason = text.rpartition('reachable node: ')[2]
+            if any(word in reason for word in _REFUSED_CREDENTIALS):
+                raise ConfigurationError('Redis refused the credentials for %s: %s'
+                                         % (self.where, reason)) from None
             if 'cannot be connected' in text and 'not enabled' not in text:   # none answered
                 raise redis.ConnectionError(text) from None
             raise ConfigurationError('the seed nodes %s are not a usable Redis Cluster: %s'
                                      % (','.join('%s:%s' % s for s in self.seeds),
                                         text.rpartition('reachable node: ')[2])) from None
+
+
+#: What a node says of a wrong or missing password (``AUTH``, ``HELLO``).
+_REFUSED_CREDENTIALS = ('username-password', 'WRONGPASS', 'NOAUTH', 'must be called with the client '
+                        'already authenticated', 'Authentication required')
 
 
 class Sentinels(Sentinel):

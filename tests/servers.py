@@ -749,6 +749,8 @@ class ClusterTopology:
     binary: str = ""
     masters: int = 3
     node_timeout_ms: int = 1500
+    #: ``requirepass`` (and ``masterauth``) of every node.
+    password: Optional[str] = None
     servers: list = field(default_factory=list, init=False)
     bus_ports: dict = field(default_factory=dict, init=False)   # server port -> cluster bus port
 
@@ -767,11 +769,14 @@ class ClusterTopology:
                 "--cluster-replica-validity-factor", "0",
                 "--cluster-allow-replica-migration", "no",
                 "--repl-diskless-sync-delay", "0")
+        if self.password is not None:
+            args += ("--masterauth", self.password)
         for i in range(self.masters * 2):
             role = "master" if i < self.masters else "replica"
             # The cluster bus listens on a port of its own, free too (port + 10000 may not be).
             bus_port = free_port()
             server = RedisServer(self.binary, name=f"cluster-{role}{i % self.masters}",
+                                 password=self.password,
                                  extra_args=args + ("--cluster-port", str(bus_port)))
             self.servers.append(server)
             self.bus_ports[server.port] = bus_port
@@ -890,12 +895,14 @@ class ClusterTopology:
     def urls(self, scheme: str = "redis-streams+cluster", db: Optional[int] = None) -> str:
         """A broker URL naming every master as a seed node: ``scheme://h:p,h:p,h:p``."""
         seeds = ",".join(f"127.0.0.1:{s.port}" for s in self.servers[:self.masters])
-        return f"{scheme}://{seeds}" + ("" if db is None else f"/{db}")
+        auth = "" if self.password is None else f":{quote(self.password, safe='')}@"
+        return f"{scheme}://{auth}{seeds}" + ("" if db is None else f"/{db}")
 
     def client(self, **kwargs):
         """A redis-py ``RedisCluster`` of this cluster (text replies unless ``kwargs`` say)."""
         from redis.cluster import ClusterNode, RedisCluster
         kwargs.setdefault("decode_responses", True)
+        kwargs.setdefault("password", self.password)
         return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", s.port) for s in self.live()],
                             **kwargs)
 

@@ -21,9 +21,11 @@ from redis.crc import key_slot
 import celery_streams  # noqa: F401  (registers the schemes)
 from celery_streams.connection import client_from_url
 from celery_streams.deadletters import record
+from celery_streams.errors import ConfigurationError
 from celery_streams.scripts import Scripts
 from tests import servers
 from tests.helpers import one_line
+from tests.servers import ClusterTopology, ClusterUnsupported
 
 pytestmark = pytest.mark.needs_server
 
@@ -416,3 +418,40 @@ def test_status_after_a_master_dies(run, cluster, rc, queues, keys, prefix):
     found = status_of(run, cluster, prefix)
     assert {q: (found[q]['length'], found[q]['pending']) for q in queues} == \
         {q: (messages, 1) for q, messages in queues.items()}
+
+
+def test_a_cluster_with_a_password_serves_consumers_and_refuses_a_wrong_one_in_one_line(
+        preferred_server_binary, run):
+    """Every connection (the publishes, each read's own to its node, the commands) gets the
+    URL's password; a wrong or missing one is a configuration error, not an endless retry."""
+    try:
+        topology = ClusterTopology(preferred_server_binary.path, password='s3cret/pw').start()
+    except ClusterUnsupported as exc:
+        pytest.skip(str(exc).splitlines()[0])
+    try:
+        url = topology.urls()
+        names = spread_names(topology, per_master=1, stem='pw')
+        with Connection(url) as connection:
+            producer = Producer(connection)
+            for name in names:
+                producer.publish({'to': name}, routing_key=name, declare=[Queue(name)])
+            got = []
+            connection.Consumer([Queue(name) for name in names], callbacks=[
+                lambda body, message: (got.append(body['to']), message.ack())]).consume()
+            deadline = time.monotonic() + 10
+            while len(got) < len(names) and time.monotonic() < deadline:
+                try:
+                    connection.drain_events(timeout=0.2)
+                except socket.timeout:
+                    pass
+        assert sorted(got) == sorted(names)
+        result = run('--broker', url, 'streams', 'status')
+        assert result.exit_code == 0, result.output
+        for bad in (url.replace('s3cret%2Fpw', 'wrong'), url.replace(':s3cret%2Fpw@', '')):
+            with pytest.raises(ConfigurationError) as refused:
+                Connection(bad).connect()
+            text = str(refused.value)
+            assert text.startswith('Redis refused the credentials for the cluster of 127.0.0.1:')
+            assert '\n' not in text and 's3cret' not in text
+    finally:
+        topology.stop()
