@@ -751,6 +751,8 @@ class ClusterTopology:
     node_timeout_ms: int = 1500
     #: ``requirepass`` (and ``masterauth``) of every node.
     password: Optional[str] = None
+    #: Every node serves TLS only, the cluster bus and replication too.
+    tls: Optional[TlsFiles] = None
     servers: list = field(default_factory=list, init=False)
     bus_ports: dict = field(default_factory=dict, init=False)   # server port -> cluster bus port
 
@@ -771,12 +773,14 @@ class ClusterTopology:
                 "--repl-diskless-sync-delay", "0")
         if self.password is not None:
             args += ("--masterauth", self.password)
+        if self.tls is not None:
+            args += ("--tls-cluster", "yes", "--tls-replication", "yes")
         for i in range(self.masters * 2):
             role = "master" if i < self.masters else "replica"
             # The cluster bus listens on a port of its own, free too (port + 10000 may not be).
             bus_port = free_port()
             server = RedisServer(self.binary, name=f"cluster-{role}{i % self.masters}",
-                                 password=self.password,
+                                 password=self.password, tls=self.tls,
                                  extra_args=args + ("--cluster-port", str(bus_port)))
             self.servers.append(server)
             self.bus_ports[server.port] = bus_port
@@ -892,8 +896,9 @@ class ClusterTopology:
                 return self.server_at(node["port"])
         raise LookupError(f"{master.name} has no live replica")
 
-    def urls(self, scheme: str = "redis-streams+cluster", db: Optional[int] = None) -> str:
+    def urls(self, scheme: Optional[str] = None, db: Optional[int] = None) -> str:
         """A broker URL naming every master as a seed node: ``scheme://h:p,h:p,h:p``."""
+        scheme = scheme or ("rediss-streams+cluster" if self.tls else "redis-streams+cluster")
         seeds = ",".join(f"127.0.0.1:{s.port}" for s in self.servers[:self.masters])
         auth = "" if self.password is None else f":{quote(self.password, safe='')}@"
         return f"{scheme}://{auth}{seeds}" + ("" if db is None else f"/{db}")
@@ -903,6 +908,8 @@ class ClusterTopology:
         from redis.cluster import ClusterNode, RedisCluster
         kwargs.setdefault("decode_responses", True)
         kwargs.setdefault("password", self.password)
+        if self.tls is not None:
+            kwargs = {"ssl": True, "ssl_ca_certs": self.tls.ca_cert, **kwargs}
         return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", s.port) for s in self.live()],
                             **kwargs)
 

@@ -420,16 +420,25 @@ def test_status_after_a_master_dies(run, cluster, rc, queues, keys, prefix):
         {q: (messages, 1) for q, messages in queues.items()}
 
 
+@pytest.mark.parametrize('tls', [False, True], ids=['password', 'tls'])
 def test_a_cluster_with_a_password_serves_consumers_and_refuses_a_wrong_one_in_one_line(
-        preferred_server_binary, run):
+        preferred_server_binary, run, request, tls):
     """Every connection (the publishes, each read's own to its node, the commands) gets the
-    URL's password; a wrong or missing one is a configuration error, not an endless retry."""
+    URL's password (and TLS settings, with ``rediss-streams+cluster://``); a wrong or missing
+    password is a configuration error, not an endless retry."""
+    tls_files, query = None, ''
+    if tls:
+        tls_files = request.getfixturevalue('tls_files')
+        if not servers.supports_tls(preferred_server_binary.path, tls_files):
+            pytest.skip('%s has no TLS' % preferred_server_binary.name)
+        query = '?ssl_ca_certs=%s&ssl_cert_reqs=required' % tls_files.ca_cert
     try:
-        topology = ClusterTopology(preferred_server_binary.path, password='s3cret/pw').start()
+        topology = ClusterTopology(preferred_server_binary.path, password='s3cret/pw', tls=tls_files).start()
     except ClusterUnsupported as exc:
         pytest.skip(str(exc).splitlines()[0])
     try:
-        url = topology.urls()
+        url = topology.urls() + query
+        assert url.startswith('rediss-streams+cluster://' if tls else 'redis-streams+cluster://')
         names = spread_names(topology, per_master=1, stem='pw')
         with Connection(url) as connection:
             producer = Producer(connection)
