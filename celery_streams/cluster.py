@@ -226,8 +226,8 @@ class ClusterReader(Reader):
     (all of one queue's keys share a slot) gets a connection of its own to
     its master, and the reads of all of them are out at once. When a slot
     moves, the node answers the next read ``MOVED`` (the lane goes to the new
-    owner) or, while it migrates, ``ASK`` (the lane reads from the target,
-    each read after ``ASKING``). A node that goes away breaks its lane's
+    owner) or, while it migrates, ``ASK`` (one read goes to the target, after
+    ``ASKING``; the next asks the owner again). A node that goes away breaks its lane's
     connection: the channel's connection is lost, and kombu's reconnect finds
     the masters anew.
     """
@@ -237,6 +237,7 @@ class ClusterReader(Reader):
         self.cluster: RedisCluster = channel.pool_client
         self._lanes: dict[int, Lane] = {}   # slot -> its lane
         self._turn = 0
+        self._moving: dict[int, tuple] = {}   # slot -> where it migrates (ASK), logged
 
     @property
     def client(self) -> redis.Redis:
@@ -277,6 +278,19 @@ class ClusterReader(Reader):
         pool = self.channel.address.node_pool(self.options, host, port)
         return Lane(redis.Redis(connection_pool=pool, single_connection_client=True), asking)
 
+    def _finish(self, lane) -> bool:
+        try:
+            return super()._finish(lane)
+        finally:
+            if lane.asking and lane.outstanding is None:
+                # ASK holds for one read: the next goes to the owner again, which
+                # answers ASK while the slot migrates and MOVED once it is done.
+                self._forget(lane)
+
+    def _forget(self, lane) -> None:
+        for slot in [slot for slot, known in self._lanes.items() if known is lane]:
+            self._lanes.pop(slot).close()
+
     def redirected(self, lane, read, error) -> bool:
         if not isinstance(error, (AskError, MovedError)):   # MovedError is an AskError
             return False
@@ -284,12 +298,17 @@ class ClusterReader(Reader):
         if slot is None:
             return True
         asking = not isinstance(error, MovedError)
-        if isinstance(error, MovedError):
+        if not asking:
             # The topology changed: every command of the channel needs the new one.
             self.cluster.nodes_manager.initialize()
-        logger.info('celery_streams: slot %d of queue(s) %s %s %s:%s; reading there',
-                    slot, ', '.join(map(repr, read.queues)),
-                    'is moving to' if asking else 'moved to', error.host, error.port)
+        if not asking or self._moving.get(slot) != (error.host, error.port):
+            logger.info('celery_streams: slot %d of queue(s) %s %s %s:%s; reading there',
+                        slot, ', '.join(map(repr, read.queues)),
+                        'is moving to' if asking else 'moved to', error.host, error.port)
+        if asking:
+            self._moving[slot] = (error.host, error.port)   # logged once per migration
+        else:
+            self._moving.pop(slot, None)
         lane.close()
         self._lanes[slot] = self._open(error.host, error.port, asking=asking)
         return True

@@ -11,6 +11,7 @@ finds where its queues live anew. Figures are printed: run with ``-s``.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections import Counter
@@ -223,7 +224,9 @@ def test_a_busy_queue_whose_slot_moves_under_a_running_worker_loses_nothing(rig,
     assert publisher.failed == []
     assert twice == []
     assert rig.pending(queues) == 0 or not time.sleep(3) and rig.pending(queues) == 0
-    assert 'moved to' in worker.text()
+    moves = [line for line in worker.text().splitlines() if ' of queue(s) ' in line]
+    assert moves and all(re.search(r'(moved|is moving) to 127\.0\.0\.1:%d' % target.port, line)
+                         for line in moves), moves
     assert 'Traceback' not in worker.text()
 
 
