@@ -287,14 +287,18 @@ class ClusterReader(Reader):
                 # answers ASK while the slot migrates and MOVED once it is done.
                 self._forget(lane)
 
+    def _slot_of(self, lane) -> int | None:
+        return next((slot for slot, known in self._lanes.items() if known is lane), None)
+
     def _forget(self, lane) -> None:
-        for slot in [slot for slot, known in self._lanes.items() if known is lane]:
+        slot = self._slot_of(lane)
+        if slot is not None:
             self._lanes.pop(slot).close()
 
     def redirected(self, lane, read, error) -> bool:
         if not isinstance(error, (AskError, MovedError)):   # MovedError is an AskError
             return False
-        slot = next((s for s, known in self._lanes.items() if known is lane), None)
+        slot = self._slot_of(lane)
         if slot is None:
             return True
         asking = not isinstance(error, MovedError)
