@@ -120,6 +120,19 @@ def wait_until(condition, timeout=10, interval=0.05, what=None):
         time.sleep(interval)
 
 
+def drop_connection(client, connection):
+    """Close redis-py ``connection`` and wait until ``client``'s server has let it go.
+
+    Writes a paused server (``CLIENT PAUSE ... WRITE``) holds back are run at the unpause
+    if the server has not yet seen the connection close; waiting here makes "dropped
+    before Redis ran them" true on every server, not only where the close is seen first."""
+    host, port = connection._sock.getsockname()[:2]
+    addr = '%s:%s' % (host, port)
+    connection.disconnect()
+    wait_until(lambda: all(c.get('addr') != addr for c in client.client_list()), timeout=5,
+               what='the server still lists the dropped connection ' + addr)
+
+
 def blocked_readers(client):
     """Connections of ``client``'s server blocked in ``XREADGROUP`` (an idle consumer)."""
     return [c for c in client.client_list()

@@ -27,7 +27,7 @@ from kombu import Consumer, Exchange, Producer, Queue
 from celery_streams.errors import ConfigurationError
 from celery_streams.options import Options
 from celery_streams.routing import CONFIRM_WINDOW
-from tests.helpers import connection, streams_url
+from tests.helpers import connection, drop_connection, streams_url
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -149,7 +149,7 @@ def test_unconfirmed_messages_are_written_again_when_the_connection_drops(
             for i in range(50):
                 producer.publish(i, exchange=q.exchange, routing_key=unique_name)
             assert pipe.unconfirmed == 50
-            pipe.line._connection.disconnect()   # before Redis ran any of them
+            drop_connection(r, pipe.line._connection)   # before Redis ran any of them
         finally:
             r.client_unpause()
         producer.publish(50, exchange=q.exchange, routing_key=unique_name)

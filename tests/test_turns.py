@@ -16,7 +16,7 @@ import time
 import pytest
 from kombu import Consumer, Exchange, Queue
 
-from tests.helpers import connection, publish
+from tests.helpers import connection, drop_connection, publish
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -80,7 +80,7 @@ def test_acks_land_when_the_connection_drops_before_redis_ran_them(
             for message in got:
                 qos.ack_later(message.delivery_tag)   # written, replies not waited for
             assert qos.pipe.unconfirmed >= 1
-            qos.pipe.line._connection.disconnect()         # the connection drops before they ran
+            drop_connection(r, qos.pipe.line._connection)   # the connection drops before they ran
         finally:
             r.client_unpause()
         qos.flush_acks(wait=True)
