@@ -188,7 +188,7 @@ class Liveness:
         """
         channel = self.channel
         now = monotonic()
-        if channel.reader.outstanding or channel.inbox or now < self._next_reclaim:
+        if now < self._next_reclaim or channel.inbox or channel.reader.outstanding:
             return
         self._next_reclaim = now + self.reclaim_every
         if now >= self._next_prune:
