@@ -43,12 +43,21 @@ def redis_url(broker_url: str) -> str | None:
     return None
 
 
+def first_host(url: str) -> str:
+    """``url`` with only the first of its hosts: a cluster's seed list (``h1:7000,h2:7001``) is
+    more than Flower's own URL parsing (one host, one port) can take."""
+    scheme, sep, rest = url.partition('://')
+    netloc, slash, path = rest.partition('/')
+    userinfo, at, hosts = netloc.rpartition('@')
+    return scheme + sep + userinfo + at + hosts.split(',')[0] + slash + path
+
+
 if flower_broker is not None:
     class StreamsBroker(flower_broker.BrokerBase):
         """Flower's broker client for this transport: queue lengths from the streams."""
 
         def __init__(self, broker_url, *args, broker_options=None, broker_use_ssl=None, **kwargs):
-            super().__init__(broker_url)
+            super().__init__(first_host(broker_url))
             self.url = broker_url
             self.transport_options = dict(broker_options or {})
             self.ssl = broker_use_ssl

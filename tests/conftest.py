@@ -89,7 +89,8 @@ def pytest_collection_modifyitems(config, items):
         preferred = servers.preferred_server("redis7").name
         keep, drop = [], []
         for item in items:
-            param = getattr(getattr(item, "callspec", None), "params", {}).get("redis_server")
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            param = params.get("redis_server", params.get("cluster"))
             if item.get_closest_marker("one_server") and param is not None \
                     and getattr(param, "name", preferred) != preferred:
                 drop.append(item)

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 import urllib.request
 
 import pytest
 
-from tests.servers import free_port
-from tests.workers import ROOT, app_env
+from celery_streams.flower import first_host
+from tests.workers import app_env
+from tests.workers import flower as flower_process
 
 pytestmark = pytest.mark.one_server   # nothing here depends on the server kind
 
@@ -20,25 +18,8 @@ pytest.importorskip('flower')
 
 @pytest.fixture
 def flower(redis_server, prefix):
-    port = free_port()
-    env = dict(app_env(redis_server, prefix), FLOWER_UNAUTHENTICATED_API='true')
-    proc = subprocess.Popen([sys.executable, '-m', 'celery', '-A', 'tests.apps.flowerapp', 'flower',
-                             '--port=%d' % port, '--address=127.0.0.1'], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = 'http://127.0.0.1:%d' % port
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(base + '/healthcheck', timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError('flower did not start:\n' + proc.communicate()[0][-3000:]) from None
-            time.sleep(0.2)
-    yield base
-    proc.terminate()
-    proc.communicate(timeout=30)
+    with flower_process(app_env(redis_server, prefix)) as base:
+        yield base
 
 
 def get(url):
@@ -62,3 +43,10 @@ def test_flower_shows_queue_lengths_over_every_priority_bucket(flower, redis_ser
     assert json.loads(body) == {'active_queues': [{'name': 'celery', 'messages': 4}]}
     status, page = get(flower + '/broker')
     assert status == 200 and 'celery' in page
+
+
+def test_flowers_url_parsing_gets_one_host_of_a_clusters_seed_list():
+    """Flower's own parsing takes one host and one port: the first seed, password kept."""
+    assert first_host('redis-streams+cluster://:p%40ss@h1:7000,h2:7001,h3:7002/0') == \
+        'redis-streams+cluster://:p%40ss@h1:7000/0'
+    assert first_host('redis-streams://h1:6379') == 'redis-streams://h1:6379'

@@ -4,7 +4,8 @@
   apps in ``tests/apps/`` (broker, result backend or journal, key prefix);
 * :func:`celery_command` -- ``python -m celery -A <app> ...``;
 * :class:`Worker` -- one ``celery worker`` subprocess in a process group of its
-  own, its output in a log file the tests wait on.
+  own, its output in a log file the tests wait on;
+* :func:`flower` -- a ``celery flower`` subprocess, its base URL once it answers.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.helpers import backend_url, streams_url
@@ -73,6 +76,34 @@ def stop_all(workers, timeout=15):
 
 def celery_command(*args, app=E2E_APP):
     return [sys.executable, '-m', 'celery', '-A', app, *args]
+
+
+@contextmanager
+def flower(env, app='tests.apps.flowerapp'):
+    """``celery -A app flower`` on a free loopback port with ``env``, its API open; yields
+    its base URL once ``/healthcheck`` answers, and stops it at the end."""
+    from tests.servers import free_port
+    port = free_port()
+    env = dict(env, FLOWER_UNAUTHENTICATED_API='true')
+    proc = subprocess.Popen([sys.executable, '-m', 'celery', '-A', app, 'flower',
+                             '--port=%d' % port, '--address=127.0.0.1'], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = 'http://127.0.0.1:%d' % port
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(base + '/healthcheck', timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError('flower did not start:\n' + proc.communicate()[0][-3000:]) from None
+            time.sleep(0.2)
+    try:
+        yield base
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
 
 
 def _process_states(pgid):
