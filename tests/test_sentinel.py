@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import json
+import urllib.request
 from collections import Counter
 
 import pytest
@@ -27,7 +29,7 @@ from celery_streams.keys import Keys
 from tests import servers
 from tests.helpers import wait_until
 from tests.servers import SentinelTopology
-from tests.workers import ROOT, Worker, clean_env, stop_all
+from tests.workers import ROOT, Worker, clean_env, flower, stop_all
 
 pytestmark = pytest.mark.slow
 
@@ -334,3 +336,23 @@ def test_a_command_says_in_one_line_when_no_sentinel_answers(tmp_path):
     code, output = run_cli(tmp_path, 'status')
     assert code != 0 and 'Traceback' not in output, output
     assert "no master 'nobody' from the Sentinels at 127.0.0.1:%d" % port in output, output
+
+
+def test_flower_shows_queue_lengths_through_the_sentinels(topology, unique_name):
+    """Flower given the Sentinels' URLs and ``master_name``: the default queue's length over every
+    priority bucket, from the master the Sentinels name."""
+    pytest.importorskip('flower')
+    prefix = unique_name + ':'
+    app = Celery('client', broker=topology.urls())
+    app.conf.broker_transport_options = {'global_keyprefix': prefix, 'master_name': MASTER}
+    try:
+        for priority in (0, 5, 9):
+            app.send_task('tests.apps.e2e.add', args=(1, 1), priority=priority)
+    finally:
+        app.close()
+    env = dict(clean_env(), E2E_BROKER=topology.urls(), E2E_BACKEND='cache+memory://',
+               E2E_PREFIX=prefix, E2E_MASTER_NAME=MASTER, PYTHONPATH=str(ROOT))
+    with flower(env) as base:
+        with urllib.request.urlopen(base + '/api/queues/length', timeout=20) as response:
+            lengths = json.loads(response.read())
+    assert lengths == {'active_queues': [{'name': 'celery', 'messages': 3}]}

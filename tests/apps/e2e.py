@@ -1,7 +1,8 @@
 """The Celery app the end-to-end tests run in real ``celery worker`` processes.
 
 Configured from the environment so one module serves every server and prefix:
-``E2E_BROKER`` (a redis-streams:// URL), ``E2E_BACKEND``, ``E2E_PREFIX``.
+``E2E_BROKER`` (a redis-streams:// URL), ``E2E_BACKEND``, ``E2E_PREFIX``, and
+``E2E_MASTER_NAME`` for a ``sentinel-streams://`` URL.
 """
 import os
 import time
@@ -15,7 +16,9 @@ app = Celery('e2e')
 app.conf.update(
     broker_url=os.environ.get('E2E_BROKER', 'redis-streams://127.0.0.1:6390/0'),
     result_backend=os.environ.get('E2E_BACKEND', 'redis://127.0.0.1:6390/1'),
-    broker_transport_options={'global_keyprefix': os.environ.get('E2E_PREFIX', '')},
+    broker_transport_options={'global_keyprefix': os.environ.get('E2E_PREFIX', ''),
+                              **({'master_name': os.environ['E2E_MASTER_NAME']}
+                                 if os.environ.get('E2E_MASTER_NAME') else {})},
     broker_connection_retry_on_startup=True,
     worker_prefetch_multiplier=int(os.environ.get('E2E_PREFETCH', '4')),
     task_acks_late=os.environ.get('E2E_ACKS_LATE') == '1',
