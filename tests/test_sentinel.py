@@ -9,13 +9,13 @@ option errors are in ``tests/test_pure.py``.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-import json
 import urllib.request
 from collections import Counter
 
