@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-import urllib.request
 
 import pytest
 from kombu import Connection, Producer, Queue
@@ -27,7 +26,7 @@ from celery_streams.scripts import Scripts
 from tests import servers
 from tests.helpers import one_line
 from tests.servers import ClusterTopology, ClusterUnsupported
-from tests.workers import ROOT, clean_env, flower
+from tests.workers import ROOT, clean_env, flower, flower_get, send_adds
 
 pytestmark = pytest.mark.needs_server
 
@@ -478,20 +477,11 @@ def test_flower_shows_queue_lengths_on_a_cluster(cluster, prefix):
     """Flower given the seed list (several hosts, more than its own URL parsing takes): the
     default queue's length over every priority bucket, from whichever master owns it."""
     pytest.importorskip('flower')
-    from celery import Celery
+    send_adds(cluster.urls(), {'global_keyprefix': prefix}, (0, 0, 5, 9))
     env = dict(clean_env(), E2E_BROKER=cluster.urls(), E2E_BACKEND='cache+memory://',
                E2E_PREFIX=prefix, PYTHONPATH=str(ROOT))
-    app = Celery('client', broker=cluster.urls())
-    app.conf.broker_transport_options = {'global_keyprefix': prefix}
-    try:
-        for priority in (0, 0, 5, 9):
-            app.send_task('tests.apps.e2e.add', args=(1, 1), priority=priority)
-    finally:
-        app.close()
     with flower(env) as base:
-        with urllib.request.urlopen(base + '/api/queues/length', timeout=20) as response:
-            lengths = json.loads(response.read())
-        with urllib.request.urlopen(base + '/broker', timeout=20) as response:
-            page = response.read().decode()
-    assert lengths == {'active_queues': [{'name': 'celery', 'messages': 4}]}
-    assert 'celery' in page
+        status, body = flower_get(base, '/api/queues/length')
+        page = flower_get(base, '/broker')
+    assert (status, json.loads(body)) == (200, {'active_queues': [{'name': 'celery', 'messages': 4}]})
+    assert page[0] == 200 and 'celery' in page[1]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import urllib.request
 
 import pytest
 
 from celery_streams.flower import first_host
-from tests.workers import app_env
+from tests.helpers import streams_url
+from tests.workers import app_env, flower_get, send_adds
 from tests.workers import flower as flower_process
 
 pytestmark = pytest.mark.one_server   # nothing here depends on the server kind
@@ -22,26 +22,12 @@ def flower(redis_server, prefix):
         yield base
 
 
-def get(url):
-    with urllib.request.urlopen(url, timeout=20) as response:
-        return response.status, response.read().decode()
-
-
 def test_flower_shows_queue_lengths_over_every_priority_bucket(flower, redis_server, prefix):
-    from celery import Celery
-
-    from tests.helpers import streams_url
-    app = Celery('client', broker=streams_url(redis_server))
-    app.conf.broker_transport_options = {'global_keyprefix': prefix}
-    try:
-        for priority in (0, 0, 5, 9):
-            app.send_task('tests.apps.e2e.add', args=(1, 1), priority=priority)
-    finally:
-        app.close()
-    status, body = get(flower + '/api/queues/length')
+    send_adds(streams_url(redis_server), {'global_keyprefix': prefix}, (0, 0, 5, 9))
+    status, body = flower_get(flower, '/api/queues/length')
     assert status == 200, body
     assert json.loads(body) == {'active_queues': [{'name': 'celery', 'messages': 4}]}
-    status, page = get(flower + '/broker')
+    status, page = flower_get(flower, '/broker')
     assert status == 200 and 'celery' in page
 
 

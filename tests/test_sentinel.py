@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 
 import pytest
@@ -29,7 +28,7 @@ from celery_streams.keys import Keys
 from tests import servers
 from tests.helpers import wait_until
 from tests.servers import SentinelTopology
-from tests.workers import ROOT, Worker, clean_env, flower, stop_all
+from tests.workers import ROOT, Worker, clean_env, flower, flower_get, send_adds, stop_all
 
 pytestmark = pytest.mark.slow
 
@@ -343,16 +342,9 @@ def test_flower_shows_queue_lengths_through_the_sentinels(topology, unique_name)
     priority bucket, from the master the Sentinels name."""
     pytest.importorskip('flower')
     prefix = unique_name + ':'
-    app = Celery('client', broker=topology.urls())
-    app.conf.broker_transport_options = {'global_keyprefix': prefix, 'master_name': MASTER}
-    try:
-        for priority in (0, 5, 9):
-            app.send_task('tests.apps.e2e.add', args=(1, 1), priority=priority)
-    finally:
-        app.close()
+    send_adds(topology.urls(), {'global_keyprefix': prefix, 'master_name': MASTER}, (0, 5, 9))
     env = dict(clean_env(), E2E_BROKER=topology.urls(), E2E_BACKEND='cache+memory://',
                E2E_PREFIX=prefix, E2E_MASTER_NAME=MASTER, PYTHONPATH=str(ROOT))
     with flower(env) as base:
-        with urllib.request.urlopen(base + '/api/queues/length', timeout=20) as response:
-            lengths = json.loads(response.read())
-    assert lengths == {'active_queues': [{'name': 'celery', 'messages': 3}]}
+        status, body = flower_get(base, '/api/queues/length')
+    assert (status, json.loads(body)) == (200, {'active_queues': [{'name': 'celery', 'messages': 3}]})

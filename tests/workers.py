@@ -5,7 +5,8 @@
 * :func:`celery_command` -- ``python -m celery -A <app> ...``;
 * :class:`Worker` -- one ``celery worker`` subprocess in a process group of its
   own, its output in a log file the tests wait on;
-* :func:`flower` -- a ``celery flower`` subprocess, its base URL once it answers.
+* :func:`flower` -- a ``celery flower`` subprocess, its base URL once it answers;
+  :func:`flower_get` asks it, :func:`send_adds` gives it tasks to count.
 """
 from __future__ import annotations
 
@@ -104,6 +105,24 @@ def flower(env, app='tests.apps.flowerapp'):
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+def flower_get(base, path):
+    """``(status, body)`` of Flower's answer to ``GET path``."""
+    with urllib.request.urlopen(base + path, timeout=20) as response:
+        return response.status, response.read().decode()
+
+
+def send_adds(broker_url, transport_options, priorities):
+    """``tests.apps.e2e.add`` once per priority of ``priorities``, from a client app of its own."""
+    from celery import Celery
+    app = Celery('client', broker=broker_url)
+    app.conf.broker_transport_options = transport_options
+    try:
+        for priority in priorities:
+            app.send_task('tests.apps.e2e.add', args=(1, 1), priority=priority)
+    finally:
+        app.close()
 
 
 def _process_states(pgid):
