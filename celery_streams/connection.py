@@ -525,13 +525,20 @@ def _parse_cluster(url: str) -> tuple[dict, list]:
             'broker URL %s is not a Redis Cluster URL: list the nodes of one cluster as '
             '%s://h1:7000,h2:7001 (or ;-separated %s:// URLs)'
             % (safe_url(url), CLUSTER_SCHEME, CLUSTER_SCHEME))
-    netloc = urlsplit('//' + rest).netloc
-    credentials, at, hosts = netloc.rpartition('@')
+    hosts = urlsplit('//' + rest).netloc.rpartition('@')[2]
     seeds = [_seed(url, host) for host in hosts.split(',')]
     plain = 'rediss' if scheme == CLUSTER_TLS_SCHEME else 'redis'
-    parts = _parse('%s://%s%s%s' % (plain, credentials + at, hosts.split(',')[0],
-                                    rest[len(netloc):]))
+    parts = _parse(plain + '://' + first_seed(url).partition('://')[2])
     return parts, seeds
+
+
+def first_seed(url: str) -> str:
+    """``url`` with only the first of its hosts: a cluster URL's seed list (``h1:7000,h2:7001``)
+    cut to ``h1:7000``, credentials, database and query kept; other URLs as they are."""
+    scheme, sep, rest = url.partition('://')
+    netloc = urlsplit('//' + rest).netloc
+    credentials, at, hosts = netloc.rpartition('@')
+    return scheme + sep + credentials + at + hosts.split(',')[0] + rest[len(netloc):]
 
 
 def _seed(url: str, host: str) -> tuple[str, int]:

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import asyncio
 
-from .connection import SCHEMES, TRANSPORT_PATH, client_from_url
+from .connection import SCHEMES, TRANSPORT_PATH, client_from_url, first_seed
 from .keys import Keys
 from .options import Options
-from .queues import queue_depth
+from .queues import queue_depths
 
 try:
     from flower.utils import broker as flower_broker
@@ -43,21 +43,12 @@ def redis_url(broker_url: str) -> str | None:
     return None
 
 
-def first_host(url: str) -> str:
-    """``url`` with only the first of its hosts: a cluster's seed list (``h1:7000,h2:7001``) is
-    more than Flower's own URL parsing (one host, one port) can take."""
-    scheme, sep, rest = url.partition('://')
-    netloc, slash, path = rest.partition('/')
-    userinfo, at, hosts = netloc.rpartition('@')
-    return scheme + sep + userinfo + at + hosts.split(',')[0] + slash + path
-
-
 if flower_broker is not None:
     class StreamsBroker(flower_broker.BrokerBase):
         """Flower's broker client for this transport: queue lengths from the streams."""
 
         def __init__(self, broker_url, *args, broker_options=None, broker_use_ssl=None, **kwargs):
-            super().__init__(first_host(broker_url))
+            super().__init__(first_seed(broker_url))   # Flower parses one host, one port
             self.url = broker_url
             self.transport_options = dict(broker_options or {})
             self.ssl = broker_use_ssl
@@ -70,8 +61,8 @@ if flower_broker is not None:
             keys = Keys(options.global_keyprefix, options.priority_steps)
             client = client_from_url(self.url, ssl=self.ssl, transport_options=self.transport_options)
             try:
-                return [{'name': name, 'messages': queue_depth(client, keys, options.consumer_group, name)}
-                        for name in names]
+                depths = queue_depths(client, keys, options.consumer_group, names)
+                return [{'name': name, 'messages': depth} for name, depth in zip(names, depths)]
             finally:
                 client.close()
 

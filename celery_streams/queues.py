@@ -415,11 +415,23 @@ class QueueTable:
 
 def queue_depth(client, keys: Keys, group: str, queue: str) -> int:
     """Messages of ``queue`` no consumer received yet, over every priority bucket, in one round
-    trip (kombu's ``queue_declare(passive=True).message_count``; Flower's queue length)."""
+    trip (kombu's ``queue_declare(passive=True).message_count``)."""
+    return queue_depths(client, keys, group, [queue])[0]
+
+
+def queue_depths(client, keys: Keys, group: str, queues: list) -> list:
+    """:func:`queue_depth` of each of ``queues``, in one round trip (one per master on a
+    cluster): Flower's queue lengths."""
+    commands = [depth_commands(keys, group, queue) for queue in queues]
     with client.pipeline(transaction=False) as pipe:
-        for command in depth_commands(keys, group, queue):
+        for command in (command for each in commands for command in each):
             pipe.execute_command(*command)
-        return depth_of(pipe.execute(raise_on_error=False))
+        replies = pipe.execute(raise_on_error=False)
+    depths, start = [], 0
+    for each in commands:
+        depths.append(depth_of(replies[start:start + len(each)]))
+        start += len(each)
+    return depths
 
 
 def depth_commands(keys: Keys, group: str, queue: str) -> list:

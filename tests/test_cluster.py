@@ -22,6 +22,7 @@ import celery_streams  # noqa: F401  (registers the schemes)
 from celery_streams.connection import client_from_url
 from celery_streams.deadletters import record
 from celery_streams.errors import ConfigurationError
+from celery_streams.queues import queue_depths
 from celery_streams.scripts import Scripts
 from tests import servers
 from tests.helpers import one_line
@@ -470,6 +471,19 @@ def test_a_cluster_with_a_password_serves_consumers_and_refuses_a_wrong_one_in_o
             assert '\n' not in text and 's3cret' not in text
     finally:
         topology.stop()
+
+
+def test_queue_depths_on_every_master_count_what_no_consumer_received(cluster, rc, keys, prefix):
+    """Flower's queue lengths in one batch: queues on every master, some of their messages
+    delivered and not acked, and a queue that does not exist."""
+    names = spread_names(cluster, per_master=1, stem=prefix.rstrip(':') + 'f')
+    for i, name in enumerate(names):
+        make_queue(rc, keys, name, messages=2 + 2 * i, read=i, dead=0, scheduled=0)
+    client = client_from_url(cluster.urls())
+    try:
+        assert queue_depths(client, keys, 'celery', names + [prefix + 'missing']) == [2, 3, 4, 0]
+    finally:
+        client.close()
 
 
 @pytest.mark.one_server   # Flower's side does not depend on the server kind

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from celery_streams.flower import first_host
+from celery_streams.connection import first_seed
 from tests.helpers import streams_url
 from tests.workers import app_env, flower_get, send_adds
 from tests.workers import flower as flower_process
@@ -33,6 +33,6 @@ def test_flower_shows_queue_lengths_over_every_priority_bucket(flower, redis_ser
 
 def test_flowers_url_parsing_gets_one_host_of_a_clusters_seed_list():
     """Flower's own parsing takes one host and one port: the first seed, password kept."""
-    assert first_host('redis-streams+cluster://:p%40ss@h1:7000,h2:7001,h3:7002/0') == \
+    assert first_seed('redis-streams+cluster://:p%40ss@h1:7000,h2:7001,h3:7002/0') == \
         'redis-streams+cluster://:p%40ss@h1:7000/0'
-    assert first_host('redis-streams://h1:6379') == 'redis-streams://h1:6379'
+    assert first_seed('redis-streams://h1:6379') == 'redis-streams://h1:6379'
