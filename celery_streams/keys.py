@@ -44,7 +44,9 @@ message put back unstarted (at a worker's shutdown) keeps its count.
 A member of a schedule (:mod:`celery_streams.scheduler`) is the message's
 priority bucket, the server time it was added (``TIME``, 16 digits of µs), a
 random token (so equal messages stay distinct) and the payload, joined by
-``|``; the consumers move it into the stream of its bucket once due.
+``|``; the consumers move it into the stream of its bucket once due. The
+scripts write it with ``schedule_member`` (``scripts/_library.lua``), Python
+reads it with :func:`celery_streams.scheduler.parse_member`.
 """
 from __future__ import annotations
 
@@ -86,8 +88,7 @@ class Keys:
         self.priority_steps = tuple(sorted(priority_steps))
         self.schema = self.prefix + 'schema'
         self.queues = self.prefix + 'queues'
-        #: What every per-queue key starts with; the scripts that find queue
-        #: names in data (bindings, the registry) build stream keys from it.
+        #: What every per-queue key starts with.
         self.queue_head = self.prefix + 'q:{'
         self.bindings_head = self.prefix + 'bind:{'
 
@@ -98,6 +99,14 @@ class Keys:
         if bucket:
             return '%s%s}:p%d' % (self.queue_head, queue, bucket)
         return self.queue_head + queue + '}'
+
+    def stream_affixes(self, bucket: int = 0) -> tuple[str, str]:
+        """``(head, tail)``: :meth:`stream` of queue Q in ``bucket`` is ``head + Q + tail``.
+
+        For the scripts that find queue names in data (bindings, the
+        registry): they are given the affixes and only concatenate.
+        """
+        return self.queue_head, self.stream('', bucket)[len(self.queue_head):]
 
     def streams(self, queue: str) -> list[str]:
         """Every stream of ``queue``: bucket 0 first, then the other priority buckets."""
@@ -110,6 +119,11 @@ class Keys:
     def scheduled(self, queue: str) -> str:
         """The schedule of ``queue``: messages waiting for their ETA (a sorted set)."""
         return self.queue_head + queue + '}:scheduled'
+
+    def scheduled_affixes(self) -> tuple[str, str]:
+        """``(head, tail)``: :meth:`scheduled` of queue Q is ``head + Q + tail`` (see
+        :meth:`stream_affixes`)."""
+        return self.queue_head, self.scheduled('')[len(self.queue_head):]
 
     def alive_prefix(self, queue: str) -> str:
         """Liveness keys of the consumers of ``queue`` are this plus the consumer name."""
@@ -163,9 +177,9 @@ class Keys:
             return KeyInfo(body[:-len('}:dead')], 'dead', None)
         if body.endswith('}:scheduled'):
             return KeyInfo(body[:-len('}:scheduled')], 'scheduled', None)
-        bucket = _BUCKET.match(body)
-        if bucket:
-            return KeyInfo(bucket.group(1), 'stream', int(bucket.group(2)))
+        match = _BUCKET.match(body)
+        if match:
+            return KeyInfo(match.group(1), 'stream', int(match.group(2)))
         return None
 
     def parse_stream(self, stream_key: str) -> tuple[str, int]:

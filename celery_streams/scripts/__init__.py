@@ -1,5 +1,9 @@
 """Lua scripts, one file per atomic operation, each with a KEYS/ARGV/returns header.
 
+What several scripts do alike is written once, in ``_library.lua`` (appending
+a message to a queue stream, the member of a schedule): :func:`source` puts it
+in front of every script, so a script's SHA covers the library too.
+
 :class:`Scripts` registers them once per client; the transport and the
 operator commands use the same object. There are three ways to run one, and
 each handles ``NOSCRIPT`` (a server restart or ``SCRIPT FLUSH``) by itself:
@@ -18,9 +22,11 @@ most :data:`DRAIN_STEP` entries of work per call) until the stream is drained.
 """
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from importlib import resources
 
+from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
 from .. import wire
@@ -35,13 +41,48 @@ NAMES = ('restore', 'drain', 'append', 'reclaim', 'read', 'forget_consumer', 'ro
 DRAIN_STEP = 1000
 
 
+#: The file of the functions every script may call (``append``, ``schedule_member``...).
+LIBRARY = '_library'
+
+
 @lru_cache(maxsize=None)
 def source(name: str) -> str:
+    """The text of script ``name`` as it is loaded: the library, then the script's file, when
+    the script calls a function of the library (the others, such as the ``read`` run on
+    every read, do not pay for defining them)."""
+    text = _read(name)
+    if any(re.search(r'\b%s\(' % function, text) for function in library_functions()):
+        return _read(LIBRARY) + text
+    return text
+
+
+@lru_cache(maxsize=None)
+def library_functions() -> tuple:
+    """The names of the functions ``_library.lua`` defines."""
+    return tuple(re.findall(r'^local function (\w+)\(', _read(LIBRARY), re.MULTILINE))
+
+
+def _read(name: str) -> str:
     return resources.files(__name__).joinpath(name + '.lua').read_text()
 
 
 class Scripts:
     """The scripts registered on one client: ``scripts.restore(keys=..., args=...)``."""
+
+    # One attribute per name of NAMES, set in __init__ (declared here for type checkers).
+    restore: Script
+    drain: Script
+    append: Script
+    reclaim: Script
+    read: Script
+    forget_consumer: Script
+    route: Script
+    requeue_dead: Script
+    prune_registry: Script
+    create_group: Script
+    schedule: Script
+    promote: Script
+    drain_scheduled: Script
 
     def __init__(self, client):
         self.client = client

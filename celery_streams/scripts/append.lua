@@ -12,13 +12,4 @@
 if redis.call('EXISTS', KEYS[1]) == 0 then
     return false
 end
-local id
-if tonumber(ARGV[1]) > 0 then
-    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'payload', ARGV[2])
-else
-    id = redis.call('XADD', KEYS[1], '*', 'payload', ARGV[2])
-end
-if tonumber(ARGV[3]) > 0 then
-    redis.call('PEXPIRE', KEYS[1], ARGV[3])
-end
-return id
+return append_payload(KEYS[1], ARGV[2], ARGV[1], ARGV[3])

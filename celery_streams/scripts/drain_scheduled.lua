@@ -17,7 +17,7 @@ local limit = tonumber(ARGV[1])
 local reply = redis.call('ZSCAN', KEYS[1], ARGV[2], 'COUNT', tonumber(ARGV[3]))
 local found, gone = reply[2], {}
 for i = 1, #found, 2 do
-    local stamp = string.match(found[i], '^%d+|(%d+)|')
+    local _, stamp = parse_member(found[i])
     if not stamp or tonumber(stamp) <= limit then
         gone[#gone + 1] = found[i]
     end

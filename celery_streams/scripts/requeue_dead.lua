@@ -25,6 +25,6 @@ end
 if #copy == 0 then
     return {'empty'}
 end
-local id = redis.call('XADD', KEYS[2], '*', unpack(copy))
+local id = append(KEYS[2], copy, 0, 0)
 redis.call('XDEL', KEYS[1], ARGV[1])
 return {'requeued', id}

@@ -44,4 +44,4 @@ if deliveries > 0 then
 end
 copy[#copy + 1] = 'redelivered'
 copy[#copy + 1] = '1'
-return redis.call('XADD', KEYS[1], '*', unpack(copy))
+return append(KEYS[1], copy, 0, 0)

@@ -10,16 +10,15 @@
 --           only from bindings another process wrote: a stale binding must not
 --           bring an expired or deleted queue back); '0': always
 --
--- The member is 'bucket|stamp|token|payload', stamp being the server's TIME
--- in µs (16 digits) when the member was added: a drain removes exactly the
--- members added up to its plan (drain_scheduled.lua). The consumers of the
--- queue move the member into the stream of its bucket once due (promote.lua).
+-- The member is schedule_member()'s (_library.lua): 'bucket|stamp|token|payload',
+-- stamp being the server's TIME in µs when the member was added: a drain
+-- removes exactly the members added up to its plan (drain_scheduled.lua). The
+-- consumers of the queue move the member into the stream of its bucket once
+-- due (promote.lua).
 -- The schedule has no expiry, even for a queue with x-expires.
 -- Returns 1, or false when ARGV[5] is '1' and the queue's stream is gone.
 if ARGV[5] == '1' and redis.call('EXISTS', KEYS[2]) == 0 then
     return false
 end
-local now = redis.call('TIME')
-local stamp = now[1] .. string.format('%06d', tonumber(now[2]))
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2] .. '|' .. stamp .. '|' .. ARGV[3] .. '|' .. ARGV[4])
+redis.call('ZADD', KEYS[1], ARGV[1], schedule_member(ARGV[2], ARGV[3], ARGV[4]))
 return 1
