@@ -78,13 +78,20 @@ they are checked against the URL when the transport or a command starts
 Options kombu's Redis transport knows but that mean nothing here (its ack
 emulation, BRPOP and PUB/SUB settings) are accepted with one warning. A name
 neither kombu nor this transport knows is an error: a typo must not pass.
+
+Each option's check is declared with its field. A number must be finite: NaN,
+an infinity (``float('inf')``, ``'inf'``, ``'nan'``) and a boolean are refused,
+as is a fraction where a whole number is expected. ``None`` is accepted for
+the options whose default is ``None``.
 """
 from __future__ import annotations
 
 import logging
+import math
+import operator
+from dataclasses import Field, dataclass, field, fields
 from difflib import get_close_matches
-from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import ConfigurationError
 from .keys import DEFAULT_PRIORITY_STEPS
@@ -110,101 +117,259 @@ KOMBU_OWN = frozenset({
     'confirm_publish', 'visibility_timeout_buffer', 'result_chord_ordered',
 })
 
+#: The most seconds an option may give (about 31 years): its milliseconds fit every
+#: Redis argument (``PX``, ``BLOCK``, ``WAIT``) and a socket timeout.
+MAX_SECONDS = 1e9
+#: The largest whole number an option may give: Redis' (a signed 64-bit integer).
+MAX_WHOLE = 2 ** 63 - 1
+
+#: A check: ``check(name, value)`` returns the value to keep, or raises ConfigurationError.
+Check = Callable[[str, Any], Any]
+
+
+# -- the checks (declared with each field of Options below) ---------------------------------
+
+def _refused(name: str, expected: str, value: Any) -> ConfigurationError:
+    return ConfigurationError('transport option %s must be %s, not %r' % (name, expected, value))
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float; None for no number, a bool, NaN or an infinity."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _whole(value: Any) -> int | None:
+    """``value`` as an int (an int, a float with no fraction, a string of one); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _seconds(name: str, value: Any) -> float:
+    """A positive number of seconds."""
+    number = _finite(value)
+    if number is None or number <= 0:
+        raise _refused(name, 'a positive number of seconds', value)
+    if number > MAX_SECONDS:
+        raise _refused(name, 'a number of seconds up to %d' % MAX_SECONDS, value)
+    return number
+
+
+def _seconds_or_zero(name: str, value: Any) -> float:
+    """A number of seconds, 0 or more."""
+    number = _finite(value)
+    if number is None or number < 0:
+        raise _refused(name, 'a number of seconds, 0 or more', value)
+    if number > MAX_SECONDS:
+        raise _refused(name, 'a number of seconds up to %d' % MAX_SECONDS, value)
+    return number
+
+
+def _positive_count(name: str, value: Any) -> int:
+    """A whole number, 1 or more."""
+    number = _whole(value)
+    if number is None or number <= 0:
+        raise _refused(name, 'a positive number (an integer)', value)
+    if number > MAX_WHOLE:
+        raise _refused(name, 'an integer up to 2**63-1', value)
+    return number
+
+
+def _count(name: str, value: Any) -> int:
+    """A whole number, 0 or more."""
+    number = _whole(value)
+    if number is None or number < 0:
+        raise _refused(name, 'a whole number, 0 or more', value)
+    if number > MAX_WHOLE:
+        raise _refused(name, 'a whole number up to 2**63-1', value)
+    return number
+
+
+_TRUE = ('true', 'yes', 'on', '1')
+_FALSE = ('false', 'no', 'off', '0')
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A boolean option: a bool, or a string of Celery's configuration (``'false'``, ``'0'``...)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise _refused(name, 'true or false', value)
+
+
+def _text(name: str, value: Any) -> str:
+    """Any string, empty included."""
+    if not isinstance(value, str):
+        raise _refused(name, 'a string', value)
+    return value
+
+
+def _named(expected: str) -> Check:
+    """A check of a non-empty string, described as ``expected``."""
+    def check(name: str, value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise _refused(name, expected, value)
+        return value
+    return check
+
+
+def _one_of(*allowed: str) -> Check:
+    def check(name: str, value: Any) -> str:
+        if value not in allowed:
+            raise _refused(name, 'one of %s' % ', '.join(allowed), value)
+        return value
+    return check
+
+
+def _dict(expected: str) -> Check:
+    """A check of a mapping (kept as a dict of its own), described as ``expected``."""
+    def check(name: str, value: Any) -> dict:
+        if not isinstance(value, Mapping):
+            raise _refused(name, expected, value)
+        return dict(value)
+    return check
+
+
+def _priority_steps(name: str, value: Any) -> tuple:
+    """Priority buckets: numbers from 0 to 9, 0 among them; kept sorted, once each."""
+    try:
+        steps = tuple(sorted({_strict_int(step) for step in value}))
+    except (TypeError, ValueError):
+        steps = ()
+    if not steps or steps[0] != 0 or steps[-1] > 9:
+        raise _refused(name, 'numbers from 0 to 9 starting at 0', value)
+    return steps
+
+
+def _strict_int(step: Any) -> int:
+    number = _whole(step)
+    if number is None:
+        raise ValueError(step)
+    return number
+
+
+def _option(default: Any, check: Check) -> Any:
+    """A field of :class:`Options` whose given value ``check(name, value)`` checks and converts."""
+    return field(default=default, metadata={'check': check})
+
+
+# -- the options ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Options:
-    global_keyprefix: str = ''
-    consumer_group: str = 'celery'
-    polling_interval: float = 1.0
-    visibility_timeout: float = 300.0
-    max_deliveries: int = 10
-    dead_letter_maxlen: int = 10000
-    fanout_maxlen: int = 1000
-    max_connections: int = 10
-    socket_timeout: float | None = None
-    socket_connect_timeout: float | None = None
-    socket_keepalive: bool | None = None
-    socket_keepalive_options: dict | None = None
-    health_check_interval: float = 25
-    retry_on_timeout: bool | None = None
-    client_name: str | None = None
-    queue_order_strategy: str = 'round_robin'
-    priority_steps: tuple = DEFAULT_PRIORITY_STEPS
-    priority_semantics: str = 'kombu'
-    delayed_delivery: bool = True
-    delayed_delivery_threshold: float = 1.0
-    master_name: str | None = None
-    sentinel_kwargs: dict | None = None
-    min_other_sentinels: int | None = None
-    publish_wait_replicas: int = 0
-    publish_wait_timeout: float = 1.0
-    publish_confirm: str = 'now'
+    global_keyprefix: str = _option('', _text)
+    consumer_group: str = _option('celery', _named('a non-empty string'))
+    polling_interval: float = _option(1.0, _seconds)
+    visibility_timeout: float = _option(300.0, _seconds)
+    max_deliveries: int = _option(10, _positive_count)
+    dead_letter_maxlen: int = _option(10000, _positive_count)
+    fanout_maxlen: int = _option(1000, _positive_count)
+    max_connections: int = _option(10, _positive_count)
+    socket_timeout: float | None = _option(None, _seconds)
+    socket_connect_timeout: float | None = _option(None, _seconds)
+    socket_keepalive: bool | None = _option(None, _flag)
+    socket_keepalive_options: dict | None = _option(None, _dict('a dict of TCP keepalive options'))
+    health_check_interval: float = _option(25, _seconds_or_zero)
+    retry_on_timeout: bool | None = _option(None, _flag)
+    client_name: str | None = _option(None, _text)
+    queue_order_strategy: str = _option('round_robin', _one_of('round_robin', 'sorted', 'priority'))
+    priority_steps: tuple = _option(DEFAULT_PRIORITY_STEPS, _priority_steps)
+    priority_semantics: str = _option('kombu', _one_of('kombu', 'rabbitmq'))
+    delayed_delivery: bool = _option(True, _flag)
+    delayed_delivery_threshold: float = _option(1.0, _seconds_or_zero)
+    master_name: str | None = _option(None, _named('the name the Sentinels monitor (a non-empty string)'))
+    sentinel_kwargs: dict | None = _option(None, _dict(
+        "a dict of redis-py connection arguments (as {'password': ...})"))
+    min_other_sentinels: int | None = _option(None, _count)
+    publish_wait_replicas: int = _option(0, _count)
+    publish_wait_timeout: float = _option(1.0, _seconds)
+    publish_confirm: str = _option('now', _one_of('now', 'later'))
     ignored: tuple = field(default=(), compare=False)
 
     @classmethod
     def from_transport_options(cls, transport_options: Mapping[str, Any] | None) -> Options:
-        """Parse kombu's ``transport_options``; raise one line on a name nobody knows."""
+        """Parse kombu's ``transport_options``; raise one line on a value or name that cannot work."""
         given = dict(transport_options or {})
-        ours = {f.name: f for f in fields(cls) if f.name != 'ignored'}
-        unknown = sorted(k for k in given if k not in ours and k not in IGNORED and k not in KOMBU_OWN)
-        if unknown:
-            known = sorted(ours)
-            hints = ['%r (did you mean %r?)' % (name, close[0]) if close else repr(name)
-                     for name in unknown
-                     for close in [get_close_matches(str(name), known, n=1, cutoff=0.75)]]
-            raise ConfigurationError(
-                'unknown transport option(s) %s for celery_streams; known: %s'
-                % (', '.join(hints), ', '.join(known)))
-        values = {k: given[k] for k in ours if k in given}
-        for name in ('polling_interval', 'visibility_timeout'):
-            if name in values:
-                values[name] = _positive(name, values[name], float)
-        for name in ('max_deliveries', 'dead_letter_maxlen', 'fanout_maxlen', 'max_connections'):
-            if name in values:
-                values[name] = _positive(name, values[name], int)
-        if 'delayed_delivery' in values:
-            values['delayed_delivery'] = _flag('delayed_delivery', values['delayed_delivery'])
-        if 'delayed_delivery_threshold' in values:
-            values['delayed_delivery_threshold'] = _not_negative(
-                'delayed_delivery_threshold', values['delayed_delivery_threshold'])
-        for name in ('min_other_sentinels', 'publish_wait_replicas'):
-            if name in values:
-                values[name] = _count(name, values[name])
-        if 'publish_wait_timeout' in values:
-            values['publish_wait_timeout'] = _positive('publish_wait_timeout',
-                                                       values['publish_wait_timeout'], float)
-        if 'master_name' in values and (not isinstance(values['master_name'], str)
-                                        or not values['master_name']):
-            raise ConfigurationError('transport option master_name must be the name the '
-                                     'Sentinels monitor (a non-empty string), not %r'
-                                     % (values['master_name'],))
-        if values.get('sentinel_kwargs') is not None:
-            if not isinstance(values['sentinel_kwargs'], Mapping):
-                raise ConfigurationError(
-                    'transport option sentinel_kwargs must be a dict of redis-py connection '
-                    "arguments (as {'password': ...}), not %r" % (values['sentinel_kwargs'],))
-            values['sentinel_kwargs'] = dict(values['sentinel_kwargs'])
-        if not isinstance(values.get('consumer_group', 'x'), str) or not values.get('consumer_group', 'x'):
-            raise ConfigurationError('transport option consumer_group must be a non-empty string')
-        _choice('queue_order_strategy', values, ('round_robin', 'sorted', 'priority'))
-        _choice('priority_semantics', values, ('kombu', 'rabbitmq'))
-        _choice('publish_confirm', values, ('now', 'later'))
+        ours = [f for f in fields(cls) if 'check' in f.metadata]
+        _refuse_unknown(given, sorted(f.name for f in ours))
+        values: dict[str, Any] = {f.name: _checked(f, given[f.name]) for f in ours if f.name in given}
         if values.get('publish_confirm') == 'later' and values.get('publish_wait_replicas'):
             raise ConfigurationError(
                 "transport option publish_wait_replicas needs publish_confirm='now': a publish "
                 'confirmed later does not wait for replicas either')
-        if 'priority_steps' in values:
-            try:
-                steps = tuple(sorted({int(step) for step in values['priority_steps']}))
-            except (TypeError, ValueError):
-                steps = ()
-            if not steps or steps[0] != 0 or steps[-1] > 9:
-                raise ConfigurationError(
-                    'transport option priority_steps must be numbers from 0 to 9 starting at 0, '
-                    'not %r' % (values['priority_steps'],))
-            values['priority_steps'] = steps
-        ignored = tuple(sorted(k for k in given if k in IGNORED))
-        return cls(ignored=ignored, **values)
+        return cls(ignored=tuple(sorted(k for k in given if k in IGNORED)), **values)
+
+    # -- derived values: computed here, once, for every module that needs them -------------
+
+    @property
+    def visibility_ms(self) -> int:
+        """``visibility_timeout`` in ms, at least 1 (``PX 0`` is an error): the liveness keys' expiry."""
+        return max(1, int(self.visibility_timeout * 1000))
+
+    @property
+    def renew_every(self) -> float:
+        """Seconds between renewals of the liveness keys: a third of visibility_timeout, 0.2-60."""
+        return min(max(self.visibility_timeout / 3, 0.2), 60.0)
+
+    @property
+    def reclaim_every(self) -> float:
+        """Seconds between takeovers of dead consumers' messages: a quarter of it, 0.5-60."""
+        return min(max(self.visibility_timeout / 4, 0.5), 60.0)
+
+    @property
+    def healed_mark_ms(self) -> int:
+        """How long (ms) a healed stream's mark lasts: until what was in flight is taken over."""
+        return self.visibility_ms
+
+    @property
+    def orphan_expiry_ms(self) -> int:
+        """Expiry (ms) of an auto-delete broadcast queue its consumers renew: visibility, >= 10 s."""
+        return int(max(self.visibility_timeout, 10.0) * 1000)
+
+    @property
+    def idle_consumer_ms(self) -> int:
+        """A consumer with no liveness key that read within this many ms lives (2 polls + 5 s)."""
+        return int((2 * self.polling_interval + 5) * 1000)
+
+    @property
+    def block_ms(self) -> int:
+        """The ``BLOCK`` of a read, ``polling_interval`` in ms; at least 1 (``BLOCK 0`` waits forever)."""
+        return max(1, int(self.polling_interval * 1000))
+
+    @property
+    def bucket_order(self) -> tuple:
+        """Priority buckets in reading order: highest step first under ``rabbitmq`` semantics."""
+        steps = self.priority_steps
+        return steps[::-1] if self.priority_semantics == 'rabbitmq' else steps
+
+    @property
+    def publish_wait_ms(self) -> int:
+        """The timeout of ``WAIT`` behind a publish, ``publish_wait_timeout`` in ms; at least 1."""
+        return max(1, round(self.publish_wait_timeout * 1000))
+
+    @property
+    def delayed_delivery_threshold_ms(self) -> float:
+        """``delayed_delivery_threshold`` in ms: an ETA further ahead than this is scheduled."""
+        return self.delayed_delivery_threshold * 1000
 
     @property
     def sentinel_options(self) -> list[str]:
@@ -218,52 +383,21 @@ class Options:
                 ', '.join(self.ignored))
 
 
-def _choice(name, values, allowed):
-    if name in values and values[name] not in allowed:
-        raise ConfigurationError('transport option %s must be one of %s, not %r'
-                                 % (name, ', '.join(allowed), values[name]))
+def _checked(option: Field, value: Any) -> Any:
+    """``value`` as ``option`` keeps it; None stays None where None is the default (not set)."""
+    if value is None and option.default is None:
+        return None
+    return option.metadata['check'](option.name, value)
 
 
-def _positive(name, value, kind):
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        number = None
-    if number is None or number <= 0:
+def _refuse_unknown(given: Mapping[str, Any], known: list[str]) -> None:
+    """Raise one line naming every option nobody knows, with the closest known name."""
+    unknown = sorted((k for k in given if k not in known and k not in IGNORED and k not in KOMBU_OWN),
+                     key=str)
+    if unknown:
+        hints = ['%r (did you mean %r?)' % (name, close[0]) if close else repr(name)
+                 for name in unknown
+                 for close in [get_close_matches(str(name), known, n=1, cutoff=0.75)]]
         raise ConfigurationError(
-            'transport option %s must be a positive number, not %r' % (name, value))
-    return number
-
-
-def _count(name, value):
-    """A whole number, 0 or more."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
-        raise ConfigurationError(
-            'transport option %s must be a whole number, 0 or more, not %r' % (name, value))
-    return int(value)
-
-
-def _flag(name, value):
-    """A boolean option: a bool, or a string of Celery's configuration (``'false'``, ``'0'``...)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ConfigurationError('transport option %s must be true or false, not %r' % (name, value))
-
-
-_TRUE = ('true', 'yes', 'on', '1')
-_FALSE = ('false', 'no', 'off', '0')
-
-
-def _not_negative(name, value):
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = None
-    if number is None or number < 0 or number != number or isinstance(value, bool):
-        raise ConfigurationError(
-            'transport option %s must be a number of seconds, 0 or more, not %r' % (name, value))
-    return number
+            'unknown transport option(s) %s for celery_streams; known: %s'
+            % (', '.join(hints), ', '.join(known)))
