@@ -49,7 +49,7 @@ Clients may be made with ``decode_responses`` on or off (RESP2). Every
 function also takes a redis-py ``RedisCluster`` (``client_from_url`` gives one
 for a ``redis-streams+cluster://`` URL): ``SCAN`` covers every primary and
 each queue's commands go to the node owning its slot (see
-:mod:`celery_streams.cluster`).
+:mod:`celery_streams.slots`).
 """
 from __future__ import annotations
 
@@ -57,9 +57,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Mapping
 
-import redis
-
-from .cluster import node_client
+from .slots import Client, node_client
 from .connection import client_from_url, first_url, safe_url  # noqa: F401  (public here)
 from . import deadletters
 from .deadletters import (DeadLetter, DeadLetterQueue, PurgedDeadLetters,  # noqa: F401
@@ -117,7 +115,7 @@ class DrainedQueue:
     scheduled_until: int | None = None
 
 
-def drain(client: redis.Redis, *, global_keyprefix: str = '', queues: Iterable[str] | None = None,
+def drain(client: Client, *, global_keyprefix: str = '', queues: Iterable[str] | None = None,
           include_broadcast: bool = False, dead_letters: bool = False,
           keep_scheduled: bool = False, dry_run: bool = False,
           progress: Progress | None = None) -> list[DrainedQueue]:
@@ -139,7 +137,7 @@ def drain(client: redis.Redis, *, global_keyprefix: str = '', queues: Iterable[s
                                             progress=progress)
 
 
-def plan_drain_queue(client: redis.Redis, keys: Keys, queue: str, *, kind: str | None = None,
+def plan_drain_queue(client: Client, keys: Keys, queue: str, *, kind: str | None = None,
                      streams: list[str] | None = None, dead_letters: bool = False,
                      scheduled: bool = True) -> DrainedQueue:
     """What draining the ``streams`` of one queue (default: every bucket) would remove now.
@@ -166,7 +164,7 @@ def plan_drain_queue(client: redis.Redis, keys: Keys, queue: str, *, kind: str |
     return planned
 
 
-def apply_drain(client: redis.Redis, plan: list[DrainedQueue], *, global_keyprefix: str = '',
+def apply_drain(client: Client, plan: list[DrainedQueue], *, global_keyprefix: str = '',
                 progress: Progress | None = None) -> list[DrainedQueue]:
     """Drain exactly what ``plan`` (a dry run's result) covers; returns what was removed.
 
@@ -230,7 +228,7 @@ class NukeResult:
         return self.streams + self.other_keys
 
 
-def nuke(client: redis.Redis, *, global_keyprefix: str = '', keep_dead_letters: bool = False,
+def nuke(client: Client, *, global_keyprefix: str = '', keep_dead_letters: bool = False,
          dry_run: bool = False, progress: Progress | None = None) -> NukeResult:
     """Destroy every consumer group, then delete every key under the prefix.
 
@@ -267,7 +265,7 @@ def nuke(client: redis.Redis, *, global_keyprefix: str = '', keep_dead_letters: 
                                            progress=progress)
 
 
-def apply_nuke(client: redis.Redis, plan: NukeResult, *, global_keyprefix: str = '',
+def apply_nuke(client: Client, plan: NukeResult, *, global_keyprefix: str = '',
                progress: Progress | None = None) -> NukeResult:
     """Destroy exactly the groups and delete exactly the keys of ``plan``.
 
@@ -359,7 +357,7 @@ class Status:
         return asdict(self)
 
 
-def status(client: redis.Redis, *, global_keyprefix: str = '', consumer_group: str = 'celery',
+def status(client: Client, *, global_keyprefix: str = '', consumer_group: str = 'celery',
            queues: Iterable[str] | None = None) -> Status:
     """Describe the queues under the prefix (all of them, or those of ``queues``)."""
     inventory = Inventory(client, Keys(global_keyprefix))
@@ -373,13 +371,13 @@ def status(client: redis.Redis, *, global_keyprefix: str = '', consumer_group: s
                           for queue in names])
 
 
-def server_version(client: redis.Redis) -> dict:
+def server_version(client: Client) -> dict:
     info = client.info('server')
     flavor = 'valkey' if 'valkey_version' in info else 'redis'
     return {'flavor': flavor, 'version': str(info.get('valkey_version') or info['redis_version'])}
 
 
-def queue_status(client: redis.Redis, inventory: Inventory, queue: str, consumer_group: str,
+def queue_status(client: Client, inventory: Inventory, queue: str, consumer_group: str,
                  now_ms: int) -> QueueStatus:
     kind = inventory.kind(queue)
     found = inventory.queue_keys(queue)
@@ -422,7 +420,7 @@ def queue_status(client: redis.Redis, inventory: Inventory, queue: str, consumer
         next_due_in=next_due_in)
 
 
-def group_status(client: redis.Redis, stream: str, bucket: int, group: Mapping,
+def group_status(client: Client, stream: str, bucket: int, group: Mapping,
                  alive: set | None, now_ms: int) -> GroupStatus:
     """``alive``: the consumers with a liveness key, None where consumers keep none (broadcast)."""
     name = group['name']
@@ -460,7 +458,7 @@ class ScheduledQueue:
         return asdict(self)
 
 
-def scheduled(client: redis.Redis, *, global_keyprefix: str = '', queues: Iterable[str] | None = None,
+def scheduled(client: Client, *, global_keyprefix: str = '', queues: Iterable[str] | None = None,
               limit: int | None = 10) -> list[ScheduledQueue]:
     """The next ``limit`` scheduled messages (all: None or 0) of each queue, in due order.
 

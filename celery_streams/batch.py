@@ -45,7 +45,7 @@ class PublishBatch:
         self._check_usable()
         if not self._buffered:
             return
-        router = self.channel.router
+        publisher = self.channel.publisher
         commands, callbacks = self._commands, self._on_replies
 
         def dispatch(replies):
@@ -55,7 +55,7 @@ class PublishBatch:
         self.discard()
         try:
             # WAIT behind the whole batch when confirmed by replicas.
-            router.run(commands, on_replies=dispatch if callbacks else None)
+            publisher.run(commands, on_replies=dispatch if callbacks else None)
         except Exception as exc:
             self._failed = exc
             raise BatchPublishError('%s of a publish batch of %d commands failed, delivery is '

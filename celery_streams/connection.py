@@ -41,7 +41,7 @@ or one node per ``;``-separated URL. The credentials, the TLS settings and the
 must be 0 (a cluster has no other). :func:`client_from_url` gives a redis-py
 ``RedisCluster`` for it, which learns the other nodes from the seeds, follows
 ``MOVED`` / ``ASK`` and re-reads the topology after a failover. Workers, publishers and the
-operator commands all take such a URL (see :mod:`celery_streams.cluster`).
+operator commands all take such a URL (see :mod:`celery_streams.slots`).
 """
 from __future__ import annotations
 
@@ -55,10 +55,10 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
-from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 
 from .errors import ConfigurationError, one_line
 from .options import Options
+from .sentinel import SentinelPool, Sentinels, sentinel_arguments
 
 #: The name kombu's ``broker_transport`` setting gives this transport.
 TRANSPORT_PATH = 'celery_streams.transport:Transport'
@@ -78,9 +78,6 @@ DEFAULT_SENTINEL_PORT = 26379
 DEFAULT_HOST = '127.0.0.1'
 #: Seconds an operator command waits for a TCP connection when the options do not say.
 DEFAULT_CONNECT_TIMEOUT = 10.0
-#: Seconds a question to one Sentinel may take (connect, reply) unless ``sentinel_kwargs``
-#: or the socket options say otherwise: a silent Sentinel must not hold up the others.
-SENTINEL_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -301,82 +298,8 @@ _REFUSED_CREDENTIALS = ('username-password', 'WRONGPASS', 'NOAUTH', 'must be cal
                         'already authenticated', 'Authentication required')
 
 
-class Sentinels(Sentinel):
-    """redis-py's Sentinel client, whose "no master" error is one short line."""
-
-    def discover_master(self, service_name):
-        try:
-            return super().discover_master(service_name)
-        except MasterNotFoundError:
-            where = ','.join('{host}:{port}'.format_map(s.connection_pool.connection_kwargs)
-                             for s in self.sentinels)
-            raise MasterNotFoundError(
-                'no master %r from the Sentinels at %s: none answered, or none knows a healthy '
-                'master by that name' % (service_name, where)) from None
-
-
-class SentinelPool(SentinelConnectionPool):
-    """redis-py's pool to the master Sentinels name; closing it closes the Sentinel connections too.
-
-    :attr:`moves` counts the times the master moved: redis-py drops only the
-    idle connections then, so the ones held outside the pool (a channel's
-    publish line, its ack pipe, its reader) compare it and reconnect.
-    """
-
-    moves = 0
-    #: A pool whose last known master this one connects to (see :meth:`Address.pool`).
-    leader = None
-
-    def get_master_address(self):
-        if self.leader is not None:
-            return self.leader.master_address or self.leader.get_master_address()
-        before = self.master_address
-        address = super().get_master_address()
-        if before is not None and address != before:
-            self.moves += 1
-        return address
-
-    def disconnect(self, inuse_connections: bool = True) -> None:
-        super().disconnect(inuse_connections)
-        if inuse_connections:   # the pool is closed (redis-py only drops idle ones on a failover)
-            for sentinel in self.sentinel_manager.sentinels:
-                sentinel.close()
-
-
-def sentinel_arguments(pool_arguments: Mapping[str, Any], given: Mapping[str, Any] | None) -> dict:
-    """redis-py arguments of the connections to the Sentinels: ``sentinel_kwargs`` over the
-    socket options of the broker connection, with :data:`SENTINEL_TIMEOUT` and no retries."""
-    arguments = {k: v for k, v in pool_arguments.items() if k.startswith('socket_')}
-    arguments.setdefault('socket_timeout', SENTINEL_TIMEOUT)
-    arguments.setdefault('socket_connect_timeout', SENTINEL_TIMEOUT)
-    arguments['retry'] = Retry(NoBackoff(), 0)   # one Sentinel down: ask the next one at once
-    arguments.update(given or {})
-    return arguments
-
-
-def follow_master(pool) -> bool:
-    """Ask the Sentinels where the master is now (a no-op without Sentinel); True if it moved.
-
-    When it moved, redis-py drops the idle connections to the old one, so
-    the next command goes to the new master; held ones follow :func:`moves`.
-    """
-    if isinstance(pool, SentinelConnectionPool):
-        before = moves(pool)
-        try:
-            pool.get_master_address()
-        except redis.ConnectionError:
-            return False
-        return moves(pool) != before
-    return False
-
-
-def moves(pool) -> int:
-    """How many times the master of ``pool`` moved (always 0 without Sentinel)."""
-    return getattr(pool, 'moves', 0)
-
-
 def client_from_url(url: Any, *, ssl: Any = None,
-                    transport_options: Mapping[str, Any] | None = None) -> redis.Redis:
+                    transport_options: Mapping[str, Any] | None = None) -> redis.Redis | RedisCluster:
     """A client for an operator command: text replies, no retries, a connect timeout.
 
     ``url`` may be Celery's ``broker_url`` as it is (``a;b`` or a list): see

@@ -22,10 +22,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-import redis
 from kombu.utils.json import loads
 
-from .cluster import by_node
+from .slots import Client, by_node
 from .errors import StreamsError
 from .inventory import Inventory, age_seconds, last_entry_id, server_now_ms
 from .keys import Keys
@@ -54,7 +53,7 @@ def record(queue: str, stream: str, entry_id: str, fields: Mapping[str, Any], re
     return entry
 
 
-def write(client: redis.Redis, keys: Keys, group: str, queue: str, bucket: int, entry_id: str,
+def write(client: Client, keys: Keys, group: str, queue: str, bucket: int, entry_id: str,
           fields: Mapping[str, Any], reason: str, *, maxlen: int, noack: bool = False) -> None:
     """Move one entry of a queue stream to the queue's dead letters, atomically.
 
@@ -137,7 +136,7 @@ class PurgedDeadLetters:
     until: str = '+'                 # the last dead letter the plan covers
 
 
-def dead_letter_queues(client: redis.Redis, keys: Keys, queues: Iterable[str] | None = None) -> list[str]:
+def dead_letter_queues(client: Client, keys: Keys, queues: Iterable[str] | None = None) -> list[str]:
     """The queues a dead-letter command works on.
 
     Without ``queues``: every queue with a dead-letter stream (``SCAN``). With
@@ -148,7 +147,7 @@ def dead_letter_queues(client: redis.Redis, keys: Keys, queues: Iterable[str] | 
     return inventory.check_known(queues) if queues else inventory.with_dead_letters()
 
 
-def dead_letters(client: redis.Redis, *, global_keyprefix: str = '',
+def dead_letters(client: Client, *, global_keyprefix: str = '',
                  queues: Iterable[str] | None = None, limit: int | None = None) -> list[DeadLetterQueue]:
     """The dead letters of ``queues`` (default: every queue that has some), oldest first.
 
@@ -167,7 +166,7 @@ def dead_letters(client: redis.Redis, *, global_keyprefix: str = '',
     return result
 
 
-def requeue_dead_letters(client: redis.Redis, *, global_keyprefix: str = '',
+def requeue_dead_letters(client: Client, *, global_keyprefix: str = '',
                          queues: Iterable[str] | None = None, ids: Iterable[str] | None = None,
                          dry_run: bool = False) -> list[RequeuedDeadLetter]:
     """Move dead letters back to the stream they came from, without their delivery count.
@@ -194,7 +193,7 @@ def requeue_dead_letters(client: redis.Redis, *, global_keyprefix: str = '',
     return plan if dry_run else apply_requeue(client, plan, global_keyprefix=global_keyprefix)
 
 
-def apply_requeue(client: redis.Redis, plan: list[RequeuedDeadLetter], *,
+def apply_requeue(client: Client, plan: list[RequeuedDeadLetter], *,
                   global_keyprefix: str = '') -> list[RequeuedDeadLetter]:
     """Requeue the dead letters of a dry run's ``plan``: exactly those, none dead-lettered since.
 
@@ -223,7 +222,7 @@ def apply_requeue(client: redis.Redis, plan: list[RequeuedDeadLetter], *,
     return plan
 
 
-def purge_dead_letters(client: redis.Redis, *, global_keyprefix: str = '',
+def purge_dead_letters(client: Client, *, global_keyprefix: str = '',
                        queues: Iterable[str] | None = None, dry_run: bool = False,
                        progress: Callable[[int], None] | None = None) -> list[PurgedDeadLetters]:
     """Delete the dead letters of ``queues`` (default: every queue that has some).
@@ -242,7 +241,7 @@ def purge_dead_letters(client: redis.Redis, *, global_keyprefix: str = '',
     return plan if dry_run else apply_purge(client, plan, progress=progress)
 
 
-def apply_purge(client: redis.Redis, plan: list[PurgedDeadLetters], *,
+def apply_purge(client: Client, plan: list[PurgedDeadLetters], *,
                 progress: Callable[[int], None] | None = None) -> list[PurgedDeadLetters]:
     """Delete exactly the dead letters of ``plan``; returns what was removed.
 
@@ -271,9 +270,10 @@ def requeue_target(keys: Keys, queue: str, source_stream: str | None) -> tuple[s
     ``fallback`` True. Never another queue's key, so one script call stays in
     one hash slot.
     """
-    parsed = keys.parse(source_stream) if source_stream else None
-    if parsed is not None and parsed.queue == queue and parsed.role == 'stream':
-        return source_stream, False
+    if source_stream:
+        parsed = keys.parse(source_stream)
+        if parsed is not None and parsed.queue == queue and parsed.role == 'stream':
+            return source_stream, False
     return keys.stream(queue), True
 
 
@@ -326,7 +326,7 @@ class DeadLetterDetail:
                 'args': self.args, 'kwargs': self.kwargs}
 
 
-def show_dead_letter(client: redis.Redis, *, global_keyprefix: str = '', id: str,
+def show_dead_letter(client: Client, *, global_keyprefix: str = '', id: str,
                      queues: Iterable[str] | None = None) -> DeadLetterDetail:
     """The dead letter ``id`` (among ``queues``, default every queue with dead letters), decoded."""
     keys = Keys(global_keyprefix)
@@ -363,7 +363,7 @@ def _decoded_body(envelope: Mapping, properties: Mapping) -> Any:
         return None
 
 
-def _select_dead_letters(client: redis.Redis, keys: Keys, queues: list[str],
+def _select_dead_letters(client: Client, keys: Keys, queues: list[str],
                          ids: Iterable[str] | None) -> list[tuple[str, str, dict]]:
     """``(queue, dead-letter id, raw fields)`` of the selected dead letters, in stream order."""
     if not ids:
@@ -390,7 +390,7 @@ def _select_dead_letters(client: redis.Redis, keys: Keys, queues: list[str],
     return found
 
 
-def _read_entries(client: redis.Redis, stream: str, limit: int | None = None) -> list[tuple[str, dict]]:
+def _read_entries(client: Client, stream: str, limit: int | None = None) -> list[tuple[str, dict]]:
     """The entries of ``stream``, oldest first, at most ``limit``, read in pages."""
     entries: list[tuple[str, dict]] = []
     start = '-'
@@ -405,7 +405,7 @@ def _read_entries(client: redis.Redis, stream: str, limit: int | None = None) ->
     return entries
 
 
-def _xrange(client: redis.Redis, stream: str, start: str, end: str,
+def _xrange(client: Client, stream: str, start: str, end: str,
             count: int | None = None) -> list[tuple[str, dict]]:
     """XRANGE without decoding the fields: a payload need not be UTF-8."""
     args = ['XRANGE', stream, start, end] + (['COUNT', count] if count else [])

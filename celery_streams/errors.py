@@ -82,7 +82,7 @@ def is_busy_group(error: Exception) -> bool:
     return str(error).startswith('BUSYGROUP')
 
 
-def translate_write_error(error: redis_errors.ResponseError) -> Exception:
+def translate_write_error(error: Exception) -> Exception:
     """Turn a refused write into an error a user can act on."""
     if isinstance(error, redis_errors.OutOfMemoryError) or str(error).startswith('OOM'):
         return OutOfMemory(

@@ -40,6 +40,7 @@ import redis
 from . import admin
 from .errors import one_line
 from .keys import FANOUT
+from .slots import Client
 
 CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8'
 DEFAULT_INTERVAL = 5.0
@@ -193,7 +194,7 @@ class Exporter:
     scrapes wait for one collection.
     """
 
-    def __init__(self, client: redis.Redis, *, global_keyprefix: str = '',
+    def __init__(self, client: Client, *, global_keyprefix: str = '',
                  consumer_group: str = 'celery', interval: float = DEFAULT_INTERVAL,
                  describe: Callable[[BaseException], str] = one_line,
                  on_change: Callable[[str | None], None] | None = None):

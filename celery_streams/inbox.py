@@ -18,7 +18,7 @@ from kombu.utils.json import loads
 
 from . import deadletters
 from .errors import one_line
-from .hooks import worker_shutting_down
+from .worker_state import worker_shutting_down
 from .qos import make_tag
 from .wire import text
 
@@ -29,12 +29,24 @@ ACK_DELAY = 0.005
 
 
 class Inbox:
-    """The messages one channel read and has not handed over yet."""
+    """The messages one channel read and has not handed over yet.
 
-    def __init__(self, channel):
-        self.channel = channel
-        self.queues = channel.queues
-        self.keys = channel.keys
+    Its collaborators: the queue table (what a queue is: no-ack, broadcast,
+    message TTL, healed marks), the ``client`` settling and dead-lettering
+    entries, ``clock()`` (now, in ms by the server's clock) and
+    ``decode_body`` (kombu's, to refuse a body kombu could not decode later).
+    """
+
+    def __init__(self, *, keys, queues, options, consumer: str, client, clock, decode_body):
+        self.keys = keys
+        self.queues = queues
+        self.group = options.consumer_group
+        self.max_deliveries = options.max_deliveries
+        self.dead_letter_maxlen = options.dead_letter_maxlen
+        self.consumer = consumer
+        self.client = client
+        self.clock = clock
+        self.decode_body = decode_body
         self.buffer: deque = deque()   # (queue, payload)
 
     def __bool__(self) -> bool:
@@ -89,7 +101,6 @@ class Inbox:
         same message (requeues, restores). Whatever its bytes, an entry is
         either returned as a message kombu can build, or dead-lettered.
         """
-        channel = self.channel
         raw = dict(fields or {})
         try:
             fields = {_field_name(k): v for k, v in raw.items()}
@@ -101,7 +112,7 @@ class Inbox:
         properties = payload['properties']
         delivery_info = properties.setdefault('delivery_info', {})
         delivered = deliveries + times_in_pel
-        max_deliveries = channel.options.max_deliveries
+        max_deliveries = self.max_deliveries
         if delivered > max_deliveries and not noack:
             self.dead_letter(queue, bucket, entry_id, raw,
                              'delivered %d times, more than max_deliveries=%d'
@@ -110,7 +121,7 @@ class Inbox:
         if self._expired(queue, entry_id, payload, deadline):
             self.settle_noack([(queue, bucket, entry_id)], noack)   # expired: dropped, as AMQP does
             return None
-        properties['delivery_tag'] = make_tag(entry_id, channel.consumer_name, queue, bucket)
+        properties['delivery_tag'] = make_tag(entry_id, self.consumer, queue, bucket)
         if (delivered > 1 or fields.get('redelivered')
                 or self.queues.healed_before(self.keys.stream(queue, bucket), entry_id)):
             delivery_info['redelivered'] = True
@@ -128,7 +139,7 @@ class Inbox:
             raise ValueError('headers are not a mapping')
         body = payload.get('body')
         if body:   # what kombu's Message does with it, so that cannot fail later
-            self.channel.decode_body(body, properties.get('body_encoding'))
+            self.decode_body(body, properties.get('body_encoding'))
         deliveries = int(fields.get('deliveries') or 0)
         deadline = payload.get('x-deadline')
         if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))):
@@ -142,7 +153,7 @@ class Inbox:
         worker that receives it marks it REVOKED, so its result does not wait
         for ever.
         """
-        now_ms = self.channel.server_time_ms()
+        now_ms = self.clock()
         record = self.queues.get(queue)
         if record is not None and record.message_ttl is not None:
             if now_ms - int(entry_id.split('-', 1)[0]) > record.message_ttl:
@@ -150,29 +161,27 @@ class Inbox:
         return bool(deadline) and now_ms > deadline and not _is_celery_task(payload)
 
     def dead_letter(self, queue, bucket, entry_id, fields, reason, noack=False) -> None:
-        channel = self.channel
-        deadletters.write(channel.pool_client, self.keys, channel.group, queue, bucket, entry_id,
-                          fields, reason, maxlen=channel.options.dead_letter_maxlen, noack=noack)
+        deadletters.write(self.client, self.keys, self.group, queue, bucket, entry_id,
+                          fields, reason, maxlen=self.dead_letter_maxlen, noack=noack)
 
     def settle_noack(self, settled, noack) -> None:
         """Ack (unless read with NOACK) and delete entries of no-ack consumers."""
-        channel = self.channel
-        with channel.pool_client.pipeline(transaction=False) as pipe:
+        with self.client.pipeline(transaction=False) as pipe:
             for queue, bucket, entry_id in settled:
                 key = self.keys.stream(queue, bucket)
                 if not noack:
-                    pipe.xack(key, channel.group, entry_id)
+                    pipe.xack(key, self.group, entry_id)
                 if not self.queues.is_broadcast(queue):
                     pipe.xdel(key, entry_id)
             pipe.execute()
 
     # -- handing over -----------------------------------------------------------
 
-    def deliver(self, limit=None) -> bool:
-        """Hand buffered messages to their consumers while the QoS allows. True if any."""
-        channel = self.channel
+    def deliver(self, qos, deliver, limit=None) -> bool:
+        """Hand buffered messages to their consumers (``deliver(payload, queue)``: kombu's)
+        while ``qos`` allows. True if any."""
         delivered, first_error, started = 0, None, monotonic()
-        buffer, qos = self.buffer, channel.qos
+        buffer = self.buffer
         while buffer and (limit is None or delivered < limit) and qos.can_consume():
             if worker_shutting_down():
                 break   # a blocking pool (solo) may have run one: the rest go back at close
@@ -181,7 +190,7 @@ class Inbox:
                 started = monotonic()
             queue, payload = buffer.popleft()
             try:
-                channel.connection._deliver(payload, queue)
+                deliver(payload, queue)
             except Exception as exc:   # deliver the rest, then report
                 first_error = first_error or exc
             delivered += 1
@@ -189,8 +198,9 @@ class Inbox:
             raise first_error
         return bool(delivered)
 
-    def restore(self, only_queue=None) -> None:
-        """Return messages read but never handed to a consumer (cancelled, or the channel closes)."""
+    def take_back(self, only_queue=None) -> list:
+        """Messages read but never handed to a consumer (cancelled, or the channel closes):
+        out of the buffer; the delivery tags to restore."""
         # Changed in place: a delivery loop may be iterating this very deque.
         returned = [item for item in self.buffer if only_queue in (None, item[0])]
         kept = [item for item in self.buffer if only_queue not in (None, item[0])]
@@ -201,7 +211,7 @@ class Inbox:
             record = self.queues.get(queue)
             if not (record and record.no_ack):
                 tags.append(payload['properties']['delivery_tag'])
-        self.channel.qos.restore_tags(tags)
+        return tags
 
 
 def _field_name(name):

@@ -15,6 +15,7 @@ import redis
 
 from .errors import StreamsError
 from .keys import FANOUT, TASK, Keys
+from .slots import Client
 from .wire import text
 
 SCAN_COUNT = 1000
@@ -45,12 +46,12 @@ class QueueKeys:
         return bool(self.streams) or self.dead_letters is not None or self.scheduled is not None
 
 
-def scan_keys(client: redis.Redis, pattern: str) -> list[str]:
+def scan_keys(client: Client, pattern: str) -> list[str]:
     """Every key matching ``pattern``, each once, in a stable order."""
     return sorted({text(key) for key in client.scan_iter(match=pattern, count=SCAN_COUNT)})
 
 
-def scan_queue_keys(client: redis.Redis, keys: Keys) -> dict[str, QueueKeys]:
+def scan_queue_keys(client: Client, keys: Keys) -> dict[str, QueueKeys]:
     """Queue name -> its keys, for every queue with a key under the prefix (one SCAN)."""
     found: dict[str, QueueKeys] = {}
     for key in scan_keys(client, keys.match_queue_keys):
@@ -69,7 +70,7 @@ def scan_queue_keys(client: redis.Redis, keys: Keys) -> dict[str, QueueKeys]:
     return found
 
 
-def registered_queues(client: redis.Redis, keys: Keys) -> dict[str, str]:
+def registered_queues(client: Client, keys: Keys) -> dict[str, str]:
     """The queue registry: queue name -> kind (``task`` / ``fanout``)."""
     return {text(q): text(kind) for q, kind in client.hgetall(keys.queues).items()}
 
@@ -77,7 +78,7 @@ def registered_queues(client: redis.Redis, keys: Keys) -> dict[str, str]:
 class Inventory:
     """The registry and the per-queue keys under one prefix, read once."""
 
-    def __init__(self, client: redis.Redis, keys: Keys):
+    def __init__(self, client: Client, keys: Keys):
         self.keys = keys
         self.registry = registered_queues(client, keys)
         self.found = scan_queue_keys(client, keys)
@@ -132,7 +133,7 @@ class Inventory:
         return names
 
 
-def stream_groups(client: redis.Redis, stream: str) -> list[dict]:
+def stream_groups(client: Client, stream: str) -> list[dict]:
     """``XINFO GROUPS`` with text names; empty when the stream does not exist."""
     try:
         groups = client.xinfo_groups(stream)
@@ -143,7 +144,7 @@ def stream_groups(client: redis.Redis, stream: str) -> list[dict]:
     return [dict(g, name=text(g['name'])) for g in groups]
 
 
-def stream_info(client: redis.Redis, stream: str) -> dict:
+def stream_info(client: Client, stream: str) -> dict:
     """``XINFO STREAM`` (payloads left as bytes); empty when the stream does not exist."""
     try:
         return client.execute_command('XINFO STREAM', stream, NEVER_DECODE=[])
@@ -153,12 +154,12 @@ def stream_info(client: redis.Redis, stream: str) -> dict:
         raise
 
 
-def last_entry_id(client: redis.Redis, stream: str) -> str:
+def last_entry_id(client: Client, stream: str) -> str:
     """The id of the last entry ever added to ``stream`` (``0-0`` when there is none)."""
     return text(stream_info(client, stream).get('last-generated-id') or '0-0')
 
 
-def server_now_ms(client: redis.Redis) -> int:
+def server_now_ms(client: Client) -> int:
     """The server's clock (``TIME``), in ms: ages are measured with it, never the local one."""
     seconds, micros = client.time()
     return int(seconds) * 1000 + int(micros) // 1000

@@ -16,7 +16,6 @@ from time import monotonic
 
 import redis
 
-from .cluster import by_slot
 from .errors import one_line
 
 logger = logging.getLogger(__name__)
@@ -28,59 +27,57 @@ RECLAIM_AGAIN = 0.1
 
 
 class Liveness:
-    """The liveness keys, reclaim runs and group membership of one channel (one consumer)."""
+    """The liveness keys, reclaim runs and group membership of one channel (one consumer).
 
-    def __init__(self, channel):
-        self.channel = channel
-        self.keys = channel.keys
-        options = channel.options
-        self.visibility_ms = int(options.visibility_timeout * 1000)
-        self.reclaim_every = min(max(options.visibility_timeout / 4, 0.5), 60.0)
-        self.renew_every = min(max(options.visibility_timeout / 3, 0.2), 60.0)
+    Its collaborators: the channel's ``client`` and ``dispatcher``, the
+    ``scripts``, the queue table, ``batches`` (the topology's: keys a script
+    may touch together), ``consuming()`` (the queues the channel consumes now)
+    and ``held()`` (the queues of the messages it holds, unacked).
+    """
+
+    def __init__(self, *, keys, options, consumer: str, client, dispatcher, scripts, queues,
+                 batches, consuming, held):
+        self.keys = keys
+        self.group = options.consumer_group
+        self.consumer = consumer
+        self.client = client
+        self.dispatcher = dispatcher
+        self.scripts = scripts
+        self.queues = queues
+        self.batches = batches
+        self.consuming = consuming
+        self.held = held
+        self.bucket_order = options.bucket_order
+        self.visibility_ms = options.visibility_ms
+        self.reclaim_every = options.reclaim_every
+        self.renew_every = options.renew_every
         self.alive_queues: frozenset = frozenset()
         self._lock = threading.Lock()   # renewal (its thread) against forget (close)
         self._forgotten = False
-        self._ensured = None              # what ensure_alive last saw
+        #: What ensure_alive last saw: (consumed queues, queue table version, alive queues).
+        self._ensured: tuple[tuple[str, ...], int, frozenset[str]] | None = None
         self._next_renew = 0.0
         self._next_reclaim = 0.0
         self._next_prune = monotonic() + PRUNE_EVERY
 
     def acked_queues(self) -> list:
         """The queues this channel consumes with acks."""
-        queues = self.channel.queues
-        return [q for q in dict.fromkeys(self.channel.consuming_queues())
+        queues = self.queues
+        return [q for q in dict.fromkeys(self.consuming())
                 if not queues[q].no_ack and not queues.is_deleted(q)]
 
     def held_queues(self) -> set:
         """The queues this consumer holds or may hold messages of."""
-        return set(self.acked_queues()) | self.channel.qos.held_queues()
+        return set(self.acked_queues()) | self.held()
 
     # -- renewal ------------------------------------------------------------------
 
-    def tick(self) -> bool:
-        """From the renewal thread, about every second: renew what is due.
-
-        Liveness every third of ``visibility_timeout``; the expiry of consumed
-        queues with an ``x-expires`` every third of it -- off the hub, so a full
-        prefetch window or a long task under ``-P solo`` never lets a consumed
-        queue expire. With Sentinel, where the master is: a channel follows a
-        failover within about a second, even while the old master still takes
-        writes (after ``SENTINEL FAILOVER`` it does so for about 10 s).
-        """
-        channel = self.channel
-        if channel.closed and not channel.qos.holds_messages():
-            self.forget()   # a held channel's last running task was acked
-            return False
-        if not channel.closed:
-            channel.follow_master()
+    def renew_if_due(self) -> None:
+        """From the renewal thread: every third of ``visibility_timeout``, :meth:`renew`."""
         now = monotonic()
         if now >= self._next_renew:
             self._next_renew = now + self.renew_every
             self.renew()
-        if not channel.closed:
-            channel.queues.refresh_expiry(channel.consuming_queues())
-            channel.queues.retry_refused(channel.consuming_queues())
-        return True
 
     def renew(self) -> None:
         """Say this consumer lives, for ``visibility_timeout``, on every queue it holds.
@@ -93,12 +90,11 @@ class Liveness:
             queues = self.held_queues()
             released = self.alive_queues - queues   # cancelled, nothing held: liveness ends now
             if queues or released:
-                name = self.channel.consumer_name
-                with self.channel.pool_client.pipeline(transaction=False) as pipe:
+                with self.client.pipeline(transaction=False) as pipe:
                     for queue in queues:
-                        pipe.set(self.keys.alive(queue, name), 1, px=self.visibility_ms)
+                        pipe.set(self.keys.alive(queue, self.consumer), 1, px=self.visibility_ms)
                     for queue in released:   # one key a command: they lie in many slots
-                        pipe.delete(self.keys.alive(queue, name))
+                        pipe.delete(self.keys.alive(queue, self.consumer))
                     pipe.execute()
             self.alive_queues = frozenset(queues)
 
@@ -112,19 +108,18 @@ class Liveness:
         messages may be taken over once ``visibility_timeout`` passes -- a
         redelivery, never a loss.
         """
-        state = (tuple(self.channel.consuming_queues()), self.channel.queues.version, self.alive_queues)
+        state = (tuple(self.consuming()), self.queues.version, self.alive_queues)
         if state == self._ensured:
             return
         missing = [q for q in self.acked_queues() if q not in self.alive_queues]
         if missing:
-            name = self.channel.consumer_name
             try:
                 with self._lock:
                     if self._forgotten:
                         return
-                    with self.channel.pool_client.pipeline(transaction=False) as pipe:
+                    with self.client.pipeline(transaction=False) as pipe:
                         for queue in missing:
-                            pipe.set(self.keys.alive(queue, name), 1, px=self.visibility_ms)
+                            pipe.set(self.keys.alive(queue, self.consumer), 1, px=self.visibility_ms)
                         pipe.execute()
             except redis.ResponseError as exc:   # retried by the renewer thread
                 logger.warning('celery_streams: could not renew liveness (%s); consuming goes on',
@@ -142,7 +137,7 @@ class Liveness:
         with self._lock:
             if self._forgotten or queue not in self.alive_queues or queue in self.held_queues():
                 return
-            self.channel.pool_client.delete(self.keys.alive(queue, self.channel.consumer_name))
+            self.client.delete(self.keys.alive(queue, self.consumer))
             self.alive_queues -= {queue}
 
     def mark_alive(self, queue) -> None:
@@ -150,10 +145,8 @@ class Liveness:
         if queue in self.alive_queues:
             return
         self.alive_queues |= {queue}   # renewed from now on by the renewer
-        channel = self.channel
         try:
-            channel.pool_client.set(self.keys.alive(queue, channel.consumer_name), 1,
-                                    px=self.visibility_ms)
+            self.client.set(self.keys.alive(queue, self.consumer), 1, px=self.visibility_ms)
         except redis.ResponseError as exc:   # full Redis: the renewer retries
             logger.warning('celery_streams: could not renew liveness (%s)', one_line(exc))
 
@@ -164,66 +157,67 @@ class Liveness:
         with self._lock:
             self._forgotten = True
             if self.alive_queues:
-                name = self.channel.consumer_name
-                self.channel.pool_client.delete(*[self.keys.alive(q, name) for q in self.alive_queues])
+                self.client.delete(*[self.keys.alive(q, self.consumer) for q in self.alive_queues])
                 self.alive_queues = frozenset()
 
     def leave_groups(self, queues) -> None:
         """Remove this consumer from the groups it read, where it owns nothing any more."""
-        channel = self.channel
-        commands = [channel.scripts.command('forget_consumer', [stream],
-                                            [channel.group, channel.consumer_name])
+        commands = [self.scripts.command('forget_consumer', [stream], [self.group, self.consumer])
                     for queue in queues for stream in self.keys.streams(queue)]
-        for reply in channel.scripts.run(channel.line, commands) if commands else ():
+        for reply in self.scripts.run(self.dispatcher, commands) if commands else ():
             if isinstance(reply, Exception):
                 raise reply
 
     # -- reclaim --------------------------------------------------------------------
 
-    def maybe_reclaim(self) -> None:
+    def maybe_reclaim(self, read_budget, take_in) -> None:
         """Every ``visibility_timeout / 4``: take over messages of dead consumers.
 
-        They are buffered like a read, within the prefetch budget, and carry
-        ``redelivered``. Runs between reads, never while one is outstanding.
+        ``read_budget()`` is how many the prefetch window has room for;
+        ``take_in(claimed)`` (the inbox's) buffers them like a read, and they
+        carry ``redelivered``. The caller runs this between reads, never while
+        one is outstanding.
         """
-        channel = self.channel
         now = monotonic()
-        if now < self._next_reclaim or channel.inbox or channel.reader.outstanding:
+        if now < self._next_reclaim:
             return
         self._next_reclaim = now + self.reclaim_every
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_EVERY
             try:
-                channel.queues.prune_registry(channel.scripts)
+                self.queues.prune_registry()
             except redis.ResponseError as exc:   # e.g. an ACL without HKEYS: consuming goes on
                 logger.warning('celery_streams: pruning the queue registry failed: %s', one_line(exc))
         queues = self.acked_queues()
-        budget = channel.qos.read_budget() if queues else 0
+        budget = read_budget() if queues else 0
         if not budget:
             return
-        pairs = [(queue, bucket) for bucket in channel.reader.bucket_order() for queue in queues]
-        # A Redis Cluster runs a script on the keys of one slot: a call per slot there.
-        claimed = []
-        for slot_pairs in (by_slot(pairs, lambda pair: self.keys.stream(pair[0]))
-                           if channel.address.cluster else [pairs]):
-            try:
-                claimed += channel.scripts.reclaim(
-                    keys=[self.keys.stream(queue, bucket) for queue, bucket in slot_pairs],
-                    args=[channel.group, channel.consumer_name, self.visibility_ms,
-                          budget - len(claimed) // 4,
-                          *[self.keys.alive_prefix(queue) for queue, _ in slot_pairs]])
-            except redis.ResponseError as exc:   # e.g. an ACL without XCLAIM: consuming goes on
-                logger.warning('celery_streams: reclaim failed: %s', one_line(exc))
-                return
-            if len(claimed) // 4 >= budget:
-                break
-        for queue, count in channel.inbox.add_claimed(claimed).items():
+        claimed = self._reclaim(queues, budget)
+        for queue, count in take_in(claimed).items():
             logger.info('celery_streams: took over %d message(s) of queue %r from consumers '
                         'silent for more than visibility_timeout', count, queue)
         if len(claimed) // 4 >= budget:
             # The budget was the limit: a dead consumer may have left more. Look again as
             # soon as there is room, not a quarter of visibility_timeout later.
             self._next_reclaim = now + RECLAIM_AGAIN
+
+    def _reclaim(self, queues, budget) -> list:
+        """The ``reclaim`` script over the streams of ``queues`` (a call per slot on a Redis
+        Cluster), within ``budget``: its flat reply, 4 items an entry."""
+        pairs = [(queue, bucket) for bucket in self.bucket_order for queue in queues]
+        claimed: list = []
+        for batch in self.batches(pairs, lambda pair: self.keys.stream(pair[0])):
+            try:
+                claimed += self.scripts.reclaim(
+                    keys=[self.keys.stream(queue, bucket) for queue, bucket in batch],
+                    args=[self.group, self.consumer, self.visibility_ms, budget - len(claimed) // 4,
+                          *[self.keys.alive_prefix(queue) for queue, _ in batch]])
+            except redis.ResponseError as exc:   # e.g. an ACL without XCLAIM: consuming goes on
+                logger.warning('celery_streams: reclaim failed: %s', one_line(exc))
+                break
+            if len(claimed) // 4 >= budget:
+                break
+        return claimed
 
 
 class Renewer:

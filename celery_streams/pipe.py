@@ -5,7 +5,7 @@ The consume loop sends the acks of the tasks that finished once per turn: one
 would stop the loop for a round trip on every turn, which a profile of a busy
 worker showed was a quarter of its main process' work. A publisher with
 ``publish_confirm='later'`` likewise returns once its message is written, not
-once Redis answered (see :mod:`celery_streams.routing`).
+once Redis answered (see :mod:`celery_streams.publisher`).
 
 A :class:`Pipe` writes commands on a connection of its own and reads the
 replies on a later call, or at once where order matters: for acks, before a
@@ -44,21 +44,21 @@ _pipes: weakref.WeakSet = weakref.WeakSet()
 
 class Write(NamedTuple):
     packed: bytes
-    count: int                     # replies it gets
+    reply_count: int               # replies it gets (not `count`: that is tuple.count)
     on_replies: Callable | None    # called with them (errors as exceptions); None: raise the first
 
 
 class Pipe:
     """One connection of ``pool`` that commands are written on, their replies read later.
 
-    The connection is a :class:`~celery_streams.wire.Line`'s: one per process,
+    The connection is a :class:`~celery_streams.wire.Dispatcher`'s: one per process,
     following the master after a Sentinel failover. Unread replies belong to
-    the socket they were written on: once the line has another socket, the
+    the socket they were written on: once the dispatcher has another socket, the
     commands they answer are written again.
     """
 
     def __init__(self, pool, max_unread: int = MAX_UNREAD, poll: bool = True):
-        self.line = wire.Line(pool)
+        self.dispatcher = wire.Dispatcher(pool)
         #: Beyond this many unread writes, a write waits: for all of them (``poll``),
         #: else for the older half (long answered: no wait, and one read for many).
         self.max_unread = max_unread
@@ -131,8 +131,8 @@ class Pipe:
             self._sock = None
 
     def _send(self):
-        connection = self.line.get_connection()
-        self.line.release(connection)
+        connection = self.dispatcher.get_connection()
+        self.dispatcher.release(connection)
         if self._unread and connection._sock is not self._sock:
             self._requeue()   # disconnected, or the master moved: those replies are gone
         if self._unsent:
@@ -169,7 +169,7 @@ class Pipe:
             while len(unread) > keep and (connection.can_read(timeout=timeout) if block and timeout
                                           else block or connection.can_read(timeout=0)):
                 replies = []
-                for _ in range(unread[0].count):
+                for _ in range(unread[0].reply_count):
                     try:
                         replies.append(connection.read_response())
                     except exceptions.ResponseError as error:

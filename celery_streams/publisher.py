@@ -49,32 +49,43 @@ logger = logging.getLogger(__name__)
 CONFIRM_WINDOW = 1000
 
 
-class Router:
-    """The publish side of one channel."""
+class Publisher:
+    """The publish side of one channel.
 
-    def __init__(self, channel):
-        self.channel = channel
-        self.options = channel.options
-        self.keys = channel.keys
-        self.queues = channel.queues
-        self.scripts = channel.scripts
+    Its collaborators: the channel's ``topology`` (the dispatcher publishes go
+    through, the pipe of ``publish_confirm='later'``, following the master,
+    whether the ``route`` script may run), the queue table, the scripts and
+    ``clock()`` (now, in ms by the server's clock). ``kombu`` is the kombu
+    channel, for what kombu knows: exchange types and lookups, the dead-letter
+    queue, a message's priority.
+    """
+
+    def __init__(self, *, kombu, topology, queues, scripts, keys, options, clock):
+        self.kombu = kombu
+        self.topology = topology
+        self.dispatcher = topology.dispatcher
+        self.queues = queues
+        self.scripts = scripts
+        self.keys = keys
+        self.options = options
+        self.clock = clock
         #: ``WAIT`` sent behind every write (``publish_wait_replicas``), or None.
         self.wait = replication.wait_command(self.options)
         #: ``publish_confirm='later'``: the connection publishes are written on, replies read later.
         #: On a Redis Cluster, ``'later'`` is ``'now'``.
-        self.pipe = (channel.open_pipe(CONFIRM_WINDOW, poll=False)
-                     if self.options.publish_confirm == 'later' and not channel.address.cluster
-                     else None)
-        #: A Redis Cluster: exchanges are routed here, not by the ``route`` script (whose
-        #: bindings and queues lie in different slots).
-        self.cluster = channel.address.cluster
+        self.pipe = (topology.open_publish_pipe(CONFIRM_WINDOW)
+                     if self.options.publish_confirm == 'later' else None)
+        #: How a direct or topic exchange routes: the ``route`` script, or, where a script
+        #: touches one slot (a Redis Cluster), here.
+        self.route_exchange = (self._route_in_script if topology.scripts_span_keys
+                               else self._route_in_client)
         #: Publishes written without waiting that Redis refused (lost), since the channel opened.
         self.refused = 0
 
     def bucket(self, message) -> int:
         """The priority bucket of ``message`` (kombu: the step at or below its priority)."""
         steps = self.options.priority_steps
-        return steps[bisect(steps, self.channel._get_message_priority(message)) - 1]
+        return steps[bisect(steps, self.kombu._get_message_priority(message)) - 1]
 
     def put(self, queue, message, _publish_batch=None, **kwargs):
         """Append to the stream of a queue by name (created when missing), or schedule it."""
@@ -84,7 +95,7 @@ class Router:
         """The commands appending ``message`` to each of ``queues`` (created when missing), or
         scheduling it there."""
         bucket = self.bucket(message)
-        now_ms = self.channel.server_time_ms()
+        now_ms = self.clock()
         payload = serialize(message, now_ms)
         due = scheduler.due_ms(message, now_ms, self.options)
         if due is not None:
@@ -126,7 +137,7 @@ class Router:
                             retry=False)
             return
         wait = self.wait
-        replies = self.scripts.run(self.channel.line, [*commands, wait] if wait else commands)
+        replies = self.scripts.run(self.dispatcher, [*commands, wait] if wait else commands)
         confirmed = replies.pop() if wait else None
         for reply in replies:
             if isinstance(reply, redis.ResponseError):
@@ -134,7 +145,7 @@ class Router:
             if isinstance(reply, Exception):
                 raise reply
         if wait:
-            replication.confirm(confirmed, self.options, self.channel.pool)
+            replication.confirm(confirmed, self.options, self.topology.follow_master)
         if on_replies is not None:
             on_replies(replies)
 
@@ -188,26 +199,28 @@ class Router:
 
     def publish(self, message, exchange, routing_key, **kwargs):
         """Route one message through ``exchange`` and append it (kombu's ``basic_publish``)."""
-        channel = self.channel
         if not exchange:
             return self.put(routing_key, message, **kwargs)
-        kind = channel.typeof(exchange).type
+        kind = self.kombu.typeof(exchange).type
         if kind == 'fanout':
             return self.put_fanout(exchange, message, routing_key, **kwargs)
-        if self.cluster and not channel.deadletter_queue:
-            return self._route_in_client(exchange, kind, routing_key, message, kwargs.get('_publish_batch'))
-        if not channel.deadletter_queue:
-            batch = kwargs.get('_publish_batch')
-            route = self.scripts.command('route', [self.keys.bindings(exchange)],
-                                         self._route_argv(exchange, kind, routing_key, message))
+        batch = kwargs.get('_publish_batch')
+        if self.kombu.deadletter_queue:
+            return self._put_declared(exchange, routing_key, message, batch)
+        return self.route_exchange(exchange, kind, routing_key, message, batch)
 
-            def fall_back(replies):
-                if replies[0] == -1:   # no bindings in Redis: route by this process's declarations
-                    self._put_declared(exchange, routing_key, message)   # now: a batch is flushing
+    def _route_in_script(self, exchange, kind, routing_key, message, batch=None):
+        """Route through a direct or topic exchange with the ``route`` script: the bindings
+        read and the message appended in one call; with no bindings in Redis, by this
+        process's declarations."""
+        route = self.scripts.command('route', [self.keys.bindings(exchange)],
+                                     self._route_argv(exchange, kind, routing_key, message))
 
-            self._write([route], batch, on_replies=fall_back)
-            return
-        self._put_declared(exchange, routing_key, message, kwargs.get('_publish_batch'))
+        def fall_back(replies):
+            if replies[0] == -1:   # no bindings in Redis: route by this process's declarations
+                self._put_declared(exchange, routing_key, message)   # now: a batch is flushing
+
+        self._write([route], batch, on_replies=fall_back)
 
     def _route_in_client(self, exchange, kind, routing_key, message, batch=None):
         """Route through a direct or topic exchange on a Redis Cluster, where the bindings
@@ -220,7 +233,7 @@ class Router:
         written back.
         """
         declared = self.queues.declared_bindings(exchange)
-        lookup = self.channel.typeof(exchange).lookup
+        lookup = self.kombu.typeof(exchange).lookup
         here = sorted(lookup(declared, exchange, routing_key, None)) if declared else []
         bindings = ('SMEMBERS', self.keys.bindings(exchange))
 
@@ -240,9 +253,9 @@ class Router:
     def _put_declared(self, exchange, routing_key, message, batch=None):
         """Route with kombu's lookup: to the queues this process declared (created when
         missing), and to the others only while they exist."""
-        channel = self.channel
+        kombu = self.kombu
         declared_here = {queue for _, _, queue in self.queues.declared_bindings(exchange)}
-        queues = [q for q in channel._lookup(exchange, routing_key) if q and q != channel.deadletter_queue]
+        queues = [q for q in kombu._lookup(exchange, routing_key) if q and q != kombu.deadletter_queue]
         for queue in queues:
             if queue in declared_here:
                 self.put(queue, message, _publish_batch=batch)
@@ -254,10 +267,12 @@ class Router:
     def _route_argv(self, exchange, kind, routing_key, message) -> list:
         declared = {queue: self.queues.expires(queue) or 0
                     for _, _, queue in self.queues.declared_bindings(exchange)}
-        now_ms = self.channel.server_time_ms()
+        now_ms = self.clock()
         due = scheduler.due_ms(message, now_ms, self.options)
-        return [kind, routing_key or '', serialize(message, now_ms), self.keys.queue_head,
-                self.bucket(message), SEP, due or 0, scheduler.new_token() if due else '',
+        bucket, keys = self.bucket(message), self.keys
+        return [kind, routing_key or '', serialize(message, now_ms), bucket, SEP,
+                due or 0, scheduler.new_token() if due else '',
+                *keys.stream_affixes(0), *keys.stream_affixes(bucket), *keys.scheduled_affixes(),
                 *[x for pair in declared.items() for x in pair]]
 
     def put_fanout(self, exchange, message, routing_key, **kwargs):
@@ -275,7 +290,7 @@ class Router:
                           schedule=True, **kwargs):
         """Append (or schedule) to each of ``queues`` while its stream exists; bindings of
         the ones gone are removed."""
-        now_ms = self.channel.server_time_ms()
+        now_ms = self.clock()
         payload = serialize(message, now_ms)
         due = scheduler.due_ms(message, now_ms, self.options) if schedule else None
         commands = [
@@ -319,9 +334,14 @@ def fanout_matches(bound_key, routing_key) -> bool:
     return fnmatchcase(routing_key or '', bound_key.replace('#', '*'))
 
 
-def _xadd(key, payload, expires) -> list:
-    """The commands appending ``payload`` to stream ``key`` (renewing its ``x-expires``)."""
-    commands = [('XADD', key, '*', 'payload', payload)]
+def _xadd(key: str, payload: str, expires: int | None) -> list[tuple[str | int, ...]]:
+    """The commands appending ``payload`` to stream ``key`` (renewing its ``x-expires``).
+
+    The publish hot path, packed without a script (a script costs Redis more
+    CPU): the Python twin of ``append_payload`` in ``scripts/_library.lua``,
+    through which every script appends.
+    """
+    commands: list[tuple[str | int, ...]] = [('XADD', key, '*', 'payload', payload)]
     if expires is not None:
         commands.append(('PEXPIRE', key, expires))
     return commands

@@ -9,7 +9,7 @@ Like kombu's Redis transport, the QoS owns the bookkeeping of what was
 delivered: kombu's prefetch accounting, the *read budget* (how many messages
 the next read may take), acks batched per turn of the consume loop (one
 ``XACK`` and one ``XDEL`` per stream in one write, whose replies the loop does
-not wait for: :mod:`celery_streams.acks`) and restores (the
+not wait for: :mod:`celery_streams.pipe`) and restores (the
 ``restore`` script: an entry goes back only if it is still pending for its
 reader, so an acked or drained message never returns).
 """
@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from time import monotonic
 from typing import NamedTuple
 
 from kombu.transport import virtual
 
 from . import errors
-from .cluster import by_slot
-from .hooks import running_delivery_tags
+from .worker_state import running_delivery_tags
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +54,29 @@ def parse_tag(tag: str) -> Tag:
 
 
 class QoS(virtual.QoS):
-    """kombu's prefetch accounting, with acks and restores sent to Redis."""
+    """kombu's prefetch accounting, with acks and restores sent to Redis.
+
+    kombu builds it with the channel (``QoS(channel)``, on first use); it takes
+    what it uses from the channel there: the keys, the consumer group, the
+    scripts, the channel's ``dispatcher`` and ``pipe`` (acks written without
+    waiting) and its topology's ``batches`` (restores in batches a script may
+    run on). It asks the channel one thing later: whether it was ``collected``.
+    """
+
+    # kombu declares these None at class level and sets them in its __init__.
+    _delivered: OrderedDict[str, virtual.Message]  # type: ignore[assignment]  # kombu: None until __init__
+    _dirty: set[str]  # type: ignore[assignment]  # kombu: None until __init__
 
     def __init__(self, channel, prefetch_count=0):
         super().__init__(channel, prefetch_count)
         self._acks: deque = deque()   # tags acked by the app, not yet sent
         self._loop_thread = None      # the thread whose acks wait for the next turn
-        self.pipe = channel.open_pipe()
+        self.keys = channel.keys
+        self.group = channel.group
+        self.scripts = channel.scripts
+        self.dispatcher = channel.topology.dispatcher
+        self.batches = channel.topology.batches
+        self.pipe = channel.pipe
         self._short_since = None      # since when fewer than half the window is free
         self._base_window = 0         # the smallest prefetch_count seen (refill_wait)
 
@@ -194,13 +209,12 @@ class QoS(virtual.QoS):
         With ``wait`` it returns once Redis replied to them (and to every ack
         written before); else the replies are read by a later call.
         """
-        channel = self.channel
         by_stream: dict = {}
         for tag in map(parse_tag, tags):
-            by_stream.setdefault(channel.keys.stream(tag.queue, tag.bucket), []).append(tag.entry_id)
+            by_stream.setdefault(self.keys.stream(tag.queue, tag.bucket), []).append(tag.entry_id)
         commands = []
         for key, ids in by_stream.items():
-            commands += [('XACK', key, channel.group, *ids), ('XDEL', key, *ids)]
+            commands += [('XACK', key, self.group, *ids), ('XDEL', key, *ids)]
         self.pipe.write(commands, wait=wait)
 
     # -- restores -------------------------------------------------------------
@@ -222,17 +236,15 @@ class QoS(virtual.QoS):
             # this consumer and are taken over once its liveness lapses.
             return [(tag, exc) for tag in tags]
         # On a Redis Cluster, a batch per slot: a node that is gone keeps only its own.
-        batches = (by_slot(tags, lambda tag: self.channel.keys.stream(parse_tag(tag).queue))
-                   if self.channel.address.cluster else [tags])
+        batches = self.batches(tags, lambda tag: self.keys.stream(parse_tag(tag).queue))
         return [failed for batch in batches for failed in self._restore(batch, attempted)]
 
     def _restore(self, tags, attempted) -> list:
-        channel = self.channel
-        commands = [channel.scripts.command('restore', [channel.keys.stream(tag.queue, tag.bucket)],
-                                            [channel.group, tag.consumer, tag.entry_id, int(attempted)])
+        commands = [self.scripts.command('restore', [self.keys.stream(tag.queue, tag.bucket)],
+                                         [self.group, tag.consumer, tag.entry_id, int(attempted)])
                     for tag in map(parse_tag, tags)]
         try:
-            results = channel.scripts.run(channel.line, commands)
+            results = self.scripts.run(self.dispatcher, commands)
         except errors.connection_errors as exc:
             return [(tag, exc) for tag in tags]
         return [(tag, result) for tag, result in zip(tags, results) if isinstance(result, Exception)]

@@ -49,17 +49,26 @@ class QueueRecord:
 class QueueTable:
     """The queues of one channel: records, declarations, bindings and healing.
 
-    ``channel`` gives the kombu side: ``state`` (this process's exchanges and
-    bindings) and ``typeof`` (an exchange's type).
+    Its collaborators: the channel's ``client`` (redis-py), ``dispatcher``
+    (hot commands in one write) and ``pipe`` (group creations written without
+    waiting, shared with the QoS's acks); the ``scripts``; kombu's broker
+    ``state`` (this process's exchanges and bindings) and ``typeof`` (an
+    exchange's type); ``scripts_span_keys`` (a script may touch the registry and
+    the streams together: not on a Redis Cluster).
     """
 
-    def __init__(self, channel, client, keys: Keys, group: str, *, orphan_expiry_ms: int,
-                 idle_consumer_ms: int, healed_mark_ms: int):
-        self.channel = channel
+    def __init__(self, *, client, dispatcher, pipe, scripts, keys: Keys, options, state, typeof,
+                 scripts_span_keys: bool = True):
         self.client = client
+        self.dispatcher = dispatcher
+        self.pipe = pipe
+        self.scripts = scripts
         self.keys = keys
-        self.group = group
-        self.healed_mark_ms = healed_mark_ms
+        self.group = options.consumer_group
+        self.state = state
+        self.typeof = typeof
+        self.scripts_span_keys = scripts_span_keys
+        self.healed_mark_ms = options.healed_mark_ms
         #: stream -> (ms, seq) of its healed mark: entries up to it may have been in flight.
         self.healed_marks: dict = {}
         #: Priority-bucket streams a full Redis (maxmemory) refused to create: left out of
@@ -67,9 +76,9 @@ class QueueTable:
         self.refused: set = set()
         #: The expiry given to a broadcast queue that is auto-delete and has none:
         #: its consumers renew it, so the queue of a killed worker goes away.
-        self.orphan_expiry_ms = orphan_expiry_ms
+        self.orphan_expiry_ms = options.orphan_expiry_ms
         #: A consumer without a liveness key (no-ack) that read this recently lives.
-        self.idle_consumer_ms = idle_consumer_ms
+        self.idle_consumer_ms = options.idle_consumer_ms
         self._records: dict[str, QueueRecord] = {}
         self._expiry_refreshed_at = 0.0
         #: Group creations :meth:`start_groups` wrote whose replies were not read yet.
@@ -130,7 +139,7 @@ class QueueTable:
         if record.expires is not None:
             commands += [('PEXPIRE', stream, record.expires) for stream in self.keys.streams(queue)]
         counting = depth_commands(self.keys, self.group, queue)
-        replies = wire.calls(self.channel.line, commands + counting)
+        replies = wire.calls(self.dispatcher, commands + counting)
         results, counts = replies[:len(commands)], replies[len(commands):]
         if any(isinstance(errors.translate_write_error(r), errors.OutOfMemory)
                for r in results if isinstance(r, Exception)) and self._declared_in_redis(queue):
@@ -171,10 +180,10 @@ class QueueTable:
 
     def delete(self, queue: str) -> None:
         """Delete the queue's streams, schedule, registry entry and this process's bindings of it."""
-        state = self.channel.state
+        state = self.state
         with self.client.pipeline(transaction=False) as pipe:
             for exchange, routing_key, args in state.queue_bindings(queue):
-                _, pattern, _ = self.channel.typeof(exchange).prepare_bind(
+                _, pattern, _ = self.typeof(exchange).prepare_bind(
                     queue, exchange, routing_key, args)
                 pipe.srem(self.keys.bindings(exchange), binding_member(routing_key, pattern, queue))
             pipe.execute_command('DEL', *self.keys.streams(queue), self.keys.scheduled(queue))   # one slot
@@ -189,7 +198,7 @@ class QueueTable:
     # -- bindings -------------------------------------------------------------
 
     def bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
-        for reply in wire.calls(self.channel.line,
+        for reply in wire.calls(self.dispatcher,
                                 self.binding_commands(exchange, routing_key, pattern, queue)):
             if isinstance(reply, Exception):
                 raise errors.translate_write_error(reply)
@@ -198,11 +207,12 @@ class QueueTable:
         for command in self.binding_commands(exchange, routing_key, pattern, queue):
             pipe.execute_command(*command)
 
-    def binding_commands(self, exchange, routing_key, pattern, queue) -> list:
+    def binding_commands(self, exchange, routing_key, pattern, queue) -> list[tuple[str | int, ...]]:
         """The commands that store a binding (a fanout one also marks its queue a broadcast
         queue, here and in the registry)."""
-        commands = [('SADD', self.keys.bindings(exchange), binding_member(routing_key, pattern, queue))]
-        if self.channel.typeof(exchange).type == 'fanout':
+        commands: list[tuple[str | int, ...]] = [
+            ('SADD', self.keys.bindings(exchange), binding_member(routing_key, pattern, queue))]
+        if self.typeof(exchange).type == 'fanout':
             record = self[queue]
             if record.fanout_exchange != exchange:
                 record.fanout_exchange = exchange
@@ -215,7 +225,7 @@ class QueueTable:
 
     def declared_bindings(self, exchange: str) -> list:
         """``(routing_key, pattern, queue)`` of ``exchange`` as this process declared them."""
-        return list(self.channel.state.exchanges.get(exchange, {}).get('table') or ())
+        return list(self.state.exchanges.get(exchange, {}).get('table') or ())
 
     def table(self, exchange: str) -> list:
         """The bindings of ``exchange`` from Redis (kombu's ``get_table``).
@@ -223,7 +233,7 @@ class QueueTable:
         When Redis has none (nuked, or never written), this process's own
         declarations are used and written back, so other processes see them again.
         """
-        members = wire.call(self.channel.line, 'SMEMBERS', self.keys.bindings(exchange))
+        members = wire.call(self.dispatcher, 'SMEMBERS', self.keys.bindings(exchange))
         if members:
             return [parse_binding(member) for member in members]
         local = self.declared_bindings(exchange)
@@ -268,13 +278,12 @@ class QueueTable:
         Returns queue -> whether a group was created.
         """
         plan = self._group_plan(queues)
-        scripts = self.channel.scripts
         # One packed write (no SCRIPT EXISTS first, as a redis-py pipeline of scripts does).
-        return self._groups_made(plan, scripts.run(self.channel.line, self._group_commands(plan, healing)))
+        return self._groups_made(plan, self.scripts.run(self.dispatcher, self._group_commands(plan, healing)))
 
     def start_groups(self, queue) -> None:
         """A consumer starts on ``queue``: its groups (:meth:`ensure_groups`) are written now,
-        without waiting for Redis' reply, on the ack pipe; :meth:`confirm_groups` waits for
+        without waiting for Redis' reply, on the channel's pipe; :meth:`confirm_groups` waits for
         them before the next read.
 
         A consumer of 100 queues started with one round trip per queue (16 ms).
@@ -287,24 +296,23 @@ class QueueTable:
         def made(replies):
             self.groups_unconfirmed -= 1
             if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
-                self.channel.scripts.reload_all()   # the server lost its scripts: now, waiting
+                self.scripts.reload_all()   # the server lost its scripts: now, waiting
                 self.ensure_groups([queue])
             else:
                 self._groups_made(plan, replies)
 
-        self.channel.qos.pipe.write(self._group_commands(plan, healing=False), on_replies=made)
+        self.pipe.write(self._group_commands(plan, healing=False), on_replies=made)
 
     def confirm_groups(self) -> None:
         """Before a read: every group :meth:`start_groups` wrote is in Redis (or its error raised)."""
         if self.groups_unconfirmed:
-            self.channel.qos.pipe.collect(wait=True)
+            self.pipe.collect(wait=True)
 
     def _group_plan(self, queues) -> list:
         return [(queue, stream) for queue in queues for stream in self.read_streams(queue)]
 
     def _group_commands(self, plan, healing) -> list:
-        scripts = self.channel.scripts
-        return [scripts.command('create_group', [stream, self.healed_key(stream)],
+        return [self.scripts.command('create_group', [stream, self.healed_key(stream)],
                                 [self.group, self._start_id(queue), int(healing), self.healed_mark_ms])
                 for queue, stream in plan]
 
@@ -370,7 +378,7 @@ class QueueTable:
 
     def rewrite_declarations(self, queues) -> None:
         """Write the registry entries and bindings of ``queues`` as this process declared them."""
-        state, typeof = self.channel.state, self.channel.typeof
+        state, typeof = self.state, self.typeof
         with self.client.pipeline(transaction=False) as pipe:
             pipe.set(self.keys.schema, SCHEMA_VERSION, nx=True)
             for queue in queues:
@@ -382,20 +390,20 @@ class QueueTable:
 
     def refresh_expiry(self, queues) -> None:
         """Keep consumed queues with ``x-expires`` alive (at most every third of it)."""
-        expiring = [q for q in queues if self.expires(q) is not None]
+        expiring = [(q, ms) for q in queues if (ms := self.expires(q)) is not None]
         if not expiring:
             return
         now = monotonic()
-        if now - self._expiry_refreshed_at < min(self.expires(q) for q in expiring) / 3000:
+        if now - self._expiry_refreshed_at < min(ms for _, ms in expiring) / 3000:
             return
         self._expiry_refreshed_at = now
         with self.client.pipeline(transaction=False) as pipe:
-            for queue in expiring:
+            for queue, ms in expiring:
                 for stream in self.keys.streams(queue):
-                    pipe.pexpire(stream, self.expires(queue))
+                    pipe.pexpire(stream, ms)
             pipe.execute()
 
-    def prune_registry(self, scripts) -> int:
+    def prune_registry(self) -> int:
         """Forget registered queues whose streams expired; returns how many.
 
         On a Redis Cluster the registry and the streams lie in different slots:
@@ -403,8 +411,8 @@ class QueueTable:
         removed with ``HDEL`` (declared again meanwhile, it is registered again
         by its next declaration or heal).
         """
-        if not self.channel.address.cluster:
-            return scripts.prune_registry(keys=[self.keys.queues], args=[self.keys.queue_head])
+        if self.scripts_span_keys:
+            return self.scripts.prune_registry(keys=[self.keys.queues], args=[*self.keys.stream_affixes(0)])
         queues = [text(queue) for queue in self.client.hkeys(self.keys.queues)]
         with self.client.pipeline(transaction=False) as pipe:
             for queue in queues:

@@ -1,7 +1,7 @@
 """Reading: read plans, the budgeted and the blocking read, and stale-read detection.
 
-A channel reads on a dedicated connection (``Reader.client``; Celery's cold
-shutdown finds its socket at ``channel.client.connection._sock``). The read is
+A channel reads on connections of its own (its lanes; Celery's cold shutdown
+finds a socket at ``channel.client.connection._sock``). The read is
 *sent* by :meth:`Reader.start` and its reply *parsed* by :meth:`Reader.finish`
 when the socket is readable, so the event hub never waits on Redis.
 
@@ -18,13 +18,12 @@ when the socket is readable, so the event hub never waits on Redis.
   the streams (:class:`celery_streams.scheduler.Scheduler`), and a blocking
   read waits no longer than until the next one is due (delayed delivery).
 
-A read goes out on a :class:`Lane`: one connection and its outstanding read.
-On one server (or the master Sentinels name) a channel has one lane for all
-its queues. On a Redis Cluster, Redis refuses a read whose keys lie in two
-slots, even on one node, so a channel has a lane per slot it reads
-(:class:`celery_streams.cluster.ClusterLanes`): each queue's streams are read
-from the node that owns them, all lanes at once, and the prefetch budget is
-shared: a lane's read takes what the reads already out leave.
+A read goes out on a :class:`~celery_streams.lanes.Lane`: one connection and
+its outstanding read. On one server (or the master Sentinels name) a channel
+has one lane for all its queues; on a Redis Cluster, a lane per slot it reads
+(:mod:`celery_streams.lanes`): each queue's streams are read from the node
+that owns them, all lanes at once, and the prefetch budget is shared: a
+lane's read takes what the reads already out leave.
 """
 from __future__ import annotations
 
@@ -36,21 +35,9 @@ from typing import NamedTuple
 import redis
 
 from . import errors, wire
-from .connection import moves as master_moves
-from .scheduler import Scheduler
+from .lanes import Lane, Read
 
 logger = logging.getLogger(__name__)
-
-
-class Read(NamedTuple):
-    """A read sent on a channel's reader connection, its reply not yet parsed."""
-
-    connection: object
-    command: str
-    queues: list
-    noack: bool
-    sent_at: float
-    count: int = 0    # the most messages it may bring
 
 
 class Plan(NamedTuple):
@@ -62,127 +49,55 @@ class Plan(NamedTuple):
     optional: str     # per stream: '1' for a priority bucket (may be missing), '0' for a main stream
 
 
-class Lane:
-    """One reading connection and the read outstanding on it (at most one)."""
-
-    def __init__(self, client: redis.Redis, asking: bool = False):
-        self.client = client
-        self.outstanding: Read | None = None
-        #: The last read found nothing: the next one waits for new entries (``BLOCK``).
-        self.block_next = False
-        #: Redis Cluster: the slot is migrating here; each read goes after ``ASKING``.
-        self.asking = asking
-
-    @property
-    def connection(self):
-        return self.client.connection
-
-    def fileno(self) -> int | None:
-        sock = self.outstanding.connection._sock if self.outstanding is not None else None
-        return None if sock is None else sock.fileno()
-
-    def send(self, kind: str, command: bytes, queues, noack, count) -> int:
-        connection = self.client.connection
-        if self.asking:
-            command = wire.pack(['ASKING']) + command
-        try:
-            if connection._sock is None:
-                connection.connect()
-            connection.send_packed_command([command])
-        except errors.connection_errors:
-            connection.disconnect()
-            raise
-        self.outstanding = Read(connection, kind, queues, noack, monotonic(), count)
-        return connection._sock.fileno()
-
-    def receive(self):
-        """The reply of the outstanding read (its error raised); the read is no longer out."""
-        read, self.outstanding = self.outstanding, None
-        try:
-            if self.asking:
-                self.client.parse_response(read.connection, 'ASKING')
-            if read.command == 'EVALSHA':
-                [replies] = self.client.parse_response(read.connection, 'EVALSHA')
-                return replies
-            return self.client.parse_response(read.connection, 'XREADGROUP')
-        except redis.ResponseError:
-            raise
-        except BaseException:
-            read.connection.disconnect()
-            raise
-
-    def drop(self) -> None:
-        if self.client.connection is not None:
-            self.client.connection.disconnect()
-        self.outstanding = None
-
-    def close(self) -> None:
-        self.client.close()
-        self.client.connection_pool.disconnect()
-
-
 class Reader:
-    """The read side of one channel."""
+    """The read side of one channel: what to read, sending it, and taking the reply in.
 
-    def __init__(self, channel):
-        self.channel = channel
-        self.options = channel.options
-        self.keys = channel.keys
-        self.queues = channel.queues
-        self.inbox = channel.inbox
-        self.scheduler = Scheduler(channel)
-        self.block_ms = int(self.options.polling_interval * 1000)
-        self._rotation = 0
-        self._layouts: dict = {}        # (queues, broadcast flags) -> Reader._lay_out
+    Its collaborators: ``lanes`` (the connections reads go out on,
+    :mod:`celery_streams.lanes`), the queue table, the inbox replies go into,
+    the scheduler of delayed delivery, the scripts and the client (for
+    ``basic_get``'s read); ``refill_wait(budget)`` (the QoS: seconds to hold a
+    read back) and ``ensure_alive()`` (liveness: before a read with acks).
+    """
+
+    def __init__(self, *, options, keys, group: str, consumer: str, lanes, queues, inbox,
+                 scheduler, scripts, client, refill_wait, ensure_alive):
+        self.options = options
+        self.keys = keys
+        self.group = group
+        self.consumer = consumer
+        self.lanes = lanes
+        self.queues = queues
+        self.inbox = inbox
+        self.scheduler = scheduler
+        self.scripts = scripts
+        self.client = client
+        self.refill_wait = refill_wait
+        self.ensure_alive = ensure_alive
+        self.block_ms = options.block_ms
+        self._rotations: dict = {}      # queues -> how many plans of them were made
+        self._layouts: dict = {}        # (queues, table version) -> Reader._lay_out
         #: Seconds the last :meth:`start` held a read back to fill more of the window (0: none).
         self.held_back = 0.0
-        self._moves = master_moves(channel.pool)   # Sentinel: the master moved
-        self._lane: Lane | None = None
-
-    @property
-    def client(self) -> redis.Redis:
-        """The dedicated connection for the blocking read (``client.connection``)."""
-        return self.lane().client
-
-    def lane(self) -> Lane:
-        """The channel's one lane (made at first use)."""
-        if self._lane is None:
-            pool = self.channel.address.pool(self.options, follow=self.channel.pool, max_connections=1)
-            self._lane = Lane(redis.Redis(connection_pool=pool, single_connection_client=True))
-        return self._lane
-
-    def lanes(self) -> list:
-        """Every lane open now."""
-        return [self._lane] if self._lane is not None else []
-
-    def route(self, queues) -> list:
-        """``[(lane, its queues)]``: where each of ``queues`` is read."""
-        return [(self.lane(), queues)]
 
     def lane_of(self, fd) -> Lane | None:
         """The lane whose outstanding read came on socket ``fd``."""
-        return next((lane for lane in self.lanes() if lane.fileno() == fd), None)
+        return next((lane for lane in self.lanes.lanes() if lane.fileno() == fd), None)
 
     @property
     def outstanding(self) -> bool:
         """Whether any read is out."""
-        return any(lane.outstanding is not None for lane in self.lanes())
+        return any(lane.outstanding is not None for lane in self.lanes.lanes())
 
     def drop_connection(self, fd=None) -> None:
         """Drop the connection of the lane reading on ``fd`` (None: of every lane)."""
-        for lane in self.lanes():
+        for lane in self.lanes.lanes():
             if fd is None or lane.fileno() == fd:
                 lane.drop()
 
     def close(self) -> None:
-        for lane in self.lanes():
-            lane.close()
+        self.lanes.close()
 
     # -- plans ----------------------------------------------------------------
-
-    def bucket_order(self) -> tuple:
-        buckets = self.options.priority_steps
-        return buckets[::-1] if self.options.priority_semantics == 'rabbitmq' else buckets
 
     def plan(self, queues) -> Plan:
         """The streams of ``queues`` in reading order: priority buckets, then queues.
@@ -195,15 +110,17 @@ class Reader:
         key = (tuple(queues), self.queues.version)
         cached = self._layouts.get(key)
         if cached is None:
-            if len(self._layouts) > 32 + len(self.lanes()):   # queue sets come and go (add_consumer, cancel)
-                self._layouts.clear()
+            if len(self._layouts) > 32 + len(self.lanes.lanes()):
+                self._layouts.clear()   # queue sets come and go (add_consumer, cancel)
+                self._rotations.clear()
             cached = self._layouts[key] = self._lay_out(key[0])
         queues, layout = cached
-        strategy = self.options.queue_order_strategy
         shift = 0
-        if strategy == 'round_robin' and len(queues) > 1:
-            shift = self._rotation
-            self._rotation += 1
+        if self.options.queue_order_strategy == 'round_robin' and len(queues) > 1:
+            # One turn per set of queues: on a Redis Cluster each lane reads a set of its own,
+            # and one shared counter would let some of a lane's queues never come first.
+            shift = self._rotations.get(key[0], 0)
+            self._rotations[key[0]] = shift + 1
         streams, packed, optional = [], [], []
         for bucket, keys, packs in layout:
             k = shift % len(keys)
@@ -222,24 +139,23 @@ class Reader:
         if self.options.queue_order_strategy == 'sorted':
             queues.sort()
         layout = []
-        for bucket in self.bucket_order():
+        for bucket in self.options.bucket_order:
             keys = [self.keys.stream(q, bucket) for q in queues if not bucket or not table.is_broadcast(q)]
             if keys:
                 layout.append((bucket, keys, [wire.pack_args([key]) for key in keys]))
         return queues, layout
 
     def _read_args(self, budget, noack, optional) -> list:
-        channel = self.channel
-        return [channel.group, channel.consumer_name, budget, '1' if noack else '0', optional]
+        return [self.group, self.consumer, budget, '1' if noack else '0', optional]
 
     def budget_read(self, plan: Plan, budget, noack) -> list:
         """The ``read`` script over the streams of ``plan``, as a command."""
-        return self.channel.scripts.command('read', plan.streams,
+        return self.scripts.command('read', plan.streams,
                                             self._read_args(budget, noack, plan.optional))
 
     def _packed_budget_read(self, plan: Plan, budget, noack) -> bytes:
         args = self._read_args(budget, noack, plan.optional)
-        head = ['EVALSHA', self.channel.scripts.read.sha, len(plan.streams)]
+        head = ['EVALSHA', self.scripts.read.sha, len(plan.streams)]
         return (b'*%d\r\n' % (len(head) + len(plan.streams) + len(args))
                 + wire.pack_args(head) + plan.packed + wire.pack_args(args))
 
@@ -252,7 +168,7 @@ class Reader:
             streams = [stream for stream in streams if stream not in refused]
             packed = wire.pack_args(streams)
         block = self.scheduler.block_ms(self.block_ms, plan.queues)
-        head = ['XREADGROUP', 'GROUP', self.channel.group, self.channel.consumer_name,
+        head = ['XREADGROUP', 'GROUP', self.group, self.consumer,
                 'COUNT', 1, 'BLOCK', block, *(['NOACK'] if noack else []), 'STREAMS']
         return (b'*%d\r\n' % (len(head) + 2 * len(streams))
                 + wire.pack_args(head) + packed + b'$1\r\n>\r\n' * len(streams))
@@ -268,11 +184,8 @@ class Reader:
         more of the prefetch window to come free.
         """
         self.held_back = 0.0
-        if master_moves(self.channel.pool) != self._moves:
-            self._moves = master_moves(self.channel.pool)
-            logger.info('celery_streams: the master moved (Sentinel): reading from the new one')
-            self.drop_connection()
-        idle = [(lane, lane_queues) for lane, lane_queues in self.route(queues)
+        self.lanes.follow_master()
+        idle = [(lane, lane_queues) for lane, lane_queues in self.lanes.route(queues)
                 if lane.outstanding is None]
         if idle:
             self._send_reads(queues, idle, budget)
@@ -280,17 +193,18 @@ class Reader:
 
     def fds(self) -> list:
         """The file descriptors of the sockets with a read outstanding."""
-        return [lane.outstanding.connection._sock.fileno() for lane in self.lanes()
+        return [lane.outstanding.connection._sock.fileno() for lane in self.lanes.lanes()
                 if lane.outstanding is not None]
 
     def _send_reads(self, queues, idle, budget) -> None:
         if self.scheduler.promote_due(queues):
             for lane, _ in idle:
                 lane.block_next = False   # they wait in the streams now: read them at once
-        budget -= sum(lane.outstanding.count for lane in self.lanes() if lane.outstanding is not None)
+        budget -= sum(lane.outstanding.max_messages for lane in self.lanes.lanes()
+                      if lane.outstanding is not None)
         if budget <= 0:
             return
-        self.held_back = self.channel.qos.refill_wait(budget)
+        self.held_back = self.refill_wait(budget)
         if self.held_back:
             return
         self.queues.confirm_groups()
@@ -301,7 +215,7 @@ class Reader:
                 continue
             noack = all(self.queues[q].no_ack for q in plan.queues)
             if not noack and not alive:
-                self.channel.liveness.ensure_alive()
+                self.ensure_alive()
                 alive = True
             if lane.block_next:
                 count = len(plan.streams)
@@ -317,21 +231,27 @@ class Reader:
         """Read the reply of the read outstanding on ``fd`` (None: the first one out) into the
         inbox. True if it brought messages."""
         lane = (self.lane_of(fd) if fd is not None else
-                next(lane for lane in self.lanes() if lane.outstanding is not None))
-        return self._finish(lane)
+                next(lane for lane in self.lanes.lanes() if lane.outstanding is not None))
+        return self._take(lane)
+
+    def _take(self, lane) -> bool:
+        try:
+            return self._finish(lane)
+        finally:
+            self.lanes.finished(lane)
 
     def _finish(self, lane) -> bool:
         read = lane.outstanding
         try:
             replies = lane.receive()
         except redis.exceptions.NoScriptError:   # the server restarted or flushed its scripts
-            self.channel.scripts.reload('read')
+            self.scripts.reload('read')
             return False
         except redis.ResponseError as exc:
             if errors.is_missing_group(exc):
                 self.heal(lane, read.queues, exc)
                 return False
-            if self.redirected(lane, read, exc):
+            if self.lanes.redirected(lane, read, exc):
                 return False
             raise
         before = len(self.inbox)
@@ -345,20 +265,16 @@ class Reader:
         taken over once this consumer's liveness lapses. Raises the first such error once
         every lane was read."""
         first_error = None
-        for lane in self.lanes():
+        for lane in self.lanes.lanes():
             if lane.outstanding is None:
                 continue
             try:
-                self._finish(lane)
+                self._take(lane)
             except errors.connection_errors as exc:
                 lane.drop()
                 first_error = first_error or exc
         if first_error is not None:
             raise first_error
-
-    def redirected(self, lane, read, error) -> bool:
-        """A Redis Cluster sent the read elsewhere (``MOVED``, ``ASK``): follow; True if so."""
-        return False
 
     def heal(self, lane, queues, error) -> None:
         """Re-create what vanished; the next read does not block (something may be waiting)."""
@@ -367,7 +283,7 @@ class Reader:
 
     def check_stale(self, margin) -> None:
         """Drop the connection of a read that got no reply long after its BLOCK ran out."""
-        for lane in self.lanes():
+        for lane in self.lanes.lanes():
             if lane.outstanding is None:
                 continue
             waited = monotonic() - lane.outstanding.sent_at
@@ -384,16 +300,17 @@ class Reader:
         Skips dead-lettered and expired entries (up to 100 of them). Scheduled
         messages that came due are moved into the streams first.
         """
-        channel, buffer = self.channel, self.inbox.buffer
+        buffer = self.inbox.buffer
         self.scheduler.promote_due([queue])
-        streams = [self.keys.stream(queue, bucket) for bucket in self.bucket_order()]
-        optional = ''.join('1' if bucket else '0' for bucket in self.bucket_order())
+        order = self.options.bucket_order
+        streams = [self.keys.stream(queue, bucket) for bucket in order]
+        optional = ''.join('1' if bucket else '0' for bucket in order)
         command = self.budget_read(Plan([queue], streams, b'', optional), 1, noack=False)
         for _ in range(100):
             try:
-                [replies] = channel.pool_client.execute_command(*command)
+                [replies] = self.client.execute_command(*command)
             except redis.exceptions.NoScriptError:
-                channel.scripts.reload('read')
+                self.scripts.reload('read')
                 continue
             except redis.ResponseError as exc:
                 if not errors.is_missing_group(exc):

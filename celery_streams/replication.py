@@ -12,7 +12,6 @@ reason is that this one was just demoted or lost its replicas).
 """
 from __future__ import annotations
 
-from .connection import follow_master
 from .errors import NotReplicated
 
 
@@ -23,12 +22,14 @@ def wait_command(options) -> tuple | None:
     return ('WAIT', options.publish_wait_replicas, max(1, round(options.publish_wait_timeout * 1000)))
 
 
-def confirm(reply, options, pool=None) -> None:
-    """Raise unless ``reply`` (of ``WAIT``) counts enough replicas."""
+def confirm(reply, options, follow_master=None) -> None:
+    """Raise unless ``reply`` (of ``WAIT``) counts enough replicas (then ``follow_master()``
+    asks where the master is first)."""
     if isinstance(reply, Exception):
         raise reply
     if int(reply) < options.publish_wait_replicas:
-        follow_master(pool)
+        if follow_master is not None:
+            follow_master()
         raise NotReplicated(
             'publish not confirmed: %d of %d replica(s) acknowledged it within %gs '
             '(publish_wait_replicas); the master has it, a failover now may lose it, and it may '

@@ -1,6 +1,6 @@
 """Delayed delivery: a task waits for its ETA in Redis, not in a worker's memory.
 
-* **Publishing** (:mod:`celery_streams.routing`): a Celery task whose ETA
+* **Publishing** (:mod:`celery_streams.publisher`): a Celery task whose ETA
   (protocol 2: ``headers['eta']``, ISO 8601, naive meaning UTC; set by
   ``countdown``, ``eta`` and a retry's countdown) is more than
   ``delayed_delivery_threshold`` seconds ahead, by the server's clock, goes
@@ -47,6 +47,7 @@ from kombu.utils.json import loads
 
 from . import errors
 from .keys import Keys
+from .slots import Client
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,11 @@ class Member(NamedTuple):
 
 
 def parse_member(member) -> Member | None:
-    """The parts of a schedule member, or None when it does not parse (written by hand)."""
+    """The parts of a schedule member, or None when it does not parse (written by hand).
+
+    The format is :mod:`celery_streams.keys`'s; the scripts write it
+    (``schedule_member`` in ``scripts/_library.lua``).
+    """
     if isinstance(member, bytes):
         member = member.decode(errors='replace')
     parts = member.split(SEP, 3)
@@ -137,11 +142,13 @@ class Scheduler:
     before it sends a read, :meth:`block_ms` for the ``BLOCK`` of a blocking read.
     """
 
-    def __init__(self, channel):
-        self.channel = channel
-        self.keys: Keys = channel.keys
-        self.queues = channel.queues
-        self.check_every = channel.options.polling_interval
+    def __init__(self, *, keys: Keys, queues, scripts, dispatcher, clock, options):
+        self.keys = keys
+        self.queues = queues            # the queue table: which queues are served, their expiry
+        self.scripts = scripts
+        self.dispatcher = dispatcher    # the channel's hot commands (one write for all schedules)
+        self.clock = clock              # now, in ms by the server's clock
+        self.check_every = options.polling_interval
         self._due: dict[str, int | None] = {}    # queue -> next due time (server ms); None: empty
         self._looked: dict[str, float] = {}      # queue -> monotonic time of the last look
         self._failed: str | None = None          # the last promote error logged
@@ -169,16 +176,15 @@ class Scheduler:
         watched = self.watched(queues)
         if not watched:
             return 0
-        now_ms, now = self.channel.server_time_ms(), monotonic()
+        now_ms, now = self.clock(), monotonic()
         due = [queue for queue in watched
                if now - self._looked.get(queue, -math.inf) >= self.check_every
                or (self._due.get(queue) is not None and self._due[queue] <= now_ms
                    and now - self._looked.get(queue, -math.inf) >= PROMOTE_GAP)]
         if not due:
             return 0
-        channel = self.channel
-        results = channel.scripts.run(channel.line, [
-            channel.scripts.command('promote', [self.keys.scheduled(queue), *self.keys.streams(queue)],
+        results = self.scripts.run(self.dispatcher, [
+            self.scripts.command('promote', [self.keys.scheduled(queue), *self.keys.streams(queue)],
                                     [PROMOTE_STEP, self.queues.expires(queue) or 0,
                                      *self.keys.priority_steps])
             for queue in due])
@@ -200,7 +206,7 @@ class Scheduler:
         """Seconds (server clock) until the nearest scheduled entry known of ``queues`` is due,
         plus :data:`DUE_MARGIN_MS`, and no sooner than :data:`PROMOTE_GAP` after the last
         look at its schedule; may be negative. None when none is known."""
-        now_ms, now = self.channel.server_time_ms(), monotonic()
+        now_ms, now = self.clock(), monotonic()
         dues = [max(due + DUE_MARGIN_MS - now_ms,
                     (self._looked.get(queue, -math.inf) + PROMOTE_GAP - now) * 1000)
                 for queue, due in ((q, self._due.get(q)) for q in self.watched(queues))
@@ -247,7 +253,7 @@ class ScheduledMessage:
         return asdict(self)
 
 
-def scheduled_messages(client: redis.Redis, keys: Keys, queue: str, limit: int | None,
+def scheduled_messages(client: Client, keys: Keys, queue: str, limit: int | None,
                        now_ms: int) -> tuple[int, list[ScheduledMessage]]:
     """``(how many are scheduled, the next `limit` in due order)`` of ``queue``'s schedule.
 

@@ -23,7 +23,7 @@ again.
 
 :class:`Channel` keeps to kombu's hooks and hands the work to one collaborator
 per concern (see docs/design.md, "Modules"): the queue table
-(:mod:`~celery_streams.queues`), the router (:mod:`~celery_streams.routing`),
+(:mod:`~celery_streams.queues`), the publisher (:mod:`~celery_streams.publisher`),
 the reader (:mod:`~celery_streams.reader`), the inbox
 (:mod:`~celery_streams.inbox`), the QoS (:mod:`~celery_streams.qos`),
 liveness (:mod:`~celery_streams.liveness`) and, through the reader, the
@@ -40,31 +40,35 @@ import os
 import secrets
 import socket
 from time import time
+from typing import TYPE_CHECKING
 
 import redis
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.transport.virtual.base import queue_declare_ok_t
 
-from . import errors, hooks, wire
-from .connection import SCHEMES, TLS_SCHEMES, Address, follow_master, refuse_foreign_alternates, safe_url  # noqa: F401
+from . import errors, worker_state
+from .connection import SCHEMES, TLS_SCHEMES, Address, refuse_foreign_alternates, safe_url  # noqa: F401
 from .inbox import Inbox
 from .inventory import last_entry_id
-from .keys import SCHEMA_VERSION, Keys
+from .keys import Keys
 from .liveness import Liveness
 from .options import Options
 from .poller import Poller
-from .publish import PublishBatch
+from .batch import PublishBatch
 from .qos import ACK_BATCH, UNLIMITED_BATCH, QoS  # noqa: F401  (documented here)
 from .queues import QueueTable, queue_depth
-from .cluster import ClusterLine, ClusterPipe, ClusterReader
-from .pipe import Pipe
 from .reader import Reader
-from .routing import Router
+from .publisher import Publisher
+from .scheduler import Scheduler
 from .scripts import Scripts
+from .topology import open_topology, topology_class
+
+if TYPE_CHECKING:
+    from kombu import Connection
 
 logger = logging.getLogger(__name__)
-hooks.one_line_worker_errors()
+worker_state.one_line_worker_errors()
 
 
 class Channel(virtual.Channel):
@@ -93,91 +97,45 @@ class Channel(virtual.Channel):
         super().__init__(connection, **kwargs)
         options = self.options = connection.options
         self.address = connection.address
-        self.keys = Keys(options.global_keyprefix, options.priority_steps)
+        keys = self.keys = Keys(options.global_keyprefix, options.priority_steps)
         self.group = options.consumer_group
         # Unique per channel instance: a reconnected channel must not inherit the entries
         # of its predecessor (they are reclaimed once its liveness lapses).
         # The node name of a Celery worker (w1@host) when there is one, so an operator
         # can tell whose consumer it is in `celery streams status`.
-        self.consumer_name = '%s:%s:%s' % (hooks.worker_node_name() or socket.gethostname(),
-                                           os.getpid(), secrets.token_hex(3))
-        if self.address.cluster:   # every command to the master of its key's slot
-            self.pool_client = self.address.cluster_client(options)
-            self.pool = self.line = ClusterLine(self.pool_client)
-        else:
-            self.pool = self.address.pool(options)   # with Sentinel: follows the master
-            self.pool_client = redis.Redis(connection_pool=self.pool)
-            self.line = wire.Line(self.pool)   # publishes: one connection, no checkout per call
-        self.scripts = Scripts(self.pool_client)
-        self.queues = QueueTable(
-            self, self.pool_client, self.keys, self.group,
-            orphan_expiry_ms=int(max(options.visibility_timeout, 10.0) * 1000),
-            idle_consumer_ms=int((2 * options.polling_interval + 5) * 1000),
-            healed_mark_ms=int(options.visibility_timeout * 1000))
-        self.router = Router(self)
-        self.inbox = Inbox(self)
-        self.reader = (ClusterReader if self.address.cluster else Reader)(self)
-        self.liveness = Liveness(self)
+        consumer = self.consumer_name = '%s:%s:%s' % (
+            worker_state.worker_node_name() or socket.gethostname(), os.getpid(), secrets.token_hex(3))
+        topology = self.topology = open_topology(self.address, options)
+        client = self.pool_client = topology.client
+        scripts = self.scripts = Scripts(client)
+        #: Writes whose replies are read later: acks (the QoS) and group creations.
+        self.pipe = topology.open_pipe()
+        self.queues = QueueTable(client=client, dispatcher=topology.dispatcher, pipe=self.pipe,
+                                 scripts=scripts, keys=keys, options=options, state=self.state,
+                                 typeof=self.typeof, scripts_span_keys=topology.scripts_span_keys)
+        self.publisher = Publisher(kombu=self, topology=topology, queues=self.queues, scripts=scripts,
+                             keys=keys, options=options, clock=self.server_time_ms)
+        self.inbox = Inbox(keys=keys, queues=self.queues, options=options, consumer=consumer,
+                           client=client, clock=self.server_time_ms, decode_body=self.decode_body)
+        self.liveness = Liveness(keys=keys, options=options, consumer=consumer, client=client,
+                                 dispatcher=topology.dispatcher, scripts=scripts, queues=self.queues,
+                                 batches=topology.batches, consuming=self.consuming_queues,
+                                 held=lambda: self.qos.held_queues())
+        scheduler = Scheduler(keys=keys, queues=self.queues, scripts=scripts,
+                              dispatcher=topology.dispatcher, clock=self.server_time_ms,
+                              options=options)
+        self.reader = Reader(options=options, keys=keys, group=self.group, consumer=consumer,
+                             lanes=topology.open_lanes(keys.stream), queues=self.queues,
+                             inbox=self.inbox, scheduler=scheduler, scripts=scripts, client=client,
+                             refill_wait=lambda budget: self.qos.refill_wait(budget),
+                             ensure_alive=self.liveness.ensure_alive)
         try:
-            self._check_server()
+            self._clock_offset_ms = topology.check_server(keys, scripts)
+            topology.warn_once()
         except Exception:
-            self.pool.disconnect()
+            topology.disconnect()
             raise
         connection.poller.add(self)
-
-    def open_pipe(self, max_unread=None, poll=True):
-        """A :class:`~celery_streams.pipe.Pipe` for this channel's writes read later (acks,
-        ``publish_confirm='later'``); on a Redis Cluster, one that reads them at once."""
-        if self.address.cluster:
-            return ClusterPipe(self.line)
-        return Pipe(self.pool, poll=poll, **({} if max_unread is None else {'max_unread': max_unread}))
-
-    def _check_server(self):
-        """Fail early and in one line on credentials, schema or eviction trouble."""
-        try:
-            if self.address.cluster:
-                version, (seconds, micros), sent = self._check_cluster()
-            else:
-                with self.pool_client.pipeline(transaction=False) as pipe:
-                    pipe.ping()
-                    pipe.set(self.keys.schema, SCHEMA_VERSION, nx=True)
-                    pipe.get(self.keys.schema)
-                    pipe.script_load(self.scripts.read.script)
-                    pipe.time()
-                    sent = time()
-                    _, _, version, _, (seconds, micros) = pipe.execute()
-                # Ages and deadlines are measured on the server's clock: a host whose
-                # clock is off must neither drop fresh messages nor keep stale ones.
-                self._clock_offset_ms = (seconds * 1000 + micros / 1000) - (sent + time()) * 500
-        except redis.AuthenticationError as exc:
-            raise errors.ConfigurationError(
-                'Redis refused the credentials for %s: %s' % (self.address.where, exc)) from None
-        except redis.exceptions.NoPermissionError as exc:
-            raise errors.ConfigurationError(
-                'the Redis user may not use the transport keys %s* on %s: %s'
-                % (self.keys.prefix, self.address.where, exc)) from None
-        except redis.ResponseError as exc:
-            if 'DB index' not in str(exc):
-                raise
-            raise errors.ConfigurationError(
-                'database %d does not exist on %s (%s): use a number below its "databases" setting'
-                % (self.address.db, self.address.where, exc)) from None
-        if version is not None and int(version) != SCHEMA_VERSION:
-            raise errors.SchemaMismatch(
-                'keys under %r use schema %s, this celery_streams writes schema %s'
-                % (self.keys.prefix, int(version), SCHEMA_VERSION))
-        self.connection.check_eviction_policy(self.pool_client)
-
-    def _check_cluster(self):
-        """:meth:`_check_server`'s questions, on a Redis Cluster: the scripts are loaded on
-        every master (its pipelines load none)."""
-        client = self.pool_client
-        client.set(self.keys.schema, SCHEMA_VERSION, nx=True)
-        version = client.get(self.keys.schema)
-        self.scripts.reload_all()
-        node = client.get_node_from_key(self.keys.schema)
-        sent = time()
-        return version, client.time(target_nodes=node), sent
 
     def server_time_ms(self) -> float:
         """Now, in ms since the epoch, by the server's clock (as measured when the channel opened)."""
@@ -185,8 +143,8 @@ class Channel(virtual.Channel):
 
     @property
     def client(self):
-        """The dedicated connection for the blocking read (Celery's cold shutdown closes it)."""
-        return self.reader.client
+        """A client of the reader's connection (Celery's cold shutdown closes it)."""
+        return self.reader.lanes.client(self.consuming_queues())
 
     # -- declaring (kombu hooks) ------------------------------------------------
 
@@ -226,15 +184,15 @@ class Channel(virtual.Channel):
         return PublishBatch(self, max_size)
 
     def _put(self, queue, message, **kwargs):
-        self.router.put(queue, message, kwargs.get('_publish_batch'))
+        self.publisher.put(queue, message, kwargs.get('_publish_batch'))
 
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
-        self.router.put_fanout(exchange, message, routing_key, **kwargs)
+        self.publisher.put_fanout(exchange, message, routing_key, **kwargs)
 
     def basic_publish(self, message, exchange, routing_key, **kwargs):
-        """Route one message and append it to the streams of its queues (see :mod:`.routing`)."""
+        """Route one message and append it to the streams of its queues (see :mod:`.publisher`)."""
         self._inplace_augment_message(message, exchange, routing_key)
-        return self.router.publish(message, exchange, routing_key, **kwargs)
+        return self.publisher.publish(message, exchange, routing_key, **kwargs)
 
     def _inplace_augment_message(self, message, exchange, routing_key):
         """kombu's, less the delivery tag: a reader makes its own (a uuid4 here was 5 µs
@@ -258,7 +216,7 @@ class Channel(virtual.Channel):
         queue = self._tag_to_queue.get(consumer_tag)
         result = super().basic_cancel(consumer_tag)
         if queue is not None and queue not in self._active_queues:
-            self.inbox.restore(queue)   # read for this consumer, never handed over
+            self.qos.restore_tags(self.inbox.take_back(queue))   # read, never handed over
             self.queues[queue].no_ack = False
             if not self.closed:
                 try:
@@ -325,7 +283,7 @@ class Channel(virtual.Channel):
         return bool(self.inbox)
 
     def deliver_buffered(self, limit=None):
-        return self.inbox.deliver(limit)
+        return self.inbox.deliver(self.qos, self.connection._deliver, limit)
 
     def loop_turn(self, thread_ident):
         self.qos.loop_turn(thread_ident)
@@ -334,7 +292,10 @@ class Channel(virtual.Channel):
         self.qos.flush_acks()
 
     def maybe_reclaim(self):
-        self.liveness.maybe_reclaim()
+        """Take over the messages of dead consumers when due, between reads (not while a read
+        is out or messages wait in the inbox)."""
+        if not (self.inbox or self.reader.outstanding):
+            self.liveness.maybe_reclaim(self.qos.read_budget, self.inbox.add_claimed)
 
     def promote_due(self):
         """Move the scheduled messages of the consumed queues that came due into their streams."""
@@ -347,20 +308,40 @@ class Channel(virtual.Channel):
 
     def follow_master(self):
         """Sentinel: ask where the master is; when it moved, this channel's connections follow
-        (:func:`celery_streams.connection.moves`), the reader at its next read."""
-        if follow_master(self.pool):
+        (:func:`celery_streams.sentinel.moves`), the reader at its next read."""
+        if self.topology.follow_master():
             logger.warning('celery_streams: the Sentinels moved master %r to %s:%s; following it',
-                           self.options.master_name, *self.pool.master_address)
+                           self.options.master_name, *self.topology.master)
 
     def renew_liveness(self):
         self.liveness.renew()
 
     def renewal_tick(self):
-        return self.liveness.tick()
+        """From the renewal thread, about every second: renew what is due; False once a
+        closed channel holds nothing more.
+
+        Liveness every third of ``visibility_timeout``; the expiry of consumed
+        queues with an ``x-expires`` every third of it -- off the hub, so a full
+        prefetch window or a long task under ``-P solo`` never lets a consumed
+        queue expire. With Sentinel, where the master is: a channel follows a
+        failover within about a second, even while the old master still takes
+        writes (after ``SENTINEL FAILOVER`` it does so for about 10 s).
+        """
+        if self.closed and not self.qos.holds_messages():
+            self.liveness.forget()   # a held channel's last running task was acked
+            return False
+        if not self.closed:
+            self.follow_master()
+        self.liveness.renew_if_due()
+        if not self.closed:
+            queues = self.consuming_queues()
+            self.queues.refresh_expiry(queues)
+            self.queues.retry_refused(queues)
+        return True
 
     def prune_registry(self):
         """Forget registered queues whose streams expired; returns how many."""
-        return self.queues.prune_registry(self.scripts)
+        return self.queues.prune_registry()
 
     # -- restores, sizes, purge, close ------------------------------------------------
 
@@ -391,10 +372,10 @@ class Channel(virtual.Channel):
     def close(self):
         if self.closed:
             return
-        self.router.close()   # publishes confirmed later: read their replies
+        self.publisher.close()   # publishes confirmed later: read their replies
         # Each step on its own: on a Redis Cluster, one node gone leaves the others'.
         for step in (partial(self.qos.flush_acks, wait=True), self.reader.finish_all,
-                     self.inbox.restore):
+                     lambda: self.qos.restore_tags(self.inbox.take_back())):
             try:
                 step()
             except Exception:   # the connection is gone: reclaim will return them
@@ -426,7 +407,7 @@ class Channel(virtual.Channel):
         elif poller is not None:
             poller.discard(self)
         self.reader.close()
-        self.pool.disconnect()
+        self.topology.disconnect()
 
 
 class _PrintsClusterURLs:
@@ -435,12 +416,13 @@ class _PrintsClusterURLs:
     ``Connection.as_uri``: kombu's parser takes the list of seed nodes for a bad port)."""
 
     def __get__(self, transport, owner=None) -> bool:
-        return transport is not None and transport.address.cluster
+        return transport is not None and topology_class(transport.address).prints_own_url
 
 
 class Transport(virtual.Transport):
     """Kombu transport: Redis Streams with consumer groups."""
 
+    client: Connection  # type: ignore[assignment]  # kombu: None at class level, set in __init__
     Channel = Channel
     can_parse_url = _PrintsClusterURLs()
 
@@ -455,8 +437,9 @@ class Transport(virtual.Transport):
         exchange_type=frozenset(['direct', 'topic', 'fanout']),
     )
 
-    connection_errors = errors.connection_errors
-    channel_errors = errors.channel_errors
+    # kombu's class attributes are 1-tuples to mypy; any tuple of exception classes is meant.
+    connection_errors = errors.connection_errors  # type: ignore[assignment]
+    channel_errors = errors.channel_errors  # type: ignore[assignment]
     #: Only these make kombu retry a connection (and fail over to an alternate URL).
     recoverable_connection_errors = errors.connection_errors
     recoverable_channel_errors = ()
@@ -466,8 +449,7 @@ class Transport(virtual.Transport):
         refuse_foreign_alternates(client)
         self.address = Address.from_kombu(client, self.options)   # options that fit the URL
         super().__init__(client, **kwargs)
-        self.poller = Poller(renew_every=min(max(self.options.visibility_timeout / 3, 0.2), 60.0))
-        self._eviction_checked = False
+        self.poller = Poller(renew_every=self.options.renew_every)
 
     def driver_version(self):
         return redis.__version__
@@ -500,31 +482,5 @@ class Transport(virtual.Transport):
     def drain_events(self, connection, timeout=None):
         self.poller.drain_events(timeout)
 
-    def check_eviction_policy(self, client):
-        """Warn once per process and server when keys may be lost to eviction, or options ignored.
-
-        A Celery worker opens several connections (tasks, remote control,
-        events, gossip): one warning is enough.
-        """
-        if self._eviction_checked:
-            return
-        self._eviction_checked = True
-        checked = (self.address.where, self.options.ignored)
-        if checked in _CHECKED:
-            return
-        _CHECKED.add(checked)
-        self.options.warn_ignored()
-        try:
-            policy = client.config_get('maxmemory-policy').get('maxmemory-policy', '')
-        except redis.ResponseError:   # CONFIG not allowed (ACL, managed Redis)
-            return
-        if policy and policy != 'noeviction':
-            logger.warning(
-                "celery_streams: Redis maxmemory-policy is %r: under memory pressure Redis may "
-                "evict queue streams and their messages; use 'noeviction'", policy)
-
-
-#: (server, options) pairs this process has checked already.
-_CHECKED: set = set()
 
 DEFAULT_PORT = Transport.default_port

@@ -229,7 +229,7 @@ def test_a_consumer_reads_a_queue_whose_slot_is_halfway_moved(cluster, rc, keys,
                 producer.publish({'n': n}, routing_key=name)
             drain(9)
         # ASK held for one read each: the reader settled on the new owner, without ASKING.
-        [lane] = connection.default_channel.reader.lanes()
+        [lane] = connection.default_channel.reader.lanes.lanes()
         assert not lane.asking
         assert lane.client.connection_pool.connection_kwargs['port'] == target.port
     assert got == list(range(9))

@@ -26,7 +26,7 @@ from kombu import Consumer, Exchange, Producer, Queue
 
 from celery_streams.errors import ConfigurationError
 from celery_streams.options import Options
-from celery_streams.routing import CONFIRM_WINDOW
+from celery_streams.publisher import CONFIRM_WINDOW
 from tests.helpers import connection, drop_connection, streams_url
 
 pytestmark = pytest.mark.timeout(60)
@@ -69,8 +69,8 @@ def test_every_message_is_in_redis_once_the_channel_closes(redis_server, prefix,
         with producer.batch(max_size=30):
             for i in range(count + 100, count + 200):
                 producer.publish(i, exchange=q.exchange, routing_key=unique_name, serializer='json')
-        router = conn.default_channel.router
-        assert router.pipe.unconfirmed > 0, 'every publish waited: not confirmed later'
+        publisher = conn.default_channel.publisher
+        assert publisher.pipe.unconfirmed > 0, 'every publish waited: not confirmed later'
     assert bodies_in(r, keys, unique_name) == list(range(count + 200))
 
 
@@ -143,13 +143,13 @@ def test_unconfirmed_messages_are_written_again_when_the_connection_drops(
     q = queue(unique_name)
     with connection(redis_server, prefix, **LATER) as conn:
         producer = producer_of(conn, q)
-        pipe = conn.default_channel.router.pipe
+        pipe = conn.default_channel.publisher.pipe
         r.client_pause(5000, all=False)
         try:
             for i in range(50):
                 producer.publish(i, exchange=q.exchange, routing_key=unique_name)
             assert pipe.unconfirmed == 50
-            drop_connection(r, pipe.line._connection)   # before Redis ran any of them
+            drop_connection(r, pipe.dispatcher._connection)   # before Redis ran any of them
         finally:
             r.client_unpause()
         producer.publish(50, exchange=q.exchange, routing_key=unique_name)
@@ -178,9 +178,9 @@ def test_a_message_redis_refuses_is_logged_and_the_others_go_on(
             producer.publish(0, exchange='', routing_key=good.name)
             producer.publish('lost', exchange='', routing_key=bad.name)
             producer.publish(1, exchange='', routing_key=good.name)
-            router = conn.default_channel.router
-        assert router.refused == 0   # not read yet
-    assert router.refused == 1
+            publisher = conn.default_channel.publisher
+        assert publisher.refused == 0   # not read yet
+    assert publisher.refused == 1
     assert 'refused, the message is lost' in caplog.text and 'WRONGTYPE' in caplog.text
     assert bodies_in(r, keys, good.name) == [0, 1]
     r.delete(keys.stream(bad.name))
@@ -192,12 +192,12 @@ def test_a_forked_child_never_writes_its_parents_messages_again(
     q = queue(unique_name)
     with connection(redis_server, prefix, **LATER) as conn:
         producer = producer_of(conn, q, 10)
-        assert conn.default_channel.router.pipe.unconfirmed == 10
+        assert conn.default_channel.publisher.pipe.unconfirmed == 10
         pid = os.fork()
         if pid == 0:   # the child: one message of its own, then its exit confirms it
             try:
                 producer.publish(100, exchange=q.exchange, routing_key=unique_name)
-                conn.default_channel.router.close()
+                conn.default_channel.publisher.close()
             finally:
                 os._exit(0)
         _, status = os.waitpid(pid, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from typing import Callable, Literal, TextIO, cast
 
 import click
 import redis
@@ -107,11 +108,17 @@ def dry_run_option(group: str, what: str):
                         help='Show what would be %s; change nothing.' % what)
 
 
+def text_stream(name: Literal['stdin', 'stdout', 'stderr']) -> TextIO:
+    """``click.get_text_stream(name)``, typed: Click 8.5 deprecated it and serves it from a
+    module ``__getattr__`` that type checkers see as ``object``. Looked up at each call."""
+    return cast('Callable[[str], TextIO]', click.get_text_stream)(name)
+
+
 def confirm(obj: CLIContext, action: str, force: bool, target: Target, what: str) -> None:
     """Ask like ``celery purge``; without a terminal, refuse unless --force."""
     if force:
         return
-    if not click.get_text_stream('stdin').isatty():  # type: ignore[operator]
+    if not text_stream('stdin').isatty():
         raise click.ClickException(
             'refusing to %s without confirmation: stdin is not a terminal '
             '(pass -f/--force to skip the prompt, or --dry-run to see what it would do)' % action)
@@ -148,7 +155,7 @@ def progress_bar(total: int, label: str, file=None):
     terminal and ``total`` (entries the plan removes or clears) is at least
     :data:`PROGRESS_MIN`: piped output is the report alone.
     """
-    out = file if file is not None else click.get_text_stream('stdout')
+    out = file if file is not None else text_stream('stdout')
     if total < PROGRESS_MIN or not out.isatty():
         yield None
         return

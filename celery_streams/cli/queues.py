@@ -11,7 +11,7 @@ from .. import admin
 from ..keys import Keys
 from .base import (DRY_RUN_NOTE, RESERVED_NOTE, Target, cell, count, dry_run_option, force_option,
                    obj_of, plan_confirm_apply, prefix_option, progress_bar, queues_option, seconds,
-                   streams)
+                   streams, text_stream)
 
 # -- drain --------------------------------------------------------------------
 
@@ -194,7 +194,7 @@ def status(ctx, queues, as_json, watch, interval, rounds, prefix, **kwargs):
 def _watch(obj, collect, interval, rounds):
     """Redraw the table in place (cursor home, overwrite, clear the rest: no flicker) on a
     terminal; elsewhere print one table per refresh."""
-    tty = click.get_text_stream('stdout').isatty()
+    tty = text_stream('stdout').isatty()
     before, taken = None, 0
     try:
         while rounds is None or taken < rounds:
