@@ -36,9 +36,11 @@ def backend_url(server, db=1):
 # -- kombu --------------------------------------------------------------------
 
 def connection(server, prefix, **transport_options):
-    """A kombu connection to ``server`` under ``global_keyprefix=prefix``."""
-    return Connection(streams_url(server),
-                      transport_options={'global_keyprefix': prefix, **transport_options})
+    """A kombu connection to ``server`` (a test server, or a broker URL: a Sentinel or a
+    failover list) under ``global_keyprefix=prefix``; ``transport_options`` add to it
+    (``visibility_timeout=VT``: the short one of a module's tests, ``master_name``...)."""
+    url = server if isinstance(server, str) else streams_url(server)
+    return Connection(url, transport_options={'global_keyprefix': prefix, **transport_options})
 
 
 def publish(conn, exchange, routing_key, bodies, declare=()):
@@ -105,15 +107,20 @@ def consume(conn, queues, count=None, *, until=None, timeout=15, ack=True, reque
 
 # -- waiting ------------------------------------------------------------------
 
-def wait_until(condition, timeout=10, interval=0.05, what=None):
+def wait_until(condition, timeout=10, interval=0.05, what=None, must=True):
     """Poll ``condition()`` until it returns something true, and return that; fail after
-    ``timeout`` seconds (``what``: a description, or a callable giving one, for the message)."""
+    ``timeout`` seconds (``what``: a description, or a callable giving one, for the message).
+
+    With ``must=False`` the last value is returned on time out instead, for the caller to
+    assert with a message of its own (or to look at what came)."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
+            if not must:
+                return value
             detail = what() if callable(what) else what
             raise AssertionError('not true after %ss: %s' % (
                 timeout, detail or getattr(condition, '__name__', repr(condition))))

@@ -16,19 +16,13 @@ from kombu import Exchange, Queue
 import celery_streams  # noqa: F401  (registers redis-streams://)
 from celery_streams import admin
 from celery_streams.keys import Keys
-from tests import helpers
-from tests.helpers import connection, delete_keys, one_line, snapshot, streams_url
+from tests.helpers import connection, consume, delete_keys, one_line, snapshot, streams_url
 
 JUNK = b'\xff not json'
 
 
 def work_queue(name='work'):
     return Queue(name, Exchange(name), name)
-
-
-def consume(conn, queue, *, requeue=False, until, timeout=10):
-    """Consume ``queue`` until ``until(messages)``, acking (or requeuing) each; fail on time out."""
-    return helpers.consume(conn, queue, until=until, requeue=requeue, timeout=timeout, must=True)
 
 
 class DeadLetters:
@@ -50,7 +44,7 @@ class DeadLetters:
         finally:
             app.close()
         with connection(server, prefix, max_deliveries=1) as conn:
-            self.seen = consume(conn, work_queue(), requeue=True,
+            self.seen = consume(conn, work_queue(), requeue=True, timeout=10, must=True,
                                 until=lambda got: self.redis.xlen(self.dead) == 2)
         assert len(self.seen) == 1   # delivered once, requeued, dead-lettered on the next read
         (self.junk_id, junk), (self.task_dead_id, task) = self.redis.xrange(self.dead)
@@ -189,7 +183,7 @@ def test_requeue_by_id_resets_the_delivery_count(run, dl):
 
     # with max_deliveries=1, a carried count would dead-letter it at once: it is delivered
     with connection(dl.server, dl.prefix, max_deliveries=1) as conn:
-        [message] = consume(conn, work_queue(), until=lambda got: got)
+        [message] = consume(conn, work_queue(), until=lambda got: got, timeout=10, must=True)
     assert message.headers['task'] == 'proj.add' and message.headers['id'] == dl.task_id
     assert message.payload[0] == [2, 2]
     assert dl.redis.xlen(dl.dead) == 1 and dl.redis.xlen(dl.keys.stream('work')) == 0
@@ -206,7 +200,8 @@ def test_requeue_all_says_undecodable_ones_come_back(run, dl):
     assert [set(f) for f in entries] == [{'payload'}, {'payload', 'redelivered'}]
 
     with connection(dl.server, dl.prefix, max_deliveries=1) as conn:
-        got = consume(conn, work_queue(), until=lambda got: got and dl.redis.xlen(dl.dead) == 1)
+        got = consume(conn, work_queue(), until=lambda got: got and dl.redis.xlen(dl.dead) == 1,
+                      timeout=10, must=True)
     assert [m.headers['id'] for m in got] == [dl.task_id]
     [(_, dead)] = dl.redis.xrange(dl.dead)
     assert dead['reason'].startswith('undecodable entry')
@@ -238,7 +233,7 @@ def test_requeue_goes_back_to_the_priority_bucket_it_came_from(dl):
     bucket = dl.keys.stream('work', 6)
     dl.redis.xadd(bucket, {'payload': 'not json either'})
     with connection(dl.server, dl.prefix) as conn:
-        consume(conn, work_queue(), until=lambda got: dl.redis.xlen(dl.dead) == 3)
+        consume(conn, work_queue(), until=lambda got: dl.redis.xlen(dl.dead) == 3, timeout=10, must=True)
     [letter] = [d for d in admin.dead_letters(dl.redis, global_keyprefix=dl.prefix)[0].dead_letters
                 if d.source_stream == bucket]
 

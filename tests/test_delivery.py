@@ -14,15 +14,9 @@ import time
 from kombu import Consumer, Exchange, Queue
 
 from celery_streams.scripts import Scripts
-from tests import helpers
-from tests.helpers import consume, publish, streams_url
+from tests.helpers import connection, consume, publish, streams_url
 
 VT = 1.0   # a short visibility_timeout keeps these tests fast
-
-
-def connection(server, prefix, **options):
-    return helpers.connection(server, prefix, visibility_timeout=VT, **options)
-
 
 HOLDER = '''
 import sys, time, celery_streams
@@ -50,7 +44,7 @@ def hold_then_die(server, prefix, count):
 
 def test_messages_of_a_killed_consumer_are_reclaimed_and_marked_redelivered(redis_server, prefix, r, keys):
     q = Queue('work', Exchange('work'), 'work')
-    with connection(redis_server, prefix) as conn:
+    with connection(redis_server, prefix, visibility_timeout=VT) as conn:
         publish(conn, q.exchange, 'work', [{'n': i} for i in range(5)], declare=[q])
         hold_then_die(redis_server, prefix, 5)
         started = time.monotonic()
@@ -62,7 +56,7 @@ def test_messages_of_a_killed_consumer_are_reclaimed_and_marked_redelivered(redi
     assert r.xpending(keys.stream('work'), 'celery')['pending'] == 0
     # the dead consumer, now owning nothing, is removed from the group by a later reclaim
     deadline = time.monotonic() + 10
-    with connection(redis_server, prefix) as conn:
+    with connection(redis_server, prefix, visibility_timeout=VT) as conn:
         while time.monotonic() < deadline:
             consume(conn, q, 1, timeout=1)
             if len(r.xinfo_consumers(keys.stream('work'), 'celery')) <= 1:
@@ -72,7 +66,8 @@ def test_messages_of_a_killed_consumer_are_reclaimed_and_marked_redelivered(redi
 
 def test_a_live_consumer_keeps_its_messages_past_the_visibility_timeout(redis_server, prefix, keys, r):
     q = Queue('work', Exchange('work'), 'work')
-    with connection(redis_server, prefix) as holder, connection(redis_server, prefix) as other:
+    with connection(redis_server, prefix, visibility_timeout=VT) as holder, \
+            connection(redis_server, prefix, visibility_timeout=VT) as other:
         publish(holder, q.exchange, 'work', [{'n': 1}], declare=[q])
         held = consume(holder, q, 1, ack=False)
         assert len(held) == 1
@@ -85,7 +80,7 @@ def test_a_live_consumer_keeps_its_messages_past_the_visibility_timeout(redis_se
 
 def test_reclaim_never_overfills_the_prefetch_window(redis_server, prefix):
     q = Queue('work', Exchange('work'), 'work')
-    with connection(redis_server, prefix) as conn:
+    with connection(redis_server, prefix, visibility_timeout=VT) as conn:
         publish(conn, q.exchange, 'work', [{'n': i} for i in range(10)], declare=[q])
         hold_then_die(redis_server, prefix, 10)
         channel = conn.channel()
@@ -104,7 +99,7 @@ def test_reclaim_never_overfills_the_prefetch_window(redis_server, prefix):
 
 def test_requeued_poison_message_is_dead_lettered_after_max_deliveries(redis_server, prefix, keys, r):
     q = Queue('work', Exchange('work'), 'work')
-    with connection(redis_server, prefix, max_deliveries=3) as conn:
+    with connection(redis_server, prefix, visibility_timeout=VT, max_deliveries=3) as conn:
         publish(conn, q.exchange, 'work', [{'poison': True}, {'good': True}], declare=[q])
         seen = []
 
@@ -133,7 +128,7 @@ def test_requeued_poison_message_is_dead_lettered_after_max_deliveries(redis_ser
 
 def test_drained_entries_of_a_dead_consumer_are_never_reclaimed(redis_server, prefix, keys, r):
     q = Queue('work', Exchange('work'), 'work')
-    with connection(redis_server, prefix) as conn:
+    with connection(redis_server, prefix, visibility_timeout=VT) as conn:
         publish(conn, q.exchange, 'work', [{'n': i} for i in range(4)], declare=[q])
         hold_then_die(redis_server, prefix, 4)
         removed, cleared = Scripts(r).drain(keys=[keys.stream('work')], args=['+'])
@@ -145,12 +140,12 @@ def test_drained_entries_of_a_dead_consumer_are_never_reclaimed(redis_server, pr
 def test_restore_at_shutdown_does_not_count_as_a_delivery(redis_server, prefix, keys, r):
     """An ETA task held across many restarts is never dead-lettered for it."""
     q = Queue('work', Exchange('work'), 'work')
-    with connection(redis_server, prefix, max_deliveries=2) as conn:
+    with connection(redis_server, prefix, visibility_timeout=VT, max_deliveries=2) as conn:
         publish(conn, q.exchange, 'work', [{'eta': True}], declare=[q])
     for _ in range(4):   # four workers take it and shut down without running it
-        with connection(redis_server, prefix, max_deliveries=2) as conn:
+        with connection(redis_server, prefix, visibility_timeout=VT, max_deliveries=2) as conn:
             assert len(consume(conn, q, 1, ack=False)) == 1
-    with connection(redis_server, prefix, max_deliveries=2) as conn:
+    with connection(redis_server, prefix, visibility_timeout=VT, max_deliveries=2) as conn:
         (message,) = consume(conn, q, 1)
     assert message.payload == {'eta': True}
     assert r.xlen(keys.dead_letters('work')) == 0

@@ -1,143 +1,67 @@
 """The fault suite: real servers, real ``celery worker`` processes, real faults.
 
-Workers run ``tests/apps/faults.py``; its tasks record every execution into a
-journal list on a separate server (so killing, restarting or ``CLIENT KILL``ing
-the broker never touches the records), and each test counts what was sent, run,
-lost and duplicated. Every test prints its figures: run with ``-s``.
+Each test has a :class:`~tests.rigs.ServerRig` on a private server: workers run
+``tests/apps/rig.py``, whose tasks record every execution into a journal on a
+separate server (so killing, restarting or ``CLIENT KILL``ing the broker never
+touches the records), and each test counts what was sent, run, lost and
+duplicated. Every test prints its figures: run with ``-s``.
 """
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections import Counter
 
 import pytest
 import redis
-from celery import Celery
 
 import celery_streams  # noqa: F401  (registers redis-streams://)
 from celery_streams import admin
-from celery_streams.keys import Keys
-from tests import servers
-from tests.apps.faults import ROUTED_QUEUES, journal_key
-from tests.helpers import backend_url, streams_url, wait_until
-from tests.workers import Worker, app_env, stop_all
+from tests import rigs
+from tests.helpers import wait_until
+from tests.rigs import POISON, RECORD, Publisher, ServerRig
 
 pytestmark = pytest.mark.slow
 
-TASK = 'tests.apps.faults.record'
-POISON = 'tests.apps.faults.poison'
 SERVER_KINDS = ['redis7', 'valkey8', 'redis6.2']
 LOST_LINE = 'Connection to broker lost'
 
 
 # -- rig ----------------------------------------------------------------------
 
-APP_MODULE = 'tests.apps.faults'
-#: Every fault worker runs without mingle, gossip and heartbeats.
-WORKER_FLAGS = ('--without-mingle', '--without-gossip', '--without-heartbeat')
-
-
-@pytest.fixture(scope='module')
-def journal_server(preferred_server_binary):
-    """One server holding every test's journal, never damaged by a test."""
-    binary = preferred_server_binary
-    with servers.RedisServer(binary=binary.path, name=binary.name) as server:
-        yield server
-
-
-class Rig:
-    """A broker server, a journal, a prefix, and the workers and client apps of one test."""
-
-    def __init__(self, broker, journal_server, prefix, **env):
-        self.broker = broker
-        self.journal_server = journal_server
-        self.prefix = prefix
-        self.keys = Keys(prefix)
-        self.env = env
-        self.journal = journal_server.client()
-        self.workers = []
-        self.apps = []
-
-    def worker_env(self, **extra):
-        return app_env(self.broker, self.prefix, app=APP_MODULE,
-                       backend=backend_url(self.journal_server, db=0), **{**self.env, **extra})
-
-    def worker(self, *args, name='w1', **env):
-        worker = Worker(self.worker_env(**env), *args, *WORKER_FLAGS, name=name, app=APP_MODULE)
-        self.workers.append(worker)
-        return worker.start()
-
-    def client_app(self, routes=False, **options):
-        app = Celery('faults-client', broker=streams_url(self.broker))
-        app.conf.broker_transport_options = {'global_keyprefix': self.prefix, **options}
-        app.conf.task_ignore_result = True
-        if routes:
-            app.conf.task_queues = ROUTED_QUEUES
-            app.conf.task_default_queue = 'direct_q'
-        self.apps.append(app)
-        return app
-
-    def redis(self, **kwargs):
-        return self.broker.client(**kwargs)
-
-    # -- the journal ----------------------------------------------------------
-
-    def listed(self, what):
-        return [item.decode() for item in self.journal.lrange(journal_key(what, self.prefix), 0, -1)]
-
-    def ran(self):
-        return Counter(self.listed('ran'))
-
-    def wait_ran(self, tokens, timeout=30, what='ran'):
-        """Wait until every token ran at least once; return the time it took."""
-        tokens = set(tokens)
-        started = time.monotonic()
-        deadline = started + timeout
-        while True:
-            missing = tokens - set(self.listed(what))
-            if not missing:
-                return time.monotonic() - started
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(0.05)
-
-    def close(self):
-        stop_all(self.workers)
-        for app in self.apps:
-            app.close()
-        self.journal.close()
+journal_server = rigs.journal_server   # the fixture
 
 
 @pytest.fixture
 def make_rig(fresh_redis_server, journal_server, unique_name):
-    rigs = []
+    """``make_rig(server_kind, server_args=(), **settings)``: a rig on a private server of
+    that kind (started with ``server_args``), its workers with ``settings``."""
+    made = []
 
-    def make(server_kind='redis7', *, server_args=(), **env):
+    def make(server_kind='redis7', *, server_args=(), **settings):
         broker = fresh_redis_server(server_kind, extra_args=list(server_args))
-        rig = Rig(broker, journal_server, unique_name + ':', **env)
-        rigs.append(rig)
-        return rig
+        made.append(ServerRig(broker, journal_server, unique_name + ':', **settings))
+        return made[-1]
 
     yield make
-    for rig in rigs:
+    for rig in made:
         rig.close()
 
 
 @pytest.fixture
-def report(capsys, request):
-    def report(*lines, **figures):
-        text = ', '.join('%s=%s' % (k, ('%.2fs' % v) if isinstance(v, float) else v)
-                         for k, v in figures.items())
-        with capsys.disabled():
-            print('\n[%s] %s' % (request.node.name, text), *('  ' + line for line in lines),
-                  sep='\n', flush=True)
-    return report
+def report(report, capsys):
+    """The session's ``report(**figures)``, with lines printed under the figures:
+    ``report(*lines, **figures)``."""
+    def report_lines(*lines, **figures):
+        report(**figures)
+        if lines:
+            with capsys.disabled():
+                print(*('  ' + line for line in lines), sep='\n', flush=True)
+    return report_lines
 
 
 def send(app, token, *args, **options):
-    return app.send_task(TASK, args=(token, *args), **options)
+    return app.send_task(RECORD, args=(token, *args), **options)
 
 
 def tally(ran, tokens):
@@ -156,6 +80,15 @@ def duplicate_kinds(rig, duplicated):
     return {'redelivered': again, 'published_twice': twice}
 
 
+def backlog(r, stream):
+    """``(entries, pending)`` of ``stream`` (pending 0 while it has no group)."""
+    try:
+        pending = r.xpending(stream, 'celery')['pending']
+    except redis.ResponseError:   # no group (yet)
+        pending = 0
+    return r.xlen(stream), pending
+
+
 def settled(rig, queues=('celery',), timeout=5.0):
     """Wait until the queue streams hold nothing and nothing is pending; return what is left."""
     r = rig.redis()
@@ -163,13 +96,9 @@ def settled(rig, queues=('celery',), timeout=5.0):
     while True:
         left = {}
         for queue in queues:
-            stream = rig.keys.stream(queue)
-            try:
-                pending = r.xpending(stream, 'celery')['pending']
-            except redis.ResponseError:   # no group (yet)
-                pending = 0
-            if r.xlen(stream) or pending:
-                left[queue] = (r.xlen(stream), pending)
+            entries, pending = backlog(r, rig.keys.stream(queue))
+            if entries or pending:
+                left[queue] = (entries, pending)
         if not left or time.monotonic() > deadline:
             r.close()
             return left
@@ -181,12 +110,8 @@ def waiting(rig, queues):
     r = rig.redis()
     total = 0
     for queue in queues:
-        stream = rig.keys.stream(queue)
-        try:
-            pending = r.xpending(stream, 'celery')['pending']
-        except redis.ResponseError:   # no group (yet)
-            pending = 0
-        total += r.xlen(stream) - pending
+        entries, pending = backlog(r, rig.keys.stream(queue))
+        total += entries - pending
     r.close()
     return total
 
@@ -207,7 +132,7 @@ def no_crash_loop(worker, settle=3.0):
 def test_killed_worker_loses_nothing(make_rig, report, server_kind):
     """kill -9 an ``acks_late`` worker mid-run: the other one finishes everything."""
     vt = 2.0
-    rig = make_rig(server_kind, FAULTS_VT=vt, FAULTS_ACKS_LATE=1, FAULTS_PREFETCH=2)
+    rig = make_rig(server_kind, vt=vt, acks_late=1, prefetch=2)
     victim = rig.worker('-c', '2', name='victim')
     survivor = rig.worker('-c', '2', name='survivor')
     app = rig.client_app()
@@ -248,7 +173,7 @@ def test_live_workers_keep_long_countdowns_and_long_tasks(make_rig, report, pool
     with it on they would wait in Redis, see tests/test_delayed_delivery.py).
     """
     vt = 1.5
-    rig = make_rig(FAULTS_VT=vt, FAULTS_ACKS_LATE=1, FAULTS_PREFETCH=2)
+    rig = make_rig(vt=vt, acks_late=1, prefetch=2)
     args = ('-P', pool) if pool == 'solo' else ('-c', '2')
     workers = [rig.worker(*args, name='w%d' % i) for i in (1, 2)]
     app = rig.client_app(delayed_delivery=False)
@@ -280,7 +205,7 @@ def test_worker_reconnects_after_a_restart_without_persistence(make_rig, report,
     ``downtime`` 0: a graceful restart; otherwise the server is killed and comes
     back that many seconds later (the worker retries meanwhile).
     """
-    rig = make_rig(FAULTS_VT=2)
+    rig = make_rig(vt=2)
     worker = rig.worker(*(('-P', 'solo') if pool == 'solo' else ('-c', '2')))
     app = rig.client_app()
     before = ['b%d' % i for i in range(5)]
@@ -318,31 +243,17 @@ def test_worker_reconnects_after_a_restart_without_persistence(make_rig, report,
     assert settled(rig) == {}
 
 
-def _publisher(app, tokens, results, stop):
-    """Publish ``tokens`` in order, fast; record which publishes returned."""
-    for token in tokens:
-        if stop.is_set():
-            break
-        try:
-            send(app, token, retry=False)
-            results.append((token, True))
-        except Exception:
-            results.append((token, False))
-            time.sleep(0.02)
-
-
 @pytest.mark.parametrize('how', ['kill', 'restart'])
 def test_aof_loses_no_returned_publish(make_rig, report, how):
     """``appendfsync always``: a publish that returned survives a crash or a restart."""
-    rig = make_rig(FAULTS_VT=2, server_args=['--appendonly', 'yes', '--appendfsync', 'always'])
+    rig = make_rig(vt=2, server_args=['--appendonly', 'yes', '--appendfsync', 'always'])
     worker = rig.worker('-c', '2')
     app = rig.client_app()
-    tokens = ['p%d' % i for i in range(300)]
-    results, stop = [], threading.Event()
-    thread = threading.Thread(target=_publisher, args=(app, tokens, results, stop), daemon=True)
-    thread.start()
+    # p0..p299 in order, fast; 20 ms of rest after a publish that raised
+    publisher = Publisher(app, count=300, interval=0, pause_after_failure=0.02, retry=False)
+    publisher.start()
     deadline = time.monotonic() + 20
-    while len(results) < 100 and time.monotonic() < deadline:
+    while len(publisher.published) < 100 and time.monotonic() < deadline:
         time.sleep(0.005)
     if how == 'kill':
         rig.broker.kill()
@@ -351,15 +262,15 @@ def test_aof_loses_no_returned_publish(make_rig, report, how):
     else:
         rig.broker.restart()
     back_at = time.monotonic()
-    thread.join(60)
-    stop.set()
-    returned = [t for t, ok in results if ok]
+    publisher.join(60)
+    publisher.stop()
+    returned = publisher.tokens()
     took = rig.wait_ran(returned, timeout=40)
     recovery = time.monotonic() - back_at
     lost, duplicated = tally(rig.ran(), returned)
     lost_lines = no_crash_loop(worker)
-    report(how=how, published=len(results), returned=len(returned),
-           failed=len(results) - len(returned), lost=len(lost), duplicated=len(duplicated),
+    report(how=how, published=len(publisher.published), returned=len(returned),
+           failed=len(publisher.failed), lost=len(lost), duplicated=len(duplicated),
            all_ran_after=recovery, connection_lost_lines=lost_lines, taken_over=worker.taken_over(),
            **duplicate_kinds(rig, duplicated))
     assert took is not None and not lost, lost
@@ -375,31 +286,14 @@ def test_nuke_and_drain_under_continuous_publishing(make_rig, report, operation,
 
     The publisher outpaces the worker, so each operation finds a backlog to remove.
     """
-    rig = make_rig(server_kind, FAULTS_VT=2, FAULTS_ROUTES=1)
-    worker = rig.worker('-c', '2', '-Q', 'direct_q,topic_q')
+    rig = make_rig(server_kind, vt=2, routes=1)
+    worker = rig.worker('-c', '2', queues=('direct_q', 'topic_q'))
     app = rig.client_app(routes=True)
-    published, stop = [], threading.Event()   # (token, began, returned, ok)
-
-    def publish():
-        i = 0
-        while not stop.is_set():
-            token = 'c%d' % i
-            if i % 2 == 0:
-                options = {'queue': 'direct_q'}
-            else:
-                options = {'queue': 'topic_q', 'routing_key': 'jobs.fast'}
-            began = time.monotonic()
-            try:
-                send(app, token, 0.05, **options)
-                ok = True
-            except Exception:
-                ok = False
-            published.append((token, began, time.monotonic(), ok))
-            i += 1
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=publish, daemon=True)
-    thread.start()
+    # c0, c2... to direct_q, c1, c3... to topic_q
+    publisher = Publisher(app, stem='c', seconds=0.05, interval=0.005, routes=(
+        {'queue': 'direct_q'}, {'queue': 'topic_q', 'routing_key': 'jobs.fast'}))
+    publisher.start()
+    published = publisher.published   # (token, began, returned, ok)
     client = rig.redis()
     ops = []   # (began, returned)
     for _ in range(2):
@@ -419,13 +313,11 @@ def test_nuke_and_drain_under_continuous_publishing(make_rig, report, operation,
     first_ran = rig.wait_ran([first], timeout=20)
     first_ran = None if first_ran is None else time.monotonic() - op_end
     time.sleep(max(0.0, 1.0 - (time.monotonic() - op_end)))   # kept: publish 1 s past the last op
-    stop.set()
-    thread.join(10)
-    ok = [t for t, _, _, good in published if good]
-    failed = [t for t, _, _, good in published if not good]
+    publisher.stop()
+    ok, failed = publisher.tokens(), publisher.failed
     # published after the last operation returned (what the first one left may
     # rightly be removed by the second)
-    after = [t for t, began, _, good in published if good and began > ops[-1][1]]
+    after = publisher.began_after(op_end)
     overlapping = [t for t, began, returned, good in published if good
                    and any(began <= op_end and returned >= op_began for op_began, op_end in ops)]
     took = rig.wait_ran(after, timeout=40)
@@ -450,7 +342,7 @@ def test_nuke_and_drain_under_continuous_publishing(make_rig, report, operation,
 
 @pytest.mark.parametrize('server_kind', SERVER_KINDS)
 def test_malformed_entries_are_dead_lettered(make_rig, report, server_kind):
-    rig = make_rig(server_kind, FAULTS_VT=2)
+    rig = make_rig(server_kind, vt=2)
     worker = rig.worker('-c', '2')
     app = rig.client_app()
     r = rig.redis()
@@ -509,7 +401,7 @@ def test_malformed_entries_are_dead_lettered(make_rig, report, server_kind):
     ('redis7', 'prefork'), ('valkey8', 'prefork'), ('redis6.2', 'prefork'), ('redis7', 'solo')])
 def test_killed_client_connections(make_rig, report, server_kind, pool):
     """``CLIENT KILL TYPE normal`` several times mid-run: the worker resumes, every task runs."""
-    rig = make_rig(server_kind, FAULTS_VT=2)
+    rig = make_rig(server_kind, vt=2)
     worker = rig.worker(*(('-P', 'solo') if pool == 'solo' else ('-c', '2')))
     app = rig.client_app()
     admin_client = rig.redis()
@@ -548,7 +440,7 @@ def test_poison_task_is_dead_lettered_after_max_deliveries(make_rig, report):
     """
     server_kind = 'redis7'
     max_deliveries = 3
-    rig = make_rig(server_kind, FAULTS_VT=2, FAULTS_ACKS_LATE=1, FAULTS_MAX_DELIVERIES=max_deliveries)
+    rig = make_rig(server_kind, vt=2, acks_late=1, max_deliveries=max_deliveries)
     worker = rig.worker('-c', '2')
     app = rig.client_app()
     r = rig.redis()

@@ -4,6 +4,25 @@ A worker (or kombu consumer) is already running when another process publishes;
 workers are real ``celery worker`` processes (``tests/apps/defects.py``, which
 carries the e2e app's tasks too); a consumer "dies" in a child process killed
 with SIGKILL. Every test waits on observable events with deadlines.
+
+The guarantees themselves are written down in ``docs/guarantees.md``. The tests
+of the rest of them live next to what they need:
+
+* ``tests/test_delivery.py`` -- at least once, at the kombu level: a killed
+  consumer's messages are reclaimed (marked redelivered), a live one keeps its
+  own, ``max_deliveries`` dead-letters a poison message;
+* ``tests/test_faults.py`` -- fault injection under real workers: ``kill -9`` of a
+  worker, Redis restarts (with and without AOF), ``CLIENT KILL``, nuke and drain
+  under publishing, malformed entries, a task that kills its process;
+* ``tests/test_sentinel.py`` -- failover under a Sentinel: workers and publishers
+  follow the new master, ``publish_wait_replicas`` confirms or raises;
+* ``tests/test_cluster_worker.py`` -- Redis Cluster: a slot moving and a master
+  failing over under a running worker lose nothing;
+* ``tests/test_publish_confirm.py`` -- publishes confirmed later still reach Redis;
+* ``tests/test_delayed_delivery.py`` -- countdowns and ETAs waiting in Redis;
+* ``tests/test_turns.py`` -- acks not waited for land, reads held back never for long.
+
+The rigs of the fault, Sentinel and cluster tests are in ``tests/rigs.py``.
 """
 from __future__ import annotations
 
@@ -22,42 +41,31 @@ from celery import Celery
 from celery.exceptions import TimeoutError as ResultTimeout
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
-from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu import Consumer, Exchange, Producer, Queue
 
 import celery_streams  # noqa: F401  (registers redis-streams://)
 from celery_streams.keys import Keys
-from tests.workers import ROOT, Worker, app_env, clean_env, streams_url
+from tests.helpers import backend_url, connection, streams_url, wait_until
+from tests.workers import ROOT, Worker, app_env, clean_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 E2E = 'tests.apps.e2e.'
-DEFECTS = 'tests.apps.defects.'
+DEFECTS_APP = 'tests.apps.defects'
+DEFECTS = DEFECTS_APP + '.'
 VT = 1.0   # a short visibility_timeout for the kombu-level tests
 
 
 # -- rig ----------------------------------------------------------------------
 
-class DefectWorker(Worker):
-    """``celery -A tests.apps.defects worker``, its log in a file."""
-
-    def start(self, timeout=60):
-        command = [sys.executable, '-m', 'celery', '-A', 'tests.apps.defects', *self.args]
-        with open(self.log, 'wb') as out:
-            self.proc = subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_for('ready.', timeout)
-        return self
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
-
-
 @pytest.fixture
 def start_worker(redis_server, prefix):
+    """``start_worker(*args, name='w1', **env)``: a ``celery -A tests.apps.defects worker``, ready."""
     started = []
 
     def start(*args, name='w1', **env):
-        worker = DefectWorker(app_env(redis_server, prefix, **env), *args, name=name)
+        worker = Worker(app_env(redis_server, prefix, app=DEFECTS_APP, **env), *args, name=name,
+                        app=DEFECTS_APP)
         started.append(worker)
         return worker.start()
 
@@ -68,8 +76,7 @@ def start_worker(redis_server, prefix):
 
 @pytest.fixture
 def client_app(redis_server, prefix):
-    app = Celery('client', broker=streams_url(redis_server),
-                 backend='redis://127.0.0.1:%d/1' % redis_server.port)
+    app = Celery('client', broker=streams_url(redis_server), backend=backend_url(redis_server))
     app.conf.broker_transport_options = {'global_keyprefix': prefix}
     yield app
     app.close()
@@ -85,21 +92,6 @@ def journal(redis_server, prefix):
 
     yield listed
     client.close()
-
-
-def wait_until(predicate, timeout, interval=0.05):
-    """Poll ``predicate`` until it is true or ``timeout`` passes; return its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
-
-
-def connection(server, prefix, **options):
-    return Connection(streams_url(server), transport_options={
-        'global_keyprefix': prefix, 'visibility_timeout': VT, **options})
 
 
 def drain_for(conn, seconds, until=lambda: False):
@@ -134,7 +126,7 @@ def test_tasks_of_every_priority_run_on_an_already_running_worker(start_worker, 
     for priority in (3, 7, 9):
         client_app.send_task(E2E + 'record', args=('p%d' % priority,), priority=priority)
     expected = {'p3', 'p7', 'p9'}
-    assert wait_until(lambda: expected <= set(journal('ran')), 10), (
+    assert wait_until(lambda: expected <= set(journal('ran')), 10, must=False), (
         'priority tasks not run within 10 s: %s\n%s'
         % (sorted(expected - set(journal('ran'))), tail(worker)))
 
@@ -154,7 +146,7 @@ def test_a_priority_task_published_by_another_process_runs(start_worker, redis_s
          streams_url(redis_server), prefix],
         env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert publisher.returncode == 0, publisher.stderr
-    assert wait_until(lambda: 'from-elsewhere' in journal('ran'), 10), (
+    assert wait_until(lambda: 'from-elsewhere' in journal('ran'), 10, must=False), (
         'a priority=7 task from another process did not run within 10 s\n' + tail(worker))
 
 
@@ -162,7 +154,7 @@ def test_a_priority_task_retried_from_the_pool_runs_again(start_worker, client_a
     """A task sent with a priority, retried by the worker's pool (countdown=1), runs both attempts."""
     worker = start_worker()
     client_app.send_task(DEFECTS + 'retry_once', args=('r1',), priority=7)
-    assert wait_until(lambda: 'r1' in journal('ran'), 12), (
+    assert wait_until(lambda: 'r1' in journal('ran'), 12, must=False), (
         'attempts seen: %s\n%s' % (journal('attempts'), tail(worker)))
     assert journal('attempts') == ['r1:0', 'r1:1']
 
@@ -179,9 +171,10 @@ def test_held_countdown_tasks_do_not_stop_a_worker_reading(start_worker, client_
     worker = start_worker('-c', '1', E2E_PREFETCH=1)
     held = [client_app.send_task(E2E + 'record', args=('eta%d' % i,), countdown=120).id
             for i in range(3)]
-    assert wait_until(lambda: all('[%s] received' % i in worker.text() for i in held), 10), tail(worker)
+    assert wait_until(lambda: all('[%s] received' % i in worker.text() for i in held), 10,
+                      must=False), tail(worker)
     client_app.send_task(E2E + 'record', args=('plain',))
-    assert wait_until(lambda: 'plain' in journal('ran'), 5), (
+    assert wait_until(lambda: 'plain' in journal('ran'), 5, must=False), (
         'the plain task did not run within 5 s while 3 countdown tasks were held\n' + tail(worker))
 
 
@@ -200,7 +193,7 @@ def test_a_worker_holding_countdown_tasks_reads_them_without_waiting(start_worke
         for i in range(400):
             client_app.send_task(E2E + 'record', args=('eta%d' % i,), countdown=3600, producer=producer)
     stream = keys.stream('celery')
-    assert wait_until(lambda: r.xpending(stream, 'celery')['pending'] == 400, 15), (
+    assert wait_until(lambda: r.xpending(stream, 'celery')['pending'] == 400, 15, must=False), (
         'the worker holds %d of 400 countdown tasks after 15 s' % r.xpending(stream, 'celery')['pending'])
 
 
@@ -209,9 +202,9 @@ def test_running_acks_late_tasks_do_not_stop_a_worker_reading(start_worker, clie
     worker = start_worker('-c', '4', E2E_PREFETCH=1, E2E_ACKS_LATE=1)
     for i in range(3):
         client_app.send_task(E2E + 'sleep_then_record', args=(20, 'long%d' % i))
-    assert wait_until(lambda: len(journal('started')) == 3, 10), tail(worker)
+    assert wait_until(lambda: len(journal('started')) == 3, 10, must=False), tail(worker)
     client_app.send_task(E2E + 'record', args=('new',))
-    assert wait_until(lambda: 'new' in journal('ran'), 5), (
+    assert wait_until(lambda: 'new' in journal('ran'), 5, must=False), (
         'the new task did not run within 5 s while 3 of 4 processes were busy\n' + tail(worker))
 
 
@@ -241,8 +234,9 @@ def test_reclaim_finds_a_dead_consumers_entry_behind_a_live_consumers_idle_entri
     old idle entries a live consumer holds ahead of it."""
     name = unique_name
     q = Queue(name, Exchange(name), name)
-    with connection(redis_server, prefix) as live, connection(redis_server, prefix) as taker, \
-            connection(redis_server, prefix) as publisher:
+    with connection(redis_server, prefix, visibility_timeout=VT) as live, \
+            connection(redis_server, prefix, visibility_timeout=VT) as taker, \
+            connection(redis_server, prefix, visibility_timeout=VT) as publisher:
         producer = Producer(publisher.default_channel)
         for i in range(held_by_live):
             producer.publish({'n': i}, exchange=q.exchange, routing_key=name, declare=[q])
@@ -326,7 +320,7 @@ def test_malformed_entries_never_stall_or_kill_a_worker(malform, start_worker, c
     def pending():
         return r.xpending(queue_stream, 'celery')['pending']
 
-    wait_until(lambda: set(good) <= set(journal('ran')) and not pending(), 10)
+    wait_until(lambda: set(good) <= set(journal('ran')) and not pending(), 10, must=False)
     ran = Counter(journal('ran'))
     dead = r.xlen(keys.dead_letters('celery'))
     outcome = {
@@ -402,7 +396,8 @@ def test_arbitrary_entries_are_delivered_or_dead_lettered_never_left_pending(
             others.append(message)
         message.ack()
 
-    with connection(redis_server, prefix) as conn, connection(redis_server, prefix) as pub:
+    with connection(redis_server, prefix, visibility_timeout=VT) as conn, \
+            connection(redis_server, prefix, visibility_timeout=VT) as pub:
         producer = Producer(pub.default_channel)
         with Consumer(conn, [q], on_message=on_message):
             errors = drain_for(conn, 0.05)
@@ -430,7 +425,7 @@ def test_a_task_expiring_while_queued_ends_revoked(start_worker, client_app, jou
     """A task whose ``expires`` passes while it waits in the queue ends in state REVOKED."""
     worker = start_worker('-c', '1', E2E_PREFETCH=1, E2E_ACKS_LATE=1)
     client_app.send_task(E2E + 'sleep_then_record', args=(2.5, 'busy'))
-    assert wait_until(lambda: 'busy' in journal('started'), 10), tail(worker)
+    assert wait_until(lambda: 'busy' in journal('started'), 10, must=False), tail(worker)
     result = client_app.send_task(E2E + 'add', args=(1, 1), expires=1)
     try:
         result.get(timeout=10, propagate=False)
@@ -447,7 +442,8 @@ def test_a_consumed_queue_with_x_expires_does_not_expire(redis_server, prefix, r
     """A queue with ``x-expires`` lives while consumed, even while its consumer's prefetch is full."""
     name = unique_name
     q = Queue(name, Exchange(name), name, expires=3)
-    with connection(redis_server, prefix) as conn, connection(redis_server, prefix) as pub:
+    with connection(redis_server, prefix, visibility_timeout=VT) as conn, \
+            connection(redis_server, prefix, visibility_timeout=VT) as pub:
         channel = conn.channel()
         channel.basic_qos(0, 1, False)
         got = []
@@ -506,7 +502,7 @@ def test_message_ttl_is_not_judged_by_a_skewed_consumer_clock(redis_server, pref
                                 text=True, env=clean_env(), cwd=ROOT)
     try:
         assert consumer.stdout.readline().startswith('ready')
-        with connection(redis_server, prefix) as pub:
+        with connection(redis_server, prefix, visibility_timeout=VT) as pub:
             Producer(pub.default_channel).publish({'fresh': True}, exchange=q.exchange,
                                                   routing_key=name, declare=[q])
         out, err = consumer.communicate(timeout=30)
@@ -527,7 +523,7 @@ def test_a_long_solo_task_causes_no_false_reconnect_or_redelivery(start_worker, 
     client_app.send_task(E2E + 'sleep_then_record', args=(13, 'long'))
     client_app.send_task(E2E + 'record', args=('after1',))
     client_app.send_task(E2E + 'record', args=('after2',))
-    assert wait_until(lambda: 'long' in journal('started'), 10), tail(worker)
+    assert wait_until(lambda: 'long' in journal('started'), 10, must=False), tail(worker)
     # precondition: the two short tasks were read with the long one (pending, not waiting);
     # whether 'first' is still pending depends on when its ack was flushed, so it is not counted
     stream = keys.stream('celery')
@@ -535,7 +531,7 @@ def test_a_long_solo_task_causes_no_false_reconnect_or_redelivery(start_worker, 
     read = {p['message_id'] for p in r.xpending_range(stream, 'celery', '-', '+', 10)}
     assert last_two <= read, tail(worker)
     tokens = ['first', 'long', 'after1', 'after2']
-    wait_until(lambda: set(tokens) <= set(journal('ran')), 25)
+    wait_until(lambda: set(tokens) <= set(journal('ran')), 25, must=False)
     time.sleep(1.5)   # room for a redelivery to show
     ran = Counter(journal('ran'))
     log = worker.text()
@@ -553,11 +549,12 @@ def test_a_clean_close_keeps_a_shared_auto_delete_queue_for_its_other_consumers(
     message published afterwards."""
     name = unique_name
     q = Queue(name, Exchange(name), name, auto_delete=True)
-    with connection(redis_server, prefix) as b, connection(redis_server, prefix) as pub:
+    with connection(redis_server, prefix, visibility_timeout=VT) as b, \
+            connection(redis_server, prefix, visibility_timeout=VT) as pub:
         got = []
         with Consumer(b, [q], callbacks=[lambda body, m: (got.append(body), m.ack())]):
             drain_for(b, 0.3)
-            with connection(redis_server, prefix) as a:
+            with connection(redis_server, prefix, visibility_timeout=VT) as a:
                 with Consumer(a, [q], callbacks=[lambda body, m: m.ack()]):
                     drain_for(a, 0.3)
             after_close = r.exists(keys.stream(name))
@@ -608,7 +605,8 @@ def test_the_broadcast_queue_of_a_killed_consumer_goes_away(redis_server, prefix
     assert r.exists(keys.stream(dead_queue))
     live_queue = Queue('bcast.' + secrets.token_hex(4), exchange, auto_delete=True)
     heard = []
-    with connection(redis_server, prefix) as live, connection(redis_server, prefix) as pub:
+    with connection(redis_server, prefix, visibility_timeout=VT) as live, \
+            connection(redis_server, prefix, visibility_timeout=VT) as pub:
         producer = Producer(pub.default_channel)
         with Consumer(live, [live_queue], callbacks=[lambda b, m: (heard.append(b), m.ack())]):
             drain_for(live, 0.3)
@@ -635,7 +633,8 @@ def test_a_message_in_flight_when_its_group_was_lost_comes_back_marked_redeliver
     """A group re-created at id 0 hands out again what was in flight: marked ``redelivered``."""
     name = unique_name
     q = Queue(name, Exchange(name), name)
-    with connection(redis_server, prefix) as a, connection(redis_server, prefix) as b:
+    with connection(redis_server, prefix, visibility_timeout=VT) as a, \
+            connection(redis_server, prefix, visibility_timeout=VT) as b:
         got_a, got_b = [], []
         channel_a = a.channel()
         channel_a.basic_qos(0, 1, False)
@@ -664,17 +663,18 @@ def test_a_connection_blip_does_not_rerun_a_running_acks_late_task(
     runs once, its late ack reaches Redis through the reconnected worker, nothing stays pending."""
     worker = start_worker('-c', '2', E2E_ACKS_LATE=1, E2E_PREFETCH=1)
     client_app.send_task(E2E + 'sleep_then_record', args=(6, 'long'))
-    assert wait_until(lambda: 'long' in journal('started'), 10), tail(worker)
+    assert wait_until(lambda: 'long' in journal('started'), 10, must=False), tail(worker)
     killed = 0
     for client in r.client_list():
         if client['db'] == '0' and int(client['id']) != r.client_id():
             killed += r.client_kill_filter(_id=client['id'])
     assert killed, 'no broker connection to kill'
     client_app.send_task(E2E + 'record', args=('after',))   # the worker consumes again
-    assert wait_until(lambda: 'after' in journal('ran'), 20), tail(worker)
-    assert wait_until(lambda: 'long' in journal('ran'), 20), tail(worker)
+    assert wait_until(lambda: 'after' in journal('ran'), 20, must=False), tail(worker)
+    assert wait_until(lambda: 'long' in journal('ran'), 20, must=False), tail(worker)
     stream = keys.stream('celery')
-    assert wait_until(lambda: r.xlen(stream) == 0 and r.xpending(stream, 'celery')['pending'] == 0, 10), (
+    assert wait_until(lambda: r.xlen(stream) == 0 and r.xpending(stream, 'celery')['pending'] == 0, 10,
+                      must=False), (
         r.xlen(stream), r.xpending(stream, 'celery'), tail(worker))
     time.sleep(2)   # kept: room for a wrong redelivery to show
     assert (journal('started').count('long'), journal('ran').count('long')) == (1, 1), tail(worker)

@@ -20,8 +20,8 @@ import pytest
 import redis
 
 import celery_streams  # noqa: F401  (registers redis-streams://)
-from tests import servers
-from tests.helpers import port_url
+from tests import helpers, servers
+from tests.helpers import port_url, streams_url
 from tests.kombu_integration import redis_priority
 from tests.kombu_integration.common import (
     BaseEventLoop,
@@ -47,15 +47,10 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def _connection(url, transport_options):
-    conn = kombu.Connection(url, transport_options=transport_options)
-    yield conn
-    conn.release()
-
-
 @pytest.fixture
 def connection(redis_server, prefix):
-    yield from _connection(port_url(redis_server.port), {'global_keyprefix': prefix})
+    with helpers.connection(redis_server, prefix) as conn:
+        yield conn
 
 
 @pytest.fixture
@@ -68,8 +63,8 @@ def invalid_connection(monkeypatch):
 
 @pytest.fixture
 def failover_connection(redis_server, prefix):
-    url = f'{port_url(closed_port())};{port_url(redis_server.port)}'
-    yield from _connection(url, {'global_keyprefix': prefix})
+    with helpers.connection(f'{port_url(closed_port())};{streams_url(redis_server)}', prefix) as conn:
+        yield conn
 
 
 class TestBasicFunctionality(BasicFunctionality):
@@ -121,8 +116,8 @@ class TestPriorityRabbitmqSemantics(BasePriority):
 
     @pytest.fixture
     def connection(self, redis_server, prefix):
-        yield from _connection(port_url(redis_server.port),
-                               {'global_keyprefix': prefix, 'priority_semantics': 'rabbitmq'})
+        with helpers.connection(redis_server, prefix, priority_semantics='rabbitmq') as conn:
+            yield conn
 
 
 class TestMessage(BaseMessage):

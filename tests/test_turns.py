@@ -25,14 +25,6 @@ def queue(name):
     return Queue(name, Exchange(name), name)
 
 
-def consume(conn, q, prefetch, got):
-    channel = conn.channel()
-    consumer = Consumer(channel, [q], callbacks=[lambda body, message: got.append(message)],
-                        prefetch_count=prefetch)
-    consumer.consume()
-    return channel
-
-
 def drain_until(conn, until, seconds=10):
     deadline = time.monotonic() + seconds
     while not until() and time.monotonic() < deadline:
@@ -43,6 +35,18 @@ def drain_until(conn, until, seconds=10):
     return until()
 
 
+def take_unacked(conn, q, prefetch, bodies):
+    """Consume ``q`` on a channel of its own with ``prefetch``, publish ``bodies`` to it, and
+    take them all without acking; ``(channel, messages)`` (later messages are added too)."""
+    got = []
+    channel = conn.channel()
+    Consumer(channel, [q], callbacks=[lambda body, message: got.append(message)],
+             prefetch_count=prefetch).consume()
+    publish(conn, q.exchange, q.name, bodies, declare=[q])
+    assert drain_until(conn, lambda: len(got) == len(bodies))
+    return channel, got
+
+
 def pending(r, keys, name):
     return sum(r.xpending(stream, 'celery')['pending'] for stream in keys.streams(name)
                if r.exists(stream))
@@ -51,11 +55,8 @@ def pending(r, keys, name):
 def test_a_consumer_holding_most_of_its_window_still_gets_the_rest(redis_server, prefix, unique_name):
     """Prefetch 4 with 3 messages held unacked: fewer than half free, the 4th comes all the same."""
     q = queue(unique_name)
-    got = []
     with connection(redis_server, prefix) as conn:
-        consume(conn, q, prefetch=4, got=got)
-        publish(conn, q.exchange, unique_name, [1, 2, 3], declare=[q])
-        assert drain_until(conn, lambda: len(got) == 3)
+        _, got = take_unacked(conn, q, prefetch=4, bodies=[1, 2, 3])
         publish(conn, q.exchange, unique_name, [4])
         started = time.monotonic()
         assert drain_until(conn, lambda: len(got) == 4, seconds=5), 'the free slot was never read'
@@ -67,11 +68,8 @@ def test_acks_land_when_the_connection_drops_before_redis_ran_them(
         redis_server, prefix, unique_name, r, keys):
     """Acks written while Redis holds writes back, then the connection drops: they are written again."""
     q = queue(unique_name)
-    got = []
     with connection(redis_server, prefix) as conn:
-        channel = consume(conn, q, prefetch=10, got=got)
-        publish(conn, q.exchange, unique_name, list(range(5)), declare=[q])
-        assert drain_until(conn, lambda: len(got) == 5)
+        channel, got = take_unacked(conn, q, prefetch=10, bodies=list(range(5)))
         assert pending(r, keys, unique_name) == 5
         qos = channel.qos
         r.client_pause(5000, all=False)   # WRITE: Redis queues the XACKs, runs none of them
@@ -80,7 +78,7 @@ def test_acks_land_when_the_connection_drops_before_redis_ran_them(
             for message in got:
                 qos.ack_later(message.delivery_tag)   # written, replies not waited for
             assert qos.pipe.unconfirmed >= 1
-            drop_connection(r, qos.pipe.line._connection)   # the connection drops before they ran
+            drop_connection(r, qos.pipe.dispatcher._connection)   # the connection drops before they ran
         finally:
             r.client_unpause()
         qos.flush_acks(wait=True)
@@ -91,11 +89,8 @@ def test_acks_land_when_the_connection_drops_before_redis_ran_them(
 def test_an_acked_message_is_never_restored(redis_server, prefix, unique_name, r, keys):
     """An ack written without waiting and a restore right after: the restore sees the ack."""
     q = queue(unique_name)
-    got = []
     with connection(redis_server, prefix) as conn:
-        channel = consume(conn, q, prefetch=20, got=got)
-        publish(conn, q.exchange, unique_name, list(range(20)), declare=[q])
-        assert drain_until(conn, lambda: len(got) == 20)
+        channel, got = take_unacked(conn, q, prefetch=20, bodies=list(range(20)))
         for message in got[:10]:
             message.ack()
         channel.qos.restore_unacked()

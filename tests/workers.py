@@ -29,13 +29,14 @@ HOST = socket.gethostname()
 E2E_APP = 'tests.apps.e2e'
 
 #: The environment variables each test app reads (broker URL, result backend or
-#: journal URL, ``global_keyprefix``); ``tests.apps.defects`` is the e2e app plus tasks.
+#: journal URL, ``global_keyprefix``); ``tests.apps.defects`` is the e2e app plus tasks;
+#: ``tests.apps.rig`` is the app of the rigs of ``tests/rigs.py``.
 APP_SETTINGS = {
     'tests.apps.e2e': ('E2E_BROKER', 'E2E_BACKEND', 'E2E_PREFIX'),
     'tests.apps.defects': ('E2E_BROKER', 'E2E_BACKEND', 'E2E_PREFIX'),
     'tests.apps.delayed': ('E2E_BROKER', 'E2E_BACKEND', 'E2E_PREFIX'),
     'tests.apps.features': ('FEAT_BROKER', 'FEAT_BACKEND', 'FEAT_PREFIX'),
-    'tests.apps.faults': ('FAULTS_BROKER', 'FAULTS_JOURNAL', 'FAULTS_PREFIX'),
+    'tests.apps.rig': ('RIG_BROKER', 'RIG_JOURNAL', 'RIG_PREFIX'),
 }
 
 
@@ -45,18 +46,19 @@ def clean_env():
     return {k: v for k, v in os.environ.items() if not k.startswith('CELERY_')}
 
 
-def app_env(server, prefix, *, app=E2E_APP, backend=None, **extra):
+def app_env(server, prefix, *, app=E2E_APP, broker=None, backend=None, **extra):
     """The environment of a ``celery -A app`` process on ``server`` under key prefix ``prefix``.
 
-    The broker is db 0 of ``server``; the result backend (the journal of
-    ``tests.apps.faults``) is ``backend``, by default db 1 of ``server``. No
-    inherited Celery settings (:func:`clean_env`), the repository on
-    ``PYTHONPATH``, unbuffered output; ``extra`` adds variables (values made strings).
+    The broker is ``broker`` (a URL), by default db 0 of ``server``; the result backend
+    (the journal of ``tests.apps.rig``) is ``backend``, by default db 1 of ``server``
+    (``server`` may be None when both are given). No inherited Celery settings
+    (:func:`clean_env`), the repository on ``PYTHONPATH``, unbuffered output; ``extra``
+    adds variables (values made strings).
     """
     broker_var, backend_var, prefix_var = APP_SETTINGS[app]
     env = clean_env()
     env.update({
-        broker_var: streams_url(server),
+        broker_var: broker or streams_url(server),
         backend_var: backend or backend_url(server),
         prefix_var: prefix,
         'PYTHONPATH': str(ROOT) + os.pathsep + env.get('PYTHONPATH', ''),
