@@ -37,7 +37,7 @@ class ClusterDispatcher:
 
     def __init__(self, client: RedisCluster):
         self.client = client
-        self._lines: dict = {}   # node name -> its Dispatcher
+        self._dispatchers: dict = {}   # node name -> its Dispatcher
 
     def calls(self, commands) -> list:
         """The replies of ``commands`` (errors as exceptions), in order."""
@@ -57,7 +57,7 @@ class ClusterDispatcher:
         sent = []
         try:
             for node, indexes in sorted(nodes.values(), key=lambda pair: pair[0].name):
-                line = self._line(node)   # each holds a lock: taken in one order, never crossed
+                line = self._dispatcher(node)   # each holds a lock: taken in one order, never crossed
                 connection = line.get_connection()
                 sent.append((line, connection, indexes))
                 connection.send_packed_command([b''.join(wire.pack(commands[i]) for i in indexes)])
@@ -87,10 +87,10 @@ class ClusterDispatcher:
                 pipe.execute_command(*args)
             return pipe.execute(raise_on_error=False)
 
-    def _line(self, node) -> wire.Dispatcher:
-        line = self._lines.get(node.name)
+    def _dispatcher(self, node) -> wire.Dispatcher:
+        line = self._dispatchers.get(node.name)
         if line is None:
-            line = self._lines[node.name] = wire.Dispatcher(
+            line = self._dispatchers[node.name] = wire.Dispatcher(
                 self.client.get_redis_connection(node).connection_pool)
         return line
 
@@ -102,9 +102,9 @@ class ClusterDispatcher:
             pass
 
     def disconnect(self) -> None:
-        for line in self._lines.values():
+        for line in self._dispatchers.values():
             line.disconnect()
-        self._lines.clear()
+        self._dispatchers.clear()
         self.client.close()
 
 

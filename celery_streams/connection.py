@@ -242,7 +242,7 @@ class Address:
         a ``ConnectionError`` that drops the connection. With ``follow`` (a pool
         of this address), it connects to the master *that* pool last found
         instead of asking again: a channel's reader then goes where the channel
-        decided the master is (:func:`follow_master`), never to a master a
+        decided the master is (:func:`~celery_streams.sentinel.follow_master`), never to a master a
         Sentinel that has not heard of the failover yet still names. A Redis Cluster has no
         single pool (:meth:`cluster_client`, :meth:`node_pool`).
         """

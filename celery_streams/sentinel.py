@@ -40,11 +40,11 @@ class SentinelPool(SentinelConnectionPool):
 
     :attr:`moves` counts the times the master moved: redis-py drops only the
     idle connections then, so the ones held outside the pool (a channel's
-    publish line, its ack pipe, its reader) compare it and reconnect.
+    dispatcher, its pipes, its lanes) compare it and reconnect.
     """
 
     moves = 0
-    #: A pool whose last known master this one connects to (see :meth:`Address.pool`).
+    #: A pool whose last known master this one connects to (see :meth:`~celery_streams.connection.Address.pool`).
     leader: SentinelPool | None = None
 
     def get_master_address(self):

@@ -11,13 +11,13 @@ what                   :class:`ServerTopology`             :class:`ClusterTopolo
 ``client``             ``redis.Redis`` on a pool           redis-py's ``RedisCluster``
 ``dispatcher``         :class:`~.wire.Dispatcher`: one     :class:`~.cluster.ClusterDispatcher`:
                        held connection                     one batch per master
-:meth:`open_pipe`      :class:`~.pipe.Pipe` (replies       :class:`~.cluster.ClusterPipe`
+:meth:`~Topology.open_pipe`      :class:`~.pipe.Pipe` (replies       :class:`~.cluster.ClusterPipe`
                        read later)                         (replies read at once)
-:meth:`open_lanes`     :class:`~.lanes.ServerLanes`        :class:`~.lanes.ClusterLanes`
-:meth:`batches`        everything in one batch             one batch per slot
+:meth:`~Topology.open_lanes`     :class:`~.lanes.ServerLanes`        :class:`~.lanes.ClusterLanes`
+:meth:`~Topology.batches`        everything in one batch             one batch per slot
 ``scripts_span_keys``  True: the ``route`` script and      False: a script touches one slot;
                        registry pruning run in Redis       those run in the client
-:meth:`follow_master`  asks the Sentinels (if any)         nothing: ``MOVED`` is followed
+:meth:`~Topology.follow_master`  asks the Sentinels (if any)         nothing: ``MOVED`` is followed
 =====================  ==================================  =====================================
 
 :meth:`Topology.check_server` asks the server what a channel needs to know

@@ -49,7 +49,7 @@ class Dispatcher:
     """One connection of ``pool`` kept for a channel's hot commands, sent in one write each.
 
     A publish checked a connection out of the pool and back in each time,
-    about 10 µs of a 115 µs publish (measured on loopback). A line keeps one
+    about 10 µs of a 115 µs publish (measured on loopback). A dispatcher keeps one
     connection (per process: a forked child takes a new one), with a lock
     for the rare channel shared by threads.
     """
