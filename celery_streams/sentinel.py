@@ -44,7 +44,8 @@ class SentinelPool(SentinelConnectionPool):
     """
 
     moves = 0
-    #: A pool whose last known master this one connects to (see :meth:`~celery_streams.connection.Address.pool`).
+    #: A pool whose last known master this one connects to
+    #: (see :meth:`~celery_streams.connection.Address.pool`).
     leader: SentinelPool | None = None
 
     def get_master_address(self):
