@@ -122,9 +122,14 @@ class Inbox:
             self.settle_noack([(queue, bucket, entry_id)], noack)   # expired: dropped, as AMQP does
             return None
         properties['delivery_tag'] = make_tag(entry_id, self.consumer, queue, bucket)
-        if (delivered > 1 or fields.get('redelivered')
-                or self.queues.healed_before(self.keys.stream(queue, bucket), entry_id)):
-            delivery_info['redelivered'] = True
+        # What a task reads from ``request.delivery_info`` to guard its side effects
+        # (docs/guarantees.md, "Telling a redelivery"): whether it came before, how
+        # many times, and the entry id, the same for every delivery of one entry.
+        delivery_info['redelivered'] = bool(
+            delivered > 1 or fields.get('redelivered')
+            or self.queues.healed_before(self.keys.stream(queue, bucket), entry_id))
+        delivery_info['delivery_count'] = delivered
+        delivery_info['entry_id'] = entry_id
         return payload
 
     def _check(self, fields):

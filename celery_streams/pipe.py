@@ -15,12 +15,17 @@ Redis runs one connection's commands in order, so a reply read means every
 command written before it ran. If the connection drops with replies unread,
 the commands they answer are written again on a new connection: an ack again
 does nothing, a publish again may be a duplicate (at-least-once), never a
-loss. A forked child drops what its parent wrote: the parent reads those
+loss. A socket the server closed (``CLIENT KILL``, a restart, a command over
+``proto-max-bulk-len``) takes writes without an error; only a read finds it
+closed. So a read that finds it closed writes the rest again at once, and a
+wait for every reply (close, exit, a restore) tries new connections as long as
+each gets replies (:data:`RESENDS` tries in a row without one). A forked child drops what its parent wrote: the parent reads those
 replies. At exit, every pipe reads its replies (:func:`_confirm_at_exit`).
 """
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import threading
 import weakref
@@ -31,9 +36,14 @@ from redis import exceptions
 
 from . import errors, wire
 
+logger = logging.getLogger(__name__)
+
 #: Writes whose replies are unread, beyond which a write waits for them (acks).
 MAX_UNREAD = 32
 
+
+#: Tries in a row that got no reply before a wait for replies gives up (:meth:`Pipe._confirm`).
+RESENDS = 3
 
 #: Seconds a pipe waits for each reply at exit (a Redis that stopped answering must not
 #: keep the process from exiting).
@@ -98,11 +108,12 @@ class Pipe:
                     self._unsent = [w for w in self._unsent if w is not write]
                 raise
             try:
-                done = self._collect(connection, wait)
+                done = (self._confirm(None) if wait else
+                        self._collect_or_resend(connection))
             except errors.connection_errors:
                 if retry or wait:
                     raise
-                done = []
+                done, self._answered = self._answered, []
         _deliver(done)
 
     def collect(self, wait: bool = False, timeout: float | None = None) -> None:
@@ -112,7 +123,7 @@ class Pipe:
             return
         with self._lock:
             self._forget_if_forked()
-            done = self._collect(self._send(), wait, timeout)
+            done = self._confirm(timeout) if wait else self._collect(self._send(), False)
         _deliver(done)
 
     @property
@@ -129,6 +140,47 @@ class Pipe:
             self._unsent = []
             self._answered = []
             self._sock = None
+
+    def _confirm(self, timeout: float | None) -> list:
+        """Write what is unsent and read every reply (for at most ``timeout`` seconds each).
+
+        A connection the server closed (``CLIENT KILL``, a restart, a command over
+        ``proto-max-bulk-len``) is found only by reading it: what has no reply yet
+        is written again on a new connection, as long as each try gets further;
+        after :data:`RESENDS` tries that got no reply, the error is raised (and
+        the writes stay, for the next call).
+        """
+        done, tries = [], 0
+        while True:
+            answered = len(done)
+            try:
+                done += self._collect(self._send(), True, timeout)
+                return done
+            except errors.connection_errors:
+                done += self._answered
+                self._answered = []
+                tries = 0 if len(done) > answered else tries + 1
+                if tries >= RESENDS or not self._unsent:
+                    self._answered = done   # delivered by the next call
+                    raise
+                logger.debug('celery_streams: connection lost with %d write(s) unconfirmed; '
+                             'writing them again', len(self._unsent))
+
+    def _collect_or_resend(self, connection) -> list:
+        """:meth:`_collect` without waiting; if it finds the connection closed by the
+        server, what has no reply is written again at once on a new one (a socket the
+        server closed takes a write without an error: only a read tells)."""
+        try:
+            return self._collect(connection, False)
+        except errors.connection_errors:
+            if not self._unsent:
+                raise
+            done, self._answered = self._answered, []
+        try:
+            return done + self._collect(self._send(), False)
+        except BaseException:
+            self._answered = done + self._answered
+            raise
 
     def _send(self):
         connection = self.dispatcher.get_connection()

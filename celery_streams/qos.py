@@ -244,7 +244,22 @@ class QoS(virtual.QoS):
                                          [self.group, tag.consumer, tag.entry_id, int(attempted)])
                     for tag in map(parse_tag, tags)]
         try:
-            results = self.scripts.run(self.dispatcher, commands)
+            results = self._run_again_on_a_new_connection(commands)
         except errors.connection_errors as exc:
             return [(tag, exc) for tag in tags]
         return [(tag, result) for tag, result in zip(tags, results) if isinstance(result, Exception)]
+
+    def _run_again_on_a_new_connection(self, commands) -> list:
+        """Run ``commands``; on a connection error, once more on a new connection.
+
+        A connection the server closed (``CLIENT KILL``, a restart) is found
+        only by using it: a restore at reconnect would otherwise leave the
+        prefetched messages pending until a reclaim, a visibility timeout later.
+        The ``restore`` script puts an entry back only while it is pending for
+        its reader, so running it twice never restores one twice.
+        """
+        try:
+            return self.scripts.run(self.dispatcher, commands)
+        except errors.connection_errors as exc:
+            logger.debug('celery_streams: restore: %s; trying a new connection', exc)
+            return self.scripts.run(self.dispatcher, commands)

@@ -327,7 +327,12 @@ class Channel(virtual.Channel):
         failover within about a second, even while the old master still takes
         writes (after ``SENTINEL FAILOVER`` it does so for about 10 s).
         """
-        if self.closed and not self.qos.holds_messages():
+        if self.closed and self.pipe.unconfirmed:
+            try:   # acks written on a connection that broke: again, until they land
+                self.pipe.collect(wait=True, timeout=1.0)
+            except Exception as exc:   # noqa: BLE001 - kept, tried again next tick
+                logger.debug('celery_streams: acks of a closed channel not confirmed: %s', exc)
+        if self.closed and not self.qos.holds_messages() and not self.pipe.unconfirmed:
             self.liveness.forget()   # a held channel's last running task was acked
             return False
         if not self.closed:

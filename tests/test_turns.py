@@ -16,7 +16,7 @@ import time
 import pytest
 from kombu import Consumer, Exchange, Queue
 
-from tests.helpers import connection, drop_connection, publish
+from tests.helpers import connection, drop_connection, publish, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -97,3 +97,47 @@ def test_an_acked_message_is_never_restored(redis_server, prefix, unique_name, r
         entries = [entry for stream in keys.streams(unique_name) if r.exists(stream)
                    for entry in r.xrange(stream)]
         assert len(entries) == 10, 'acked messages came back (or unacked ones were lost)'
+
+
+def kill_from_the_server(r, connection):
+    """``CLIENT KILL`` the socket of redis-py ``connection`` from the server's side, without the
+    client knowing: its next write succeeds, only a read finds the end."""
+    addr = '%s:%s' % connection._sock.getsockname()[:2]
+    r.client_kill(addr)
+    wait_until(lambda: all(c.get('addr') != addr for c in r.client_list()), timeout=5)
+
+
+def test_acks_land_when_the_server_killed_their_connection(redis_server, prefix, unique_name, r, keys):
+    """Acks written while Redis holds writes back, their connection killed by the server (the
+    client does not know): a wait for them writes them again on a new connection."""
+    q = queue(unique_name)
+    with connection(redis_server, prefix) as conn:
+        channel, got = take_unacked(conn, q, prefetch=10, bodies=list(range(5)))
+        qos = channel.qos
+        r.client_pause(5000, all=False)
+        try:
+            qos.loop_turn(None)
+            for message in got:
+                qos.ack_later(message.delivery_tag)
+            kill_from_the_server(r, qos.pipe.dispatcher._connection)
+        finally:
+            r.client_unpause()
+        qos.flush_acks(wait=True)
+        assert qos.pipe.unconfirmed == 0
+        assert pending(r, keys, unique_name) == 0, 'acks lost with a connection the server killed'
+
+
+def test_a_restore_after_the_server_killed_the_connections_puts_messages_back(
+        redis_server, prefix, unique_name, r, keys):
+    """Unacked messages, then the server kills every connection of the consumer: a restore
+    (as at reconnect) puts them back at once, not after a reclaim."""
+    q = queue(unique_name)
+    with connection(redis_server, prefix) as conn:
+        channel, got = take_unacked(conn, q, prefetch=10, bodies=list(range(5)))
+        kill_from_the_server(r, channel.qos.pipe.dispatcher._connection)
+        kill_from_the_server(r, channel.qos.dispatcher._connection)
+        assert channel.qos.restore_unacked() == []
+        assert pending(r, keys, unique_name) == 0, 'left pending, waiting for a reclaim'
+        entries = [e for stream in keys.streams(unique_name) if r.exists(stream)
+                   for e in r.xrange(stream)]
+        assert len(entries) == 5
