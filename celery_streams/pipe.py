@@ -19,8 +19,8 @@ loss. A socket the server closed (``CLIENT KILL``, a restart, a command over
 ``proto-max-bulk-len``) takes writes without an error; only a read finds it
 closed. So a read that finds it closed writes the rest again at once, and a
 wait for every reply (close, exit, a restore) tries new connections as long as
-each gets replies (:data:`RESENDS` tries in a row without one). A forked child drops what its parent wrote: the parent reads those
-replies. At exit, every pipe reads its replies (:func:`_confirm_at_exit`).
+each gets replies (:data:`RESENDS` tries in a row without one). A forked
+child drops what its parent wrote: the parent reads those replies. At exit, every pipe reads its replies (:func:`_confirm_at_exit`).
 """
 from __future__ import annotations
 

@@ -56,6 +56,7 @@ class FakeConnection:
         self.auto = auto
         self.sent: list[list[list[bytes]]] = []   # per send: its commands
         self.fail_send = False
+        self.drop_every_time = False   # every socket breaks at its first read
         self.connects = self.disconnects = 0
         self.connect()
 
@@ -64,7 +65,8 @@ class FakeConnection:
         self._sock = object()
         self.pending: deque = deque()   # replies on their way (this socket's)
         self.arrived = 0
-        self.reads_before_drop = None   # reads that succeed before the connection breaks
+        # Reads that succeed before the connection breaks (None: it never breaks).
+        self.reads_before_drop = 0 if self.drop_every_time else None
 
     def disconnect(self):
         self.disconnects += 1
@@ -156,17 +158,26 @@ def test_pipe_writes_again_the_commands_a_broken_read_left_unanswered():
     connection = pool.connection
     connection.arrive()
     connection.reads_before_drop = 1   # a's reply is read, then the connection breaks
-    with pytest.raises(redis.ConnectionError):
-        pipe.collect(wait=True)
-    assert connection._sock is None   # dropped: its half-read replies must never be read
-    assert pipe.unconfirmed == 2      # b and c
-
-    pipe.collect(wait=True)
+    pipe.collect(wait=True)   # a wait for every reply writes b and c again on a new socket
     assert connection.names_sent()[-1] == [b'b', b'c']   # a was answered: not written again
     assert Counter(name for send in connection.names_sent() for name in send) == {
         b'a': 1, b'b': 2, b'c': 2}
     assert got == [[b'a'], [b'b'], [b'c']]   # a's reply delivered once, before the others
     assert pipe.unconfirmed == 0
+
+
+def test_a_wait_gives_up_after_resends_that_get_no_reply():
+    pool = FakePool(auto=False)
+    pipe, got = Pipe(pool), []
+    pipe.write(echo('a'), on_replies=got.append)
+    pool.connection.drop_every_time = True   # every read breaks, on every new socket
+    pool.connection.reads_before_drop = 0
+    with pytest.raises(redis.ConnectionError):
+        pipe.collect(wait=True)
+    assert got == [] and pipe.unconfirmed == 1   # kept for the next call
+    # RESENDS tries without a reply: the first on the socket it was written on, each
+    # other one on a new socket, written again.
+    assert pool.connection.names_sent() == [[b'a']] * pipe_module.RESENDS
 
 
 def _reconnected(pool):
@@ -232,21 +243,14 @@ def test_a_write_with_retry_that_could_not_be_sent_is_written_by_the_next_call()
 
 
 @pytest.mark.parametrize('retry', [False, True])
-def test_a_broken_read_after_a_write_raises_only_with_retry(retry):
+def test_a_write_whose_read_finds_the_socket_closed_writes_again_at_once(retry):
     pool = FakePool(auto=True)
     pipe, got = Pipe(pool), []
     pipe.write(echo('before'), on_replies=got.append)
     pool.connection.reads_before_drop = 0   # the next write goes out; reading its reply breaks
-    if retry:
-        with pytest.raises(redis.ConnectionError):
-            pipe.write(echo('a'), on_replies=got.append, retry=retry)
-    else:   # written: the pipe's now, so the error is not the caller's
-        pipe.write(echo('a'), on_replies=got.append, retry=retry)
-    assert got == [[b'before']] and pipe.unconfirmed == 1
-
-    pipe.collect(wait=True)
+    pipe.write(echo('a'), on_replies=got.append, retry=retry)   # the server closed it: again
     assert pool.connection.names_sent() == [[b'before'], [b'a'], [b'a']]
-    assert got == [[b'before'], [b'a']]
+    assert got == [[b'before'], [b'a']] and pipe.unconfirmed == 0
 
 
 def test_a_write_with_wait_returns_once_every_reply_was_read():
