@@ -20,7 +20,8 @@ loss. A socket the server closed (``CLIENT KILL``, a restart, a command over
 closed. So a read that finds it closed writes the rest again at once, and a
 wait for every reply (close, exit, a restore) tries new connections as long as
 each gets replies (:data:`RESENDS` tries in a row without one). A forked
-child drops what its parent wrote: the parent reads those replies. At exit, every pipe reads its replies (:func:`_confirm_at_exit`).
+child drops what its parent wrote: the parent reads those replies. At exit,
+every pipe reads its replies (:func:`_confirm_at_exit`).
 """
 from __future__ import annotations
 
