@@ -282,15 +282,25 @@ class Reader:
             lane.block_next = False
 
     def check_stale(self, margin) -> None:
-        """Drop the connection of a read that got no reply long after its BLOCK ran out."""
+        """Drop the connection of a read that got no reply long after its BLOCK ran out.
+
+        This is how a silent network (packets lost, no RST: nothing closes the
+        socket) is noticed by a consumer: its blocking read waits on the socket, not
+        on a socket timeout. The error makes kombu reconnect.
+        """
         for lane in self.lanes.lanes():
-            if lane.outstanding is None:
+            read = lane.outstanding
+            if read is None:
                 continue
-            waited = monotonic() - lane.outstanding.sent_at
-            if waited > self.block_ms / 1000 + margin and not _reply_waiting(lane.outstanding):
-                logger.warning('celery_streams: no reply to a read for %.0f s; reconnecting', waited)
+            waited = monotonic() - read.sent_at
+            if waited > self.block_ms / 1000 + margin and not _reply_waiting(read):
+                connection = read.connection
+                where = '%s:%s' % (getattr(connection, 'host', '?'), getattr(connection, 'port', '?'))
+                logger.warning('celery_streams: no reply to a read for %.0f s from %s; reconnecting',
+                               waited, where)
                 lane.drop()
-                raise redis.ConnectionError('no reply from Redis for %.0f s' % waited)
+                raise redis.ConnectionError('no reply to a read for %.0f s from Redis at %s'
+                                            % (waited, where))
 
     # -- basic_get ------------------------------------------------------------
 
