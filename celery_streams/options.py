@@ -21,10 +21,14 @@ option                          default          meaning
                                                  trimmed), the window a reconnecting
                                                  worker can catch up on
 ``max_connections``             ``10``           connections in the publish/ack pool
-``socket_timeout``              ``None``         redis-py socket timeout, seconds
-``socket_connect_timeout``      ``None``         redis-py connect timeout, seconds
-``socket_keepalive``            ``None``         TCP keepalive
-``socket_keepalive_options``    ``None``         TCP keepalive options
+``socket_timeout``              ``None``         seconds a command waits for its reply;
+                                                 unset: 5, or ``polling_interval`` /
+                                                 ``publish_wait_timeout`` + 2 if longer
+                                                 (a silent network fails in bounded time)
+``socket_connect_timeout``      ``None``         seconds to connect; unset: 5
+``socket_keepalive``            ``None``         TCP keepalive; unset: on
+``socket_keepalive_options``    ``None``         TCP keepalive options; unset: a probe
+                                                 after 30 s idle, every 5 s, 3 missed
 ``health_check_interval``       ``25``           seconds between redis-py health checks
 ``retry_on_timeout``            ``None``         redis-py retry on timeout
 ``client_name``                 ``None``         ``CLIENT SETNAME`` of every connection
@@ -53,10 +57,13 @@ option                          default          meaning
                                                  5 s timeouts, no retries
 ``min_other_sentinels``         ``0``            kombu's: a Sentinel that sees fewer other
                                                  Sentinels is not asked for the master
-``publish_wait_replicas``       ``0``            a publish returns once this many replicas
+``publish_wait_replicas``       ``None``         a publish returns once this many replicas
                                                  have it (``WAIT``, pipelined with the
                                                  write), else raises ``NotReplicated``;
-                                                 0: off
+                                                 0: off; not set: 1 with a
+                                                 ``sentinel-streams://`` URL and
+                                                 ``publish_confirm='now'``, else 0
+                                                 (:func:`celery_streams.replication.replicas_to_wait_for`)
 ``publish_wait_timeout``        ``1.0``          seconds ``WAIT`` waits for them at most
 ``publish_confirm``             ``'now'``        ``now``: a publish returns once Redis has
                                                  the message; ``later``: once it is
@@ -300,7 +307,7 @@ class Options:
     sentinel_kwargs: dict | None = _option(None, _dict(
         "a dict of redis-py connection arguments (as {'password': ...})"))
     min_other_sentinels: int | None = _option(None, _count)
-    publish_wait_replicas: int = _option(0, _count)
+    publish_wait_replicas: int | None = _option(None, _count)   # None: by URL (replication.py)
     publish_wait_timeout: float = _option(1.0, _seconds)
     publish_confirm: str = _option('now', _one_of('now', 'later'))
     ignored: tuple = field(default=(), compare=False)
