@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 #: Seconds past the server-side BLOCK after which a read without reply means a
 #: dead (half-open) connection.
 STALE_READ_MARGIN = 10.0
+#: Seconds the worker's hub sleeps at most (a timer that does nothing): its tick looks for
+#: stale reads, and an idle hub would otherwise sleep up to 10 s between ticks.
+TICK_AT_LEAST_EVERY = 1.0
 #: Seconds: the shortest wait for a scheduled message to come due (a clock estimate a
 #: little ahead of the server's must not make the loop spin).
 MIN_DUE_WAIT = 0.002
@@ -101,6 +104,7 @@ class Poller:
         self._due_timers: dict = {}   # channel -> (monotonic time, hub timer entry): next due
         self._refill_timers: dict = {}   # channel -> hub timer entry: a held-back read
         self._in_tick = False
+        self._tick_timer = None
         self._renewer = Renewer(self, min(renew_every, Renewer.EVERY)) if renew_every else None
 
     def add(self, channel):
@@ -142,9 +146,13 @@ class Poller:
         self.hub = hub
         hub.on_tick.add(self.on_tick)
         hub.on_close.add(lambda hub: self.detach())
+        self._tick_timer = hub.call_repeatedly(TICK_AT_LEAST_EVERY, _wake)
 
     def detach(self):
         if self.hub is not None:
+            if self._tick_timer is not None:
+                self._tick_timer.cancel()
+                self._tick_timer = None
             self.hub.on_tick.discard(self.on_tick)
             for fd in list(self._hub_fds):
                 self._forget_fd(fd)
@@ -343,6 +351,10 @@ class Poller:
                 channel.check_stale_read(STALE_READ_MARGIN)
             if deadline is not None and monotonic() >= deadline:
                 raise socket.timeout()
+
+
+def _wake() -> None:
+    """A hub timer's work: none; firing it makes the hub run its tick (:meth:`Poller.on_tick`)."""
 
 
 def _nearest(values) -> Optional[float]:

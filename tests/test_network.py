@@ -25,7 +25,7 @@ from celery_streams import errors
 from celery_streams.connection import (DEFAULT_SOCKET_TIMEOUT, REPLY_MARGIN, Address, client_from_url,
                                        connection_kwargs)
 from celery_streams.options import Options
-from celery_streams.poller import STALE_READ_MARGIN
+from celery_streams.poller import STALE_READ_MARGIN, TICK_AT_LEAST_EVERY
 from tests import proxy as proxies
 from tests import rigs
 from tests.helpers import blocked_readers, wait_until
@@ -38,9 +38,9 @@ LOST_LINE = 'Connection to broker lost'
 POLLING = 1.0
 #: Seconds a slow, shared machine may add to a bound (process start, scheduling).
 SLACK = 3.0
-#: The longest kombu's hub sleeps between two ticks (``Hub.fire_timers``' ``max_delay``):
-#: a worker checks for a stale read on a tick.
-HUB_SLEEP = 10.0
+#: The longest a worker's hub sleeps between two ticks (the poller keeps a timer for that;
+#: kombu's own idle sleep is up to 10 s): a worker checks for a stale read on a tick.
+HUB_SLEEP = TICK_AT_LEAST_EVERY
 #: A worker notices a silent connection once its read is stale (BLOCK + the margin),
 #: on the next hub tick.
 NOTICE_BOUND = POLLING + STALE_READ_MARGIN + HUB_SLEEP + SLACK
