@@ -6,6 +6,7 @@ line that says what is wrong, and never a password.
 """
 from __future__ import annotations
 
+import re
 import socket
 
 import click
@@ -72,21 +73,66 @@ connection_errors = _redis_connection_errors
 channel_errors = _redis_channel_errors + (OutOfMemory, NotReplicated)
 
 
+#: Where Redis 6.2 puts a script's error: ``Error running script (call to f_<sha>):
+#: @user_script:1: `` (``redis.call``) and ``@user_script: 16: -`` (``redis.pcall``, and an
+#: error the script returned): the Redis error itself follows.
+_SCRIPT_PLACE = re.compile(r'^(?:Error running script \(call to \w+\): )?(?:@user_script: ?\d+: ?-?)*')
+
+
+def reply_text(error: Exception) -> str:
+    """An error reply as Redis made it, without the place in a script Redis 6.2 adds in front."""
+    return _SCRIPT_PLACE.sub('', str(error), count=1)
+
+
 def is_missing_group(error: Exception) -> bool:
     """True for the errors that mean a group or stream vanished (see REDIS facts)."""
-    text = str(error)
+    text = reply_text(error)
     return text.startswith('NOGROUP') or text.startswith('UNBLOCKED')
 
 
 def is_busy_group(error: Exception) -> bool:
-    return str(error).startswith('BUSYGROUP')
+    return reply_text(error).startswith('BUSYGROUP')
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for a write Redis refused at ``maxmemory``: redis-py's ``OutOfMemoryError``, an
+    ``OOM`` reply, the same from a script (Redis 6.2: ``@user_script: 16: -OOM ...``), or
+    this package's :class:`OutOfMemory`."""
+    return (isinstance(error, (OutOfMemory, redis_errors.OutOfMemoryError))
+            or (isinstance(error, redis_errors.ResponseError) and reply_text(error).startswith('OOM')))
+
+
+#: Whether this process said that Redis is full and not yet that it has room again.
+_said_full = [False]
+
+
+def say_full(logger, what: str, *args) -> None:
+    """Say that a full Redis refused ``what`` (``%s`` placeholders for ``args``): one warning
+    until :func:`say_room` (a worker opens several channels, each refused several writes),
+    then debug lines."""
+    if _said_full[0]:
+        logger.debug('celery_streams: Redis is full (maxmemory): ' + what, *args)
+        return
+    _said_full[0] = True
+    logger.warning('celery_streams: Redis is full (maxmemory): it refuses new queues, groups, '
+                   'bindings and messages (' + what + '); consuming and acking go on, and what it '
+                   'refused is written once it has room again', *args)
+
+
+def say_room(logger) -> None:
+    """Redis took a write that a full Redis refused: say so, once."""
+    if _said_full[0]:
+        _said_full[0] = False
+        logger.info('celery_streams: Redis has room again; what it refused is written')
 
 
 def translate_write_error(error: Exception) -> Exception:
-    """Turn a refused write into an error a user can act on."""
-    if isinstance(error, redis_errors.OutOfMemoryError) or str(error).startswith('OOM'):
-        return OutOfMemory(
-            'Redis is out of memory (maxmemory reached); the message was NOT published: %s' % error)
+    """Turn a refused write into an error a user can act on (one line)."""
+    if isinstance(error, OutOfMemory):
+        return error
+    if is_out_of_memory(error):
+        return OutOfMemory('Redis is out of memory (maxmemory reached, it refuses writes until '
+                           'memory is freed): the message was NOT published')
     return error
 
 

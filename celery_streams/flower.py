@@ -23,7 +23,7 @@ import asyncio
 from .connection import SCHEMES, TRANSPORT_PATH, client_from_url, first_seed
 from .keys import Keys
 from .options import Options
-from .queues import queue_depths
+from .depth import queue_depths
 
 try:
     from flower.utils import broker as flower_broker

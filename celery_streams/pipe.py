@@ -151,7 +151,8 @@ class Pipe:
         after :data:`RESENDS` tries that got no reply, the error is raised (and
         the writes stay, for the next call).
         """
-        done, tries = [], 0
+        done: list = []
+        tries = 0
         while True:
             answered = len(done)
             try:

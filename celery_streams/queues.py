@@ -22,7 +22,9 @@ import redis
 
 from . import errors, wire
 from .errors import one_line
-from .keys import FANOUT, SCHEMA_VERSION, TASK, Keys, binding_member, glob_escape, parse_binding
+from .bindings import Bindings
+from .depth import depth_commands, depth_of
+from .keys import FANOUT, SCHEMA_VERSION, TASK, Keys, binding_member, glob_escape
 from .wire import text
 
 logger = logging.getLogger(__name__)
@@ -71,9 +73,13 @@ class QueueTable:
         self.healed_mark_ms = options.healed_mark_ms
         #: stream -> (ms, seq) of its healed mark: entries up to it may have been in flight.
         self.healed_marks: dict = {}
-        #: Priority-bucket streams a full Redis (maxmemory) refused to create: left out of
-        #: blocking reads, and created once Redis has room again (see :meth:`retry_refused`).
+        #: Streams a full Redis (maxmemory) refused to create, or to give the group: left out
+        #: of reads (a main stream: its whole queue, see :meth:`is_deleted`), and created once
+        #: Redis has room again (see :meth:`retry_refused`).
         self.refused: set = set()
+        #: Queues whose registry entry or bindings a full Redis refused: written once it has
+        #: room again (:meth:`retry_refused`).
+        self.unwritten: set = set()
         #: The expiry given to a broadcast queue that is auto-delete and has none:
         #: its consumers renew it, so the queue of a killed worker goes away.
         self.orphan_expiry_ms = options.orphan_expiry_ms
@@ -86,6 +92,10 @@ class QueueTable:
         #: Changes when a queue is deleted, declared again or bound to a fanout exchange:
         #: what a read plan depends on (see :meth:`celery_streams.reader.Reader.plan`).
         self.version = 0
+        #: The bindings of exchanges to these queues.
+        self.bindings = Bindings(client=client, dispatcher=dispatcher, keys=keys, state=state,
+                                 typeof=typeof, mark_broadcast=self.mark_broadcast,
+                                 unwritten=self.unwritten)
 
     def __getitem__(self, queue: str) -> QueueRecord:
         record = self._records.get(queue)
@@ -105,8 +115,11 @@ class QueueTable:
         return bool(record and record.is_broadcast)
 
     def is_deleted(self, queue: str) -> bool:
+        """Whether ``queue`` is not to be read: this process deleted it, or a full Redis
+        refused to create its main stream (it is read once Redis made it)."""
         record = self._records.get(queue)
-        return bool(record and record.deleted)
+        return bool(record and record.deleted) or (
+            bool(self.refused) and self.keys.stream(queue) in self.refused)
 
     def consumed(self) -> list[str]:
         """Queues this channel consumed from and did not delete."""
@@ -141,11 +154,25 @@ class QueueTable:
         counting = depth_commands(self.keys, self.group, queue)
         replies = wire.calls(self.dispatcher, commands + counting)
         results, counts = replies[:len(commands)], replies[len(commands):]
-        if any(isinstance(errors.translate_write_error(r), errors.OutOfMemory)
-               for r in results if isinstance(r, Exception)) and self._declared_in_redis(queue):
-            return depth_of(counts)   # a full Redis refuses every write, even one with nothing to do
+        if any(errors.is_out_of_memory(r) for r in results if isinstance(r, Exception)):
+            self._refused_declaration(queue)
+            return depth_of(counts)
         raise_unless_busygroup(results)
+        if self.unwritten:
+            self.retry_refused([])   # Redis has room again
         return depth_of(counts)
+
+    def _refused_declaration(self, queue: str) -> None:
+        """A full Redis refused the declaration of ``queue`` (it refuses every write, even
+        one with nothing to do): what is missing in Redis is written once it has room."""
+        if self._declared_in_redis(queue):
+            return
+        stream = self.keys.stream(queue)
+        if not self._has_group(stream):
+            self._refuse(stream)
+        if queue not in self.unwritten:
+            self.unwritten.add(queue)
+            errors.say_full(logger, 'queue %r not declared', queue)
 
     def _declared_in_redis(self, queue: str) -> bool:
         """Whether ``queue`` is registered and its main stream has the group (read-only checks)."""
@@ -190,74 +217,27 @@ class QueueTable:
             pipe.hdel(self.keys.queues, queue)
             pipe.execute()
         state.queue_bindings_delete(queue)
+        self.unwritten.discard(queue)
+        self.refused.difference_update(self.keys.streams(queue))
         record = self[queue]
         record.auto_delete = False
         record.deleted = True
         self.version += 1
 
-    # -- bindings -------------------------------------------------------------
-
-    def bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
-        for reply in wire.calls(self.dispatcher,
-                                self.binding_commands(exchange, routing_key, pattern, queue)):
-            if isinstance(reply, Exception):
-                raise errors.translate_write_error(reply)
-
-    def write_binding(self, pipe, exchange, routing_key, pattern, queue) -> None:
-        for command in self.binding_commands(exchange, routing_key, pattern, queue):
-            pipe.execute_command(*command)
-
-    def binding_commands(self, exchange, routing_key, pattern, queue) -> list[tuple[str | int, ...]]:
-        """The commands that store a binding (a fanout one also marks its queue a broadcast
-        queue, here and in the registry)."""
-        commands: list[tuple[str | int, ...]] = [
-            ('SADD', self.keys.bindings(exchange), binding_member(routing_key, pattern, queue))]
-        if self.typeof(exchange).type == 'fanout':
-            record = self[queue]
-            if record.fanout_exchange != exchange:
-                record.fanout_exchange = exchange
-                self.version += 1
-            if record.auto_delete and record.expires is None:
-                record.expires = self.orphan_expiry_ms
-                commands.append(('PEXPIRE', self.keys.stream(queue), record.expires))
-            commands.append(('HSET', self.keys.queues, queue, FANOUT))
+    def mark_broadcast(self, queue: str, exchange: str) -> list:
+        """``queue`` is bound to fanout ``exchange``: a broadcast queue (here and in the
+        registry; an auto-delete one without an expiry gets the orphan expiry). Returns the
+        commands that store it."""
+        record = self[queue]
+        if record.fanout_exchange != exchange:
+            record.fanout_exchange = exchange
+            self.version += 1
+        commands: list[tuple[str | int, ...]] = []
+        if record.auto_delete and record.expires is None:
+            record.expires = self.orphan_expiry_ms
+            commands.append(('PEXPIRE', self.keys.stream(queue), record.expires))
+        commands.append(('HSET', self.keys.queues, queue, FANOUT))
         return commands
-
-    def declared_bindings(self, exchange: str) -> list:
-        """``(routing_key, pattern, queue)`` of ``exchange`` as this process declared them."""
-        return list(self.state.exchanges.get(exchange, {}).get('table') or ())
-
-    def table(self, exchange: str) -> list:
-        """The bindings of ``exchange`` from Redis (kombu's ``get_table``).
-
-        When Redis has none (nuked, or never written), this process's own
-        declarations are used and written back, so other processes see them again.
-        """
-        members = wire.call(self.dispatcher, 'SMEMBERS', self.keys.bindings(exchange))
-        if members:
-            return [parse_binding(member) for member in members]
-        local = self.declared_bindings(exchange)
-        if local:
-            with self.client.pipeline(transaction=False) as pipe:
-                for routing_key, pattern, queue in local:
-                    self.write_binding(pipe, exchange, routing_key, pattern, queue)
-                pipe.execute()
-        return local
-
-    def drop_stale_bindings(self, exchange: str, gone) -> None:
-        """Remove the bindings of ``exchange`` to queues whose streams are ``gone``."""
-        stale = [binding_member(k, p, q) for k, p, q in self.table(exchange) if q in gone]
-        if stale:
-            logger.debug('celery_streams: dropping stale bindings of %r to %s', exchange, sorted(gone))
-            self.client.srem(self.keys.bindings(exchange), *stale)
-
-    def all_bindings(self):
-        """Every binding stored in Redis, not only this process's: ``(queue, exchange, routing_key)``."""
-        for key in self.client.scan_iter(match=self.keys.match_bindings, count=500):
-            exchange = self.keys.parse_bindings(key.decode() if isinstance(key, bytes) else key)
-            if exchange is not None:
-                for routing_key, _, queue in self.table(exchange):
-                    yield queue, exchange, routing_key
 
     # -- healing --------------------------------------------------------------
 
@@ -320,18 +300,16 @@ class QueueTable:
         """The replies of the ``create_group`` calls of ``plan``; queue -> whether one was created."""
         created: dict = {}
         for (queue, stream), result in zip(plan, results):
+            created.setdefault(queue, False)
             if isinstance(result, Exception):
-                error = errors.translate_write_error(result)
-                if isinstance(error, errors.OutOfMemory) and self._has_group(stream):
-                    continue   # a full Redis refuses the script, even with nothing to create
-                if not isinstance(error, errors.OutOfMemory) or stream == self.keys.stream(queue):
-                    raise error
-                if stream not in self.refused:   # a full Redis: consumers must still drain it
-                    logger.warning('celery_streams: Redis is full; priority stream %s of queue %r '
-                                   'is read once Redis has room again', stream, queue)
-                self.refused.add(stream)
+                if not errors.is_out_of_memory(result):
+                    raise errors.translate_write_error(result)
+                if not self._has_group(stream):   # a full Redis refuses even a group that is there
+                    if stream not in self.refused:   # consumers must still drain the others
+                        errors.say_full(logger, 'stream %s of queue %r not created', stream, queue)
+                    self._refuse(stream)
                 continue
-            self.refused.discard(stream)
+            self._made(stream)
             created[queue] = created.get(queue, False) or bool(result[0])
             if result[1]:
                 self.healed_marks[stream] = entry_id_tuple(text(result[1]))
@@ -341,11 +319,44 @@ class QueueTable:
         """The healed mark of a queue stream (see the ``create_group`` script)."""
         return self.keys.healed(*self.keys.parse_stream(stream))
 
+    def _refuse(self, stream: str) -> None:
+        """A full Redis refused to make ``stream`` (or its group): not read until it is made."""
+        if stream not in self.refused:
+            self.refused.add(stream)
+            self.version += 1   # read plans leave it out (a main stream: its queue)
+
+    def _made(self, stream: str) -> None:
+        if stream in self.refused:
+            self.refused.discard(stream)
+            self.version += 1
+            errors.say_room(logger)
+            logger.debug('celery_streams: stream %s a full Redis refused is read from now on', stream)
+
     def retry_refused(self, queues) -> None:
-        """Create the streams a full Redis refused, for those of ``queues`` that have some."""
-        waiting = [q for q in queues if any(s in self.refused for s in self.read_streams(q))]
+        """Once Redis has room again: create the streams a full Redis refused, for those of
+        ``queues`` (and the queues of :attr:`unwritten`) that have some, and write what it
+        refused of the declarations."""
+        refused, unwritten = self.refused, sorted(self.unwritten)
+        waiting = [q for q in dict.fromkeys([*queues, *unwritten])
+                   if not self[q].deleted and any(s in refused for s in self.read_streams(q))]
         if waiting:
             self.ensure_groups(waiting)
+            self._expiry_refreshed_at = 0.0
+            self.refresh_expiry(waiting)
+        if unwritten and self._rewrite(unwritten):
+            self.unwritten.difference_update(unwritten)
+            errors.say_room(logger)
+
+    def _rewrite(self, queues) -> bool:
+        """:meth:`rewrite_declarations`; False when a full Redis refused them (kept for later)."""
+        try:
+            self.rewrite_declarations(queues)
+        except redis.ResponseError as exc:
+            if not errors.is_out_of_memory(exc):
+                raise
+            self.unwritten.update(queues)
+            return False
+        return True
 
     def healed_before(self, stream: str, entry_id: str) -> bool:
         """Whether the entry may have been in flight when the group of ``stream`` was lost."""
@@ -365,12 +376,12 @@ class QueueTable:
         self._expiry_refreshed_at = 0.0
         self.refresh_expiry(queues)
         for queue in queues:
-            if created[queue]:
+            if created.get(queue):
                 logger.info(
                     'celery_streams: consumer group %r of queue %r was gone (%s); '
                     're-created it at id %s and reading on',
                     self.group, queue, one_line(error), self._start_id(queue))
-        self.rewrite_declarations(queues)
+        self._rewrite(queues)
         return queues
 
     def _start_id(self, queue: str) -> str:
@@ -385,7 +396,7 @@ class QueueTable:
                 pipe.hsetnx(self.keys.queues, queue, TASK)
                 for exchange, routing_key, args in state.queue_bindings(queue):
                     _, pattern, _ = typeof(exchange).prepare_bind(queue, exchange, routing_key, args)
-                    self.write_binding(pipe, exchange, routing_key, pattern, queue)
+                    self.bindings.write(pipe, exchange, routing_key, pattern, queue)
             pipe.execute()
 
     def refresh_expiry(self, queues) -> None:
@@ -419,50 +430,6 @@ class QueueTable:
                 pipe.exists(self.keys.stream(queue))
             gone = [queue for queue, exists in zip(queues, pipe.execute()) if not exists]
         return self.client.hdel(self.keys.queues, *gone) if gone else 0
-
-
-def queue_depth(client, keys: Keys, group: str, queue: str) -> int:
-    """Messages of ``queue`` no consumer received yet, over every priority bucket, in one round
-    trip (kombu's ``queue_declare(passive=True).message_count``)."""
-    return queue_depths(client, keys, group, [queue])[0]
-
-
-def queue_depths(client, keys: Keys, group: str, queues: list) -> list:
-    """:func:`queue_depth` of each of ``queues``, in one round trip (one per master on a
-    cluster): Flower's queue lengths."""
-    commands = [depth_commands(keys, group, queue) for queue in queues]
-    with client.pipeline(transaction=False) as pipe:
-        for command in (command for each in commands for command in each):
-            pipe.execute_command(*command)
-        replies = pipe.execute(raise_on_error=False)
-    depths, start = [], 0
-    for each in commands:
-        depths.append(depth_of(replies[start:start + len(each)]))
-        start += len(each)
-    return depths
-
-
-def depth_commands(keys: Keys, group: str, queue: str) -> list:
-    """``XLEN`` and ``XPENDING`` (summary) of every stream of ``queue``: see :func:`depth_of`."""
-    return [command for key in keys.streams(queue)
-            for command in (('XLEN', key), ('XPENDING', key, group))]
-
-
-def depth_of(replies) -> int:
-    """The messages no consumer received yet, from the replies to :func:`depth_commands`
-    (a stream without the group has none pending)."""
-    size = 0
-    for length, pending in zip(replies[::2], replies[1::2]):
-        if isinstance(length, Exception):
-            raise length
-        if isinstance(pending, dict):   # redis-py's parsed summary
-            pending = pending['pending']
-        elif isinstance(pending, (list, tuple)):   # the raw reply: count, smallest, greatest...
-            pending = pending[0]
-        else:
-            pending = 0
-        size += max(length - pending, 0)
-    return size
 
 
 def raise_unless_busygroup(results) -> None:

@@ -57,7 +57,8 @@ from .options import Options
 from .poller import Poller
 from .batch import PublishBatch
 from .qos import ACK_BATCH, UNLIMITED_BATCH, QoS  # noqa: F401  (documented here)
-from .queues import QueueTable, queue_depth
+from .depth import queue_depth
+from .queues import QueueTable
 from .reader import Reader
 from .publisher import Publisher
 from .scheduler import Scheduler
@@ -113,8 +114,9 @@ class Channel(virtual.Channel):
         self.queues = QueueTable(client=client, dispatcher=topology.dispatcher, pipe=self.pipe,
                                  scripts=scripts, keys=keys, options=options, state=self.state,
                                  typeof=self.typeof, scripts_span_keys=topology.scripts_span_keys)
-        self.publisher = Publisher(kombu=self, topology=topology, queues=self.queues, scripts=scripts,
-                             keys=keys, options=options, clock=self.server_time_ms)
+        self.publisher = Publisher(kombu=self, topology=topology, queues=self.queues,
+                                   bindings=self.queues.bindings, scripts=scripts,
+                                   keys=keys, options=options, clock=self.server_time_ms)
         self.inbox = Inbox(keys=keys, queues=self.queues, options=options, consumer=consumer,
                            client=client, clock=self.server_time_ms, decode_body=self.decode_body)
         self.liveness = Liveness(keys=keys, options=options, consumer=consumer, client=client,
@@ -164,10 +166,10 @@ class Channel(virtual.Channel):
         return self.queues.exists(queue)
 
     def _queue_bind(self, exchange, routing_key, pattern, queue):
-        self.queues.bind(exchange, routing_key, pattern, queue)
+        self.queues.bindings.bind(exchange, routing_key, pattern, queue)
 
     def get_table(self, exchange):
-        return self.queues.table(exchange)
+        return self.queues.bindings.table(exchange)
 
     def queue_delete(self, queue, if_unused=False, if_empty=False, **kwargs):
         if if_empty and self._size(queue):
@@ -176,7 +178,7 @@ class Channel(virtual.Channel):
 
     def list_bindings(self):
         """Every binding stored in Redis (``celery list bindings``), not only this process's."""
-        return self.queues.all_bindings()
+        return self.queues.bindings.everywhere()
 
     # -- publishing ---------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import celery_streams  # noqa: F401  (registers the schemes)
 from celery_streams.connection import client_from_url
 from celery_streams.deadletters import record
 from celery_streams.errors import ConfigurationError
-from celery_streams.queues import queue_depths
+from celery_streams.depth import queue_depths
 from celery_streams.scripts import Scripts
 from tests import servers
 from tests.helpers import one_line
