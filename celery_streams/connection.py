@@ -45,12 +45,11 @@ operator commands all take such a URL (see :mod:`celery_streams.slots`).
 """
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Mapping
-from urllib.parse import urlsplit
 
 import redis
-from kombu.utils.url import parse_url
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException
@@ -58,26 +57,28 @@ from redis.retry import Retry
 
 from .errors import ConfigurationError, one_line
 from .options import Options
-from .sentinel import SentinelPool, Sentinels, sentinel_arguments
+from .sentinel import SentinelPool, Sentinels, one_endpoint, sentinel_arguments
+from .urls import (  # noqa: F401  (the names a URL's parts have; public here too)
+    CLUSTER_SCHEMES, CLUSTER_TLS_SCHEME, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SENTINEL_PORT,
+    REDIS_SCHEMES, SCHEMES, SENTINEL_SCHEME, TLS_SCHEMES, TRANSPORT_PATH, CLUSTER_SCHEME,
+    _parse, _parse_cluster, _refuse_mixed, _scheme, _ssl_settings, broker_urls, database,
+    first_seed, first_url, refuse_foreign_alternates, safe_url, sentinel_addresses,
+    ssl_arguments)
 
-#: The name kombu's ``broker_transport`` setting gives this transport.
-TRANSPORT_PATH = 'celery_streams.transport:Transport'
-#: The scheme of URLs that name Sentinels (registered by ``import celery_streams``).
-SENTINEL_SCHEME = 'sentinel-streams'
-#: The schemes of URLs that name Redis Cluster seed nodes (plain and TLS).
-CLUSTER_SCHEME = 'redis-streams+cluster'
-CLUSTER_TLS_SCHEME = 'rediss-streams+cluster'
-CLUSTER_SCHEMES = (CLUSTER_SCHEME, CLUSTER_TLS_SCHEME)
-#: URL schemes this transport answers to (registered by ``import celery_streams``).
-SCHEMES = ('redis-streams', 'rediss-streams', SENTINEL_SCHEME) + CLUSTER_SCHEMES
-#: Every scheme :meth:`Address.from_url` accepts.
-REDIS_SCHEMES = ('redis', 'rediss') + SCHEMES
-TLS_SCHEMES = ('rediss', 'rediss-streams', CLUSTER_TLS_SCHEME)
-DEFAULT_PORT = 6379
-DEFAULT_SENTINEL_PORT = 26379
-DEFAULT_HOST = '127.0.0.1'
 #: Seconds an operator command waits for a TCP connection when the options do not say.
 DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Seconds a command waits for Redis' reply when ``socket_timeout`` is not set (and for a
+#: TCP connection, when ``socket_connect_timeout`` is not): a silent network (packets lost,
+#: no RST) fails a publish, an ack or a renewal in that time instead of never. The reader's
+#: blocking read waits on its socket's readiness, not on this (``BLOCK`` + stale-read check).
+DEFAULT_SOCKET_TIMEOUT = 5.0
+#: Seconds a command waits beyond its own wait in Redis (a reader's ``BLOCK``, a ``WAIT``)
+#: when that is longer than :data:`DEFAULT_SOCKET_TIMEOUT`.
+REPLY_MARGIN = 2.0
+#: TCP keepalive of every connection when ``socket_keepalive_options`` is not set: a probe
+#: after 30 s idle, then every 5 s, 3 unanswered close it (about 45 s); the probes also keep
+#: an idle connection known to a load balancer that drops idle ones.
+DEFAULT_KEEPALIVE = (('TCP_KEEPIDLE', 30), ('TCP_KEEPINTVL', 5), ('TCP_KEEPCNT', 3))
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,12 @@ class Address:
             urls = conninfo.alt or ['%s+%s' % (conninfo.transport_cls, hostname)]
             return cls.from_cluster_urls(urls, conninfo.ssl or None, options)
         ssl = conninfo.ssl
-        sentinel = conninfo.transport_cls == SENTINEL_SCHEME
+        # With broker_transport set, kombu keeps a URL's scheme only in the list of URLs.
+        sentinel = conninfo.transport_cls == SENTINEL_SCHEME or (
+            conninfo.transport_cls == TRANSPORT_PATH and bool(conninfo.alt)
+            and all(_scheme(url) == SENTINEL_SCHEME for url in conninfo.alt))
+        if sentinel:
+            one_endpoint(conninfo)   # each URL asks every Sentinel: a retry is one attempt
         port = conninfo.port or (DEFAULT_SENTINEL_PORT if sentinel else DEFAULT_PORT)
         address = cls(host=conninfo.hostname or DEFAULT_HOST, port=port,
                       db=database(conninfo.virtual_host), username=conninfo.userid,
@@ -124,7 +130,15 @@ class Address:
                       ssl=ssl_arguments(ssl) if isinstance(ssl, Mapping) else None,
                       sentinels=sentinel_addresses(conninfo.alt or [], (conninfo.hostname, port))
                       if sentinel else ())
-        return address.check(options) if options is not None else address
+        if options is None:
+            return address
+        if conninfo.transport_cls == TRANSPORT_PATH and not sentinel and options.sentinel_options:
+            raise ConfigurationError(
+                'transport option(s) %s need Sentinel URLs, but with broker_transport set kombu '
+                'drops the scheme of a single URL (sentinel-streams:// reads as one Redis server): '
+                'drop broker_transport (import celery_streams registers sentinel-streams://), or '
+                'list every Sentinel, ;-separated' % ', '.join(options.sentinel_options))
+        return address.check(options)
 
     @classmethod
     def from_url(cls, url: Any, ssl: Any = None, options: Options | None = None) -> Address:
@@ -210,15 +224,22 @@ class Address:
         return '%s:%s' % (self.host, self.port)
 
     def pool_arguments(self, options: Options, **overrides) -> dict:
-        """Keyword arguments of a ``redis.ConnectionPool`` to this server."""
+        """Keyword arguments of a ``redis.ConnectionPool`` to this server.
+
+        The socket options not set get this transport's defaults, whatever the
+        redis-py version (:func:`socket_timeout`, :data:`DEFAULT_KEEPALIVE`).
+        """
+        keepalive = True if options.socket_keepalive is None else options.socket_keepalive
         params = {
             'host': self.host, 'port': self.port, 'db': self.db,
             'username': self.username, 'password': self.password,
             'max_connections': options.max_connections,
-            'socket_timeout': options.socket_timeout,
-            'socket_connect_timeout': options.socket_connect_timeout,
-            'socket_keepalive': options.socket_keepalive,
-            'socket_keepalive_options': options.socket_keepalive_options,
+            'socket_timeout': socket_timeout(options),
+            'socket_connect_timeout': DEFAULT_SOCKET_TIMEOUT if options.socket_connect_timeout is None
+            else options.socket_connect_timeout,
+            'socket_keepalive': keepalive,
+            'socket_keepalive_options': options.socket_keepalive_options
+            if options.socket_keepalive_options is not None or not keepalive else keepalive_options(),
             'health_check_interval': options.health_check_interval,
             'retry_on_timeout': options.retry_on_timeout,
             'client_name': options.client_name,
@@ -298,6 +319,26 @@ _REFUSED_CREDENTIALS = ('username-password', 'WRONGPASS', 'NOAUTH', 'must be cal
                         'already authenticated', 'Authentication required')
 
 
+def socket_timeout(options: Options) -> float:
+    """Seconds a command waits for its reply: ``socket_timeout``, else
+    :data:`DEFAULT_SOCKET_TIMEOUT`, or longer where Redis itself may rightly wait longer
+    before it replies (a reader's ``BLOCK`` of ``polling_interval``, read at close; a
+    ``WAIT`` of ``publish_wait_timeout``), by :data:`REPLY_MARGIN`."""
+    if options.socket_timeout is not None:
+        return options.socket_timeout
+    longest = max(options.polling_interval, options.publish_wait_timeout)
+    return max(DEFAULT_SOCKET_TIMEOUT, longest + REPLY_MARGIN)
+
+
+def keepalive_options() -> dict:
+    """:data:`DEFAULT_KEEPALIVE` as ``{socket constant: value}``, the ones this platform has
+    (macOS names the idle time ``TCP_KEEPALIVE``)."""
+    names = dict(DEFAULT_KEEPALIVE)
+    if not hasattr(socket, 'TCP_KEEPIDLE') and hasattr(socket, 'TCP_KEEPALIVE'):
+        names['TCP_KEEPALIVE'] = names.pop('TCP_KEEPIDLE')
+    return {getattr(socket, name): value for name, value in names.items() if hasattr(socket, name)}
+
+
 def client_from_url(url: Any, *, ssl: Any = None,
                     transport_options: Mapping[str, Any] | None = None) -> redis.Redis | RedisCluster:
     """A client for an operator command: text replies, no retries, a connect timeout.
@@ -319,180 +360,3 @@ def connection_kwargs(client) -> Mapping[str, Any]:
     if isinstance(client, RedisCluster):
         return client.nodes_manager.connection_kwargs
     return client.connection_pool.connection_kwargs
-
-
-def database(virtual_host: Any) -> int:
-    """The database number of a URL's path (``/0``, ``0``, ``/0/``; none: 0)."""
-    if virtual_host in (None, '', '/'):
-        return 0
-    text = str(virtual_host).strip('/')
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigurationError(
-            'the database in a redis URL is a number (as in redis://host:6379/0), not %r'
-            % text) from None
-
-
-def ssl_arguments(settings: Mapping[str, Any]) -> dict:
-    """redis-py's ``ssl_*`` arguments (the names ``broker_use_ssl`` takes for Redis)."""
-    wrong = sorted(str(k) for k in settings if not str(k).startswith('ssl_'))
-    if wrong:
-        raise ConfigurationError(
-            'broker_use_ssl for Redis takes ssl_cert_reqs, ssl_ca_certs, ssl_certfile, '
-            'ssl_keyfile...; not %s' % ', '.join(wrong))
-    return dict(settings)
-
-
-def first_url(broker_url: Any) -> str | None:
-    """The first URL of Celery's ``broker_url`` (a string, ``a;b`` or a list)."""
-    urls = broker_urls(broker_url)
-    return urls[0] if urls else None
-
-
-def broker_urls(broker_url: Any) -> list[str]:
-    """Every URL of Celery's ``broker_url`` (a string, ``a;b`` or a list), in order."""
-    items = list(broker_url) if isinstance(broker_url, (list, tuple)) else [broker_url]
-    urls: list[str] = []
-    for item in items:
-        if isinstance(item, str):
-            urls.extend(part.strip() for part in item.split(';') if part.strip())
-    return urls
-
-
-def sentinel_addresses(urls, default: tuple) -> tuple:
-    """``(host, port)`` of every ``sentinel-streams://`` URL (kombu reads its Sentinel
-    transport's from ``Connection.alt`` alike); ``default`` when there is none."""
-    found = []
-    for url in urls:
-        if isinstance(url, str) and url.split('://', 1)[0] == SENTINEL_SCHEME:
-            parts = _parse(url)
-            found.append((parts['hostname'] or DEFAULT_HOST, parts['port'] or DEFAULT_SENTINEL_PORT))
-    return tuple(found) or ((default[0] or DEFAULT_HOST, default[1]),)
-
-
-def safe_url(url: Any) -> str:
-    """The URL with its password masked (``redis://user:**@host/0``), whatever it looks like.
-
-    Everything between ``://`` and the last ``@`` is credentials, even when a
-    password holds ``/``, ``@`` or ``:`` and no URL parser makes sense of it.
-    """
-    text = str(url)
-    scheme, sep, rest = text.partition('://')
-    if not sep or '@' not in rest:
-        return text
-    credentials, _, host = rest.rpartition('@')
-    user, colon, _ = credentials.partition(':')
-    return '%s://%s@%s' % (scheme, user + ':**' if colon else '**', host)
-
-
-def refuse_foreign_alternates(client) -> None:
-    """Failover URLs must select this transport too, or kombu switches to another one.
-
-    Sentinel URLs go together or not at all: a list of them names Sentinels
-    (every one is asked), a list of Redis URLs names servers (kombu tries
-    them in turn); a list of both means neither.
-    """
-    for url in client.alt or ():
-        if not isinstance(url, str) or '://' not in url:
-            continue
-        scheme = url.split('://', 1)[0]
-        if scheme not in SCHEMES and scheme != TRANSPORT_PATH:
-            raise ConfigurationError(
-                'failover URL %s://... would switch to another transport on failover; '
-                'write every broker URL as redis-streams:// (or rediss-streams://, or '
-                'sentinel-streams:// for Sentinels) and import celery_streams where the app '
-                'is created' % scheme)
-    _refuse_mixed(client.alt or ())
-
-
-def _refuse_mixed(urls) -> None:
-    kinds = {_kind(url) for url in urls if isinstance(url, str) and '://' in url}
-    if 'sentinel' in kinds and len(kinds) > 1:
-        raise ConfigurationError(
-            'the broker URLs mix sentinel-streams:// (Sentinels) with Redis servers; '
-            'list either Sentinels only (sentinel-streams://s1:26379;sentinel-streams://s2:26379) '
-            'or Redis servers only')
-    if len(kinds) > 1:
-        raise ConfigurationError(
-            'the broker URLs mix redis-streams+cluster:// (Redis Cluster nodes) with other '
-            'servers; list the nodes of one cluster only '
-            '(redis-streams+cluster://h1:7000,h2:7001)')
-
-
-def _scheme(url: Any) -> str:
-    return url.split('://', 1)[0] if isinstance(url, str) else ''
-
-
-def _kind(url: str) -> str:
-    scheme = _scheme(url)
-    return 'sentinel' if scheme == SENTINEL_SCHEME else \
-        'cluster' if scheme in CLUSTER_SCHEMES else 'server'
-
-
-def _ssl_settings(parts: Mapping[str, Any], ssl: Any) -> dict:
-    """The ``ssl_*`` arguments of a parsed URL's query and of ``broker_use_ssl``."""
-    settings: dict = {}
-    for extra in (parts.get('ssl'), ssl):
-        if isinstance(extra, Mapping):
-            settings.update(ssl_arguments(extra))
-    return settings
-
-
-def _parse_cluster(url: str) -> tuple[dict, list]:
-    """``(parts, seeds)`` of one ``redis-streams+cluster://`` URL: ``parts`` as
-    :func:`_parse` gives them for its first host, ``seeds`` every ``(host, port)``."""
-    scheme, _, rest = url.partition('://')
-    if scheme not in CLUSTER_SCHEMES:
-        raise ConfigurationError(
-            'broker URL %s is not a Redis Cluster URL: list the nodes of one cluster as '
-            '%s://h1:7000,h2:7001 (or ;-separated %s:// URLs)'
-            % (safe_url(url), CLUSTER_SCHEME, CLUSTER_SCHEME))
-    hosts = urlsplit('//' + rest).netloc.rpartition('@')[2]
-    seeds = [_seed(url, host) for host in hosts.split(',')]
-    plain = 'rediss' if scheme == CLUSTER_TLS_SCHEME else 'redis'
-    parts = _parse(plain + '://' + first_seed(url).partition('://')[2])
-    return parts, seeds
-
-
-def first_seed(url: str) -> str:
-    """``url`` with only the first of its hosts: a cluster URL's seed list (``h1:7000,h2:7001``)
-    cut to ``h1:7000``, credentials, database and query kept; other URLs as they are."""
-    scheme, sep, rest = url.partition('://')
-    netloc = urlsplit('//' + rest).netloc
-    credentials, at, hosts = netloc.rpartition('@')
-    return scheme + sep + credentials + at + hosts.split(',')[0] + rest[len(netloc):]
-
-
-def _seed(url: str, host: str) -> tuple[str, int]:
-    """``(host, port)`` of one seed node of a cluster URL (``host`` or ``host:port``)."""
-    try:
-        split = urlsplit('//' + host)
-        name, port = split.hostname, split.port
-    except ValueError:   # a port that is not a number, or out of range
-        name = port = None
-    if not name or port == 0:
-        raise ConfigurationError(
-            'broker URL %s: seed node %r is not host or host:port (a port is a number); list '
-            'the nodes as %s://h1:7000,h2:7001' % (safe_url(url), host, CLUSTER_SCHEME))
-    return name, port or DEFAULT_PORT
-
-
-def _parse(url: str) -> dict:
-    if not isinstance(url, str) or '://' not in url:
-        raise ConfigurationError('not a broker URL: %r (expected redis://host:6379/0)'
-                                 % safe_url(url))
-    scheme = url.split('://', 1)[0]
-    if scheme not in REDIS_SCHEMES:
-        raise ConfigurationError(
-            'broker URL %s is not a Redis URL: use %s'
-            % (safe_url(url), ', '.join(s + '://' for s in REDIS_SCHEMES)))
-    try:
-        return parse_url(url)
-    except ValueError:   # a port that is not a number... (its text may quote the password)
-        raise ConfigurationError(
-            'cannot parse broker URL %s: the port must be a number, and a password holding '
-            '/, @ or : must be percent-encoded (%%2F, %%40, %%3A)' % safe_url(url)) from None
-    except KeyError as exc:     # kombu's parse_ssl_cert_reqs
-        raise ConfigurationError('broker URL %s: ssl_cert_reqs is required, optional or none, not %s'
-                                 % (safe_url(url), exc)) from None

@@ -41,6 +41,7 @@ from .keys import SCHEMA_VERSION
 from .lanes import ClusterLanes, ServerLanes
 from .options import Options
 from .pipe import Pipe
+from .scripts import NAMES, source
 from .slots import by_slot
 
 T = TypeVar('T')
@@ -106,7 +107,13 @@ class Topology:
     def check_server(self, keys, scripts) -> float:
         """Fail early and in one line on credentials, database or schema trouble; write the
         schema key when missing, load the scripts. Returns the server's clock minus this
-        host's, in ms."""
+        host's, in ms.
+
+        A full Redis (``maxmemory``) is no reason to stop: reads, acks and deletes still
+        work and free it. It refuses the ``SET NX`` of the schema key even when the key is
+        there: the ``GET`` behind it says which version is; a missing key a full Redis
+        refused is written by a later channel.
+        """
         address = self.address
         try:
             version, offset_ms = self._ask_server(keys, scripts)
@@ -199,14 +206,31 @@ class ServerTopology(Topology):
             pipe.ping()
             pipe.set(keys.schema, SCHEMA_VERSION, nx=True)
             pipe.get(keys.schema)
-            pipe.script_load(scripts.read.script)
+            # Every script, now: an EVALSHA written without waiting (a consumer's group
+            # creation on its pipe) and answered NOSCRIPT would only be run again later,
+            # after whatever happened meanwhile (a group lost, then re-created unmarked).
+            for name in NAMES:
+                pipe.script_load(source(name))
             pipe.time()
             sent = time()
-            _, _, version, _, server_time = pipe.execute()
+            replies = pipe.execute(raise_on_error=False)
+        _, written, version, *_, server_time = replies
+        for reply in replies:   # a full Redis refuses the SET even of a key that is there
+            if isinstance(reply, Exception) and not (reply is written and errors.is_out_of_memory(reply)):
+                raise reply
+        if version is None:
+            errors.say_full(logger, 'schema key %s not written', keys.schema)
         return version, clock_offset_ms(server_time, sent)
 
     def disconnect(self) -> None:
         self.pool.disconnect()
+
+    def shortfall(self, written_to) -> str:
+        """Why the master a publish was written to (``written_to``, :attr:`master` then) did
+        not get it confirmed by its replicas in time: being replaced, alone, or a replica
+        behind (:func:`celery_streams.sentinel.shortfall`)."""
+        from .sentinel import shortfall
+        return shortfall(self.pool, written_to, self.options.publish_wait_timeout)
 
 
 class ClusterTopology(Topology):
@@ -240,8 +264,15 @@ class ClusterTopology(Topology):
     def _ask_server(self, keys, scripts) -> tuple:
         """The scripts are loaded on every master (redis-py's cluster pipelines load none)."""
         client = self.client
-        client.set(keys.schema, SCHEMA_VERSION, nx=True)
         version = client.get(keys.schema)
+        if version is None:
+            try:
+                client.set(keys.schema, SCHEMA_VERSION, nx=True)
+            except redis.ResponseError as exc:
+                if not errors.is_out_of_memory(exc):
+                    raise
+                errors.say_full(logger, 'schema key %s not written', keys.schema)
+            version = client.get(keys.schema)
         scripts.reload_all()
         node = client.get_node_from_key(keys.schema)
         sent = time()
