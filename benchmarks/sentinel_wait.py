@@ -1,10 +1,16 @@
-"""The cost of ``publish_wait_replicas`` (issue #14): ``python benchmarks/sentinel_wait.py``.
+"""The cost of waiting for a replica (issues #14, #22): ``python benchmarks/sentinel_wait.py``.
 
 Not part of CI. Starts a Sentinel topology on loopback (a master, one replica,
 three Sentinels: :class:`tests.servers.SentinelTopology`) and publishes small
-messages one at a time through kombu on ``sentinel-streams://``, alternating
-runs without and with ``publish_wait_replicas=1`` (``WAIT 1`` pipelined behind
-each write), on two paths:
+messages one at a time through kombu, alternating runs of three settings:
+
+* ``off``: ``sentinel-streams://`` with ``publish_wait_replicas=0`` (opted out);
+* ``default``: ``sentinel-streams://`` with the default (``WAIT 1`` pipelined
+  behind each write);
+* ``one server``: ``redis-streams://`` straight to the master (no Sentinel: no
+  ``WAIT`` by default),
+
+on two paths:
 
 * ``default``: the default exchange (a queue name as routing key): one ``XADD``;
 * ``direct``: a direct exchange, the path of Celery's ``send_task``: the ``route``
@@ -32,9 +38,18 @@ from tests.servers import SentinelTopology  # noqa: E402
 MASTER = 'bench-master'
 
 
-def run(topology, wait, path, count):
-    options = {'master_name': MASTER, 'global_keyprefix': 'bench:', 'publish_wait_replicas': wait}
-    with Connection(topology.urls(), transport_options=options) as conn:
+#: The settings compared: name, URL (of the topology), transport options.
+SETTINGS = (
+    ('off', lambda t: t.urls(), {'master_name': MASTER, 'publish_wait_replicas': 0}),
+    ('default', lambda t: t.urls(), {'master_name': MASTER}),
+    ('one server', lambda t: 'redis-streams://127.0.0.1:%d/0' % t.current_master().port, {}),
+)
+
+
+def run(topology, setting, path, count):
+    _, url, options = setting
+    options = dict(options, global_keyprefix='bench:')
+    with Connection(url(topology), transport_options=options) as conn:
         channel = conn.default_channel
         exchange = Exchange('bench-direct', 'direct')
         queue = Queue('bench-%s' % path, exchange, 'rk')
@@ -65,16 +80,15 @@ def main(argv=None):
     with SentinelTopology(master_name=MASTER) as topology:
         print('redis-server %s, %s, %d publishes per run, median of %d runs'
               % (topology.servers[0].version, platform.platform(), args.count, args.rounds))
-        print('%-8s %-22s %10s %10s %10s' % ('path', 'publish_wait_replicas', 'publish/s', 'p50 us',
-                                            'p99 us'))
+        print('%-8s %-12s %10s %10s %10s' % ('path', 'setting', 'publish/s', 'p50 us', 'p99 us'))
         for path in ('default', 'direct'):
-            results = {0: [], 1: []}
+            results: dict = {setting[0]: [] for setting in SETTINGS}
             for _ in range(args.rounds):
-                for wait in (0, 1):
-                    results[wait].append(run(topology, wait, path, args.count))
-            for wait, runs in results.items():
+                for setting in SETTINGS:
+                    results[setting[0]].append(run(topology, setting, path, args.count))
+            for name, runs in results.items():
                 rate, p50, p99 = (statistics.median(r[i] for r in runs) for i in range(3))
-                print('%-8s %-22d %10.0f %10.0f %10.0f' % (path, wait, rate, p50, p99))
+                print('%-8s %-12s %10.0f %10.0f %10.0f' % (path, name, rate, p50, p99), flush=True)
 
 
 if __name__ == '__main__':

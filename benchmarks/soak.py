@@ -19,6 +19,13 @@ a small ``visibility_timeout``). For ``--minutes``:
   same port and dir (AOF), at 70% and 85% the ``unrelated`` queue is drained
   (``celery_streams.admin.drain``).
 
+With ``--sentinel`` the broker is a master, a replica and three Sentinels
+(:class:`tests.servers.SentinelTopology`, no persistence), the URLs
+``sentinel-streams://`` with ``master_name``, every option else the
+transport's default (so publishes wait for the replica, docs/sentinel.md), and
+the fault at 50% is ``SENTINEL FAILOVER`` instead of the restart: the report
+notes when the Sentinels named the new master and when the old one was demoted.
+
 Tasks sleep 20-200 ms and record ``(token, start time, worker)`` to the
 journal. Then publishing stops, the workers finish what is left (or
 ``--drain-timeout`` passes), everything is stopped, and a report is printed:
@@ -61,6 +68,9 @@ TASK = 'soak.record'
 RUNS_KEY, DONE_KEY = 'soak:runs', 'soak:done'
 #: When the broker faults happen, as fractions of the publishing time.
 FAULTS = ((0.25, 'client_kill'), (0.50, 'restart'), (0.70, 'drain'), (0.85, 'drain'))
+#: With ``--sentinel``: a ``SENTINEL FAILOVER`` instead of the restart.
+SENTINEL_FAULTS = tuple((at, 'sentinel_failover' if kind == 'restart' else kind) for at, kind in FAULTS)
+MASTER_NAME = 'soak-master'
 PRIORITY_STEPS = (0, 3, 6, 9)
 KINDS = (('plain', 35), ('priority', 20), ('countdown', 20), ('expires', 15), ('mixed', 10))
 
@@ -127,6 +137,41 @@ class Server:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class SentinelBroker:
+    """The broker of ``--sentinel``: a master, a replica and three Sentinels; :meth:`client`
+    and :attr:`port` are the current master's."""
+
+    def __init__(self, binary):
+        from tests.servers import SentinelTopology
+        self.binary = binary
+        self.topology = SentinelTopology(binary, master_name=MASTER_NAME)
+
+    @property
+    def port(self):
+        return self.topology.current_master().port
+
+    def client(self, **kwargs) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=10, socket_connect_timeout=5, **kwargs)
+
+    def start(self):
+        self.topology.start()
+        return self
+
+    def failover(self, notes):
+        """``SENTINEL FAILOVER``; note when the Sentinels named the new master, when the old
+        one was demoted."""
+        started = time.monotonic()
+        old = self.topology.current_master()
+        self.topology.failover()
+        new = self.topology.wait_master_changed(old, timeout=60)
+        notes['new master named after (s)'] = round(time.monotonic() - started, 2)
+        self.topology.wait_demoted(old, new, timeout=60)
+        notes['old master demoted after (s)'] = round(time.monotonic() - started, 2)
+
+    def stop(self):
+        self.topology.close()
 
 
 class Worker:
@@ -345,7 +390,8 @@ class Soak:
         self.logs = root / 'logs'
         self.logs.mkdir()
         binary = server_binary()
-        self.broker = Server(binary, root / 'broker', 'broker', persistent=True)
+        self.broker = (SentinelBroker(binary) if args.sentinel
+                       else Server(binary, root / 'broker', 'broker', persistent=True))
         self.journal_server = Server(binary, root / 'journal', 'journal')
         self.workers: list[Worker] = []
         self.all_workers: list[Worker] = []
@@ -362,6 +408,8 @@ class Soak:
     # -- setup ---------------------------------------------------------------
 
     def broker_url(self):
+        if self.args.sentinel:
+            return self.broker.topology.urls()
         return 'redis-streams://127.0.0.1:%d/0' % self.broker.port
 
     def worker_env(self):
@@ -370,6 +418,7 @@ class Soak:
                    % self.journal_server.port, SOAK_PREFIX=PREFIX,
                    SOAK_VT=str(self.args.visibility_timeout), SOAK_PREFETCH=str(self.args.prefetch),
                    SOAK_MAX_DELIVERIES=str(self.args.max_deliveries), PYTHONUNBUFFERED='1',
+                   SOAK_MASTER=MASTER_NAME if self.args.sentinel else '',
                    PYTHONPATH=str(common.CODE_DIR) + os.pathsep + os.environ.get('PYTHONPATH', ''))
         return env
 
@@ -392,6 +441,8 @@ class Soak:
         self.app = Celery('soak-publisher', broker=self.broker_url())
         self.app.conf.broker_transport_options = {'global_keyprefix': PREFIX, 'socket_timeout': 10,
                                                   'socket_connect_timeout': 5}
+        if self.args.sentinel:
+            self.app.conf.broker_transport_options['master_name'] = MASTER_NAME
         self.app.conf.task_ignore_result = True
         with self.app.connection_for_write() as conn:   # the queue nobody consumes, for the drains
             Queue(UNRELATED, Exchange(UNRELATED), routing_key=UNRELATED)(conn.default_channel).declare()
@@ -404,8 +455,9 @@ class Soak:
                 worker = (dead or self.workers)[0]
                 raise RuntimeError('worker %s did not start:\n%s' % (worker.name, worker.text()[-3000:]))
             time.sleep(0.2)
-        log('broker %s (AOF always) on port %d, journal on port %d, %d workers ready'
-            % (self.broker.binary, self.broker.port, self.journal_server.port, len(self.workers)))
+        log('broker %s (%s) on port %d, journal on port %d, %d workers ready'
+            % (self.broker.binary, 'Sentinel: master, replica, 3 Sentinels' if self.args.sentinel
+               else 'AOF always', self.broker.port, self.journal_server.port, len(self.workers)))
 
     # -- faults --------------------------------------------------------------
 
@@ -445,6 +497,12 @@ class Soak:
             fault.notes['down (s)'] = round(time.time() - killed, 2)
             client = self.broker.client()
             fault.notes['pending after'] = self.pending(client)
+        elif fault.kind == 'sentinel_failover':
+            fault.notes['pending before'] = self.pending(client)
+            client.close()
+            self.broker.failover(fault.notes)
+            client = self.broker.client()
+            fault.notes['pending after'] = self.pending(client)
         elif fault.kind == 'drain':
             from celery_streams import admin
             before = self.queued(client, UNRELATED), self.queued(client)
@@ -461,7 +519,8 @@ class Soak:
     def run(self):
         args = self.args
         duration = args.minutes * 60
-        self.faults = [Fault(kind, frac * duration) for frac, kind in FAULTS]
+        self.faults = [Fault(kind, frac * duration)
+                       for frac, kind in (SENTINEL_FAULTS if args.sentinel else FAULTS)]
         pending_faults = list(self.faults)
         self.publisher = Publisher(self.app, args.rate, args.task_ms, args.unrelated_every, args.seed)
         start = time.monotonic()
@@ -713,7 +772,7 @@ def fault_notes(soak: Soak):
             text['countdown-free tasks published in the next 10 s, first deliveries: start delay '
                  'p50 / max (s)'] = '%.2f / %.2f (%d redelivered left out)' % (
                 percentile(delays, 50), max(delays), len(pairs) - len(delays))
-        if fault.kind in ('client_kill', 'restart'):
+        if fault.kind in ('client_kill', 'restart', 'sentinel_failover'):
             back = reconnects(soak, fault.at)
             if back:
                 text['workers reconnected after (s)'] = ', '.join('%.1f' % b for b in back)
@@ -736,7 +795,7 @@ def reconnects(soak, at):
         if worker.spawned > at or (worker.killed_at and worker.killed_at < at):
             continue
         for line in worker.text().splitlines():
-            if 'Connected to redis-streams' not in line:
+            if 'Connected to redis-streams' not in line and 'Connected to sentinel-streams' not in line:
                 continue
             match = LOG_TIME.match(line.encode())
             if match:
@@ -817,6 +876,8 @@ def parse(argv):
     parser.add_argument('--drain-timeout', type=float, default=120,
                         help='seconds to wait for every sent task after publishing (120)')
     parser.add_argument('--seed', type=int, default=1)
+    parser.add_argument('--sentinel', action='store_true',
+                        help='broker: a master, a replica and 3 Sentinels; SENTINEL FAILOVER at 50%%')
     parser.add_argument('--keep', action='store_true',
                         help='keep the temp dir (worker and server logs); kept anyway when '
                         'something was lost')

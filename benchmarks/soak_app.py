@@ -7,6 +7,7 @@
 * ``SOAK_VT``       -- ``visibility_timeout`` (seconds)
 * ``SOAK_PREFETCH`` -- ``worker_prefetch_multiplier``
 * ``SOAK_MAX_DELIVERIES`` -- ``max_deliveries``
+* ``SOAK_MASTER``   -- ``master_name``, with a ``sentinel-streams://`` broker (``--sentinel``)
 
 ``task_acks_late`` and ``task_reject_on_worker_lost`` are on; no result backend.
 """
@@ -40,6 +41,8 @@ app.conf.update(
     worker_hijack_root_logger=False,
     worker_send_task_events=False,
 )
+if os.environ.get('SOAK_MASTER'):
+    app.conf.broker_transport_options['master_name'] = os.environ['SOAK_MASTER']
 
 _journal = None
 

@@ -54,23 +54,25 @@ class Publisher:
 
     Its collaborators: the channel's ``topology`` (the dispatcher publishes go
     through, the pipe of ``publish_confirm='later'``, following the master,
-    whether the ``route`` script may run), the queue table, the scripts and
+    whether the ``route`` script may run), the queue table and its bindings, the scripts and
     ``clock()`` (now, in ms by the server's clock). ``kombu`` is the kombu
     channel, for what kombu knows: exchange types and lookups, the dead-letter
     queue, a message's priority.
     """
 
-    def __init__(self, *, kombu, topology, queues, scripts, keys, options, clock):
+    def __init__(self, *, kombu, topology, queues, bindings, scripts, keys, options, clock):
         self.kombu = kombu
         self.topology = topology
         self.dispatcher = topology.dispatcher
         self.queues = queues
+        self.bindings = bindings
         self.scripts = scripts
         self.keys = keys
         self.options = options
         self.clock = clock
-        #: ``WAIT`` sent behind every write (``publish_wait_replicas``), or None.
-        self.wait = replication.wait_command(self.options)
+        #: The ``WAIT`` sent behind every write (``publish_wait_replicas``; with Sentinel, 1 by
+        #: default), or None.
+        self.wait = replication.for_publisher(self.options, topology)
         #: ``publish_confirm='later'``: the connection publishes are written on, replies read later.
         #: On a Redis Cluster, ``'later'`` is ``'now'``.
         self.pipe = (topology.open_publish_pipe(CONFIRM_WINDOW)
@@ -137,7 +139,7 @@ class Publisher:
                             retry=False)
             return
         wait = self.wait
-        replies = self.scripts.run(self.dispatcher, [*commands, wait] if wait else commands)
+        replies = self.scripts.run(self.dispatcher, [*commands, wait.begin()] if wait else commands)
         confirmed = replies.pop() if wait else None
         for reply in replies:
             if isinstance(reply, redis.ResponseError):
@@ -145,7 +147,7 @@ class Publisher:
             if isinstance(reply, Exception):
                 raise reply
         if wait:
-            replication.confirm(confirmed, self.options, self.topology.follow_master)
+            wait.confirm(confirmed)   # a master being replaced: MasterMoved, published again
         if on_replies is not None:
             on_replies(replies)
 
@@ -188,7 +190,8 @@ class Publisher:
                              'routed on: %s', errors.one_line(exc))
 
     def close(self) -> None:
-        """Read the replies of the publishes not yet confirmed (``publish_confirm='later'``)."""
+        """Read the replies of the publishes not yet confirmed (``publish_confirm='later'``);
+        those of a connection the server closed are written again on a new one first."""
         if self.pipe is None or not self.pipe.unconfirmed:
             return
         try:
@@ -232,7 +235,7 @@ class Publisher:
         their streams exist. With no bindings in Redis, this process's are
         written back.
         """
-        declared = self.queues.declared_bindings(exchange)
+        declared = self.bindings.declared(exchange)
         lookup = self.kombu.typeof(exchange).lookup
         here = sorted(lookup(declared, exchange, routing_key, None)) if declared else []
         bindings = ('SMEMBERS', self.keys.bindings(exchange))
@@ -241,7 +244,7 @@ class Publisher:
             members = replies[0]
             if not members:
                 if declared:
-                    self.queues.table(exchange)   # writes this process's bindings back
+                    self.bindings.table(exchange)   # writes this process's bindings back
                 return
             table = [parse_binding(member) for member in members]
             others = sorted(lookup(table, exchange, routing_key, None) - set(here))
@@ -254,7 +257,7 @@ class Publisher:
         """Route with kombu's lookup: to the queues this process declared (created when
         missing), and to the others only while they exist."""
         kombu = self.kombu
-        declared_here = {queue for _, _, queue in self.queues.declared_bindings(exchange)}
+        declared_here = {queue for _, _, queue in self.bindings.declared(exchange)}
         queues = [q for q in kombu._lookup(exchange, routing_key) if q and q != kombu.deadletter_queue]
         for queue in queues:
             if queue in declared_here:
@@ -266,7 +269,7 @@ class Publisher:
 
     def _route_argv(self, exchange, kind, routing_key, message) -> list:
         declared = {queue: self.queues.expires(queue) or 0
-                    for _, _, queue in self.queues.declared_bindings(exchange)}
+                    for _, _, queue in self.bindings.declared(exchange)}
         now_ms = self.clock()
         due = scheduler.due_ms(message, now_ms, self.options)
         bucket, keys = self.bucket(message), self.keys
@@ -280,7 +283,7 @@ class Publisher:
 
         Never scheduled: a broadcast with an ETA is copied at once.
         """
-        queues = [queue for bound_key, _, queue in self.queues.table(exchange)
+        queues = [queue for bound_key, _, queue in self.bindings.table(exchange)
                   if fanout_matches(bound_key, routing_key)]
         if queues:
             self._append_if_exists(exchange, queues, message, 0, self.options.fanout_maxlen,
@@ -302,7 +305,7 @@ class Publisher:
         def drop_gone(replies):
             gone = {queue for queue, reply in zip(queues, replies) if reply is None}
             if gone:
-                self.queues.drop_stale_bindings(exchange, gone)
+                self.bindings.drop_stale(exchange, gone)
 
         self._write(commands, _publish_batch, on_replies=drop_gone)
 

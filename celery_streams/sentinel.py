@@ -4,11 +4,15 @@
 counts the times the master moved (:func:`moves`): connections held outside
 the pool (a channel's dispatcher, its pipe, its reader) compare that count
 and reconnect. :func:`follow_master` asks the Sentinels where the master is
-now. :class:`celery_streams.connection.Address` builds the pools
-(see docs/sentinel.md).
+now; :func:`shortfall` tells why a master did not get a publish confirmed by its
+replicas: being replaced (the publish is sent again, to the new master), alone,
+or a replica behind (:mod:`celery_streams.replication`).
+:class:`celery_streams.connection.Address` builds the pools, and
+:func:`one_endpoint` makes kombu count a retry as one (see docs/sentinel.md).
 """
 from __future__ import annotations
 
+from time import monotonic, sleep
 from typing import Any, Mapping
 
 import redis
@@ -94,3 +98,90 @@ def follow_master(pool) -> bool:
 def moves(pool) -> int:
     """How many times the master of ``pool`` moved (always 0 without Sentinel)."""
     return getattr(pool, 'moves', 0)
+
+
+#: Seconds a server may take to answer :func:`shortfall`'s questions.
+ASK_TIMEOUT = 0.5
+#: :func:`shortfall`'s verdicts.
+MOVED, ALONE, BEHIND = 'moved', 'alone', 'behind'
+
+
+def shortfall(pool, written_to, patience: float = 1.0) -> str:
+    """Why ``written_to`` (``(host, port)``, the master of ``pool`` when the write was sent)
+    did not get a write confirmed by its replicas in time.
+
+    * :data:`MOVED`: it is being replaced. The Sentinels name another master, or
+      a server they list as its replica answers as a master promoted from it
+      (its ``master_replid2`` is this master's replication id): after ``SENTINEL
+      FAILOVER`` the replica is a master at once, the Sentinels name it about a
+      second later (this waits up to ``patience`` seconds for that, so a publish
+      sent again goes there), and the old master takes writes that its demotion
+      throws away for about 10 s.
+    * :data:`ALONE`: it is the master the Sentinels name and has no replica online
+      (a replica down; a new master whose old one is not demoted yet): no
+      failover can keep a write now, and none can lose one to a replica.
+    * :data:`BEHIND`: it has replicas online that did not confirm in time, or no
+      Sentinel, or it cannot be told.
+    """
+    if not isinstance(pool, SentinelConnectionPool) or written_to is None:
+        return BEHIND
+    follow_master(pool)
+    if pool.master_address != written_to:
+        return MOVED
+    mine = replication_info(pool, written_to)
+    if mine is None:
+        return BEHIND
+    if promoted_from(pool, written_to, mine.get('master_replid')) is not None:
+        deadline = monotonic() + patience
+        while monotonic() < deadline and not follow_master(pool):
+            sleep(0.05)
+        return MOVED
+    online = [r for name, r in mine.items() if name.startswith('slave') and isinstance(r, dict)
+              and r.get('state') == 'online']
+    return BEHIND if online else ALONE
+
+
+def replication_info(pool, address) -> dict | None:
+    """``INFO replication`` of the server at ``address`` (the credentials of ``pool``), or None."""
+    credentials = {k: pool.connection_kwargs.get(k) for k in ('username', 'password')}
+    try:
+        with redis.Redis(host=address[0], port=int(address[1]), socket_timeout=ASK_TIMEOUT,
+                         socket_connect_timeout=ASK_TIMEOUT, retry=Retry(NoBackoff(), 0),
+                         decode_responses=True, **credentials) as client:
+            return client.info('replication')
+    except redis.RedisError:
+        return None
+
+
+def promoted_from(pool, master, replid) -> tuple | None:
+    """``(host, port)`` of a server the Sentinels list as a replica of ``master`` that answers
+    as a master promoted from it (``master_replid2`` = ``replid``), or None."""
+    try:
+        replicas = pool.sentinel_manager.discover_slaves(pool.service_name)
+    except redis.RedisError:
+        return None
+    for host, port in replicas:
+        address = (host, int(port))
+        if replid is None or address == tuple(master):
+            continue
+        info = replication_info(pool, address)
+        if info and info.get('role') == 'master' and info.get('master_replid2') == replid:
+            return address
+    return None
+
+
+def one_endpoint(connection) -> None:
+    """Make kombu's ``connection`` (whose URLs name Sentinels) count each attempt as a retry.
+
+    kombu cycles through ``;``-separated URLs and sleeps once per cycle, so a
+    retry policy of 40 retries with three Sentinel URLs sleeps 13 times (~2.4 s
+    for 0.25 s intervals), shorter than a promotion. Here every attempt asks
+    every Sentinel already: no URL to switch to, and every failed attempt
+    sleeps its interval, as with one URL.
+    """
+    connection.cycle = None
+    connection.completes_cycle = _every_retry
+
+
+def _every_retry(retries) -> bool:
+    return True

@@ -12,6 +12,9 @@ Configured from the environment, so one module serves every server kind and test
   restarting, ``CLIENT KILL``ing or failing over the broker never touches the records
 * ``RIG_PREFIX``  -- ``global_keyprefix``, also the namespace of the journal
 * ``RIG_MASTER``  -- ``master_name``, for a ``sentinel-streams://`` broker
+* ``RIG_TRANSPORT`` -- ``broker_transport`` (the README's first way:
+  ``celery_streams.transport:Transport``)
+* ``RIG_WAIT_REPLICAS`` -- ``publish_wait_replicas`` (not set: the transport's default)
 * ``RIG_VT``      -- ``visibility_timeout`` (seconds)
 * ``RIG_MAX_DELIVERIES``, ``RIG_PREFETCH`` (``worker_prefetch_multiplier``),
   ``RIG_POLLING`` (``polling_interval``)
@@ -49,6 +52,8 @@ transport_options = {
 }
 if os.environ.get('RIG_MASTER'):
     transport_options['master_name'] = os.environ['RIG_MASTER']
+if os.environ.get('RIG_WAIT_REPLICAS'):
+    transport_options['publish_wait_replicas'] = int(os.environ['RIG_WAIT_REPLICAS'])
 
 # Not the current app of a process that imports this module for its names (the tests):
 # the in-process CLI tests would take its options. A worker makes it current.
@@ -65,6 +70,8 @@ app.conf.update(
     worker_hijack_root_logger=False,
     worker_send_task_events=False,
 )
+if os.environ.get('RIG_TRANSPORT'):
+    app.conf.broker_transport = os.environ['RIG_TRANSPORT']
 if os.environ.get('RIG_ROUTES') == '1':
     app.conf.task_queues = ROUTED_QUEUES
     app.conf.task_default_queue = 'direct_q'
