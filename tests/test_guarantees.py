@@ -14,8 +14,12 @@ of the rest of them live next to what they need:
 * ``tests/test_faults.py`` -- fault injection under real workers: ``kill -9`` of a
   worker, Redis restarts (with and without AOF), ``CLIENT KILL``, nuke and drain
   under publishing, malformed entries, a task that kills its process;
-* ``tests/test_sentinel.py`` -- failover under a Sentinel: workers and publishers
-  follow the new master, ``publish_wait_replicas`` confirms or raises;
+* ``tests/test_sentinel.py`` -- failover under a Sentinel: no publish that returned is
+  lost (WAIT 1 by default), workers and publishers follow the new master, the retry
+  policy rides out a promotion;
+* ``tests/test_server_drops.py`` / ``tests/test_network.py`` / ``tests/test_full_redis.py``
+  -- faults from the server side: ``CLIENT KILL`` and paused writes, a network whose
+  packets vanish (a TCP proxy), a full Redis;
 * ``tests/test_cluster_worker.py`` -- Redis Cluster: a slot moving and a master
   failing over under a running worker lose nothing;
 * ``tests/test_publish_confirm.py`` -- publishes confirmed later still reach Redis;
