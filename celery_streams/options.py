@@ -168,44 +168,32 @@ def _whole(value: Any) -> int | None:
         return None
 
 
-def _seconds(name: str, value: Any) -> float:
-    """A positive number of seconds."""
-    number = _finite(value)
-    if number is None or number <= 0:
-        raise _refused(name, 'a positive number of seconds', value)
-    if number > MAX_SECONDS:
-        raise _refused(name, 'a number of seconds up to %d' % MAX_SECONDS, value)
-    return number
+def _number(parse: Callable[[Any], Any], *, zero: bool, expected: str, most: float,
+            most_text: str) -> Check:
+    """A check of a number ``parse`` reads (None: not one), at least 0 (more than 0 unless
+    ``zero``) and at most ``most``; the one-line errors say ``expected`` and ``most_text``."""
+    def check(name: str, value: Any):
+        number = parse(value)
+        if number is None or number < 0 or (number == 0 and not zero):
+            raise _refused(name, expected, value)
+        if number > most:
+            raise _refused(name, most_text, value)
+        return number
+    return check
 
 
-def _seconds_or_zero(name: str, value: Any) -> float:
-    """A number of seconds, 0 or more."""
-    number = _finite(value)
-    if number is None or number < 0:
-        raise _refused(name, 'a number of seconds, 0 or more', value)
-    if number > MAX_SECONDS:
-        raise _refused(name, 'a number of seconds up to %d' % MAX_SECONDS, value)
-    return number
-
-
-def _positive_count(name: str, value: Any) -> int:
-    """A whole number, 1 or more."""
-    number = _whole(value)
-    if number is None or number <= 0:
-        raise _refused(name, 'a positive number (an integer)', value)
-    if number > MAX_WHOLE:
-        raise _refused(name, 'an integer up to 2**63-1', value)
-    return number
-
-
-def _count(name: str, value: Any) -> int:
-    """A whole number, 0 or more."""
-    number = _whole(value)
-    if number is None or number < 0:
-        raise _refused(name, 'a whole number, 0 or more', value)
-    if number > MAX_WHOLE:
-        raise _refused(name, 'a whole number up to 2**63-1', value)
-    return number
+#: A positive number of seconds.
+_seconds = _number(_finite, zero=False, expected='a positive number of seconds',
+                   most=MAX_SECONDS, most_text='a number of seconds up to %d' % MAX_SECONDS)
+#: A number of seconds, 0 or more.
+_seconds_or_zero = _number(_finite, zero=True, expected='a number of seconds, 0 or more',
+                           most=MAX_SECONDS, most_text='a number of seconds up to %d' % MAX_SECONDS)
+#: A whole number, 1 or more.
+_positive_count = _number(_whole, zero=False, expected='a positive number (an integer)',
+                          most=MAX_WHOLE, most_text='an integer up to 2**63-1')
+#: A whole number, 0 or more.
+_count = _number(_whole, zero=True, expected='a whole number, 0 or more',
+                 most=MAX_WHOLE, most_text='a whole number up to 2**63-1')
 
 
 _TRUE = ('true', 'yes', 'on', '1')
