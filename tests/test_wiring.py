@@ -690,28 +690,17 @@ def test_route_closes_a_lane_no_queue_needs_once_its_read_is_in(no_sockets):
     assert c_lane.client.closed and cluster.lanes() == [routes['{a}1']]
 
 
-def test_rotation_with_a_lane_per_slot(no_sockets):
-    """How Reader._send_reads uses them: each turn, every idle lane plans its queues."""
+@pytest.mark.parametrize('per_slot', [2, 4])
+def test_round_robin_puts_every_queue_of_a_lane_first_in_turn(no_sockets, per_slot):
+    """How Reader._send_reads uses them: each turn, every idle lane plans its queues. Each
+    set of queues turns on its own: with one counter for every plan, a lane of a cluster
+    saw only some shifts, and with 4 queues a slot some were never read first."""
     cluster, _ = cluster_lanes()
     reader = make_reader()
     reader.lanes = cluster
-    queues = ['{a}%d' % i for i in range(2)] + ['{b}%d' % i for i in range(2)]
-    first = Counter()
-    for _ in range(8):
-        for _, lane_queues in cluster.route(queues):
-            first[reader.plan(lane_queues).streams[0]] += 1
-    assert set(first) == {reader.keys.stream(q) for q in queues}
-
-
-def test_round_robin_puts_every_queue_of_a_lane_first_in_turn(no_sockets):
-    """Each set of queues turns on its own: with one counter for every plan, a lane of a
-    cluster saw only some shifts and some of its queues were never read first."""
-    cluster, _ = cluster_lanes()
-    reader = make_reader()
-    reader.lanes = cluster
-    queues = ['{a}%d' % i for i in range(4)] + ['{b}%d' % i for i in range(4)]
-    first = Counter()
-    for _ in range(16):
+    queues = ['{a}%d' % i for i in range(per_slot)] + ['{b}%d' % i for i in range(per_slot)]
+    first: Counter = Counter()
+    for _ in range(4 * per_slot):
         for _, lane_queues in cluster.route(queues):
             first[reader.plan(lane_queues).streams[0]] += 1
     assert set(first) == {reader.keys.stream(q) for q in queues}
