@@ -15,6 +15,10 @@ tests that need one are skipped, saying why, and the tests of pure code
 stops the session instead. A test needs a server when it uses one of
 :data:`SERVER_FIXTURES` (directly or through another fixture) or is marked
 ``needs_server``.
+
+``python3 run.py test`` runs the tests in 6 pytest-xdist processes, each with
+servers of its own (ports: ``servers.free_port``); how they are shared out is
+below, under "Parallel runs" (and in docs/testing.md).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import os
 import secrets
 import signal
 import threading
+import warnings
 
 import pytest
 
@@ -68,6 +73,22 @@ def pytest_configure(config):
     if (threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
         signal.signal(signal.SIGTERM, _interrupt)
+    _reserve_embedded_ports()
+    if hasattr(config, "workerinput"):   # a pytest-xdist worker
+        config.pluginmanager.register(_XdistWorker(), "celery-streams-xdist-worker")
+
+
+def _reserve_embedded_ports():
+    """The embedded server of the ``celery_streams.testing`` plugin
+    (``tests/test_testing_plugin.py``) takes its port from ``servers.free_port`` too:
+    the kernel's choice (bind to port 0, close, start the server there) races with the
+    other xdist workers' servers and with every client socket on the machine."""
+    try:
+        from celery_streams import embedded
+    except ImportError:   # the package's own tests say why
+        return
+    if hasattr(embedded, "free_port"):
+        embedded.free_port = servers.free_port
 
 
 def pytest_report_header(config):
@@ -105,6 +126,168 @@ def pytest_collection_modifyitems(config, items):
         if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())) \
                 or item.get_closest_marker("needs_server"):
             item.add_marker(skip, append=False)
+
+
+# --------------------------------------------------------------------------
+# Parallel runs: ``python3 run.py test`` is ``pytest -n 6`` (pytest-xdist)
+# --------------------------------------------------------------------------
+
+#: Test files whose tests share a costly module-scoped fixture (a cluster, running
+#: workers, a wheel built in the source tree). In an xdist run the tests of such a file
+#: (``"file"``), or of such a file and one server kind (``"kind"``: the fixture is made
+#: per kind), run in one worker, one after another: the fixture is set up as often as
+#: in a serial run, and never twice at once. A file missing here is warned about
+#: (``_XdistWorker``).
+SHARED_FIXTURE_FILES = {
+    "tests/test_cluster.py": "kind",           # cluster
+    "tests/test_cluster_worker.py": "kind",    # cluster
+    "tests/test_celery_features.py": "kind",   # pair (two workers); smoke, per kind
+    "tests/test_packaging.py": "file",         # dist, clean_venv: built in the tree
+    "tests/test_topology.py": "kind",          # cluster, single
+}
+#: Module-scoped fixtures cheap enough to set up in each worker that needs them.
+CHEAP_SHARED_FIXTURES = frozenset({"journal_server", "server"})
+
+#: In an xdist run, the tests of these files are handed out first, in this order: a
+#: long test handed out late would end alone and set the wall time. The others follow
+#: in pytest's order. Celery's suite is one test of ~4 minutes, and none else takes
+#: more than ~40 s. ``--no-loadscope-reorder``
+#: (setup.cfg) keeps this order.
+START_FIRST = (
+    "tests/test_celery_integration.py",   # ~250 s: Celery's own suite, one pytest run
+    "tests/test_celery_features.py",      # ~100 s: the tests sharing two workers
+    "tests/test_packaging.py",            # ~40 s: a wheel, an sdist, a venv
+    "tests/test_network.py",              # blackholes and slow links, ~20-40 s each
+    "tests/test_cluster_worker.py",       # ~30 s per server kind
+    "tests/test_sentinel.py",             # failovers, ~25 s each
+    "tests/test_faults.py",               # ~10-20 s each
+)
+
+
+#: Tests (files, or functions with all their parameters) that rely on timing the
+#: load of the other xdist workers upsets: in an xdist run they run last, in one
+#: worker, once every other test is done, as in a serial run.
+RUN_ALONE = (
+    # a bounded step must never block the server 50 ms (SLOWLOG, PING latency): the
+    # others' load (servers filling streams, Celery workers starting, pip) stretched
+    # steps past 50 ms
+    "tests/test_bounded_drain.py",
+    # its precondition: the worker reads three tasks published in a row in one batch;
+    # under load the publishing client was slower than the worker's next read
+    "tests/test_guarantees.py::test_a_long_solo_task_causes_no_false_reconnect_or_redelivery",
+)
+
+
+def _run_alone(nodeid: str) -> str | None:
+    """The entry of :data:`RUN_ALONE` the test ``nodeid`` falls under, if any."""
+    for entry in RUN_ALONE:
+        if nodeid == entry or nodeid.startswith((entry + "::", entry + "[")):
+            return entry
+    return None
+
+
+def group_of(nodeid: str) -> str | None:
+    """The group of the test ``nodeid`` (see :data:`SHARED_FIXTURE_FILES` and
+    :data:`RUN_ALONE`), or ``None``: ``tests/test_cluster.py:redis7``,
+    ``tests/test_packaging.py``."""
+    alone = _run_alone(nodeid)
+    if alone:
+        return alone
+    path, _, rest = nodeid.partition("::")
+    how = SHARED_FIXTURE_FILES.get(path)
+    if how is None:
+        return None
+    if how == "kind" and rest.endswith("]") and "[" in rest:
+        kinds = {binary.name for binary in SERVERS}
+        for part in rest[rest.index("[") + 1:-1].split("-"):
+            if part in kinds:
+                return f"{path}:{part}"
+    return path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` (setup.cfg), with the groups of :func:`group_of`: each is
+    one unit of work, every other test is one of its own. (Not with ``xdist_group``
+    marks: on pytest 9.2 pytest-xdist 3.8 no longer groups by them, pytest-xdist
+    issue #1386.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid) or nodeid
+
+        # A worker runs its last test only once it has another or is told to stop
+        # (pytest needs the next test to know which fixtures to tear down).
+
+        def _assign_work_unit(self, node) -> None:
+            """What is left to hand out is :data:`RUN_ALONE`: a worker asking for work
+            stops after its tests, but the last one, which waits for the others to
+            end and then runs them (``remove_node``)."""
+            if next(iter(self.workqueue)) not in RUN_ALONE:
+                super()._assign_work_unit(node)
+            elif all(other is node for other in self.nodes):
+                super()._assign_work_unit(node)   # the only worker left
+            elif not all(other.shutting_down for other in self.nodes if other is not node):
+                node.shutdown()
+            # else: the last worker, its tests pending, waits for the others to end
+
+        def _reschedule(self, node) -> None:
+            super()._reschedule(node)
+            if not self.workqueue:   # nothing left: no worker waits any longer
+                for other in self.nodes:
+                    if not other.shutting_down:
+                        other.shutdown()
+
+        def remove_node(self, node):
+            """A worker ended: the last one may now run :data:`RUN_ALONE`."""
+            crashed = super().remove_node(node)
+            for other in self.nodes:
+                self._reschedule(other)
+            return crashed
+
+    return SharedFixtureScheduling(config, log)
+
+
+def _shared_fixtures(item) -> list[str]:
+    """The costly module-scoped fixtures ``item`` uses (those not cheap)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return []
+    shared = []
+    for name in info.names_closure:
+        defs = info.name2fixturedefs.get(name)
+        if defs and defs[-1].scope in ("module", "class", "package") \
+                and name not in CHEAP_SHARED_FIXTURES:
+            shared.append(name)
+    return shared
+
+
+class _XdistWorker:
+    """In each xdist worker (the same in all): the tests of :data:`START_FIRST` first,
+    those of :data:`RUN_ALONE` last; a warning for a file sharing a costly fixture but
+    missing in :data:`SHARED_FIXTURE_FILES` (its tests would each set it up in their
+    worker)."""
+
+    @pytest.hookimpl(trylast=True)   # after pytest's own reordering (by fixture parameter)
+    def pytest_collection_modifyitems(self, items):
+        def rank(item):
+            path = item.nodeid.split("::", 1)[0]
+            if _run_alone(item.nodeid):
+                return len(START_FIRST) + 1   # last: the scheduler holds them till then
+            return START_FIRST.index(path) if path in START_FIRST else len(START_FIRST)
+        items.sort(key=rank)
+        missing = {}
+        for item in items:
+            shared = _shared_fixtures(item)
+            if shared and group_of(item.nodeid) is None:
+                missing.setdefault(item.nodeid.split("::", 1)[0], set()).update(shared)
+        for path, names in sorted(missing.items()):
+            warnings.warn(pytest.PytestWarning(
+                f"{path} shares module-scoped fixtures {sorted(names)}: add it to SHARED_FIXTURE_FILES"
+                f" (or them to CHEAP_SHARED_FIXTURES) in tests/conftest.py"), stacklevel=1)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -199,6 +382,20 @@ def fresh_redis_server(request):
         server.close()
 
 
+@pytest.fixture(autouse=True)
+def _no_current_app_left_behind():
+    """A Celery app a test made current (``Celery(...)`` does, unless
+    ``set_as_current=False``) is not the next test's: the in-process ``celery`` CLI
+    (``run``) takes the current app's settings, so a client app with Sentinel or
+    prefix options left behind changes what a later test's command does (in an
+    xdist worker, any test may come after any other)."""
+    from celery import _state
+    default, current = _state.default_app, _state._tls.current_app
+    yield
+    _state.set_default_app(default)
+    _state._set_current_app(current)
+
+
 @pytest.fixture
 def unique_name() -> str:
     """A short unique string for queue names and key prefixes."""
@@ -246,15 +443,46 @@ def cluster(request):
     topology.stop()
 
 
+#: The report section of a test's figures (see ``report``).
+FIGURES = "figures"
+
+
 @pytest.fixture
 def report(capsys, request, record_property):
     """``report(name=value, ...)``: print a test's figures (even without ``-s``) and record them
-    in the JUnit XML."""
+    in the JUnit XML. In a pytest-xdist worker, whose output nobody sees, they go with the
+    test's report to the main process, which prints them at the end (``_figures``)."""
     def report(**figures):
         for name, value in figures.items():
             record_property(name, value)
         text = ", ".join("%s=%s" % (k, ("%.2fs" % v) if isinstance(v, float) else v)
                          for k, v in figures.items())
+        if hasattr(request.config, "workerinput"):
+            request.node.add_report_section("call", FIGURES, text)
+            return
         with capsys.disabled():
             print("\n[%s] %s" % (request.node.name, text), flush=True)
     return report
+
+
+_figures: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report):
+    """In the main process of an xdist run: keep the figures the workers' tests reported."""
+    if report.when != "call" or getattr(report, "node", None) is None:   # not from a worker:
+        return                                                           # printed already
+    for title, text in report.sections:
+        if title == f"Captured {FIGURES} call":
+            nodeid = report.nodeid
+            if "@" in nodeid.rsplit("]", 1)[-1]:   # loadgroup's "@group" suffix
+                nodeid = nodeid.rsplit("@", 1)[0]
+            _figures.append((nodeid.split("::", 1)[-1], text))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The figures of the workers' tests, in the order they finished."""
+    if _figures:
+        terminalreporter.write_sep("-", "figures reported by tests")
+        for nodeid, text in _figures:
+            terminalreporter.write_line("[%s] %s" % (nodeid, text))

@@ -23,7 +23,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,11 @@ from urllib.parse import quote
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+try:
+    import fcntl
+except ImportError:   # not POSIX: free_port() lets the kernel choose
+    fcntl = None  # type: ignore[assignment]
 
 #: The developer's / CI's shared Redis: tests must never use it.
 FORBIDDEN_PORT = 6379
@@ -244,14 +251,133 @@ def generate_tls_files(directory: str | Path) -> TlsFiles:
 # Servers
 # --------------------------------------------------------------------------
 
-def free_port() -> int:
-    """A currently unused loopback TCP port (never 6379)."""
+# A port "found free" by binding port 0 and closing the socket is free only until
+# someone else binds it: with pytest-xdist, another worker (or a nested pytest run,
+# or a client's outgoing connection, which draws its local port from the same
+# ephemeral range) may take it before our server binds it. So free_port() hands
+# out ports *below* the kernel's ephemeral range, where no socket lands unless it
+# asks for that very port, and reserves each one with a POSIX lock on one byte of a
+# file shared by every process of this user (the byte's offset is the port). The
+# kernel drops a process's locks when it exits, however it exits, so no stale
+# reservation survives a crash; a process never hands out a port twice (never
+# reused within a run: a late client of a stopped server cannot reach another
+# test's one). Each xdist worker starts looking in its own slice of the range
+# (PYTEST_XDIST_WORKER), so workers seldom even try the same port.
+
+#: ``LOW-HIGH`` (inclusive): where :func:`free_port` looks, instead of the default.
+PORTS_ENV = "CELERY_STREAMS_TEST_PORTS"
+#: The default range starts here and ends below the kernel's ephemeral ports.
+PORTS_LOW = 10000
+#: A smaller range than this falls back to the kernel's choice (bind to port 0).
+_MIN_RANGE = 1000
+
+_ports_lock = threading.Lock()
+_ports_fd: Optional[int] = None
+_ports_next: Optional[int] = None
+_ports_taken: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's ephemeral ports (those it picks for port 0 and outgoing connections)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return (32768, 60999) if sys.platform.startswith("linux") else (49152, 65535)
+
+
+@functools.lru_cache(maxsize=None)
+def port_range() -> Optional[tuple[int, int]]:
+    """``(low, high)`` of the ports :func:`free_port` reserves from, or ``None`` when
+    there is no room outside the ephemeral range (then the kernel chooses)."""
+    wanted = os.environ.get(PORTS_ENV, "").strip()
+    if wanted:
+        low, _, high = wanted.partition("-")
+        return int(low), int(high)
+    first, last = _ephemeral_range()
+    below, above = (PORTS_LOW, first - 1), (last + 1, 65535)
+    best = max(below, above, key=lambda r: r[1] - r[0])
+    return best if best[1] - best[0] + 1 >= _MIN_RANGE else None
+
+
+def _worker_slice(low: int, high: int) -> int:
+    """Where this process starts looking: the start of its xdist worker's slice."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    match = re.fullmatch(r"gw(\d+)", worker)
+    if not match:
+        return low
+    count = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1), 1)
+    index = int(match.group(1)) % count
+    return low + index * ((high - low + 1) // count)
+
+
+def _lock_file() -> Optional[int]:
+    """The descriptor of the shared reservation file (opened once, never closed:
+    closing any descriptor of it would drop every lock this process holds)."""
+    global _ports_fd
+    if _ports_fd is None and fcntl is not None:
+        uid = os.getuid() if hasattr(os, "getuid") else 0
+        path = Path(tempfile.gettempdir()) / f"celery-streams-test-ports-{uid}.lock"
+        try:
+            _ports_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return None
+    return _ports_fd
+
+
+def _bindable(port: int) -> bool:
+    """Whether nothing holds ``port`` on the loopback now (no SO_REUSEADDR: stricter
+    than the server's own bind, so a port passing here binds there)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _os_port() -> int:
+    """A port the kernel says is unused (racy across processes: the fallback)."""
     while True:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         if port != FORBIDDEN_PORT:
             return port
+
+
+def free_port() -> int:
+    """An unused loopback TCP port (never 6379), reserved for this process until it
+    exits: no other process using this function (another xdist worker, a nested
+    pytest run) gets it, and neither does the kernel for a client socket."""
+    global _ports_next
+    span, fd = port_range(), _lock_file()
+    if span is None or fd is None:
+        return _os_port()
+    low, high = span
+    size = high - low + 1
+    with _ports_lock:
+        if _ports_next is None:
+            _ports_next = _worker_slice(low, high)
+        for _ in range(size):
+            port, _ports_next = _ports_next, low + (_ports_next + 1 - low) % size
+            if port == FORBIDDEN_PORT or port in _ports_taken:
+                continue
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, port, os.SEEK_SET)
+            except OSError:   # another process holds it
+                continue
+            if not _bindable(port):   # someone outside this scheme listens there
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, port, os.SEEK_SET)
+                continue
+            _ports_taken.add(port)
+            return port
+    raise RuntimeError(f"no free port left in {low}-{high} (${PORTS_ENV})")
+
+
+def _address_in_use(error: BaseException) -> bool:
+    """Whether a server failed to start because its port (or bus port) was taken."""
+    return "Address already in use" in str(error)
 
 
 class ServerStartError(RuntimeError):
@@ -280,6 +406,9 @@ class RedisServer:
     version: str = field(default="", init=False)
     flavor: str = field(default="", init=False)
     proc: Optional[subprocess.Popen] = field(default=None, init=False, repr=False)
+    #: The port came from free_port() and the server never ran: a first start that
+    #: finds it taken (by a process outside free_port's reservations) takes another.
+    _movable: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.binary or os.sep not in self.binary:
@@ -287,7 +416,8 @@ class RedisServer:
             self.name, self.binary = self.name or found.name, found.path
         self.name = self.name or Path(self.binary).name
         self.extra_args = tuple(self.extra_args)
-        self.port = self.port or free_port()
+        if not self.port:
+            self.port, self._movable = free_port(), True
         if self.port == FORBIDDEN_PORT:
             raise ValueError(f"tests must not use port {FORBIDDEN_PORT}")
         self.dir = self.dir or tempfile.mkdtemp(prefix=f"cs-{self.name}-")
@@ -349,16 +479,34 @@ class RedisServer:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> "RedisServer":
-        """Spawn the server and wait until it answers PING."""
+        """Spawn the server and wait until it answers PING.
+
+        The first start of a server whose port came from :func:`free_port` moves to
+        another port (twice at most) if that one turns out to be taken."""
         if self.is_running():
             return self
-        self.proc = subprocess.Popen(
-            self.command_line(), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        _LIVE.add(self)
-        self._wait_ready()
+        for attempt in range(3):
+            self.proc = subprocess.Popen(
+                self.command_line(), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )
+            _LIVE.add(self)
+            try:
+                self._wait_ready()
+                break
+            except ServerStartError as exc:
+                if not (self._movable and attempt < 2 and _address_in_use(exc)):
+                    raise
+                self._move_port()
+        self._movable = False
         return self
+
+    def _move_port(self) -> None:
+        """Take another port before a new first start (the old log would mislead)."""
+        if self.proc is not None and self.proc.stderr:
+            self.proc.stderr.close()
+        self.port = free_port()
+        self.log_path.unlink(missing_ok=True)
 
     def _wait_ready(self) -> None:
         """Poll PING until it answers; raise with the log tail otherwise."""
@@ -519,6 +667,10 @@ class SentinelServer(RedisServer):
     @property
     def config_path(self) -> Path:
         return Path(self.dir) / "sentinel.conf"
+
+    def _move_port(self) -> None:
+        super()._move_port()
+        self.config_path.unlink(missing_ok=True)   # written again with the new port
 
     def command_line(self) -> list[str]:
         if not self.config_path.exists():
@@ -777,18 +929,25 @@ class ClusterTopology:
             args += ("--tls-cluster", "yes", "--tls-replication", "yes")
         for i in range(self.masters * 2):
             role = "master" if i < self.masters else "replica"
-            # The cluster bus listens on a port of its own, free too (port + 10000 may not be).
-            bus_port = free_port()
-            server = RedisServer(self.binary, name=f"cluster-{role}{i % self.masters}",
-                                 password=self.password, tls=self.tls,
-                                 extra_args=args + ("--cluster-port", str(bus_port)))
+            for attempt in range(3):
+                # The cluster bus listens on a port of its own, free too (port + 10000 may
+                # not be); if either is taken after all, the node starts on two others.
+                bus_port = free_port()
+                server = RedisServer(self.binary, name=f"cluster-{role}{i % self.masters}",
+                                     password=self.password, tls=self.tls,
+                                     extra_args=args + ("--cluster-port", str(bus_port)))
+                try:
+                    server.start()
+                    break
+                except ServerStartError as exc:
+                    server.close()
+                    if attempt < 2 and _address_in_use(exc):
+                        continue
+                    self.close()
+                    raise ClusterUnsupported(
+                        f"{flavor} {version} does not run a cluster: {exc}") from None
             self.servers.append(server)
             self.bus_ports[server.port] = bus_port
-            try:
-                server.start()
-            except ServerStartError as exc:
-                self.close()
-                raise ClusterUnsupported(f"{flavor} {version} does not run a cluster: {exc}") from None
         try:
             self._join(timeout)
         except BaseException:   # no server left behind by a cluster that did not form

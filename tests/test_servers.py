@@ -95,3 +95,69 @@ def test_env_narrows_the_matrix(monkeypatch):
 
 def test_unique_name_is_short_and_unique(unique_name):
     assert len(unique_name) <= 12 and unique_name.isalnum()
+
+
+def test_free_port_is_reserved_across_processes():
+    """A port handed out here is never handed out by another process (another xdist
+    worker, a nested pytest run) while this one lives, and lies outside the kernel's
+    ephemeral range, where client sockets and port 0 land."""
+    import subprocess
+    import sys
+    mine = {servers.free_port() for _ in range(20)}
+    code = ("from tests import servers; "
+            "print(' '.join(str(servers.free_port()) for _ in range(200)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    theirs = {int(port) for port in out.split()}
+    assert len(mine) == 20 and len(theirs) == 200 and not mine & theirs
+    span = servers.port_range()
+    if span is not None:
+        first, last = servers._ephemeral_range()
+        for port in mine | theirs:
+            assert span[0] <= port <= span[1] and not first <= port <= last
+    assert servers.FORBIDDEN_PORT not in mine | theirs
+
+
+def test_xdist_workers_start_in_slices_of_their_own(monkeypatch):
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "4")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw2")
+    assert servers._worker_slice(10000, 29999) == 20000
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    assert servers._worker_slice(10000, 29999) == 10000
+
+
+@pytest.mark.needs_server
+def test_first_start_on_a_port_taken_meanwhile_moves_to_another():
+    """Someone outside free_port's reservations listens on the port before the server
+    starts: the server takes another one. A restart keeps its port."""
+    import socket
+    server = RedisServer()
+    taken = server.port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        try:
+            server.start()
+            assert server.port != taken and server.client().ping()
+            port = server.port
+            server.restart()
+            assert server.port == port
+        finally:
+            server.close()
+
+
+@pytest.mark.needs_server
+def test_parallel_runs_keep_the_tests_of_a_costly_fixture_together():
+    """In an xdist run, a cluster's tests form one unit of work per server kind, the
+    packaging tests (built in the source tree) one, and the tests timing the server run
+    alone (tests/conftest.py)."""
+    from tests.conftest import group_of
+    kind = servers.available_servers()[0].name
+    assert group_of(f"tests/test_cluster.py::test_x[{kind}]") == f"tests/test_cluster.py:{kind}"
+    assert group_of(f"tests/test_cluster_worker.py::test_y[{kind}-kill-master]") \
+        == f"tests/test_cluster_worker.py:{kind}"
+    assert group_of("tests/test_packaging.py::test_z[redis7]") == "tests/test_packaging.py"
+    assert group_of("tests/test_bounded_drain.py::test_w[x]") == "tests/test_bounded_drain.py"
+    alone = "tests/test_guarantees.py::test_a_long_solo_task_causes_no_false_reconnect_or_redelivery"
+    assert group_of(alone + f"[{kind}]") == alone
+    assert group_of(f"tests/test_transport.py::test_v[{kind}]") is None
