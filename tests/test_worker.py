@@ -157,7 +157,8 @@ def test_warm_shutdown_of_a_solo_worker_returns_what_it_prefetched(start_worker,
     ran = [t.decode() for t in journal.lrange('e2e:ran:' + prefix, 0, -1)]
     assert r.xpending(stream, 'celery')['pending'] == 0
     assert r.xlen(stream) + len(ran) == len(tokens), (ran, r.xlen(stream))
-    assert len(ran) <= 2 and stop_time < 4, (ran, stop_time, worker.text()[-2000:])
+    # Running the whole batch would take 6 s: well under that, on a loaded machine too.
+    assert len(ran) <= 2 and stop_time < 5, (ran, stop_time, worker.text()[-2000:])
 
 
 def test_drained_messages_do_not_come_back_at_shutdown(start_worker, client_app, redis_server, prefix):
