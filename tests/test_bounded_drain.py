@@ -13,12 +13,13 @@ Each test runs on a private server of the session's kind started with
 over ``stream-node-max-bytes`` (4 KB) gets -- the worst case for trimming (no
 whole-node shortcut) and for freeing a stream.
 
-``PING_BOUND`` (50 ms) is what a step may cost on this loaded 2-core machine
-many times over (a step is ~1-2 ms; the slowest PING seen with them was 2-23
-ms, scheduling hiccups and the server's own included), and well under what the
-one-shot versions of the same operations cost here at these sizes: drain
-175-230 ms, purge 85-115 ms, nuke 80-90 ms on Redis 7.0 and 430-440 ms on
-Redis 6.2 and Valkey 8 (measured by running these tests against them).
+``PING_BOUND`` (170 ms) is what a step may cost on this 2-core machine running
+the suite in 6 processes (a step is ~1-2 ms alone; under that load steps were
+seen at 50-139 ms, the server waiting for a core), and under what the one-shot
+versions of the same operations cost here at these sizes: drain 175-230 ms on
+Redis 7.0, and 430-440 ms for drain, purge and nuke on Redis 6.2 and Valkey 8
+(measured by running these tests against them). A one-shot purge (85-115 ms) or
+nuke (80-90 ms) on Redis 7.0 alone would pass this bound: the other kinds catch it.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from celery_streams import admin
 from celery_streams.cli.base import PROGRESS_MIN, progress_bar
 from celery_streams.scripts import DRAIN_STEP, Scripts
 
-PING_BOUND = 0.050
+PING_BOUND = 0.170
 PAYLOAD = '{"body": "%s", "properties": {}}' % ('x' * 60)
 
 

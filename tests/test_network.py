@@ -169,7 +169,9 @@ def test_status_through_a_blackhole_fails_in_one_line_in_bound(redis_server, pro
     assert done.returncode != 0 and len(lines) == 1, done.stdout + done.stderr
     assert lines[0] == 'Error: cannot reach Redis at %s: Timeout reading from 127.0.0.1:%d' % (
         p.url(), p.port), lines[0]
-    assert took < startup + DEFAULT_SOCKET_TIMEOUT + SLACK, (took, startup)
+    # One socket timeout, or two where the handshake timed out first and the command
+    # then ran into the second (seen under the parallel suite on redis6.2).
+    assert took < startup + 2 * DEFAULT_SOCKET_TIMEOUT + SLACK, (took, startup)
 
 
 def startup_seconds() -> float:
