@@ -13,13 +13,14 @@ Each test runs on a private server of the session's kind started with
 over ``stream-node-max-bytes`` (4 KB) gets -- the worst case for trimming (no
 whole-node shortcut) and for freeing a stream.
 
-``PING_BOUND`` (170 ms) is what a step may cost on this 2-core machine running
-the suite in 6 processes (a step is ~1-2 ms alone; under that load steps were
-seen at 50-139 ms, the server waiting for a core), and under what the one-shot
-versions of the same operations cost here at these sizes: drain 175-230 ms on
-Redis 7.0, and 430-440 ms for drain, purge and nuke on Redis 6.2 and Valkey 8
-(measured by running these tests against them). A one-shot purge (85-115 ms) or
-nuke (80-90 ms) on Redis 7.0 alone would pass this bound: the other kinds catch it.
+``PING_BOUND`` (250 ms) is what a step may cost on this 2-core machine running
+the suite in 6 processes (a step is ~1-2 ms alone; under that load PINGs waited
+up to 164 ms behind steps of 50-139 ms, the server waiting for a core), and
+under what the one-shot versions of the same operations cost here at these
+sizes on Redis 6.2 and Valkey 8: 430-440 ms for drain, purge and nuke (measured
+by running these tests against them). On Redis 7.0 the one-shot versions are
+faster (drain 175-230 ms, purge 85-115, nuke 80-90) and would pass this bound:
+the suite runs these tests on every kind, and the other two catch them.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from celery_streams import admin
 from celery_streams.cli.base import PROGRESS_MIN, progress_bar
 from celery_streams.scripts import DRAIN_STEP, Scripts
 
-PING_BOUND = 0.170
+PING_BOUND = 0.250
 PAYLOAD = '{"body": "%s", "properties": {}}' % ('x' * 60)
 
 
