@@ -118,7 +118,7 @@ def flower_get(base, path):
 def send_adds(broker_url, transport_options, priorities):
     """``tests.apps.e2e.add`` once per priority of ``priorities``, from a client app of its own."""
     from celery import Celery
-    app = Celery('client', broker=broker_url)
+    app = Celery('client', broker=broker_url, set_as_current=False)
     app.conf.broker_transport_options = transport_options
     try:
         for priority in priorities:
