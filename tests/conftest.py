@@ -164,35 +164,9 @@ START_FIRST = (
 )
 
 
-#: Tests (files, or functions with all their parameters) that rely on timing the
-#: load of the other xdist workers upsets: in an xdist run they run last, in one
-#: worker, once every other test is done, as in a serial run.
-RUN_ALONE = (
-    # a bounded step must never block the server 50 ms (SLOWLOG, PING latency): the
-    # others' load (servers filling streams, Celery workers starting, pip) stretched
-    # steps past 50 ms
-    "tests/test_bounded_drain.py",
-    # its precondition: the worker reads three tasks published in a row in one batch;
-    # under load the publishing client was slower than the worker's next read
-    "tests/test_guarantees.py::test_a_long_solo_task_causes_no_false_reconnect_or_redelivery",
-)
-
-
-def _run_alone(nodeid: str) -> str | None:
-    """The entry of :data:`RUN_ALONE` the test ``nodeid`` falls under, if any."""
-    for entry in RUN_ALONE:
-        if nodeid == entry or nodeid.startswith((entry + "::", entry + "[")):
-            return entry
-    return None
-
-
 def group_of(nodeid: str) -> str | None:
-    """The group of the test ``nodeid`` (see :data:`SHARED_FIXTURE_FILES` and
-    :data:`RUN_ALONE`), or ``None``: ``tests/test_cluster.py:redis7``,
-    ``tests/test_packaging.py``."""
-    alone = _run_alone(nodeid)
-    if alone:
-        return alone
+    """The group of the test ``nodeid`` (see :data:`SHARED_FIXTURE_FILES`), or
+    ``None``: ``tests/test_cluster.py:redis7``, ``tests/test_packaging.py``."""
     path, _, rest = nodeid.partition("::")
     how = SHARED_FIXTURE_FILES.get(path)
     if how is None:
@@ -219,35 +193,6 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             return group_of(nodeid) or nodeid
 
-        # A worker runs its last test only once it has another or is told to stop
-        # (pytest needs the next test to know which fixtures to tear down).
-
-        def _assign_work_unit(self, node) -> None:
-            """What is left to hand out is :data:`RUN_ALONE`: a worker asking for work
-            stops after its tests, but the last one, which waits for the others to
-            end and then runs them (``remove_node``)."""
-            if next(iter(self.workqueue)) not in RUN_ALONE:
-                super()._assign_work_unit(node)
-            elif all(other is node for other in self.nodes):
-                super()._assign_work_unit(node)   # the only worker left
-            elif not all(other.shutting_down for other in self.nodes if other is not node):
-                node.shutdown()
-            # else: the last worker, its tests pending, waits for the others to end
-
-        def _reschedule(self, node) -> None:
-            super()._reschedule(node)
-            if not self.workqueue:   # nothing left: no worker waits any longer
-                for other in self.nodes:
-                    if not other.shutting_down:
-                        other.shutdown()
-
-        def remove_node(self, node):
-            """A worker ended: the last one may now run :data:`RUN_ALONE`."""
-            crashed = super().remove_node(node)
-            for other in self.nodes:
-                self._reschedule(other)
-            return crashed
-
     return SharedFixtureScheduling(config, log)
 
 
@@ -266,8 +211,8 @@ def _shared_fixtures(item) -> list[str]:
 
 
 class _XdistWorker:
-    """In each xdist worker (the same in all): the tests of :data:`START_FIRST` first,
-    those of :data:`RUN_ALONE` last; a warning for a file sharing a costly fixture but
+    """In each xdist worker (the same in all): the tests of :data:`START_FIRST` first;
+    a warning for a file sharing a costly fixture but
     missing in :data:`SHARED_FIXTURE_FILES` (its tests would each set it up in their
     worker)."""
 
@@ -275,8 +220,6 @@ class _XdistWorker:
     def pytest_collection_modifyitems(self, items):
         def rank(item):
             path = item.nodeid.split("::", 1)[0]
-            if _run_alone(item.nodeid):
-                return len(START_FIRST) + 1   # last: the scheduler holds them till then
             return START_FIRST.index(path) if path in START_FIRST else len(START_FIRST)
         items.sort(key=rank)
         missing = {}

@@ -4,23 +4,20 @@ One script call per stream (the old drain) blocked every client for as long as
 the whole stream took: 200k entries with 150k pending, 170-230 ms here, half a
 second for a million, seconds for a multi-million backlog. Now each ``drain``
 script call acks and trims at most ``DRAIN_STEP`` entries (about a
-millisecond), the caller loops, and a client PINGing meanwhile never waits
-more than ``PING_BOUND`` because of them (the server's ``SLOWLOG`` says which
-commands ran that long).
+millisecond), and the caller loops.
+
+The tests check that structure, not a duration: the server's own count of
+script calls (``INFO commandstats``, reset before the operation) is at least
+one per ``DRAIN_STEP`` entries, and no step reports more than ``DRAIN_STEP``.
+A one-shot version makes one call and fails. How long a PING waited meanwhile
+is reported (``report``: at the end of the run), not asserted: on a
+2-core machine running the suite in parallel it measures the machine's load
+as much as the steps. ``python -m benchmarks drain-latency`` measures it alone.
 
 Each test runs on a private server of the session's kind started with
 ``stream-node-max-entries 1``: one entry per stream node, as every payload
 over ``stream-node-max-bytes`` (4 KB) gets -- the worst case for trimming (no
 whole-node shortcut) and for freeing a stream.
-
-``PING_BOUND`` (250 ms) is what a step may cost on this 2-core machine running
-the suite in 6 processes (a step is ~1-2 ms alone; under that load PINGs waited
-up to 164 ms behind steps of 50-139 ms, the server waiting for a core), and
-under what the one-shot versions of the same operations cost here at these
-sizes on Redis 6.2 and Valkey 8: 430-440 ms for drain, purge and nuke (measured
-by running these tests against them). On Redis 7.0 the one-shot versions are
-faster (drain 175-230 ms, purge 85-115, nuke 80-90) and would pass this bound:
-the suite runs these tests on every kind, and the other two catch them.
 """
 from __future__ import annotations
 
@@ -36,7 +33,6 @@ from celery_streams import admin
 from celery_streams.cli.base import PROGRESS_MIN, progress_bar
 from celery_streams.scripts import DRAIN_STEP, Scripts
 
-PING_BOUND = 0.250
 PAYLOAD = '{"body": "%s", "properties": {}}' % ('x' * 60)
 
 
@@ -60,10 +56,7 @@ def read(client, stream, group, consumer, count):
 class Pinger(threading.Thread):
     """PINGs ``server`` on its own connection, about every millisecond; ``worst``: the slowest.
 
-    It also asks the server which commands ran longer than ``PING_BOUND``
-    (``SLOWLOG``, the server's own execution time): :meth:`blocked` is true
-    only when the server says so, so a PING slowed by a busy machine (the
-    client or the server descheduled) is not taken for a long step.
+    Measured to be printed, not asserted (see the module's docstring).
     """
 
     def __init__(self, server):
@@ -71,7 +64,6 @@ class Pinger(threading.Thread):
         self.client = server.client()
         self.latencies: list[float] = []
         self.done = threading.Event()
-        self.slow: list = []
 
     def run(self):
         while not self.done.is_set():
@@ -81,8 +73,6 @@ class Pinger(threading.Thread):
             time.sleep(0.001)
 
     def __enter__(self):
-        self.client.config_set('slowlog-log-slower-than', int(PING_BOUND * 1_000_000))
-        self.client.slowlog_reset()
         self.start()
         time.sleep(0.02)
         return self
@@ -91,21 +81,51 @@ class Pinger(threading.Thread):
         time.sleep(0.02)
         self.done.set()
         self.join()
-        self.slow = [(entry['duration'] / 1000, entry['command'][:60])
-                     for entry in self.client.slowlog_get(128)]
         self.client.close()
 
     @property
     def worst(self) -> float:
         return max(self.latencies)
 
-    def blocked(self) -> bool:
-        """Whether a PING waited longer than ``PING_BOUND`` because a command ran that long."""
-        return self.worst >= PING_BOUND and bool(self.slow)
 
-    def report(self) -> str:
-        return 'a PING waited %.1f ms; commands over %d ms on the server: %s' % (
-            self.worst * 1000, PING_BOUND * 1000, self.slow or 'none')
+def script_calls(client) -> int:
+    """Script calls the server ran since its last ``CONFIG RESETSTAT``."""
+    stats = client.info('commandstats')
+    return sum(stats.get('cmdstat_' + name, {}).get('calls', 0) for name in ('evalsha', 'eval'))
+
+
+class Steps:
+    """``with Steps(server, report) as steps:`` run an operation with
+    ``progress=steps.append``; then :meth:`check` it was done in bounded steps."""
+
+    def __init__(self, server, report):
+        self.client = server.client()
+        self.pinger = Pinger(server)
+        self.report = report
+        self.sizes: list[int] = []
+        self.calls = 0
+
+    def append(self, n: int) -> None:
+        self.sizes.append(n)
+
+    def __enter__(self):
+        self.client.config_resetstat()
+        self.pinger.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.pinger.__exit__(*exc)
+        self.calls = script_calls(self.client)
+        self.client.close()
+        self.report(steps=len(self.sizes), script_calls=self.calls,
+                    worst_ping='%.1f ms' % (self.pinger.worst * 1000))
+
+    def check(self, total: int) -> None:
+        """``total`` entries in steps of at most ``DRAIN_STEP``, each its own script call."""
+        assert sum(self.sizes) == total
+        assert max(self.sizes) <= DRAIN_STEP
+        assert self.calls >= len(self.sizes), 'fewer script calls than steps: %d < %d' % (
+            self.calls, len(self.sizes))
 
 
 @pytest.fixture
@@ -121,7 +141,7 @@ def groups_kept(client, stream):
             for g in client.xinfo_groups(stream)]
 
 
-def test_drain_of_a_big_queue_in_steps(big, prefix, streams_state):
+def test_drain_of_a_big_queue_in_steps(big, prefix, streams_state, report):
     st = streams_state(big, prefix)
     st.task_queue('big')
     r, stream = st.redis, st.keys.stream('big')
@@ -132,17 +152,14 @@ def test_drain_of_a_big_queue_in_steps(big, prefix, streams_state):
     [plan] = admin.drain(r, global_keyprefix=prefix, queues=['big'], dry_run=True)
     assert (plan.removed, plan.pending_cleared) == (200_000, 150_000)
     after = r.xadd(stream, {'payload': 'published after the plan'})
-    steps: list[int] = []
-    with Pinger(big) as pinger:
+    with Steps(big, report) as steps:
         [done] = admin.apply_drain(r, [plan], global_keyprefix=prefix, progress=steps.append)
 
     assert (done.removed, done.pending_cleared, done.groups_kept) == (200_000, 150_000, ['celery'])
     assert [entry_id for entry_id, _ in r.xrange(stream)] == [after]
     assert r.xpending(stream, 'celery')['pending'] == 0
     assert groups_kept(r, stream) == before
-    assert sum(steps) == 350_000 and max(steps) <= DRAIN_STEP
-    assert len(steps) >= 350_000 // DRAIN_STEP
-    assert not pinger.blocked(), pinger.report()
+    steps.check(350_000)
 
 
 def test_no_step_boundary_lets_a_drained_entry_come_back(big, prefix, streams_state):
@@ -188,7 +205,7 @@ def test_no_step_boundary_lets_a_drained_entry_come_back(big, prefix, streams_st
     assert [entry_id for entry_id, _ in r.xrange(stream)] == came_back
 
 
-def test_dead_letter_purge_in_steps(big, prefix, streams_state):
+def test_dead_letter_purge_in_steps(big, prefix, streams_state, report):
     st = streams_state(big, prefix)
     st.task_queue('big')
     r, dead = st.redis, st.keys.dead_letters('big')
@@ -197,16 +214,15 @@ def test_dead_letter_purge_in_steps(big, prefix, streams_state):
     [plan] = admin.purge_dead_letters(r, global_keyprefix=prefix, dry_run=True)
     assert plan.removed == 400_000
     after = r.xadd(dead, {'reason': 'dead-lettered after the plan'})
-    steps: list[int] = []
-    with Pinger(big) as pinger:
+    with Steps(big, report) as steps:
         [done] = admin.apply_purge(r, [plan], progress=steps.append)
 
-    assert done.removed == 400_000 and sum(steps) == 400_000 and max(steps) <= DRAIN_STEP
+    assert done.removed == 400_000
     assert [entry_id for entry_id, _ in r.xrange(dead)] == [after]
-    assert not pinger.blocked(), pinger.report()
+    steps.check(400_000)
 
 
-def test_nuke_of_a_big_stream_in_steps(big, prefix, streams_state):
+def test_nuke_of_a_big_stream_in_steps(big, prefix, streams_state, report):
     """Ten consumer groups (a broadcast queue's, say), each with 150k pending entries:
     XGROUP DESTROY frees a PEL entry by entry, so nuke acks them away in steps first."""
     st = streams_state(big, prefix)
@@ -222,13 +238,11 @@ def test_nuke_of_a_big_stream_in_steps(big, prefix, streams_state):
     plan = admin.nuke(r, global_keyprefix=prefix, dry_run=True)
     assert (plan.messages, plan.pending) == (150_000, 10 * 150_000)
     assert sorted(g for s, g in plan.groups if s == stream) == groups
-    steps: list[int] = []
-    with Pinger(big) as pinger:
+    with Steps(big, report) as steps:
         admin.apply_nuke(r, plan, global_keyprefix=prefix, progress=steps.append)
 
     assert list(r.scan_iter(match=st.keys.match_all)) == []
-    assert sum(steps) == 150_000 + 10 * 150_000 and max(steps) <= DRAIN_STEP
-    assert not pinger.blocked(), pinger.report()
+    steps.check(150_000 + 10 * 150_000)
 
 
 # -- progress on a terminal -----------------------------------------------------

@@ -521,12 +521,12 @@ def test_message_ttl_is_not_judged_by_a_skewed_consumer_clock(redis_server, pref
 def test_a_long_solo_task_causes_no_false_reconnect_or_redelivery(start_worker, client_app, r, keys,
                                                                   journal):
     """Under -P solo, a 13 s task with 2 more tasks prefetched: each runs once, no reconnect."""
-    worker = start_worker('-P', 'solo', E2E_PREFETCH=4)
-    # 'first' wakes the idle worker; the next read takes the other three in one batch
+    # published before the worker starts: its first read takes all four in one batch
     client_app.send_task(E2E + 'record', args=('first',))
     client_app.send_task(E2E + 'sleep_then_record', args=(13, 'long'))
     client_app.send_task(E2E + 'record', args=('after1',))
     client_app.send_task(E2E + 'record', args=('after2',))
+    worker = start_worker('-P', 'solo', E2E_PREFETCH=4)
     assert wait_until(lambda: 'long' in journal('started'), 10, must=False), tail(worker)
     # precondition: the two short tasks were read with the long one (pending, not waiting);
     # whether 'first' is still pending depends on when its ack was flushed, so it is not counted
