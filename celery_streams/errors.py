@@ -54,6 +54,13 @@ class NotReplicated(StreamsError):
     """
 
 
+class MasterMoved(NotReplicated, redis_errors.ConnectionError):
+    """A publish went to a master that is being replaced (a Sentinel failover): a
+    connection error, so kombu reconnects and Celery publishes it again (to the new
+    master); the old master's copy vanishes when it is demoted, unless a worker still
+    reading there ran it (then it runs twice)."""
+
+
 # The classes kombu's Redis transport treats as connection and channel errors,
 # listed here: importing kombu.transport.redis needs packages that kombu
 # installs only with its ``redis`` extra.

@@ -8,7 +8,7 @@ same connection (one round trip), and returns only once N replicas
 acknowledged everything that connection wrote. When fewer did
 (:func:`celery_streams.sentinel.shortfall` says why):
 
-* the master is being replaced (a Sentinel failover): :class:`MasterMoved`, a
+* the master is being replaced (a Sentinel failover): :class:`~celery_streams.errors.MasterMoved`, a
   connection error, so kombu reconnects and Celery's retry policy publishes
   again, to the new master;
 * otherwise :class:`~celery_streams.errors.NotReplicated`, not retried.
@@ -25,21 +25,13 @@ from __future__ import annotations
 
 import logging
 
-import redis
-
-from .errors import NotReplicated
+from .errors import MasterMoved, NotReplicated
 from .sentinel import ALONE, MOVED
 
 logger = logging.getLogger(__name__)
 
 #: Sent behind a publish while the master has no replica online (default with Sentinel).
 ROLE = ('ROLE',)
-
-
-class MasterMoved(NotReplicated, redis.ConnectionError):
-    """A publish went to a master that is being replaced: kombu reconnects, Celery publishes
-    it again (to the new master); the old master's copy vanishes when it is demoted, unless
-    a worker still reading there ran it (then it runs twice)."""
 
 
 def replicas_to_wait_for(options, address) -> int:

@@ -36,7 +36,7 @@ from redis.cluster import RedisCluster
 from . import errors, wire
 from .cluster import ClusterDispatcher, ClusterPipe
 from .connection import Address
-from .sentinel import follow_master, moves
+from .sentinel import follow_master, moves, shortfall
 from .keys import SCHEMA_VERSION
 from .lanes import ClusterLanes, ServerLanes
 from .options import Options
@@ -229,7 +229,6 @@ class ServerTopology(Topology):
         """Why the master a publish was written to (``written_to``, :attr:`master` then) did
         not get it confirmed by its replicas in time: being replaced, alone, or a replica
         behind (:func:`celery_streams.sentinel.shortfall`)."""
-        from .sentinel import shortfall
         return shortfall(self.pool, written_to, self.options.publish_wait_timeout)
 
 
