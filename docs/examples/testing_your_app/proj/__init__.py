@@ -1,0 +1,1 @@
+"""A small Celery project: its app is ``proj.celery:app``."""
