@@ -31,7 +31,9 @@ journal. Then publishing stops, the workers finish what is left (or
 ``--drain-timeout`` passes), everything is stopped, and a report is printed:
 sent, ran, lost, duplicated (and why), duplicates per kill against the bound
 ``prefetch multiplier x concurrency``, publish retries, lateness past the due
-time, per-fault notes, then the same as a markdown table. Exit status 1 when a
+time, per-fault notes, and at its end the audit of each queue's ledger (``celery streams
+audit``: every message published accounted for, 0 unaccounted, or the difference and
+what could explain it), then the same as a markdown table. Exit status 1 when a
 sent task never ran. Every process and temp dir is cleaned up, Ctrl-C
 included; the temp dir (worker and server logs) is kept with ``--keep`` or when
 something was lost.
@@ -403,6 +405,7 @@ class Soak:
         self.numbers = iter(range(1, 10 ** 6))
         self.keys = None
         self.leftover = {}
+        self.audit = None   # the ledgers at the end (inspect_broker)
         self.code = '?'
 
     # -- setup ---------------------------------------------------------------
@@ -611,6 +614,8 @@ class Soak:
         entries += [('dead-lettered', dead, eid, fields) for eid, fields in client.xrange(dead)]
         self.leftover = {'queued': self.queued(client), 'pending': self.pending(client),
                          'dead letters': client.xlen(dead), 'entries': entries}
+        from celery_streams import ledger
+        self.audit = ledger.audit(client, global_keyprefix=PREFIX, queues=[QUEUE, UNRELATED])
         client.close()
 
     def locate(self, token):
@@ -807,6 +812,26 @@ def reconnects(soak, at):
     return sorted(delays)
 
 
+def ledger_balance(soak: Soak) -> list[str]:
+    """The audit of each queue's ledger at the end (``celery streams audit``), printed: one line
+    per queue, and what could explain a difference; returns the lines."""
+    from celery_streams.cli.audit import audit_lines
+    found = getattr(soak, 'audit', None)
+    if found is None:
+        return []
+    lines = ['%s: published %d = acked %d + rejected %d + dead-lettered %d + expired %d + '
+             'drained %d + waiting %d + pending %d + scheduled %d; unaccounted %s'
+             % (q.queue, q.count('published'), q.count('acked'), q.count('rejected'),
+                q.count('dead_lettered'), q.count('expired'), q.count('drained'), q.waiting,
+                q.pending, q.scheduled, q.unaccounted) for q in found]
+    print('\nledger audit at the end (celery streams audit):')
+    for line in lines:
+        print('  ' + line)
+    for line in audit_lines(found)[len(found) + 1:]:   # the notes under the table
+        print('  ' + line)
+    return lines
+
+
 def report(soak: Soak):
     figures, lost, details, not_counted = analyse(soak)
     counts = worker_log_counts(soak.all_workers)
@@ -839,8 +864,10 @@ def report(soak: Soak):
             s = soak.publisher.sent[token]
             print('  %s (%s, published at %s, attempt %d): %s'
                   % (token, s.kind, _t(soak, s.began), s.attempt, '; '.join(soak.locate(token))))
+    balance = ledger_balance(soak)
     md = ['| soak: `python -m benchmarks soak %s` | |' % ' '.join(soak.args.argv), '|---|---|']
     md += ['| %s | %s |' % (k.strip(), v) for k, v in figures.items()]
+    md += ['| ledger: %s | |' % line.replace('|', '/') for line in balance]
     md += ['| fault: %s | |' % n.replace('|', '/') for n in notes]
     print('\n' + '\n'.join(md))
     if soak.args.output:

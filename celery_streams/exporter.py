@@ -18,7 +18,11 @@ metric, never an exception. ``celery streams exporter``
     client = admin.client_from_url('redis-streams://localhost:6379/0')
     print(exporter.Exporter(client, global_keyprefix='proj:').metrics())
 
-Every metric is a gauge. The names of celery-exporter are kept where one
+The ledger of each queue (:mod:`celery_streams.ledger`) is served as counters,
+``celery_streams_queue_<counter>_total`` (``published``, ``acked``,
+``dead_lettered``...: ``rate()`` of them is a throughput), with
+``celery_streams_queue_unaccounted``, the audit's difference (0: nothing lost).
+Every other metric is a gauge. The names of celery-exporter are kept where one
 exists (``celery_queue_length``, ``celery_active_consumer_count``, label
 ``queue_name``); the others start with ``celery_streams_``. What concerns a
 consumer group (pending, lag, consumers) is about the group the workers use
@@ -37,7 +41,7 @@ from typing import Callable, Iterable
 
 import redis
 
-from . import admin
+from . import admin, ledger
 from .errors import one_line
 from .keys import FANOUT
 from .slots import Client
@@ -48,7 +52,8 @@ DEFAULT_INTERVAL = 5.0
 QUEUE_LENGTH = 'celery_queue_length'
 ACTIVE_CONSUMERS = 'celery_active_consumer_count'
 
-#: Every metric the exporter serves: name -> help text (all gauges).
+#: Every metric the exporter serves: name -> help text (gauges; the ledger's counters are added
+#: below).
 METRICS = {
     'celery_streams_up':
         'Whether Redis answered the last collection (1) or could not be reached (0).',
@@ -81,9 +86,33 @@ METRICS = {
     'celery_streams_consumer_idle_seconds':
         'Seconds since this consumer last read or claimed (its smallest idle time).',
 }
+#: The ledger's counters: one counter family per counter of the ledger.
+COUNTER_HELP = {
+    'published': 'Messages published to the queue (appended or scheduled; a dead letter requeued '
+                 'by an operator counts again).',
+    'delivered': 'Entries read by consumers of the queue.',
+    'redelivered': 'Entries taken over from a consumer that died (reclaimed).',
+    'acked': 'Messages acked (a second ack of one message counts nothing).',
+    'rejected': 'Messages rejected without requeue (gone).',
+    'requeued': 'Messages rejected with requeue: the same message back at the tail.',
+    'restored': 'Messages put back unstarted (a warm shutdown, a cancelled consumer).',
+    'dead_lettered': 'Messages moved to the dead letters.',
+    'revived': 'Dead letters requeued by an operator.',
+    'dead_purged': 'Dead letters purged by an operator.',
+    'expired': 'Messages dropped when read: x-message-ttl or a message expiration.',
+    'drained': 'Messages removed by a drain or a purge.',
+    'dropped': 'Entries trimmed away by MAXLEN (broadcast queues).',
+}
+METRICS.update({'celery_streams_queue_%s_total' % name: COUNTER_HELP[name] for name in ledger.COUNTERS})
+METRICS['celery_streams_queue_unaccounted'] = (
+    'The audit of the queue ledger: messages published less those counted out or found '
+    '(waiting, pending, scheduled); 0 when nothing was lost. Task queues only.')
 #: The metrics of the collection itself, served whatever happened.
 SCRAPE_METRICS = ('celery_streams_up', 'celery_streams_last_scrape_error',
                   'celery_streams_scrape_duration_seconds')
+#: The metrics of the ledgers (:func:`ledger_families`).
+LEDGER_METRICS = tuple(name for name in METRICS
+                       if name.endswith('_total') or name == 'celery_streams_queue_unaccounted')
 
 
 @dataclass
@@ -100,7 +129,21 @@ class Family:
 
 
 def family(name: str) -> Family:
-    return Family(name, METRICS[name])
+    """The family serving metric ``name``: a counter for a name ending in ``_total`` (named
+    with the suffix in the text format 0.0.4, as prometheus_client writes it), else a gauge."""
+    return Family(name, METRICS[name], 'counter' if name.endswith('_total') else 'gauge')
+
+
+def ledger_families(audits: Iterable[ledger.QueueAudit]) -> list[Family]:
+    """The ledger's counters and the audit's difference, per queue."""
+    counters = {name: family('celery_streams_queue_%s_total' % name) for name in ledger.COUNTERS}
+    unaccounted = family('celery_streams_queue_unaccounted')
+    for audit in audits:
+        for name, fam in counters.items():
+            fam.add(audit.count(name), queue_name=audit.queue)
+        if audit.unaccounted is not None:
+            unaccounted.add(audit.unaccounted, queue_name=audit.queue)
+    return [*counters.values(), unaccounted]
 
 
 def queue_families(found: admin.Status) -> list[Family]:
@@ -110,7 +153,8 @@ def queue_families(found: admin.Status) -> list[Family]:
     CONSUMERS`` lists it only once it has read there: the alive ones are
     counted from ``alive_consumers``, so an idle queue's consumers count too.
     """
-    families = {name: family(name) for name in METRICS if name not in SCRAPE_METRICS}
+    families = {name: family(name) for name in METRICS
+                if name not in SCRAPE_METRICS and name not in LEDGER_METRICS}
 
     def add(name, value, queue_name, **labels):   # queue_name first: the labels in this order
         families[name].add(value, queue_name=queue_name, **labels)
@@ -224,6 +268,9 @@ class Exporter:
             found = admin.status(self.client, global_keyprefix=self.global_keyprefix,
                                  consumer_group=self.consumer_group)
             queues = queue_families(found)
+            queues += ledger_families(ledger.audit(
+                self.client, global_keyprefix=self.global_keyprefix,
+                queues=[q.name for q in found.queues], consumer_group=self.consumer_group))
         except Exception as exc:   # a scrape says what failed; it never stops the exporter
             up = 0 if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) else 1
             error = self.describe(exc)

@@ -7,6 +7,14 @@ and never affects the others; one over ``max_deliveries`` too; an expired one
 rest wait in the buffer, tagged for this consumer, until the QoS lets them be
 handed over. Entries of no-ack consumers (Celery's pidbox) are settled -- acked
 and deleted -- as soon as they are read.
+
+The ledger (:mod:`celery_streams.ledger`): settling and dropping go through the
+``ack`` script, which counts ``acked`` / ``expired`` by what it settled. What
+the reads of consumers with acks bring in is counted ``delivered`` here, and
+written with the QoS's next acks (:meth:`Inbox.ledger_commands`): the
+blocking ``XREADGROUP`` is no script, and the ``read`` script is not given the
+ledgers' keys. No-ack consumers (Celery's remote control, replies, events)
+count nothing delivered: their entries are counted acked as they are read.
 """
 from __future__ import annotations
 
@@ -16,7 +24,7 @@ from time import monotonic
 
 from kombu.utils.json import loads
 
-from . import deadletters
+from . import deadletters, scripts
 from .errors import one_line
 from .worker_state import worker_shutting_down
 from .qos import make_tag
@@ -43,11 +51,16 @@ class Inbox:
         self.group = options.consumer_group
         self.max_deliveries = options.max_deliveries
         self.dead_letter_maxlen = options.dead_letter_maxlen
+        self.ledger = options.ledger
         self.consumer = consumer
         self.client = client
         self.clock = clock
         self.decode_body = decode_body
         self.buffer: deque = deque()   # (queue, payload)
+        #: The ``ack`` script (settles, counting in the ledger), registered on ``client``.
+        self.ack_script = client.register_script(scripts.source('ack'))
+        #: Queue -> entries read (delivered), not yet counted in its ledger.
+        self.uncounted: dict = {}
 
     def __bool__(self) -> bool:
         return bool(self.buffer)
@@ -66,14 +79,18 @@ class Inbox:
         settle = []
         for stream, entries in replies:
             queue, bucket = self.keys.parse_stream(text(stream))
+            record = self.queues.get(queue)
+            # A no-ack consumer's entries are counted acked as they are read (settle_noack).
+            count = self.ledger and not (record is not None and record.no_ack)
             for entry_id, fields in entries:
                 entry_id = text(entry_id)
                 if isinstance(fields, list):   # the script's raw reply
                     fields = dict(zip(fields[::2], fields[1::2]))
+                if count:
+                    self.uncounted[queue] = self.uncounted.get(queue, 0) + 1
                 payload = self.decode(queue, entry_id, fields, noack, bucket=bucket)
                 if payload is None:
                     continue
-                record = self.queues.get(queue)
                 if record is not None and record.no_ack:
                     settle.append((queue, bucket, entry_id))
                 self.buffer.append((queue, payload))
@@ -118,8 +135,8 @@ class Inbox:
                              'delivered %d times, more than max_deliveries=%d'
                              % (delivered, max_deliveries), noack)
             return None
-        if self._expired(queue, entry_id, payload, deadline):
-            self.settle_noack([(queue, bucket, entry_id)], noack)   # expired: dropped, as AMQP does
+        if self._expired(queue, entry_id, payload, deadline):   # dropped, as AMQP does
+            self.settle_noack([(queue, bucket, entry_id)], noack, counter='expired')
             return None
         properties['delivery_tag'] = make_tag(entry_id, self.consumer, queue, bucket)
         # What a task reads from ``request.delivery_info`` to guard its side effects
@@ -169,16 +186,34 @@ class Inbox:
         deadletters.write(self.client, self.keys, self.group, queue, bucket, entry_id,
                           fields, reason, maxlen=self.dead_letter_maxlen, noack=noack)
 
-    def settle_noack(self, settled, noack) -> None:
-        """Ack (unless read with NOACK) and delete entries of no-ack consumers."""
-        with self.client.pipeline(transaction=False) as pipe:
-            for queue, bucket, entry_id in settled:
-                key = self.keys.stream(queue, bucket)
-                if not noack:
-                    pipe.xack(key, self.group, entry_id)
-                if not self.queues.is_broadcast(queue):
-                    pipe.xdel(key, entry_id)
-            pipe.execute()
+    def settle_noack(self, settled, noack, counter='acked') -> None:
+        """Ack (unless read with NOACK) and delete entries of no-ack consumers, counting them
+        ``counter`` in their ledger (the ``ack`` script: one call per stream)."""
+        by_stream: dict = {}
+        for queue, bucket, entry_id in settled:
+            broadcast = self.queues.is_broadcast(queue)
+            if noack and broadcast:
+                continue   # nothing to ack, nothing to delete: trimmed with the others
+            key = (self.keys.stream(queue, bucket), self.keys.ledger(queue), '0' if broadcast else '1')
+            by_stream.setdefault(key, []).append(entry_id)
+        for (stream, ledger, delete), ids in by_stream.items():
+            self.ack_script(keys=[stream, ledger], args=['' if noack else self.group, counter, delete, *ids],
+                            client=self.client)
+
+    def ledger_commands(self) -> list:
+        """The ``HINCRBY`` commands counting the entries read since the last call (written
+        with the QoS's acks)."""
+        uncounted, self.uncounted = self.uncounted, {}
+        commands: list = []
+        for queue, n in uncounted.items():
+            if self.queues.is_deleted(queue):
+                continue   # its ledger went with it: never made again
+            ledger = self.keys.ledger(queue)
+            commands.append(('HINCRBY', ledger, 'delivered', n))
+            expires = self.queues.expires(queue)
+            if expires is not None:   # the queue's x-expires: a reply queue leaves nothing behind
+                commands.append(('PEXPIRE', ledger, expires))
+        return commands
 
     # -- handing over -----------------------------------------------------------
 

@@ -21,6 +21,11 @@ key                                     type    holds
                                                 (delayed delivery): score = due time in ms
                                                 (server clock), member =
                                                 ``bucket|stamp|token|payload``
+``{P}celery-streams:q:{Q}:ledger``      hash    the ledger of queue Q: counters of what
+                                                happened to its messages (``published``,
+                                                ``acked``...: :mod:`celery_streams.ledger`),
+                                                each counted by the script or command
+                                                that did it
 ``{P}celery-streams:q:{Q}:alive:{C}``   string  present while consumer C of queue Q lives
                                                 (its worker renews it; expires after
                                                 ``visibility_timeout``)
@@ -41,6 +46,13 @@ delivered before) and ``redelivered``. The count travels with the message
 across requeues and reclaims, so ``max_deliveries`` bounds a poison message; a
 message put back unstarted (at a worker's shutdown) keeps its count.
 
+The ledger of a queue shares its hash tag, so it lies in the slot of every
+other key of the queue and the scripts that do the work count it there; the
+scripts are given its key (:meth:`Keys.ledger`, or its affixes to a script
+that finds queue names in data). :func:`ledger_of` finds it from any other key
+of the queue (a stream, its schedule, its dead letters), as the bounded drains
+that are given a key only need.
+
 A member of a schedule (:mod:`celery_streams.scheduler`) is the message's
 priority bucket, the server time it was added (``TIME``, 16 digits of µs), a
 random token (so equal messages stay distinct) and the payload, joined by
@@ -57,6 +69,8 @@ SCHEMA_VERSION = 1
 #: kombu's Redis transport default: priorities 0-9 fall into 4 buckets.
 DEFAULT_PRIORITY_STEPS = (0, 3, 6, 9)
 NAMESPACE = 'celery-streams:'
+LEDGER_TAIL = ':ledger'   # after the queue's hash tag
+DEAD_TAIL = ':dead'       # after the queue's hash tag
 SEP = '\x06\x16'   # the separator kombu's Redis transport uses in bindings
 
 TASK = 'task'
@@ -67,7 +81,7 @@ class KeyInfo(NamedTuple):
     """What a per-queue key is: its queue, its role and the role's detail.
 
     Roles: ``stream`` (detail: the priority bucket), ``dead`` (detail: None),
-    ``scheduled`` (detail: None), ``alive`` (detail: the consumer name) and
+    ``scheduled`` (detail: None), ``ledger`` (detail: None), ``alive`` (detail: the consumer name) and
     ``healed`` (detail: the bucket).
     """
 
@@ -114,7 +128,7 @@ class Keys:
 
     def dead_letters(self, queue: str) -> str:
         """The dead-letter stream of ``queue``."""
-        return self.queue_head + queue + '}:dead'
+        return self.queue_head + queue + '}' + DEAD_TAIL
 
     def scheduled(self, queue: str) -> str:
         """The schedule of ``queue``: messages waiting for their ETA (a sorted set)."""
@@ -124,6 +138,15 @@ class Keys:
         """``(head, tail)``: :meth:`scheduled` of queue Q is ``head + Q + tail`` (see
         :meth:`stream_affixes`)."""
         return self.queue_head, self.scheduled('')[len(self.queue_head):]
+
+    def ledger(self, queue: str) -> str:
+        """The ledger of ``queue``: a hash of counters (:mod:`celery_streams.ledger`)."""
+        return self.queue_head + queue + '}' + LEDGER_TAIL
+
+    def ledger_affixes(self) -> tuple[str, str]:
+        """``(head, tail)``: :meth:`ledger` of queue Q is ``head + Q + tail`` (see
+        :meth:`stream_affixes`)."""
+        return self.queue_head, self.ledger('')[len(self.queue_head):]
 
     def alive_prefix(self, queue: str) -> str:
         """Liveness keys of the consumers of ``queue`` are this plus the consumer name."""
@@ -175,6 +198,8 @@ class Keys:
             return KeyInfo(queue, 'healed', int(bucket)) if bucket.isdigit() else None
         if body.endswith('}:dead'):
             return KeyInfo(body[:-len('}:dead')], 'dead', None)
+        if body.endswith('}' + LEDGER_TAIL):
+            return KeyInfo(body[:-len('}' + LEDGER_TAIL)], 'ledger', None)
         if body.endswith('}:scheduled'):
             return KeyInfo(body[:-len('}:scheduled')], 'scheduled', None)
         match = _BUCKET.match(body)
@@ -204,6 +229,17 @@ def glob_escape(text: str) -> str:
     return ''.join('\\' + c if c in '*?[]\\' else c for c in text)
 
 
+def ledger_of(key: str) -> str:
+    """The ledger of the queue of per-queue ``key`` (a stream, a schedule, dead letters): the
+    key up to the ``}`` that closes the queue's hash tag (none follows it), then ``:ledger``."""
+    return key[:key.rindex('}') + 1] + LEDGER_TAIL
+
+
+def is_dead_letters(key: str) -> bool:
+    """Whether per-queue ``key`` is a queue's dead-letter stream (see :meth:`Keys.dead_letters`)."""
+    return key.endswith('}' + DEAD_TAIL)
+
+
 def binding_member(routing_key: str, pattern: str, queue: str) -> str:
     return SEP.join([routing_key or '', pattern or '', queue or ''])
 
@@ -218,7 +254,7 @@ def parse_binding(member: bytes | str) -> tuple[str, str, str]:
 #: Every command the transport sends (workers and publishers), for a Redis ACL.
 COMMANDS = (
     'ping', 'time', 'client|setname', 'multi', 'exec', 'get', 'set', 'del', 'exists', 'pexpire',
-    'hset', 'hsetnx', 'hdel', 'hkeys', 'sadd', 'srem', 'smembers',
+    'hset', 'hsetnx', 'hdel', 'hkeys', 'hincrby', 'hgetall', 'pttl', 'sadd', 'srem', 'smembers',
     'xadd', 'xreadgroup', 'xack', 'xdel', 'xlen', 'xrange', 'xrevrange', 'xtrim', 'xpending', 'xclaim',
     'xgroup|create', 'xgroup|delconsumer', 'xinfo|groups', 'xinfo|consumers', 'xinfo|stream',
     'zadd', 'zrange', 'zrangebyscore', 'zrem',   # delayed delivery (inside its scripts)

@@ -211,7 +211,8 @@ class Liveness:
                 claimed += self.scripts.reclaim(
                     keys=[self.keys.stream(queue, bucket) for queue, bucket in batch],
                     args=[self.group, self.consumer, self.visibility_ms, budget - len(claimed) // 4,
-                          *[self.keys.alive_prefix(queue) for queue, _ in batch]])
+                          *[self.keys.alive_prefix(queue) for queue, _ in batch],
+                          *[self.keys.ledger(queue) for queue, _ in batch]])
             except redis.ResponseError as exc:   # e.g. an ACL without XCLAIM: consuming goes on
                 logger.warning('celery_streams: reclaim failed: %s', one_line(exc))
                 break

@@ -1,7 +1,8 @@
 """Publishing: the priority bucket, direct/topic/fanout routing and the append paths.
 
 * Through the default exchange (a queue name as routing key) a message is one
-  ``XADD`` (and a ``PEXPIRE`` for a queue with ``x-expires``), packed by hand.
+  ``XADD`` and the ``HINCRBY`` of its queue's ledger (and a ``PEXPIRE`` for a
+  queue with ``x-expires``), packed by hand.
 * Through a direct or topic exchange, the ``route`` script looks the bindings
   up and appends in one round trip.
 * Through a fanout exchange, the message is copied into the stream of every
@@ -103,7 +104,9 @@ class Publisher:
         if due is not None:
             return [self._schedule_command(queue, bucket, due, payload, False) for queue in queues]
         return [command for queue in queues
-                for command in _xadd(self.keys.stream(queue, bucket), payload, self.queues.expires(queue))]
+                for command in _xadd(self.keys.stream(queue, bucket),
+                                     self.keys.ledger(queue) if self.options.ledger else None,
+                                     payload, self.queues.expires(queue))]
 
     def _schedule_command(self, queue, bucket, due, payload, if_exists) -> tuple:
         """Add a message due at ``due`` (ms) to the schedule of ``queue`` (the ``schedule`` script).
@@ -111,7 +114,8 @@ class Publisher:
         ``if_exists``: only while the queue's main stream exists (a queue known
         from bindings only); the script answers None when it is gone.
         """
-        return self.scripts.command('schedule', [self.keys.scheduled(queue), self.keys.stream(queue)],
+        return self.scripts.command('schedule', [self.keys.scheduled(queue), self.keys.stream(queue),
+                                                 self.keys.ledger(queue)],
                                     [due, bucket, scheduler.new_token(), payload,
                                      '1' if if_exists else '0'])
 
@@ -276,6 +280,7 @@ class Publisher:
         return [kind, routing_key or '', serialize(message, now_ms), bucket, SEP,
                 due or 0, scheduler.new_token() if due else '',
                 *keys.stream_affixes(0), *keys.stream_affixes(bucket), *keys.scheduled_affixes(),
+                *keys.ledger_affixes(),
                 *[x for pair in declared.items() for x in pair]]
 
     def put_fanout(self, exchange, message, routing_key, **kwargs):
@@ -298,7 +303,7 @@ class Publisher:
         due = scheduler.due_ms(message, now_ms, self.options) if schedule else None
         commands = [
             self._schedule_command(queue, bucket, due, payload, True) if due is not None else
-            self.scripts.command('append', [self.keys.stream(queue, bucket)],
+            self.scripts.command('append', [self.keys.stream(queue, bucket), self.keys.ledger(queue)],
                                  [maxlen, payload, self.queues.expires(queue) or 0])
             for queue in queues]
 
@@ -337,14 +342,19 @@ def fanout_matches(bound_key, routing_key) -> bool:
     return fnmatchcase(routing_key or '', bound_key.replace('#', '*'))
 
 
-def _xadd(key: str, payload: str, expires: int | None) -> list[tuple[str | int, ...]]:
-    """The commands appending ``payload`` to stream ``key`` (renewing its ``x-expires``).
+def _xadd(key: str, ledger: str | None, payload: str, expires: int | None) -> list[tuple[str | int, ...]]:
+    """The commands appending ``payload`` to stream ``key`` and counting it ``published`` in
+    the queue's ``ledger`` (renewing the ``x-expires`` of both); None: no ledger (``ledger=False``).
 
     The publish hot path, packed without a script (a script costs Redis more
     CPU): the Python twin of ``append_payload`` in ``scripts/_library.lua``,
-    through which every script appends.
+    through which every script appends. The ``HINCRBY`` follows the ``XADD`` in
+    the same write: Redis runs them back to back (a write Redis refuses, full,
+    refuses both; written again after a lost connection, both again).
     """
     commands: list[tuple[str | int, ...]] = [('XADD', key, '*', 'payload', payload)]
+    if ledger is not None:
+        commands.append(('HINCRBY', ledger, 'published', 1))
     if expires is not None:
-        commands.append(('PEXPIRE', key, expires))
+        commands += [('PEXPIRE', key, expires)] + ([('PEXPIRE', ledger, expires)] if ledger else [])
     return commands

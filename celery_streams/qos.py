@@ -7,9 +7,10 @@ several queues) has its own tag.
 
 Like kombu's Redis transport, the QoS owns the bookkeeping of what was
 delivered: kombu's prefetch accounting, the *read budget* (how many messages
-the next read may take), acks batched per turn of the consume loop (one
-``XACK`` and one ``XDEL`` per stream in one write, whose replies the loop does
-not wait for: :mod:`celery_streams.pipe`) and restores (the
+the next read may take), acks batched per turn of the consume loop (one call
+of the ``ack`` script per stream -- ``XACK``, ``XDEL`` and the count of what
+the ``XACK`` acked in the queue's ledger -- in one write, whose replies the
+loop does not wait for: :mod:`celery_streams.pipe`) and restores (the
 ``restore`` script: an entry goes back only if it is still pending for its
 reader, so an acked or drained message never returns).
 """
@@ -18,10 +19,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict, deque
+from functools import partial
 from time import monotonic
 from typing import NamedTuple
 
 from kombu.transport import virtual
+from redis.exceptions import NoScriptError, ResponseError
 
 from . import errors
 from .worker_state import running_delivery_tags
@@ -77,6 +80,11 @@ class QoS(virtual.QoS):
         self.dispatcher = channel.topology.dispatcher
         self.batches = channel.topology.batches
         self.pipe = channel.pipe
+        #: The channel's inbox: the entries it read are counted ``delivered`` with the acks.
+        self.inbox = channel.inbox
+        #: Whether acks are counted in the ledger (the ``ack`` script) or not (``ledger=False``:
+        #: a plain ``XACK`` and ``XDEL``).
+        self.ledger = channel.options.ledger
         self._short_since = None      # since when fewer than half the window is free
         self._base_window = 0         # the smallest prefetch_count seen (refill_wait)
 
@@ -92,7 +100,7 @@ class QoS(virtual.QoS):
             if failed:
                 raise failed[0][1]
         else:
-            self.ack_tags([delivery_tag])
+            self.ack_tags([delivery_tag], counter='rejected')
         self._quick_ack(delivery_tag)
 
     def restore_unacked(self):
@@ -198,24 +206,50 @@ class QoS(virtual.QoS):
                 tags.append(self._acks.popleft())
             except IndexError:
                 break
-        if tags:
+        if tags or self.inbox.uncounted:
             self.ack_tags(tags, wait=wait)
         else:
             self.pipe.collect(wait)
 
-    def ack_tags(self, tags, wait=True) -> None:
-        """XACK and XDEL the entries of ``tags``: one XACK and one XDEL per stream, one write.
+    def ack_tags(self, tags, wait=True, counter='acked') -> None:
+        """XACK and XDEL the entries of ``tags``, counted ``counter`` in their queue's ledger:
+        one ``ack`` script call per stream, one write (with the ``delivered`` counts of the
+        entries read since the last write: :meth:`Inbox.ledger_commands`).
 
         With ``wait`` it returns once Redis replied to them (and to every ack
         written before); else the replies are read by a later call.
         """
         by_stream: dict = {}
         for tag in map(parse_tag, tags):
-            by_stream.setdefault(self.keys.stream(tag.queue, tag.bucket), []).append(tag.entry_id)
-        commands = []
-        for key, ids in by_stream.items():
-            commands += [('XACK', key, self.group, *ids), ('XDEL', key, *ids)]
-        self.pipe.write(commands, wait=wait)
+            key = (self.keys.stream(tag.queue, tag.bucket), self.keys.ledger(tag.queue))
+            by_stream.setdefault(key, []).append(tag.entry_id)
+        if self.ledger:
+            commands = [self.scripts.command('ack', list(key), [self.group, counter, '1', *ids])
+                        for key, ids in by_stream.items()]
+        else:
+            commands = [command for (stream, _), ids in by_stream.items()
+                        for command in (('XACK', stream, self.group, *ids), ('XDEL', stream, *ids))]
+        commands += self.inbox.ledger_commands()
+        if not commands:
+            self.pipe.collect(wait)
+            return
+        self.pipe.write(commands, wait=wait, on_replies=partial(self._acked, commands))
+
+    def _acked(self, commands, replies) -> None:
+        """The replies of an ack write: commands refused with ``NOSCRIPT`` (the server lost its
+        scripts) did not run and are written again once the scripts are loaded; the ledger's
+        ``HINCRBY`` refused by a full Redis is let go (those reads stay uncounted); any other
+        error is raised."""
+        missing = [command for command, reply in zip(commands, replies)
+                   if isinstance(reply, NoScriptError)]
+        if missing:
+            self.scripts.reload('ack')
+            self.pipe.write(missing, wait=True, on_replies=partial(self._acked, missing))
+            return
+        error = next((reply for command, reply in zip(commands, replies)
+                      if isinstance(reply, ResponseError) and command[0] != 'HINCRBY'), None)
+        if error is not None:
+            raise error
 
     # -- restores -------------------------------------------------------------
 
@@ -240,7 +274,8 @@ class QoS(virtual.QoS):
         return [failed for batch in batches for failed in self._restore(batch, attempted)]
 
     def _restore(self, tags, attempted) -> list:
-        commands = [self.scripts.command('restore', [self.keys.stream(tag.queue, tag.bucket)],
+        commands = [self.scripts.command('restore', [self.keys.stream(tag.queue, tag.bucket),
+                                                     self.keys.ledger(tag.queue)],
                                          [self.group, tag.consumer, tag.entry_id, int(attempted)])
                     for tag in map(parse_tag, tags)]
         try:

@@ -150,7 +150,8 @@ class QueueTable:
         commands = [('XGROUP', 'CREATE', self.keys.stream(queue), self.group, '0', 'MKSTREAM'),
                     ('HSETNX', self.keys.queues, queue, TASK)]
         if record.expires is not None:
-            commands += [('PEXPIRE', stream, record.expires) for stream in self.keys.streams(queue)]
+            commands += [('PEXPIRE', key, record.expires)
+                         for key in (*self.keys.streams(queue), self.keys.ledger(queue))]
         counting = depth_commands(self.keys, self.group, queue)
         replies = wire.calls(self.dispatcher, commands + counting)
         results, counts = replies[:len(commands)], replies[len(commands):]
@@ -213,7 +214,8 @@ class QueueTable:
                 _, pattern, _ = self.typeof(exchange).prepare_bind(
                     queue, exchange, routing_key, args)
                 pipe.srem(self.keys.bindings(exchange), binding_member(routing_key, pattern, queue))
-            pipe.execute_command('DEL', *self.keys.streams(queue), self.keys.scheduled(queue))   # one slot
+            pipe.execute_command('DEL', *self.keys.streams(queue), self.keys.scheduled(queue),
+                                  self.keys.ledger(queue))   # one slot
             pipe.hdel(self.keys.queues, queue)
             pipe.execute()
         state.queue_bindings_delete(queue)
@@ -235,7 +237,8 @@ class QueueTable:
         commands: list[tuple[str | int, ...]] = []
         if record.auto_delete and record.expires is None:
             record.expires = self.orphan_expiry_ms
-            commands.append(('PEXPIRE', self.keys.stream(queue), record.expires))
+            commands += [('PEXPIRE', self.keys.stream(queue), record.expires),
+                         ('PEXPIRE', self.keys.ledger(queue), record.expires)]
         commands.append(('HSET', self.keys.queues, queue, FANOUT))
         return commands
 
@@ -410,8 +413,8 @@ class QueueTable:
         self._expiry_refreshed_at = now
         with self.client.pipeline(transaction=False) as pipe:
             for queue, ms in expiring:
-                for stream in self.keys.streams(queue):
-                    pipe.pexpire(stream, ms)
+                for key in (*self.keys.streams(queue), self.keys.ledger(queue)):
+                    pipe.pexpire(key, ms)
             pipe.execute()
 
     def prune_registry(self) -> int:

@@ -46,7 +46,7 @@ import redis
 from kombu.utils.json import loads
 
 from . import errors
-from .keys import Keys
+from .keys import Keys, ledger_of
 from .slots import Client
 
 logger = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ def drain_schedule(scripts, key: str, stamp: int, *, step: int = DRAIN_SCHEDULED
     call); ``progress(n)`` after each step that removed ``n``. Returns how many went."""
     removed, cursor = 0, '0'
     while True:
-        cursor, count = scripts.drain_scheduled(keys=[key], args=[stamp, cursor, step])
+        cursor, count = scripts.drain_scheduled(keys=[key, ledger_of(key)], args=[stamp, cursor, step])
         cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
         removed += count
         if progress is not None and count:

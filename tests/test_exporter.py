@@ -19,13 +19,15 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from celery_streams import exporter
+from celery_streams import exporter, ledger
 from tests.helpers import wait_until
 from tests.workers import ROOT, Worker, app_env, celery_command
 
 pytestmark = pytest.mark.one_server   # nothing here depends on the server kind
 
 DOCS = ROOT / 'docs'
+#: The families of the ledger's counters start with this (and end in a counter's name).
+LEDGER_FAMILY = tuple('celery_streams_queue_' + name for name in ledger.COUNTERS)
 
 
 class ExporterProcess:
@@ -72,7 +74,8 @@ class ExporterProcess:
 def parse(text: str) -> dict:
     found = {}
     for fam in text_string_to_metric_families(text):
-        assert fam.type == 'gauge', fam
+        # the ledger's counters are counters (samples named <family>_total), the rest gauges
+        assert fam.type == ('counter' if fam.name.startswith(LEDGER_FAMILY) else 'gauge'), fam
         for sample in fam.samples:
             found.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
     return found
@@ -272,3 +275,27 @@ def test_dashboard_and_docs_use_exactly_the_served_metrics(redis_server, prefix,
     assert documented == served, (served - documented, documented - served)
     assert '`celery_streams_queue_scheduled`' in doc   # comes with delayed delivery, said so
     assert 'metrics' in (DOCS / 'index.md').read_text().split('```{toctree}')[1]
+
+
+def test_the_ledger_is_served_as_counters_and_its_balance_as_a_gauge(redis_server, prefix, r, keys):
+    """``celery_streams_queue_<counter>_total`` for every counter of every queue (``rate()`` of
+    them is a throughput) and ``celery_streams_queue_unaccounted``: 0, then 1 once an entry
+    was deleted behind the transport's back."""
+    from kombu import Exchange, Queue
+
+    from tests.helpers import connection, consume, publish
+
+    q = Queue('work', Exchange('work'), 'work')
+    with connection(redis_server, prefix) as conn:
+        publish(conn, q.exchange, 'work', [{'n': i} for i in range(4)], declare=[q])
+        consume(conn, q, 1, must=True)
+    text = exporter.Exporter(r, global_keyprefix=prefix, interval=0).metrics()
+    assert '# TYPE celery_streams_queue_published_total counter' in text
+    metrics = parse(text)
+    assert of(metrics, 'celery_streams_queue_published_total', 'work') == 4
+    assert of(metrics, 'celery_streams_queue_acked_total', 'work') == 1
+    assert of(metrics, 'celery_streams_queue_dead_lettered_total', 'work') == 0
+    assert of(metrics, 'celery_streams_queue_unaccounted', 'work') == 0
+    r.xdel(keys.stream('work'), r.xrange(keys.stream('work'))[0][0])
+    metrics = parse(exporter.Exporter(r, global_keyprefix=prefix, interval=0).metrics())
+    assert of(metrics, 'celery_streams_queue_unaccounted', 'work') == 1

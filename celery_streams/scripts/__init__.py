@@ -30,9 +30,10 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
 from .. import wire
+from ..keys import is_dead_letters, ledger_of
 
 NAMES = ('restore', 'drain', 'append', 'reclaim', 'read', 'forget_consumer', 'route', 'requeue_dead',
-         'prune_registry', 'create_group', 'schedule', 'promote', 'drain_scheduled')
+         'prune_registry', 'create_group', 'schedule', 'promote', 'drain_scheduled', 'ack')
 
 #: The most entries one ``drain`` call acks and trims in all, in :meth:`Scripts.drain_stream`.
 #: An ack (XPENDING + XACK) costs about 1 µs of server time, trimming 0.05 µs an entry
@@ -83,6 +84,7 @@ class Scripts:
     schedule: Script
     promote: Script
     drain_scheduled: Script
+    ack: Script
 
     def __init__(self, client):
         self.client = client
@@ -129,13 +131,16 @@ class Scripts:
         calls. ``until`` should be an id: with ``'+'`` the end moves while
         entries are added. ``delete_empty``: delete the key once it is empty
         and groupless (a dead-letter stream). ``progress(n)`` is called after
-        each call that removed or cleared ``n`` entries.
+        each call that removed or cleared ``n`` entries. What it removes counts in the
+        ledger of the stream's queue: ``drained``, or ``dead_purged`` (a dead-letter stream).
         Returns ``(entries removed, pending entries cleared)``.
         """
         removed = cleared = 0
         while True:
             step_removed, step_cleared, more = self.drain(
-                keys=[stream], args=[until, '1' if delete_empty else '0', step])
+                keys=[stream, ledger_of(stream)],
+                args=[until, '1' if delete_empty else '0', step,
+                      'dead_purged' if is_dead_letters(stream) else 'drained'])
             removed += step_removed
             cleared += step_cleared
             if progress is not None and (step_removed or step_cleared):

@@ -1,6 +1,7 @@
 -- Empty a stream up to an entry id and keep its consumer groups, at once or in bounded steps.
 --
 -- KEYS[1] - the stream
+-- KEYS[2] - optional: the ledger of its queue (Keys.ledger); without it nothing is counted
 -- ARGV[1] - the last entry id to remove, inclusive ('+': every entry). An
 --           operator confirmed a drain of what was there when it was planned;
 --           entries added since stay.
@@ -17,6 +18,9 @@
 --           at most 100 entries exactly (XRANGE ... COUNT, XTRIM MINID).
 --           The admin functions resolve '+' to an id first: with '+' the end
 --           moves while entries are added.
+-- ARGV[4] - optional (with ARGV[3]), the ledger counter of what is removed:
+--           'drained' (a queue's stream or schedule, the default) or
+--           'dead_purged' (a dead-letter stream)
 --
 -- Trims the stream (DEL would destroy its groups) and acks the entries up to
 -- that id pending in every group, so nothing drained can be restored or
@@ -29,6 +33,9 @@
 -- (one it had not read yet) becomes pending: a later step acks it.
 -- The key and its groups stay.
 --
+-- The entries removed count in the queue's ledger (KEYS[2]), as ARGV[4] says, when
+-- it exists (a nuke deletes it: its drains do not make it again), and not on a
+-- full Redis, which refuses HINCRBY (a drain must free memory there).
 -- Returns {entries removed, pending entries cleared} without ARGV[3];
 -- {removed, cleared, more} with it, more = 1 while an entry up to that id is
 -- left in the stream or pending in a group.
@@ -86,6 +93,10 @@ if budget > 0 then   -- nothing up to `last` is pending any more: trim
             end
         end
     end
+end
+
+if KEYS[2] and removed > 0 and redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.pcall('HINCRBY', KEYS[2], ARGV[4] or 'drained', removed)   -- full Redis: uncounted
 end
 
 local more = 0

@@ -1,6 +1,7 @@
 -- Remove from a queue's schedule the members added up to a time, in bounded steps.
 --
 -- KEYS[1] - the queue's schedule (see schedule.lua)
+-- KEYS[2] - optional: the queue's ledger (Keys.ledger); counted in while it exists
 -- ARGV[1] - a stamp (server TIME in µs): the members whose stamp is at most
 --           this are removed; those added later stay. A drain plan takes its
 --           stamp in the same transaction as its ZCARD, so the members removed
@@ -12,6 +13,7 @@
 -- ZSCAN returns every member present from the first call to the last at
 -- least once, whatever is added or removed meanwhile. A member that does not
 -- parse (written by hand) is removed.
+-- The members removed count 'drained' in the queue's ledger.
 -- Returns {next cursor ('0': done), members removed}.
 local limit = tonumber(ARGV[1])
 local reply = redis.call('ZSCAN', KEYS[1], ARGV[2], 'COUNT', tonumber(ARGV[3]))
@@ -25,5 +27,8 @@ end
 local removed = 0
 for i = 1, #gone, 500 do
     removed = removed + redis.call('ZREM', KEYS[1], unpack(gone, i, math.min(i + 499, #gone)))
+end
+if KEYS[2] and removed > 0 and redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.pcall('HINCRBY', KEYS[2], 'drained', removed)   -- refused on a full Redis: uncounted
 end
 return {reply[1], removed}

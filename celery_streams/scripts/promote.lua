@@ -19,6 +19,8 @@
 -- A member that does not parse moves whole, as the payload, into the main
 -- stream: the reader dead-letters it there.
 --
+-- The ledger counts nothing: the message was counted 'published' when it was
+-- scheduled, and is the same message.
 -- Returns {entries moved, due time of the next entry in ms or false when the
 -- schedule is empty}.
 local limit, expires = tonumber(ARGV[1]), tonumber(ARGV[2])

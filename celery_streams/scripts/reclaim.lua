@@ -5,6 +5,7 @@
 -- ARGV[2] - this consumer
 -- ARGV[3] - visibility timeout, ms: only entries idle that long are taken
 -- ARGV[4] - the most entries to take in all (the reader's prefetch budget)
+-- ARGV[4 + #KEYS + i] - the ledger of the queue of KEYS[i] (Keys.ledger)
 -- ARGV[4 + i] - the liveness key prefix of the queue of KEYS[i]: a consumer is
 --           alive while the key <prefix><consumer> exists (its worker renews it).
 --           Liveness keys are named from data (consumer names): they share the
@@ -20,6 +21,7 @@
 -- timeout are deleted from the group (never one with pending entries: its
 -- entries could no longer be claimed).
 --
+-- The entries taken count 'redelivered' in their queue's ledger.
 -- Returns a flat list: stream, id, times delivered (PEL count after the claim),
 -- fields, then the next entry...
 local group, me = ARGV[1], ARGV[2]
@@ -43,11 +45,13 @@ for k, key in ipairs(KEYS) do
                 local dead = name ~= me and redis.call('EXISTS', prefix .. name) == 0
                 if dead and owned > 0 and left > 0 then
                     local pending = redis.call('XPENDING', key, group, 'IDLE', min_idle, '-', '+', left, name)
+                    local taken = 0
                     for _, entry in ipairs(pending) do
                         local id, count = entry[1], entry[4]
                         local got = redis.call('XCLAIM', key, group, me, min_idle, id)
                         if #got > 0 and got[1] and got[1][2] then
                             left = left - 1
+                            taken = taken + 1
                             claimed[#claimed + 1] = key
                             claimed[#claimed + 1] = id
                             claimed[#claimed + 1] = count + 1
@@ -55,6 +59,9 @@ for k, key in ipairs(KEYS) do
                         else
                             redis.call('XACK', key, group, id)
                         end
+                    end
+                    if taken > 0 then
+                        redis.pcall('HINCRBY', ARGV[4 + #KEYS + k], 'redelivered', taken)   -- full Redis: uncounted
                     end
                 elseif dead and owned == 0 and idle >= min_idle then
                     redis.call('XGROUP', 'DELCONSUMER', key, group, name)

@@ -1,6 +1,7 @@
 -- Put one delivered entry back at the tail of its stream, if it is still ours.
 --
 -- KEYS[1] - the queue stream
+-- KEYS[2] - optional: the queue's ledger (Keys.ledger); without it nothing is counted
 -- ARGV[1] - consumer group
 -- ARGV[2] - consumer name that must still own the entry
 -- ARGV[3] - entry id
@@ -15,6 +16,8 @@
 -- (the group's counter: reads and reclaims), less this one when it does not
 -- count, so max_deliveries sees every real attempt; `redelivered` = 1 says it
 -- was delivered before either way (Celery reads delivery_info['redelivered']).
+-- The ledger counts 'requeued' (ARGV[4] = '1') or 'restored' (the same message
+-- goes back: not 'published' again, nor 'acked').
 local ok, pending = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
 if not ok or #pending == 0 then
     return false
@@ -44,4 +47,4 @@ if deliveries > 0 then
 end
 copy[#copy + 1] = 'redelivered'
 copy[#copy + 1] = '1'
-return append(KEYS[1], copy, 0, 0)
+return append(KEYS[1], copy, 0, 0, KEYS[2], ARGV[4] == '1' and 'requeued' or 'restored')

@@ -15,7 +15,9 @@
 --           ARGV[4] (Keys.stream_affixes(bucket))
 -- ARGV[12], ARGV[13] - head and tail of a queue's schedule key
 --           (Keys.scheduled_affixes())
--- ARGV[14], ARGV[15], ... - pairs: a queue the publishing process declared,
+-- ARGV[14], ARGV[15] - head and tail of a queue's ledger key
+--           (Keys.ledger_affixes())
+-- ARGV[16], ARGV[17], ... - pairs: a queue the publishing process declared,
 --           and its x-expires in ms (0: none). Their streams are created when
 --           missing (a publish after a nuke is kept). Other queues receive the
 --           message only while their stream exists; otherwise their binding is
@@ -29,6 +31,8 @@
 -- matching queue; one due later is added instead to each matching queue's
 -- schedule (a sorted set scored by the due time), as schedule.lua does. The
 -- consumers of the queue move it into the stream once due (promote.lua).
+-- Each queue that gets the message counts it 'published' in its ledger
+-- (appended or scheduled).
 -- Returns how many queues got the message, or -1 when the exchange has no
 -- bindings at all (the caller then restores them from its declarations).
 local members = redis.call('SMEMBERS', KEYS[1])
@@ -38,13 +42,14 @@ end
 local kind, routing_key, payload, bucket, sep = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local due = tonumber(ARGV[6])
 local main, stream, schedule = {ARGV[8], ARGV[9]}, {ARGV[10], ARGV[11]}, {ARGV[12], ARGV[13]}
+local ledger = {ARGV[14], ARGV[15]}
 local scheduled   -- the schedule member, for a message due later
 if due > 0 then
     scheduled = schedule_member(bucket, ARGV[7], payload)
 end
 
 local declared = {}
-for i = 14, #ARGV, 2 do
+for i = 16, #ARGV, 2 do
     declared[ARGV[i]] = tonumber(ARGV[i + 1])
 end
 
@@ -85,8 +90,9 @@ for _, member in ipairs(members) do
         if expires ~= nil or redis.call('EXISTS', key(main, queue)) == 1 then
             if scheduled then
                 redis.call('ZADD', key(schedule, queue), due, scheduled)
+                redis.call('HINCRBY', key(ledger, queue), 'published', 1)
             else
-                append_payload(key(stream, queue), payload, 0, expires or 0)
+                append_payload(key(stream, queue), payload, 0, expires or 0, key(ledger, queue), 'published')
             end
             delivered = delivered + 1
         else
