@@ -5,7 +5,9 @@ Importing the package registers the URL schemes ``redis-streams://``,
 ``redis-streams+cluster://`` / ``rediss-streams+cluster://`` (Redis Cluster:
 the ``celery streams`` commands only, for now) with kombu, so a broker URL
 alone selects the transport in this process. Import it where the Celery app
-is created.
+is created. An installed package does the same in every process without the
+import: its ``celery_streams.pth`` registers the schemes as soon as
+``kombu.transport`` is imported (``_celery_streams_pth``, docs/installation.md).
 """
 from __future__ import annotations
 

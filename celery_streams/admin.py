@@ -10,7 +10,7 @@ from Python as well::
     plan = admin.drain(client, global_keyprefix='proj:', queues=['celery'], dry_run=True)
     admin.apply_drain(client, plan, global_keyprefix='proj:')
     admin.dead_letters(client, global_keyprefix='proj:', limit=10)
-    admin.requeue_dead_letters(client, global_keyprefix='proj:', ids=['1700000000000-0'])
+    admin.requeue_dead_letters(client, global_keyprefix='proj:', ids=['celery/1700000000000-0'])
 
 Every destructive function plans first: with ``dry_run=True`` it returns what
 it would do, counted the same way, with nothing changed; ``apply_*`` then does
@@ -60,15 +60,18 @@ from typing import Callable, Iterable, Mapping
 from .slots import Client, node_client
 from .connection import client_from_url, first_url, safe_url  # noqa: F401  (public here)
 from . import deadletters
-from .deadletters import (DeadLetter, DeadLetterQueue, PurgedDeadLetters,  # noqa: F401
-                          RequeuedDeadLetter, UnknownDeadLetter, apply_purge, apply_requeue,
-                          purge_dead_letters, requeue_dead_letters, show_dead_letter)
+from .deadletters import (AmbiguousDeadLetter, DeadLetter, DeadLetterQueue,  # noqa: F401
+                          PurgedDeadLetters, RequeuedDeadLetter, UnknownDeadLetter, apply_purge,
+                          apply_requeue, purge_dead_letters, requeue_dead_letters)
+from .deadletter_detail import DeadLetterDetail, raw_field, show_dead_letter  # noqa: F401
 from .inventory import (BroadcastQueue, Inventory, QueueKeys, UnknownQueue,  # noqa: F401
                         age_seconds, last_entry_id, scan_keys, scan_queue_keys,
                         server_now_ms, stream_groups, stream_info)
-from .keys import FANOUT, Keys
+from .keys import Keys
 from .scheduler import ScheduledMessage, drain_schedule, plan_stamp, scheduled_messages
 from .scripts import DRAIN_STEP, Scripts  # noqa: F401  (DRAIN_STEP: documented here)
+from .status import (ConsumerStatus, GroupStatus, QueueStatus, Status,  # noqa: F401
+                     consumer_status, group_status, queue_status, server_version, status)
 from .wire import text
 
 logger = logging.getLogger(__name__)
@@ -83,6 +86,7 @@ COMMANDS = (
     'xgroup|destroy', 'unlink', 'eval', 'evalsha', 'script|load', 'script|exists',
     'xrange', 'xadd', 'xdel', 'multi', 'exec',   # dead letters: list, requeue, purge
     'zcard', 'zrange', 'zscan', 'zrem',          # schedules: status, scheduled, drain
+    'hincrby', 'pttl',                           # the ledger's counters (in the scripts)
 )
 
 
@@ -293,155 +297,7 @@ def apply_nuke(client: Client, plan: NukeResult, *, global_keyprefix: str = '',
 
 
 # -- status -------------------------------------------------------------------
-
-@dataclass
-class ConsumerStatus:
-    name: str
-    pending: int
-    idle_ms: int
-    alive: bool | None        # liveness key present; None on broadcast queues
-
-
-@dataclass
-class GroupStatus:
-    """One consumer group of one stream: counts, consumers, age of its oldest pending entry."""
-
-    name: str
-    stream: str
-    bucket: int
-    consumers: list[ConsumerStatus]
-    pending: int
-    last_delivered_id: str
-    entries_read: int | None   # None before Redis 7.0
-    lag: int | None            # None before Redis 7.0, or when unknown
-    oldest_pending_age: float | None
-
-
-@dataclass
-class QueueStatus:
-    """One queue, summed over its priority buckets; ``waiting`` as the transport counts it."""
-
-    name: str
-    kind: str | None
-    stream: str
-    streams: list[str]
-    exists: bool
-    length: int
-    waiting: int | None
-    pending: int
-    oldest_pending_age: float | None
-    dead_letters: int
-    groups: list[GroupStatus]
-    entries_added: int | None = None   # ever added to its streams (None before Redis 7.0)
-    #: Consumers with a liveness key on the queue: alive, whether or not they have read it yet
-    #: (XINFO CONSUMERS lists a consumer only once it has read an entry).
-    alive_consumers: list[str] = field(default_factory=list)
-    scheduled: int = 0                 # messages waiting for their ETA (delayed delivery)
-    #: Seconds (server clock) until the first scheduled message is due (negative: overdue,
-    #: no worker moved it yet); None when none is scheduled.
-    next_due_in: float | None = None
-
-
-@dataclass
-class Status:
-    """What :func:`status` found; ``as_dict()`` is the ``status --json`` document (less ``broker``)."""
-
-    server: dict
-    global_keyprefix: str
-    namespace: str
-    consumer_group: str
-    schema: int | None
-    queues: list[QueueStatus]
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def status(client: Client, *, global_keyprefix: str = '', consumer_group: str = 'celery',
-           queues: Iterable[str] | None = None) -> Status:
-    """Describe the queues under the prefix (all of them, or those of ``queues``)."""
-    inventory = Inventory(client, Keys(global_keyprefix))
-    names = inventory.check_known(queues) if queues else inventory.all_queues()
-    now_ms = server_now_ms(client)
-    schema = client.get(inventory.keys.schema)
-    return Status(server=server_version(client), global_keyprefix=global_keyprefix or '',
-                  namespace=inventory.keys.prefix, consumer_group=consumer_group,
-                  schema=int(schema) if schema is not None else None,
-                  queues=[queue_status(client, inventory, queue, consumer_group, now_ms)
-                          for queue in names])
-
-
-def server_version(client: Client) -> dict:
-    info = client.info('server')
-    flavor = 'valkey' if 'valkey_version' in info else 'redis'
-    return {'flavor': flavor, 'version': str(info.get('valkey_version') or info['redis_version'])}
-
-
-def queue_status(client: Client, inventory: Inventory, queue: str, consumer_group: str,
-                 now_ms: int) -> QueueStatus:
-    kind = inventory.kind(queue)
-    found = inventory.queue_keys(queue)
-    streams = [(bucket, found.streams[bucket]) for bucket in sorted(found.streams)]
-    alive = None if kind == FANOUT else set(found.alive)
-    groups: list[GroupStatus] = []
-    length, pending = 0, 0
-    waiting: int | None = 0
-    added: int | None = 0
-    for bucket, stream in streams:
-        stream_length = client.xlen(stream)
-        ever = stream_info(client, stream).get('entries-added')
-        added = None if ever is None or added is None else added + ever
-        described = [group_status(client, stream, bucket, g, alive, now_ms)
-                     for g in stream_groups(client, stream)]
-        own = next((g for g in described if g.name == consumer_group), None)
-        own_pending = own.pending if own else 0
-        if kind == FANOUT:   # read entries stay until trimmed: what the group has not read yet
-            lag = own.lag if own else None
-            waiting = None if lag is None or waiting is None else waiting + min(lag, stream_length)
-        else:
-            waiting = (waiting or 0) + max(stream_length - own_pending, 0)
-        groups += described
-        length += stream_length
-        pending += own_pending
-    ages = [g.oldest_pending_age for g in groups if g.oldest_pending_age is not None]
-    scheduled, next_due_in = 0, None
-    if found.scheduled:
-        with client.pipeline(transaction=False) as pipe:
-            pipe.zcard(found.scheduled)
-            pipe.zrange(found.scheduled, 0, 0, withscores=True)
-            scheduled, first = pipe.execute()
-        next_due_in = round((first[0][1] - now_ms) / 1000, 3) if first else None
-    return QueueStatus(
-        name=queue, kind=kind, stream=inventory.keys.stream(queue),
-        streams=[stream for _, stream in streams], exists=bool(streams), length=length,
-        waiting=waiting, pending=pending, oldest_pending_age=max(ages) if ages else None,
-        dead_letters=client.xlen(found.dead_letters) if found.dead_letters else 0, groups=groups,
-        entries_added=added, alive_consumers=sorted(found.alive), scheduled=scheduled,
-        next_due_in=next_due_in)
-
-
-def group_status(client: Client, stream: str, bucket: int, group: Mapping,
-                 alive: set | None, now_ms: int) -> GroupStatus:
-    """``alive``: the consumers with a liveness key, None where consumers keep none (broadcast)."""
-    name = group['name']
-    with client.pipeline(transaction=False) as pipe:
-        pipe.xinfo_consumers(stream, name)
-        pipe.xpending(stream, name)
-        consumers, summary = pipe.execute()
-    oldest = summary.get('min') if summary.get('pending') else None
-    return GroupStatus(
-        name=name, stream=stream, bucket=bucket,
-        consumers=[consumer_status(c, alive) for c in consumers],
-        pending=group['pending'], last_delivered_id=text(group['last-delivered-id']),
-        entries_read=group.get('entries-read'), lag=group.get('lag'),
-        oldest_pending_age=age_seconds(text(oldest), now_ms) if oldest else None)
-
-
-def consumer_status(consumer: Mapping, alive: set | None) -> ConsumerStatus:
-    name = text(consumer['name'])
-    return ConsumerStatus(name=name, pending=consumer['pending'], idle_ms=consumer['idle'],
-                          alive=None if alive is None else name in alive)
-
+# In celery_streams.status (the CLI's and the exporter's collection), public here.
 
 # -- scheduled messages ---------------------------------------------------------------
 

@@ -16,7 +16,6 @@ reads the same format back (:func:`describe_dead_letter`).
 """
 from __future__ import annotations
 
-import base64
 import logging
 import re
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 class UnknownDeadLetter(StreamsError):
     """A dead-letter id named by the operator is in none of the selected dead-letter streams."""
+
+
+class AmbiguousDeadLetter(StreamsError):
+    """A bare dead-letter id named by the operator is in the dead letters of several queues."""
 
 
 #: The full id of a stream entry (``<ms>-<seq>``).
@@ -69,6 +72,7 @@ def write(client: Client, keys: Keys, group: str, queue: str, bucket: int, entry
         if not noack:
             pipe.xack(stream, group, entry_id)
         pipe.xdel(stream, entry_id)
+        pipe.hincrby(keys.ledger(queue), 'dead_lettered', 1)   # the ledger (celery_streams.ledger)
         pipe.execute()
 
 
@@ -90,6 +94,11 @@ class DeadLetter:
     deliveries: int | None           # the ``deliveries`` field it carried, None when absent
     decodable: bool                  # the payload is a kombu message a worker can read
     fields: list[str] = field(default_factory=list)   # names of the original entry's fields
+
+    @property
+    def ref(self) -> str:
+        """``QUEUE/ID``: what names it alone (ids are unique in one dead-letter stream only)."""
+        return '%s/%s' % (self.queue, self.id)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -171,9 +180,10 @@ def requeue_dead_letters(client: Client, *, global_keyprefix: str = '',
                          dry_run: bool = False) -> list[RequeuedDeadLetter]:
     """Move dead letters back to the stream they came from, without their delivery count.
 
-    ``queues`` as for :func:`dead_letters`; ``ids`` selects dead letters by id
-    among those queues (all of them must be found, or :class:`UnknownDeadLetter`
-    is raised before anything changes). Each one goes to its ``stream`` field
+    ``queues`` as for :func:`dead_letters`; ``ids`` selects dead letters among
+    those queues, each as ``QUEUE/ID`` or a bare ``ID`` (all of them must be
+    found, each in one queue, or :class:`UnknownDeadLetter` /
+    :class:`AmbiguousDeadLetter` is raised before anything changes). Each one goes to its ``stream`` field
     when that is a stream of its queue, else to the queue's main stream, with
     the original fields but ``deliveries``; then it is deleted from the
     dead-letter stream, atomically (the ``requeue_dead`` script). Undecodable
@@ -182,7 +192,7 @@ def requeue_dead_letters(client: Client, *, global_keyprefix: str = '',
     keys = Keys(global_keyprefix)
     names = dead_letter_queues(client, keys, queues)
     now_ms = server_now_ms(client)
-    selected = _select_dead_letters(client, keys, names, ids)
+    selected = select_dead_letters(client, keys, names, ids)
     plan = []
     for queue, entry_id, fields in selected:
         letter = describe_dead_letter(queue, entry_id, fields, now_ms)
@@ -193,12 +203,14 @@ def requeue_dead_letters(client: Client, *, global_keyprefix: str = '',
     return plan if dry_run else apply_requeue(client, plan, global_keyprefix=global_keyprefix)
 
 
-def apply_requeue(client: Client, plan: list[RequeuedDeadLetter], *,
-                  global_keyprefix: str = '') -> list[RequeuedDeadLetter]:
+def apply_requeue(client: Client, plan: list[RequeuedDeadLetter], *, global_keyprefix: str = '',
+                  progress: Callable[[int], None] | None = None) -> list[RequeuedDeadLetter]:
     """Requeue the dead letters of a dry run's ``plan``: exactly those, none dead-lettered since.
 
     Sets each item's ``outcome`` (``requeued``, or ``gone`` when it was
     requeued or purged meanwhile) and ``new_id``; returns ``plan``.
+    ``progress(n)`` is called after each round trip (:data:`PAGE` dead
+    letters at most) with the dead letters it requeued.
     """
     keys = Keys(global_keyprefix)
     script = Scripts(client).requeue_dead
@@ -209,12 +221,15 @@ def apply_requeue(client: Client, plan: list[RequeuedDeadLetter], *,
             batch = items[start:start + PAGE]
             with node.pipeline(transaction=False) as pipe:
                 for item in batch:
-                    script(keys=[keys.dead_letters(item.dead_letter.queue), item.stream],
+                    script(keys=[keys.dead_letters(item.dead_letter.queue), item.stream,
+                                 keys.ledger(item.dead_letter.queue)],
                            args=[item.dead_letter.id], client=pipe)
                 replies = pipe.execute()
             for item, reply in zip(batch, replies):
                 item.outcome = _text(reply[0])
                 item.new_id = _text(reply[1]) if len(reply) > 1 else None
+            if progress is not None:
+                progress(sum(item.outcome == 'requeued' for item in batch))
     requeued = [item for item in plan if item.outcome == 'requeued']
     if requeued:
         logger.info('celery_streams: requeued %d dead letters of %s', len(requeued),
@@ -306,88 +321,73 @@ def describe_dead_letter(queue: str, entry_id: str, fields: Mapping, now_ms: int
         deliveries=deliveries, decodable=decodable, fields=list(original))
 
 
-@dataclass
-class DeadLetterDetail:
-    """One dead letter in full (``dead-letters show``): its summary, its record, its message."""
+def select_dead_letters(client: Client, keys: Keys, queues: list[str],
+                         refs: Iterable[str] | None) -> list[tuple[str, str, dict]]:
+    """``(queue, dead-letter id, raw fields)`` of the selected dead letters, in stream order.
 
-    dead_letter: DeadLetter
-    record: dict                     # every field of the dead letter, as text (bytes escaped)
-    headers: dict | None             # the message's headers (Celery: task, id, retries, eta...)
-    properties: dict | None          # kombu's properties (delivery_info, priority...)
-    content_type: str | None
-    body: Any                        # the decoded body: JSON as data, else text; None if undecodable
-    args: Any = None                 # a Celery task's positional arguments (protocol 2), if any
-    kwargs: Any = None               # ... and keyword arguments
-
-    def as_dict(self) -> dict:
-        return {'dead_letter': self.dead_letter.as_dict(), 'record': self.record,
-                'headers': self.headers, 'properties': self.properties,
-                'content_type': self.content_type, 'body': self.body,
-                'args': self.args, 'kwargs': self.kwargs}
-
-
-def show_dead_letter(client: Client, *, global_keyprefix: str = '', id: str,
-                     queues: Iterable[str] | None = None) -> DeadLetterDetail:
-    """The dead letter ``id`` (among ``queues``, default every queue with dead letters), decoded."""
-    keys = Keys(global_keyprefix)
-    [(queue, entry_id, fields)] = _select_dead_letters(client, keys, dead_letter_queues(client, keys, queues),
-                                                       [id])
-    summary = describe_dead_letter(queue, entry_id, fields, server_now_ms(client))
-    record = {_decode(k): _decode(v) for k, v in fields.items()}
-    envelope = None
-    try:
-        envelope = loads(fields.get(b'field:payload', fields.get('field:payload')))
-    except Exception:
-        pass
-    if not isinstance(envelope, dict):
-        return DeadLetterDetail(summary, record, None, None, None, None)
-    properties = envelope.get('properties') if isinstance(envelope.get('properties'), dict) else None
-    body = _decoded_body(envelope, properties or {})
-    args = kwargs = None
-    if isinstance(body, list) and len(body) == 3 and isinstance(body[0], list) and isinstance(body[1], dict):
-        args, kwargs = body[0], body[1]   # Celery's task protocol 2: [args, kwargs, embed]
-    headers = envelope.get('headers') if isinstance(envelope.get('headers'), dict) else None
-    return DeadLetterDetail(summary, record, headers, properties, envelope.get('content-type'), body,
-                            args, kwargs)
-
-
-def _decoded_body(envelope: Mapping, properties: Mapping) -> Any:
-    body = envelope.get('body')
-    if not isinstance(body, str):
-        return None
-    try:
-        if properties.get('body_encoding') == 'base64':
-            body = base64.b64decode(body).decode('utf-8')
-        return loads(body) if 'json' in str(envelope.get('content-type') or '') else body
-    except Exception:
-        return None
-
-
-def _select_dead_letters(client: Client, keys: Keys, queues: list[str],
-                         ids: Iterable[str] | None) -> list[tuple[str, str, dict]]:
-    """``(queue, dead-letter id, raw fields)`` of the selected dead letters, in stream order."""
-    if not ids:
+    ``refs``: ``QUEUE/ID`` or a bare ``ID``, looked up among ``queues``. A
+    dead-letter id is unique in its stream only: a bare id found in several
+    queues raises :class:`AmbiguousDeadLetter`, one found nowhere
+    :class:`UnknownDeadLetter` (before anything changes).
+    """
+    if not refs:
         return [(queue, entry_id, fields) for queue in queues
                 for entry_id, fields in _read_entries(client, keys.dead_letters(queue))]
-    ids = list(dict.fromkeys(i.strip() for i in ids))
-    malformed = [i for i in ids if not ENTRY_ID.match(i)]
-    if malformed:
-        raise UnknownDeadLetter('not a dead-letter id: %s (expected <milliseconds>-<sequence>, '
-                                'as `dead-letters list` shows)' % ', '.join(map(repr, malformed)))
-    found, seen = [], set()
-    for queue in queues:
-        stream = keys.dead_letters(queue)
-        for entry_id in ids:
-            for got_id, fields in _xrange(client, stream, entry_id, entry_id):
-                found.append((queue, got_id, fields))
-                seen.add(got_id)
-    missing = [i for i in ids if i not in seen]
+    wanted = parse_refs(refs)
+    found: dict[tuple[str, str], dict] = {}
+    missing, ambiguous = [], []
+    for ref, (named, entry_id) in wanted.items():
+        hits = [(queue, fields) for queue in queues if named in (None, queue)
+                for _, fields in _xrange(client, keys.dead_letters(queue), entry_id, entry_id)]
+        if not hits:
+            missing.append(ref)
+        elif len(hits) > 1:
+            ambiguous.append((entry_id, [queue for queue, _ in hits]))
+        else:
+            found[(hits[0][0], entry_id)] = hits[0][1]
     if missing:
         raise UnknownDeadLetter('no dead letter %s in the dead letters of %s' % (
             ', '.join(map(repr, missing)),
             'queue%s %s' % ('s' if len(queues) > 1 else '', ', '.join(map(repr, queues)))
             if queues else 'any queue under prefix %r' % keys.prefix))
-    return found
+    if ambiguous:
+        raise AmbiguousDeadLetter(_ambiguous_message(ambiguous))
+    order = {queue: n for n, queue in enumerate(queues)}
+    return [(queue, entry_id, found[(queue, entry_id)])
+            for queue, entry_id in sorted(found, key=lambda k: (order[k[0]], _id_key(k[1])))]
+
+
+def parse_refs(refs: Iterable[str]) -> dict[str, tuple[str | None, str]]:
+    """``QUEUE/ID`` or ``ID`` -> ``(queue or None, id)``, without duplicates; one line for bad ones."""
+    wanted = {}
+    for ref in dict.fromkeys(r.strip() for r in refs):
+        queue, slash, entry_id = ref.rpartition('/')
+        wanted[ref] = (queue if slash else None, entry_id)
+    malformed = [ref for ref, (queue, entry_id) in wanted.items()
+                 if queue == '' or not ENTRY_ID.match(entry_id)]
+    if malformed:
+        raise UnknownDeadLetter('not a dead-letter id: %s (expected [QUEUE/]<milliseconds>-<sequence>, '
+                                'as `dead-letters list` shows)' % ', '.join(map(repr, malformed)))
+    return wanted
+
+
+#: Ids an ambiguity error names in full; the rest are counted.
+AMBIGUOUS_SHOWN = 3
+
+
+def _ambiguous_message(ambiguous: list[tuple[str, list[str]]]) -> str:
+    shown = ['%s (in queues %s)' % (entry_id, ', '.join(map(repr, queues)))
+             for entry_id, queues in ambiguous[:AMBIGUOUS_SHOWN]]
+    if len(ambiguous) > AMBIGUOUS_SHOWN:
+        shown.append('and %d more' % (len(ambiguous) - AMBIGUOUS_SHOWN))
+    entry_id, queues = ambiguous[0]
+    return ('dead-letter id%s in several queues: %s; name the queue as QUEUE/ID (e.g. %s/%s) '
+            'or with -Q' % ('s' if len(ambiguous) > 1 else '', ', '.join(shown), queues[0], entry_id))
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split('-')
+    return int(ms), int(seq)
 
 
 def _read_entries(client: Client, stream: str, limit: int | None = None) -> list[tuple[str, dict]]:

@@ -10,20 +10,25 @@ given with ``--conf``)::
 
 and Flower asks this transport instead, for ``redis-streams://`` and
 ``rediss-streams://`` URLs and for ``broker_transport =
-'celery_streams.transport:Transport'``: a queue's length is the messages no
-worker received yet, over every priority bucket (as
-``queue_declare(passive=True).message_count`` counts them). The Redis calls run
-in Flower's executor, off its event loop. Without Flower installed, importing
-this module does nothing.
+'celery_streams.transport:Transport'``: a queue's length (``messages``, and
+Ready) is the messages no worker received yet, over every priority bucket (as
+``queue_declare(passive=True).message_count`` counts them); Unacked is what the
+consumer group's workers hold, Consumers the live consumers (:func:`queue_rows`).
+The Redis calls run in Flower's executor, off its event loop. Without Flower
+installed, importing this module does nothing.
 """
 from __future__ import annotations
 
 import asyncio
 
+from redis.exceptions import NoPermissionError
+
 from .connection import SCHEMES, TRANSPORT_PATH, client_from_url, first_seed
-from .keys import Keys
+from .depth import queue_counts
+from .inventory import scan_queue_keys, stream_groups
+from .keys import FANOUT, Keys
 from .options import Options
-from .depth import queue_depths
+from .wire import text
 
 try:
     from flower.utils import broker as flower_broker
@@ -41,6 +46,40 @@ def redis_url(broker_url: str) -> str | None:
     if scheme == TRANSPORT_PATH:   # broker_transport set, with a redis:// URL
         return 'redis-streams://' + rest
     return None
+
+
+def queue_rows(client, keys: Keys, group: str, names: list) -> list:
+    """One row of Flower's Broker page per queue: ``messages`` (ready: what no worker received
+    yet, as before), ``messages_ready``, ``messages_unacknowledged`` (held by ``group``'s
+    consumers) and ``consumers`` (see :func:`live_consumers`)."""
+    counts = queue_counts(client, keys, group, names)
+    consumers = live_consumers(client, keys, group, names)
+    return [{'name': name, 'messages': ready, 'messages_ready': ready,
+             'messages_unacknowledged': unacked, 'consumers': consumers[name]}
+            for name, (ready, unacked) in zip(names, counts)]
+
+
+def live_consumers(client, keys: Keys, group: str, names: list) -> dict:
+    """Queue -> its live consumers: those with a liveness key (found with one ``SCAN``), or,
+    on a broadcast queue (whose consumers keep none), the consumers of ``group``."""
+    found = scan_queue_keys(client, keys)
+    live = {name: len(found[name].alive) if name in found else 0 for name in names}
+    for name in broadcast_queues(client, keys, [name for name in names if not live[name]]):
+        live[name] = sum(g['consumers'] for g in stream_groups(client, keys.stream(name))
+                         if g['name'] == group)
+    return live
+
+
+def broadcast_queues(client, keys: Keys, names: list) -> list:
+    """Those of ``names`` the registry says are broadcast queues (none when the user may not
+    read the registry: the transport's own ACL allows no ``HMGET``)."""
+    if not names:
+        return []
+    try:
+        kinds = client.hmget(keys.queues, names)
+    except NoPermissionError:
+        return []
+    return [name for name, kind in zip(names, kinds) if text(kind or '') == FANOUT]
 
 
 if flower_broker is not None:
@@ -61,8 +100,7 @@ if flower_broker is not None:
             keys = Keys(options.global_keyprefix, options.priority_steps)
             client = client_from_url(self.url, ssl=self.ssl, transport_options=self.transport_options)
             try:
-                depths = queue_depths(client, keys, options.consumer_group, names)
-                return [{'name': name, 'messages': depth} for name, depth in zip(names, depths)]
+                return queue_rows(client, keys, options.consumer_group, names)
             finally:
                 client.close()
 

@@ -70,6 +70,11 @@ option                          default          meaning
                                                  written, Redis' reply read by a later
                                                  publish (faster; what can be lost:
                                                  docs/guarantees.md)
+``ledger``                      ``True``         count per queue what happens to messages
+                                                 (:mod:`celery_streams.ledger`, ``celery
+                                                 streams audit``); off: publishes, reads
+                                                 and acks count nothing (every process
+                                                 must agree, or the audit cannot balance)
 ==============================  ===============  ===========================================
 
 ``delayed_delivery`` decides how a *publisher* stores a message; every
@@ -298,6 +303,7 @@ class Options:
     publish_wait_replicas: int | None = _option(None, _count)   # None: by URL (replication.py)
     publish_wait_timeout: float = _option(1.0, _seconds)
     publish_confirm: str = _option('now', _one_of('now', 'later'))
+    ledger: bool = _option(True, _flag)
     ignored: tuple = field(default=(), compare=False)
 
     @classmethod
@@ -386,7 +392,8 @@ def _checked(option: Field, value: Any) -> Any:
 
 
 def _refuse_unknown(given: Mapping[str, Any], known: list[str]) -> None:
-    """Raise one line naming every option nobody knows, with the closest known name."""
+    """Raise one line naming every option nobody knows, with the closest known name (only:
+    the list of every name is where the line says, not in it)."""
     unknown = sorted((k for k in given if k not in known and k not in IGNORED and k not in KOMBU_OWN),
                      key=str)
     if unknown:
@@ -394,5 +401,6 @@ def _refuse_unknown(given: Mapping[str, Any], known: list[str]) -> None:
                  for name in unknown
                  for close in [get_close_matches(str(name), known, n=1, cutoff=0.75)]]
         raise ConfigurationError(
-            'unknown transport option(s) %s for celery_streams; known: %s'
-            % (', '.join(hints), ', '.join(known)))
+            'unknown transport option(s) %s for celery_streams; its %d options are listed in '
+            'docs/configuration.md (the docstring of celery_streams.options)'
+            % (', '.join(hints), len(known)))

@@ -122,7 +122,8 @@ def test_dry_runs_say_what_they_would_do_and_change_nothing(run, state):
 
     result = run('--broker', state.url, 'streams', 'nuke', '--prefix', state.prefix, '--dry-run')
     assert result.exit_code == 0, result.output
-    assert 'Would destroy 3 consumer groups, 4 streams and 6 other keys.' in result.output
+    # other keys: 3 queue ledgers (celery_streams.ledger), the registry, schema, bindings...
+    assert 'Would destroy 3 consumer groups, 4 streams and 9 other keys.' in result.output
     assert state.keys.queues in result.output
     assert snapshot(state.redis, state.prefix) == before
 
@@ -141,7 +142,7 @@ def test_nuke_from_the_app_settings_leaves_other_keys_alone(run, state, app_modu
     result = run('-A', module, 'streams', 'nuke', '-f')
 
     assert result.exit_code == 0, result.output
-    assert 'Destroyed 3 consumer groups, 4 streams and 6 other keys.' in result.output
+    assert 'Destroyed 3 consumer groups, 4 streams and 9 other keys.' in result.output   # 3 ledgers
     assert list(state.redis.scan_iter(match=state.keys.match_all)) == []
     assert snapshot(state.redis, other.prefix) == other_before
     assert state.redis.get(outside) == 'x'
@@ -170,7 +171,8 @@ def test_status_json_is_one_document_of_the_documented_shape(run, state):
     queues = {q['name']: q for q in doc['queues']}
     assert set(queues['a']) == {'name', 'kind', 'stream', 'streams', 'exists', 'length', 'waiting',
                                 'pending', 'oldest_pending_age', 'dead_letters', 'groups',
-                                'entries_added', 'alive_consumers', 'scheduled', 'next_due_in'}
+                                'entries_added', 'alive_consumers', 'scheduled', 'next_due_in',
+                                'internal', 'consumers', 'stale_consumers'}
     a = queues['a']
     assert (a['scheduled'], a['next_due_in']) == (0, None)
     assert a['entries_added'] in (None, 6)   # 5 tasks + 1 dead-lettered entry; None on Redis 6.2
@@ -190,11 +192,19 @@ def test_status_table(run, state):
     result = run('--broker', state.url, 'streams', 'status', '--prefix', state.prefix)
     assert result.exit_code == 0, result.output
     header = next(line for line in result.output.splitlines() if line.startswith('QUEUE'))
-    assert header.split() == ['QUEUE', 'KIND', 'WAITING', 'LENGTH', 'PENDING', 'OLDEST', 'SCHED',
-                              'DEAD']
+    assert header.split() == ['QUEUE', 'READY', 'UNACKED', 'CONSUMERS', 'OLDEST', 'SCHED', 'DEAD']
     row = next(line for line in result.output.splitlines() if line.startswith('a '))
-    assert row.split()[:5] == ['a', 'task', '3', '5', '2'] and row.split()[-2:] == ['0', '1']
-    assert 'group celery: 1 consumer, pending 2' in result.output
+    assert row.split()[:3] == ['a', '3', '2'] and row.split()[-2:] == ['0', '1']
+    assert 'bq' not in result.output and '(1 queue hidden' in result.output   # broadcast: -v
+    assert 'group celery' not in result.output
+    verbose = run('--broker', state.url, 'streams', 'status', '--prefix', state.prefix, '-v')
+    header = next(line for line in verbose.output.splitlines() if line.startswith('QUEUE'))
+    assert header.split() == ['QUEUE', 'KIND', 'READY', 'UNACKED', 'CONSUMERS', 'LENGTH', 'OLDEST',
+                              'SCHED', 'DEAD']
+    row = next(line for line in verbose.output.splitlines() if line.startswith('a '))
+    assert row.split()[:4] == ['a', 'task', '3', '2'] and row.split()[5] == '5'
+    assert 'group celery: 1 consumer, pending 2' in verbose.output
+    assert any(line.startswith('bq ') for line in verbose.output.splitlines())
 
 
 def test_status_of_an_unknown_queue_fails_in_one_line(run, state):

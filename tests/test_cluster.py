@@ -497,5 +497,7 @@ def test_flower_shows_queue_lengths_on_a_cluster(cluster, prefix):
     with flower(env) as base:
         status, body = flower_get(base, '/api/queues/length')
         page = flower_get(base, '/broker')
-    assert (status, json.loads(body)) == (200, {'active_queues': [{'name': 'celery', 'messages': 4}]})
+    assert (status, json.loads(body)) == (200, {'active_queues': [{
+        'name': 'celery', 'messages': 4, 'messages_ready': 4, 'messages_unacknowledged': 0,
+        'consumers': 0}]})
     assert page[0] == 200 and 'celery' in page[1]

@@ -6,6 +6,7 @@ task message requeued by its consumer until ``max_deliveries=1`` moves it.
 """
 from __future__ import annotations
 
+import base64
 import json
 import re
 
@@ -14,7 +15,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 import celery_streams  # noqa: F401  (registers redis-streams://)
-from celery_streams import admin
+from celery_streams import admin, deadletters
 from celery_streams.keys import Keys
 from tests.helpers import connection, consume, delete_keys, one_line, snapshot, streams_url
 
@@ -141,9 +142,9 @@ def test_list_table(run, dl):
     assert "Queue 'work': 2 dead letters (%s)" % dl.dead in lines
     header = next(line for line in lines if line.strip().startswith('ID'))
     assert header.split() == ['ID', 'AGE', 'SOURCE', 'ID', 'TASK', 'TASK', 'ID', 'ARGS', 'SIZE', 'REASON']
-    task_row = next(line for line in lines if line.strip().startswith(dl.task_dead_id))
+    task_row = next(line for line in lines if line.strip().startswith('work/' + dl.task_dead_id))
     assert 'proj.add' in task_row and dl.task_id in task_row and 'max_deliveries=1' in task_row
-    junk_row = next(line for line in lines if line.strip().startswith(dl.junk_id))
+    junk_row = next(line for line in lines if line.strip().startswith('work/' + dl.junk_id))
     assert 'undecodable entry' in junk_row and ' %d ' % len(JUNK) in junk_row
 
     result = dl.cli(run, 'dead-letters', 'list', '--limit', '1')
@@ -314,3 +315,161 @@ def test_the_documented_acl_rules_are_enough(run, dl, redis_server, unique_name)
         assert not dl.redis.exists(dl.dead) and dl.redis.xlen(dl.keys.stream('work')) == 1
     finally:
         dl.redis.acl_deluser(unique_name)
+
+
+# -- ids in several queues -------------------------------------------------------
+
+TWIN = '1700000000000-0'
+
+
+@pytest.fixture
+def twins(redis_server, prefix):
+    """Queues ``a`` and ``b`` under ``prefix``, each with dead letters ``TWIN`` and ``1700000000000-1``:
+    dead-letter ids are unique in one stream only (two workers dead-lettering at the same
+    millisecond make the same id)."""
+    client = redis_server.client(decode_responses=True)
+    keys = Keys(prefix)
+    for queue in ('a', 'b'):
+        for entry_id in (TWIN, '1700000000000-1'):
+            client.xadd(keys.dead_letters(queue), deadletters.record(
+                queue, keys.stream(queue), '5-0', {'payload': '{"queue": "%s"}' % queue}, 'test'),
+                id=entry_id)
+    yield client, keys
+    delete_keys(client, prefix)
+    client.close()
+
+
+def test_an_id_in_two_queues_is_named_with_its_queue(run, twins, redis_server, prefix):
+    client, keys = twins
+
+    def cli(*args):
+        return run('--broker', streams_url(redis_server), 'streams', '--prefix', prefix,
+                   'dead-letters', *args)
+
+    listed = cli('list').output
+    assert 'a/' + TWIN in listed and 'b/' + TWIN in listed   # the form `show` takes
+    bare = cli('show', TWIN)
+    assert bare.exit_code == 1
+    assert one_line(bare) == (
+        "Error: dead-letter id in several queues: %s (in queues 'a', 'b'); name the queue as "
+        "QUEUE/ID (e.g. a/%s) or with -Q" % (TWIN, TWIN))
+    for args, queue in (['b/' + TWIN], 'b'), (['-Q', 'b', TWIN], 'b'), (['a/' + TWIN], 'a'):
+        shown = cli('show', *args, '--json')
+        assert shown.exit_code == 0, shown.output
+        doc = json.loads(shown.output)
+        assert (doc['dead_letter']['queue'], doc['dead_letter']['id']) == (queue, TWIN)
+        assert doc['record']['field:payload'] == '{"queue": "%s"}' % queue
+
+    before = snapshot(client, prefix)
+    refused = cli('requeue', '-f', '--id', TWIN)
+    assert refused.exit_code == 1 and 'in several queues' in one_line(refused)
+    both = cli('requeue', '-f', '--id', '1700000000000-1,%s' % TWIN)
+    assert one_line(both).startswith('Error: dead-letter ids in several queues: 1700000000000-1 '
+                                     "(in queues 'a', 'b'), %s (in queues 'a', 'b')" % TWIN)
+    assert snapshot(client, prefix) == before
+
+    done = cli('requeue', '-f', '--id', 'a/' + TWIN)
+    assert done.exit_code == 0, done.output
+    assert 'Total: 1 dead letter requeued from 1 queue.' in done.output
+    assert [i for i, _ in client.xrange(keys.dead_letters('a'))] == ['1700000000000-1']
+    assert [i for i, _ in client.xrange(keys.dead_letters('b'))] == [TWIN, '1700000000000-1']
+    assert client.xlen(keys.stream('a')) == 1 and not client.exists(keys.stream('b'))
+
+    # now TWIN is in b alone: the bare id is enough
+    assert json.loads(cli('show', TWIN, '--json').output)['dead_letter']['queue'] == 'b'
+    for wrong, message in (('a/' + TWIN, "no dead letter 'a/%s'" % TWIN),
+                           ('/' + TWIN, 'not a dead-letter id'), ('a/', 'not a dead-letter id')):
+        result = cli('show', wrong)
+        assert result.exit_code == 1 and message in one_line(result), result.output
+
+
+def test_many_ambiguous_ids_make_one_line(twins, prefix):
+    client, keys = twins
+    for n in range(2, 8):
+        for queue in ('a', 'b'):
+            client.xadd(keys.dead_letters(queue), {'reason': 'test'}, id='1700000000000-%d' % n)
+    with pytest.raises(admin.AmbiguousDeadLetter) as raised:
+        admin.requeue_dead_letters(client, global_keyprefix=prefix, dry_run=True,
+                                   ids=['1700000000000-%d' % n for n in range(8)])
+    assert str(raised.value).count('in queues') == 3 and 'and 5 more;' in str(raised.value)
+
+
+# -- big and undecodable dead letters ---------------------------------------------
+
+def celery_envelope(args, task_id='big-1'):
+    """The payload kombu stores for a Celery task ``proj.big(*args)`` (protocol 2, base64 body)."""
+    body = base64.b64encode(json.dumps([list(args), {}, {}]).encode()).decode()
+    return json.dumps({'body': body, 'content-encoding': 'utf-8', 'content-type': 'application/json',
+                       'headers': {'task': 'proj.big', 'id': task_id, 'argsrepr': repr(args)[:100],
+                                   'kwargsrepr': '{}'},
+                       'properties': {'body_encoding': 'base64', 'delivery_tag': 'x'}})
+
+
+@pytest.fixture
+def letters(redis_server, prefix, run):
+    """``add(payload) -> QUEUE/ID`` of a new dead letter of queue ``big``; ``cli(*args)``."""
+    client = redis_server.client()
+    keys = Keys(prefix)
+
+    def add(payload):
+        fields = deadletters.record('big', keys.stream('big'), '5-0', {'payload': payload}, 'test')
+        return 'big/' + client.xadd(keys.dead_letters('big'), fields).decode()
+
+    def cli(*args):
+        return run('--broker', streams_url(redis_server), 'streams', '--prefix', prefix,
+                   'dead-letters', 'show', *args)
+    yield add, cli
+    delete_keys(client, prefix)
+    client.close()
+
+
+def test_show_cuts_a_big_dead_letter_and_says_how_to_get_it_all(letters):
+    add, cli = letters
+    payload = celery_envelope(['x' * 3_000_000])
+    ref = add(payload)
+
+    shown = cli(ref, '--json')
+    assert shown.exit_code == 0
+    assert len(shown.stdout) < 200_000, len(shown.stdout)
+    assert shown.stderr == ('Note: 2 values cut (listed in "cut"); --full shows all, --raw writes '
+                            "the payload's bytes.\n")
+    doc = json.loads(shown.stdout)
+    assert doc['cut'] == [{'what': 'record field:payload', 'size': len(payload), 'shown': 65536},
+                          {'what': 'body', 'size': len(json.loads(payload)['body']), 'shown': 0}]
+    assert doc['record']['field:payload'] == payload[:65536]
+    assert (doc['headers']['task'], doc['body'], doc['args']) == ('proj.big', None, None)
+
+    text = cli(ref)
+    assert text.exit_code == 0 and len(text.output) < 10_000, text.output[:3000]
+    assert ('cut  body: %d characters, not decoded (--full shows all, --raw writes the '
+            'payload)' % len(json.loads(payload)['body'])) in [x.strip() for x in text.output.splitlines()]
+
+    full = cli(ref, '--json', '--full')
+    assert json.loads(full.output)['args'] == ['x' * 3_000_000] and not full.stderr
+    raw = cli(ref, '--raw')
+    assert raw.exit_code == 0 and raw.stdout_bytes == payload.encode()
+
+
+def test_show_cuts_each_long_string_of_a_decoded_body(letters):
+    add, cli = letters
+    ref = add(celery_envelope(['y' * 100_000, 'short']))
+    doc = json.loads(cli(ref, '--json').stdout)
+    assert doc['args'] == ['y' * 65536, 'short']
+    assert {'what': 'body[0][0]', 'size': 100_000, 'shown': 65536} in doc['cut']
+
+
+def test_show_prints_an_undecodable_payload_escaped_and_cut(letters):
+    add, cli = letters
+    junk = cli(add(JUNK))
+    assert junk.exit_code == 0
+    assert ("payload  b'\\xff not json', 10 bytes: undecodable payload: a worker will "
+            "dead-letter it again (--raw writes its bytes)") in [x.strip() for x in junk.output.splitlines()]
+    long = bytes(range(256)) * 20
+    shown = cli(add(long))
+    [line] = [x.strip() for x in shown.output.splitlines() if x.strip().startswith('payload')]
+    assert line.startswith("payload  %r..., 5120 bytes: undecodable" % long[:200])
+    assert '\n' not in line and '\x00' not in line
+    raw = cli(add(long), '--raw')
+    assert raw.stdout_bytes == long
+    both = cli(add(long), '--raw', '--json')
+    assert both.exit_code == 1 and '--raw writes the payload alone' in one_line(both)

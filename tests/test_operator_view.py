@@ -62,7 +62,8 @@ def test_status_names_the_node_and_a_cancelled_consumer_is_not_alive(running_wor
 def test_status_from_the_command_line_shows_the_node(running_worker):
     env = running_worker('w2')
     done = subprocess.run([sys.executable, '-m', 'celery', '-A', 'tests.apps.e2e', 'streams',
-                           'status'], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+                           'status', '-v'], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
     assert done.returncode == 0, done.stderr
     assert 'consumer w2@' in done.stdout, done.stdout
 

@@ -32,11 +32,20 @@ def test_wheel_contains_scripts_and_py_typed(dist):
     assert 'streams = celery_streams.cli:streams' in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
+def test_wheel_carries_the_pth_that_registers_the_schemes(dist):
+    """``celery_streams.pth`` and its hook module at the root of the wheel (site-packages)."""
+    (wheel,) = dist.glob('*.whl')
+    archive = zipfile.ZipFile(wheel)
+    assert archive.read('celery_streams.pth').decode() == 'import _celery_streams_pth\n'
+    assert archive.read('_celery_streams_pth.py') == (ROOT / '_celery_streams_pth.py').read_bytes()
+
+
 def test_sdist_contains_scripts(dist):
     (sdist,) = dist.glob('*.tar.gz')
     names = tarfile.open(sdist).getnames()
     assert sorted(Path(n).name for n in names if n.endswith('.lua')) == SCRIPTS
     assert any(n.endswith('celery_streams/py.typed') for n in names)
+    assert any(n.endswith('/_celery_streams_pth.py') for n in names)
 
 
 def test_installed_wheel_loads_its_scripts(dist, tmp_path):
@@ -95,3 +104,47 @@ def test_a_plain_install_runs_a_worker_a_publish_and_status(clean_venv, redis_se
         worker.terminate()
         out, _ = worker.communicate(timeout=30)
     assert 'ready.' in out and 'Traceback' not in out, out[-3000:]
+
+
+PLAIN_PUBLISHER = """
+from kombu import Connection
+import kombu.transport.redis   # kombu's own Redis transport imports (its 'packaging' dependency)
+with Connection(%r, transport_options={'global_keyprefix': %r}) as conn:
+    conn.SimpleQueue('plain').put({'hello': 'world'})
+"""
+
+
+def test_a_plain_install_lets_a_publisher_use_redis_streams_without_importing_it(
+        clean_venv, redis_server, tmp_path, unique_name):
+    """No `import celery_streams`: the installed celery_streams.pth makes redis-streams:// work."""
+    url = 'redis-streams://127.0.0.1:%d/0' % redis_server.port
+    done = subprocess.run([str(clean_venv), '-c', PLAIN_PUBLISHER % (url, unique_name + ':')],
+                          cwd=tmp_path, env={'PATH': '/usr/bin:/bin', 'HOME': str(tmp_path)},
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert redis_server.client().xlen('%s:celery-streams:q:{plain}' % unique_name) == 1
+
+
+def test_an_editable_install_carries_the_pth_too(tmp_path):
+    """`pip install -e .` puts celery_streams.pth beside its own __editable__ .pth."""
+    import sysconfig
+    import venv
+    where = tmp_path / 'editable-venv'
+    venv.EnvBuilder(with_pip=False).create(where)
+    python = where / 'bin' / 'python'
+    subprocess.run([sys.executable, '-m', 'pip', '--python', str(python), 'install', '-q', '--no-deps',
+                    '--disable-pip-version-check', '-e', str(ROOT)], check=True, capture_output=True)
+    site = subprocess.run([str(python), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert (Path(site) / 'celery_streams.pth').read_text() == 'import _celery_streams_pth\n'
+    # kombu from this test's environment, on PYTHONPATH (which runs no .pth), without its own
+    # editable finder (a module of the same name): the new install's .pth registers the schemes
+    lent = tmp_path / 'lent'
+    lent.mkdir()
+    for entry in Path(sysconfig.get_paths()['purelib']).iterdir():
+        if not entry.name.startswith(('__editable__', 'celery_streams', '_celery_streams')):
+            (lent / entry.name).symlink_to(entry)
+    code = 'import kombu.transport as t; print(t.TRANSPORT_ALIASES.get("redis-streams"))'
+    done = subprocess.run([str(python), '-c', code], cwd=tmp_path, capture_output=True, text=True,
+                          env={'PATH': '/usr/bin:/bin', 'PYTHONPATH': str(lent)})
+    assert done.stdout.strip() == 'celery_streams.transport:Transport', done.stdout + done.stderr

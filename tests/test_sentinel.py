@@ -321,4 +321,6 @@ def test_flower_shows_queue_lengths_through_the_sentinels(topology, unique_name)
                   E2E_MASTER_NAME=MASTER)
     with flower(env) as base:
         status, body = flower_get(base, '/api/queues/length')
-    assert (status, json.loads(body)) == (200, {'active_queues': [{'name': 'celery', 'messages': 3}]})
+    assert (status, json.loads(body)) == (200, {'active_queues': [{
+        'name': 'celery', 'messages': 3, 'messages_ready': 3, 'messages_unacknowledged': 0,
+        'consumers': 0}]})

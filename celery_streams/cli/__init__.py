@@ -11,6 +11,7 @@
     celery -A proj streams dead-letters purge   [-Q a,b] [-f] [--dry-run]
     celery -A proj streams exporter [--port 9808] [--address 127.0.0.1] [--interval N]
     celery -A proj streams scheduled [-Q a,b] [--limit N] [--json]
+    celery -A proj streams audit [-Q a,b] [--json] [-v] [--check]
     celery --broker redis://host:6379/0 streams [--prefix P] status
 
 The broker URL, ``global_keyprefix`` and ``consumer_group`` come from the app
@@ -29,10 +30,23 @@ server's clock (``TIME``).
 Every destructive command has one shape (:func:`plan_confirm_apply`): plan,
 show, confirm like ``celery purge`` (or ``-f``; ``--dry-run`` stops after
 showing), then apply exactly what was shown.
+
+When the app resolves to kombu's Redis *list* transport (``redis://`` and no
+``broker_transport``), every command says so on stderr, and ``celery worker``
+and ``celery beat`` (which load this plugin) log it at start-up:
+:mod:`celery_streams.diagnose`.
 """
 from __future__ import annotations
 
-from . import dead_letters, exporter, queues, scheduled  # noqa: F401  (they add their commands)
+from celery.signals import beat_init, celeryd_after_setup
+
+from .. import diagnose
+from . import audit, dead_letters, exporter, queues, scheduled  # noqa: F401  (they add their commands)
 from .base import plan_confirm_apply, streams
+
+# `celery worker` and `celery beat` load this plugin too: their log says when the app runs on
+# kombu's lists.
+celeryd_after_setup.connect(diagnose.warn_worker, weak=False, dispatch_uid='celery_streams.diagnose')
+beat_init.connect(diagnose.warn_worker, weak=False, dispatch_uid='celery_streams.diagnose.beat')
 
 __all__ = ['streams', 'plan_confirm_apply']

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from difflib import get_close_matches
 from typing import Callable, Literal, TextIO, cast
 
 import click
@@ -12,9 +13,11 @@ from celery.bin.base import COMMA_SEPARATED_LIST, CeleryOption, CLIContext, hand
 from celery.exceptions import CeleryCommandException
 from celery.platforms import EX_UNAVAILABLE
 
+from ..diagnose import warn_command
 from ..connection import (CLUSTER_SCHEMES, SENTINEL_SCHEME, broker_urls, client_from_url,
                           connection_kwargs, safe_url)
 from ..errors import StreamsError, one_line
+from ..inventory import Inventory, UnknownQueue
 from ..keys import Keys
 from ..options import Options
 
@@ -24,6 +27,9 @@ RESERVED_NOTE = ('Note: messages a worker already reserved (prefetched into its 
 DRY_RUN_NOTE = 'Dry run: nothing was changed.'
 #: From this many entries to remove or clear on, an apply draws a progress bar on a terminal.
 PROGRESS_MIN = 100_000
+#: The exit status after Ctrl-C (128 + SIGINT, as a shell reports it).
+EX_INTERRUPTED = 130
+AGAIN = 'Run the same command again to finish the job.'
 
 
 class Target:
@@ -31,6 +37,7 @@ class Target:
 
     def __init__(self, ctx: click.Context, prefix: str | None):
         app = ctx.obj.app
+        warn_command(ctx)   # the app on kombu's lists (redis:// without broker_transport)
         urls = broker_urls(app.conf.broker_url)
         if not urls:
             raise click.ClickException(
@@ -50,11 +57,28 @@ class Target:
             prefix = ctx.meta.get(PREFIX_META)
         self.prefix = options.global_keyprefix if prefix is None else prefix
         self.group = options.consumer_group
+        self.queues = ctx.params.get('queues') or []   # the command's -Q, for "did you mean"
 
+    @contextmanager
     def errors(self):
-        """:func:`one_line_errors` for this broker."""
+        """:func:`one_line_errors` for this broker; an unknown -Q name gets the closest known one."""
         has_password = bool(connection_kwargs(self.client).get('password'))
-        return one_line_errors(self.url, has_password)
+        with one_line_errors(self.url, has_password):
+            try:
+                yield
+            except UnknownQueue as exc:
+                raise UnknownQueue(one_line(exc) + self.queue_hints()) from None
+
+    def queue_hints(self) -> str:
+        """' (did you mean 'celery'?)' for the -Q names that are close to a known queue, or ''."""
+        known = Inventory(self.client, Keys(self.prefix)).all_queues()
+        hints = [(name, close[0]) for name in self.queues if name not in known
+                 for close in [get_close_matches(name, known, n=1, cutoff=0.6)] if close]
+        if not hints:
+            return ''
+        if len(hints) == 1:
+            return ' (did you mean %r?)' % hints[0][1]
+        return ' (did you mean %s?)' % ', '.join('%r for %r' % (close, name) for name, close in hints)
 
     def describe(self) -> str:
         return 'broker %s, key prefix %r' % (self.url, self.prefix)
@@ -99,8 +123,8 @@ def prefix_option(command):
 
 
 def force_option(group: str):
-    return click.option('-f', '--force', cls=CeleryOption, is_flag=True, help_group=group,
-                        help="Don't prompt for confirmation.")
+    return click.option('-f', '--force', '-y', '--yes', 'force', cls=CeleryOption, is_flag=True,
+                        help_group=group, help="Don't prompt for confirmation.")
 
 
 def dry_run_option(group: str, what: str):
@@ -121,7 +145,8 @@ def confirm(obj: CLIContext, action: str, force: bool, target: Target, what: str
     if not text_stream('stdin').isatty():
         raise click.ClickException(
             'refusing to %s without confirmation: stdin is not a terminal '
-            '(pass -f/--force to skip the prompt, or --dry-run to see what it would do)' % action)
+            '(pass -f/--force or -y/--yes to skip the prompt, or --dry-run to see what it would do)'
+            % action)
     click.confirm('%s: %s\n         (%s)\n         There is no undo for this operation!\n\n'
                   '(to skip this prompt use the -f option)\nAre you sure?'
                   % (obj.style('WARNING', fg='red'), what, target.describe()), abort=True)
@@ -137,14 +162,55 @@ def plan_confirm_apply(obj: CLIContext, target: Target, *, plan, dry_run: bool, 
     ``apply(plan)`` does exactly that plan -- never what a second look would
     find (keys or messages created after the prompt are left alone).
     Returns ``(plan, done)``; ``done`` is None when nothing was applied.
+    Ctrl-C exits with status 130, saying that nothing was changed, or (an
+    ``apply`` under :func:`interruptible`) how far it got.
     """
-    with target.errors():
-        planned = plan()
-        sentence = what(planned) if planned else None
-        if sentence is None or dry_run:
-            return planned, None
-        confirm(obj, action, force, target, sentence)
-        return planned, apply(planned)
+    applying = False
+    try:
+        with target.errors():
+            planned = plan()
+            sentence = what(planned) if planned else None
+            if sentence is None or dry_run:
+                return planned, None
+            confirm(obj, action, force, target, sentence)
+            applying = True
+            return planned, apply(planned)
+    except KeyboardInterrupt:
+        click.echo('Interrupted: %s' % ('part of it may be done. ' + AGAIN if applying
+                                        else 'nothing was changed.'), err=True)
+        raise click.exceptions.Exit(EX_INTERRUPTED) from None
+
+
+class Tally:
+    """A ``progress(n)`` callback that counts what an apply reported (and draws its bar)."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.bar: Callable[[int], None] | None = None
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar(n)
+
+
+@contextmanager
+def interruptible(total: int, label: str, what: str, again: str = AGAIN):
+    """The ``progress`` of an apply: a :class:`Tally` drawing a :func:`progress_bar`.
+
+    On Ctrl-C, says on stderr how much was done (``what``: what the counts
+    count, e.g. 'entries removed') and exits with status 130: each bounded
+    step is done for good, so running the command again finishes the job.
+    """
+    tally = Tally(total)
+    try:
+        with progress_bar(total, label) as bar:
+            tally.bar = bar
+            yield tally
+    except KeyboardInterrupt:
+        click.echo('Interrupted: %s of %s %s so far (a step under way may have finished too). %s'
+                   % (tally.done, total, what, again), err=True)
+        raise click.exceptions.Exit(EX_INTERRUPTED) from None
 
 
 @contextmanager

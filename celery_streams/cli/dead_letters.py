@@ -7,9 +7,11 @@ import click
 from celery.bin.base import CeleryCommand, CeleryOption
 
 from .. import admin
+from ..deadletter_detail import SHOW_LIMIT
 from ..keys import Keys
-from .base import (DRY_RUN_NOTE, Target, age, cell, count, dry_run_option, force_option, listing_json,
-                   obj_of, plan_confirm_apply, prefix_option, progress_bar, queues_option, streams)
+from .base import (AGAIN, DRY_RUN_NOTE, Target, age, cell, count, dry_run_option, force_option,
+                   interruptible, listing_json, obj_of, plan_confirm_apply, prefix_option,
+                   queues_option, streams)
 
 DEAD_LETTER_LIMIT = 100
 UNDECODABLE_NOTE = 'undecodable payload: a worker will dead-letter it again'
@@ -53,7 +55,7 @@ def list_dead_letters(ctx, queues, as_json, limit, prefix, **kwargs):
             continue
         rows = [('ID', 'AGE', 'SOURCE ID', 'TASK', 'TASK ID', 'ARGS', 'SIZE', 'REASON')]
         for d in q.dead_letters:
-            rows.append((d.id, age(d.age), _source(d, keys), d.task or '-', d.task_id or '-',
+            rows.append((d.ref, age(d.age), _source(d, keys), d.task or '-', d.task_id or '-',
                          _arguments(d), cell(d.payload_size), cell(d.reason)))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
@@ -75,22 +77,53 @@ def _arguments(d) -> str:
 
 
 @dead_letters.command(cls=CeleryCommand)
-@click.argument('dead_letter_id')
+@click.argument('dead_letter_id', metavar='[QUEUE/]ID')
 @queues_option('Show Options', 'every queue with dead letters')
 @click.option('--json', 'as_json', cls=CeleryOption, is_flag=True, help_group='Show Options',
               help='Print one JSON document (shape: see docs/cli.md).')
+@click.option('--full', cls=CeleryOption, is_flag=True, help_group='Show Options',
+              help='Show every value whole: no value cut to %d KiB, a body of any size decoded.'
+                   % (SHOW_LIMIT // 1024))
+@click.option('--raw', cls=CeleryOption, is_flag=True, help_group='Show Options',
+              help="Write the original payload's bytes, as stored, to stdout, and nothing else.")
 @prefix_option
 @click.pass_context
-def show(ctx, dead_letter_id, queues, as_json, prefix, **kwargs):
-    """Show one dead letter in full: why, where from, the task, its arguments, the message."""
+def show(ctx, dead_letter_id, queues, as_json, full, raw, prefix, **kwargs):
+    """Show one dead letter in full: why, where from, the task, its arguments, the message.
+
+    Name it as `dead-letters list` does, QUEUE/ID (an id alone is enough when no other
+    queue has a dead letter of that id). Values over 64 KiB are cut, saying so.
+    """
     obj = obj_of(ctx)
     target = Target(ctx, prefix)
+    if raw and (as_json or full):
+        raise click.ClickException('--raw writes the payload alone: leave out --json and --full')
     with target.errors():
+        if raw:
+            data = admin.raw_field(target.client, global_keyprefix=target.prefix,
+                                   id=dead_letter_id, queues=queues)
+            click.get_binary_stream('stdout').write(data)
+            return
         detail = admin.show_dead_letter(target.client, global_keyprefix=target.prefix,
-                                        id=dead_letter_id, queues=queues)
+                                        id=dead_letter_id, queues=queues, full=full)
     if as_json:
         obj.echo(json.dumps(dict(broker=target.url, **detail.as_dict()), indent=2, default=str))
+        if detail.cut:   # on stderr: stdout stays one JSON document
+            click.echo('Note: %s cut (listed in "cut"); --full shows all, --raw writes the payload\'s '
+                       'bytes.' % count(len(detail.cut), 'value'), err=True)
         return
+    lines = _show_lines(detail)
+    width = max(len(name) for name, _ in lines)
+    obj.echo(target.describe())
+    for name, value in lines:
+        obj.echo('%s  %s' % (name.rjust(width), value))
+
+
+#: Bytes of an undecodable payload `show` prints (escaped).
+PREVIEW = 200
+
+
+def _show_lines(detail) -> list[tuple[str, str]]:
     d = detail.dead_letter
     lines = [('queue', d.queue), ('id', d.id), ('age', age(d.age)), ('reason', cell(d.reason)),
              ('source', '%s %s' % (d.source_stream or '-', d.source_id or '-')),
@@ -105,22 +138,35 @@ def show(ctx, dead_letter_id, queues, as_json, prefix, **kwargs):
     if detail.properties:
         lines += [('properties', json.dumps(detail.properties, default=str, sort_keys=True))]
     if not d.decodable:
-        lines += [('payload', UNDECODABLE_NOTE)]
+        lines += [('payload', _undecodable(detail))]
     elif not d.task:
         lines += [('content type', cell(detail.content_type)),
                   ('body', json.dumps(detail.body, default=str) if detail.body is not None else '-')]
     lines += [('fields', ', '.join(d.fields))]
-    width = max(len(name) for name, _ in lines)
-    obj.echo(target.describe())
-    for name, value in lines:
-        obj.echo('%s  %s' % (name.rjust(width), value))
+    cut = [c for c in detail.cut if not c.what.startswith('record ')]   # the record is not printed
+    if cut:
+        lines += [('cut', '; '.join('%s: %s, %s' % (c.what, count(c.size, 'character'),
+                                                   '%d shown' % c.shown if c.shown else 'not decoded')
+                                    for c in cut) + ' (--full shows all, --raw writes the payload)')]
+    return lines
+
+
+def _undecodable(detail) -> str:
+    """The payload escaped, its first PREVIEW bytes, and what happens to it."""
+    if detail.head is None:
+        return 'none (%s)' % UNDECODABLE_NOTE
+    size = detail.dead_letter.payload_size
+    shown = repr(detail.head[:PREVIEW])
+    return '%s%s, %s: %s (--raw writes its bytes)' % (
+        shown, '...' if size > PREVIEW else '', count(size, 'byte'), UNDECODABLE_NOTE)
 
 
 @dead_letters.command(cls=CeleryCommand)
 @queues_option('Requeue Options', 'every queue with dead letters')
 @click.option('--id', 'ids', cls=CeleryOption, multiple=True, help_group='Requeue Options',
-              help='Requeue only this dead letter (its id in `dead-letters list`); repeatable, '
-                   'or comma separated.')
+              help='Requeue only this dead letter: QUEUE/ID, as `dead-letters list` shows it (an id '
+                   'alone when no other queue has a dead letter of that id); repeatable, or comma '
+                   'separated.')
 @force_option('Requeue Options')
 @dry_run_option('Requeue Options', 'requeued')
 @prefix_option
@@ -145,11 +191,18 @@ def requeue(ctx, queues, ids, force, dry_run, prefix, **kwargs):
         return 'This will move %s of %s (%s) back to their queues, delivery counts reset.' % (
             count(len(movable), 'dead letter'), count(len(names), 'queue'), ', '.join(names))
 
+    def apply(plan):
+        movable = sum(item.outcome != 'empty' for item in plan)
+        again = AGAIN if not ids else 'The others are still dead letters: requeue them by id again.'
+        with interruptible(movable, 'Requeuing', 'dead letters requeued', again) as progress:
+            return admin.apply_requeue(target.client, plan, global_keyprefix=target.prefix,
+                                       progress=progress)
+
     plan, _ = plan_confirm_apply(
         obj, target, dry_run=dry_run, force=force, action='requeue', what=what,
         plan=lambda: admin.requeue_dead_letters(target.client, global_keyprefix=target.prefix,
                                                 queues=queues, ids=ids, dry_run=True),
-        apply=lambda plan: admin.apply_requeue(target.client, plan, global_keyprefix=target.prefix))
+        apply=apply)
     obj.echo(target.describe())
     if not plan:
         obj.echo('No dead letters: nothing to requeue.')
@@ -198,7 +251,7 @@ def purge(ctx, queues, force, dry_run, prefix, **kwargs):
     target = Target(ctx, prefix)
 
     def apply(plan):
-        with progress_bar(sum(p.removed for p in plan), 'Purging') as progress:
+        with interruptible(sum(p.removed for p in plan), 'Purging', 'dead letters deleted') as progress:
             return admin.apply_purge(target.client, plan, progress=progress)
 
     plan, done = plan_confirm_apply(

@@ -8,12 +8,15 @@ import click
 from celery.bin.base import CeleryCommand, CeleryOption
 
 from .. import admin
-from ..keys import Keys
-from .base import (DRY_RUN_NOTE, RESERVED_NOTE, Target, cell, count, dry_run_option, force_option,
-                   obj_of, plan_confirm_apply, prefix_option, progress_bar, queues_option, seconds,
+from ..diagnose import echo_notes
+from ..keys import FANOUT, Keys
+from .base import (DRY_RUN_NOTE, RESERVED_NOTE, Target, age, cell, count, dry_run_option, force_option,
+                   interruptible, obj_of, plan_confirm_apply, prefix_option, queues_option, seconds,
                    streams, text_stream)
 
 # -- drain --------------------------------------------------------------------
+
+DRAINED = 'entries removed or acked (messages, pending entries, dead letters, scheduled messages)'
 
 @streams.command(cls=CeleryCommand)
 @queues_option('Drain Options', 'every task queue in the registry')
@@ -39,7 +42,7 @@ def drain(ctx, queues, force, dry_run, include_broadcast, dead_letters, keep_sch
     def apply(plan):
         total = sum(d.removed + d.pending_cleared + (d.dead_letters_removed or 0)
                     + (d.scheduled_removed or 0) for d in plan)
-        with progress_bar(total, 'Draining') as progress:
+        with interruptible(total, 'Draining', DRAINED) as progress:
             return admin.apply_drain(target.client, plan, global_keyprefix=target.prefix,
                                      progress=progress)
 
@@ -57,6 +60,7 @@ def drain(ctx, queues, force, dry_run, include_broadcast, dead_letters, keep_sch
     if not plan:
         obj.echo('No %squeues in the registry: nothing to drain.'
                  % ('' if include_broadcast else 'task '))
+        echo_notes(target.client, target.prefix)   # kombu's lists, other dbs or prefixes
     elif not dry_run and done is None:   # nothing to remove: no question asked
         obj.echo('Nothing to drain in %s: %s.' % (count(len(plan), 'queue'),
                                                   ', '.join(d.queue for d in plan)))
@@ -99,6 +103,8 @@ def _echo_drained(obj, drained, verb):
 
 # -- nuke ---------------------------------------------------------------------
 
+NUKED = 'entries removed or acked before the groups and keys go'
+
 @streams.command(cls=CeleryCommand)
 @force_option('Nuke Options')
 @dry_run_option('Nuke Options', 'destroyed')
@@ -117,7 +123,7 @@ def nuke(ctx, force, dry_run, keep_dead_letters, prefix, **kwargs):
     namespace = Keys(target.prefix).prefix
 
     def apply(plan):
-        with progress_bar(plan.messages + plan.pending, 'Nuking') as progress:
+        with interruptible(plan.messages + plan.pending, 'Nuking', NUKED) as progress:
             return admin.apply_nuke(target.client, plan, global_keyprefix=target.prefix,
                                     progress=progress)
 
@@ -159,8 +165,11 @@ def _echo_nuked(obj, result, verb):
 
 @streams.command(cls=CeleryCommand)
 @queues_option('Status Options', 'every queue found')
+@click.option('-v', '--verbose', cls=CeleryOption, is_flag=True, help_group='Status Options',
+              help='Every queue (internal and broadcast ones too), with kind, length, each '
+                   'consumer group and consumer.')
 @click.option('--json', 'as_json', cls=CeleryOption, is_flag=True, help_group='Status Options',
-              help='Print one JSON document (shape: see docs/cli.md).')
+              help='Print one JSON document, every queue in full (shape: see docs/cli.md).')
 @click.option('--watch', cls=CeleryOption, is_flag=True, help_group='Status Options',
               help='Refresh every --interval seconds, with messages in and out per second '
                    '(Redis 7.0+); Ctrl-C stops.')
@@ -170,11 +179,12 @@ def _echo_nuked(obj, result, verb):
               help_group='Status Options', help='With --watch: stop after this many refreshes.')
 @prefix_option
 @click.pass_context
-def status(ctx, queues, as_json, watch, interval, rounds, prefix, **kwargs):
-    """Show queues, consumer groups, consumers, pending entries, dead letters and scheduled
-    messages."""
+def status(ctx, queues, verbose, as_json, watch, interval, rounds, prefix, **kwargs):
+    """Show one line per task queue: messages ready and unacked, consumers, the oldest unacked,
+    scheduled messages and dead letters (-v: every queue, group and consumer)."""
     obj = obj_of(ctx)
     target = Target(ctx, prefix)
+    verbose = verbose or bool(queues)   # queues named: shown whatever they are
 
     def collect():
         with target.errors():
@@ -183,15 +193,17 @@ def status(ctx, queues, as_json, watch, interval, rounds, prefix, **kwargs):
         return dict(broker=target.url, **found.as_dict())
 
     if watch:
-        _watch(obj, collect, interval, rounds)
+        _watch(obj, collect, interval, rounds, verbose)
     elif as_json:
         obj.echo(json.dumps(collect(), indent=2))
     else:
-        for line in _status_lines(obj, collect()):
+        for line in _status_lines(obj, collect(), verbose=verbose, groups=verbose):
             obj.echo(line)
+    if not (watch or as_json):
+        echo_notes(target.client, target.prefix)   # kombu's lists, other dbs or prefixes
 
 
-def _watch(obj, collect, interval, rounds):
+def _watch(obj, collect, interval, rounds, verbose=False):
     """Redraw the table in place (cursor home, overwrite, clear the rest: no flicker) on a
     terminal; elsewhere print one table per refresh."""
     tty = text_stream('stdout').isatty()
@@ -202,7 +214,7 @@ def _watch(obj, collect, interval, rounds):
             doc = collect()
             rates = _rates(before, doc)
             before = (started, doc)
-            lines = _status_lines(obj, doc, rates=rates, groups=False)
+            lines = _status_lines(obj, doc, rates=rates, verbose=verbose)
             lines.append('every %.1fs, %s; Ctrl-C stops' % (interval, strftime('%H:%M:%S')))
             if tty:
                 click.echo('\x1b[H' + ''.join(line + '\x1b[K\n' for line in lines) + '\x1b[J', nl=False)
@@ -233,29 +245,56 @@ def _rates(before, doc):
     return rates
 
 
-def _status_lines(obj, doc, rates=None, groups=True):
+def _shown(queue, verbose) -> bool:
+    """Whether the table has a line for ``queue``: task queues, or every queue with -v."""
+    return verbose or not (queue['internal'] or queue['kind'] == FANOUT)
+
+
+def _status_lines(obj, doc, rates=None, verbose=False, groups=False):
+    """The header, one row per queue shown (and, with ``groups``, its groups and consumers),
+    then what is hidden and the stale consumers."""
     server = doc['server']
     lines = ['%s, %s %s, keys under %r, group %r' % (
         doc['broker'], server['flavor'], server['version'], doc['namespace'], doc['consumer_group'])]
-    if not doc['queues']:
-        return lines + ['No queues.']
-    rows = [('QUEUE', 'KIND', 'WAITING', 'LENGTH', 'PENDING', 'OLDEST', 'SCHED', 'DEAD')
-            + (('IN/S', 'OUT/S') if rates is not None else ())]
-    for q in doc['queues']:
-        row = (q['name'], q['kind'] or '?', cell(q['waiting']), cell(q['length']),
-               cell(q['pending']), seconds(q['oldest_pending_age']), cell(q['scheduled']),
-               cell(q['dead_letters']))
-        if rates is not None:
-            speed = rates.get(q['name'])
-            row += ('%.1f' % speed[0], '%.1f' % speed[1]) if speed else ('-', '-')
-        rows.append(row)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for n, row in enumerate(rows):
-        line = '  '.join(cell.ljust(w) if i < 2 else cell.rjust(w)
-                         for i, (cell, w) in enumerate(zip(row, widths)))
+    shown = [q for q in doc['queues'] if _shown(q, verbose)]
+    head = ('QUEUE',) + (('KIND',) if verbose else ()) + ('READY', 'UNACKED', 'CONSUMERS') + (
+        ('LENGTH',) if verbose else ()) + ('OLDEST', 'SCHED', 'DEAD') + (
+        ('IN/S', 'OUT/S') if rates is not None else ())
+    rows = [head] + [_row(q, verbose, rates) for q in shown]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    left = 2 if verbose else 1   # name (and kind) flush left, numbers right
+    for n, row in enumerate(rows if shown else ()):
+        line = '  '.join(c.ljust(w) if i < left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(row, widths)))
         lines.append(obj.style(line, bold=True) if n == 0 else line)
         if n and groups:
-            lines += _group_lines(doc['queues'][n - 1])
+            lines += _group_lines(shown[n - 1])
+    return lines + _footer(doc['queues'], shown)
+
+
+def _row(q, verbose, rates) -> tuple:
+    kind = 'internal' if q['internal'] else q['kind'] or '?'
+    row = ((q['name'],) + ((kind,) if verbose else ())
+           + (cell(q['waiting']), cell(q['pending']), cell(q['consumers']))
+           + ((cell(q['length']),) if verbose else ())
+           + (age(q['oldest_pending_age']), cell(q['scheduled']), cell(q['dead_letters'])))
+    if rates is not None:
+        speed = rates.get(q['name'])
+        row += ('%.1f' % speed[0], '%.1f' % speed[1]) if speed else ('-', '-')
+    return row
+
+
+def _footer(queues, shown) -> list:
+    """What the table left out, and the stale consumers (dead workers still in a group)."""
+    lines = [] if shown else ['No task queues.' if queues else 'No queues.']
+    hidden = len(queues) - len(shown)
+    if hidden:
+        lines.append('(%s hidden: internal and broadcast; -v shows them)' % count(hidden, 'queue'))
+    stale = [(q['name'], c) for q in shown for c in q['stale_consumers']]
+    if stale:
+        lines.append('%s, liveness key expired (worker gone; a live consumer of the queue takes '
+                     'over its messages): %s' % (count(len(stale), 'stale consumer'), ', '.join(
+                         '%s on %s' % (c, queue) for queue, c in stale)))
     return lines
 
 
@@ -270,9 +309,8 @@ def _group_lines(queue):
                         count(len(g['consumers']), 'consumer'), g['pending'], g['last_delivered_id'],
                         cell(g['entries_read']), cell(g['lag']), seconds(g['oldest_pending_age'])))
         for c in g['consumers']:
-            alive = {True: ', alive', False: ', no liveness key', None: ''}[c['alive']]
+            alive = {True: ', alive', None: '',
+                     False: ', STALE: no liveness key (a dead worker)'}[c['alive']]
             lines.append('      consumer %s: pending %s, idle %s ms%s'
                          % (c['name'], c['pending'], c['idle_ms'], alive))
     return lines
-
-
