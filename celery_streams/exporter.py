@@ -1,17 +1,17 @@
-"""Prometheus metrics of the queues under one key prefix, in the text exposition format.
+"""Prometheus metrics of the queues under one key prefix, through prometheus_client.
 
-:func:`queue_families` turns one :func:`celery_streams.admin.status` (the
-same look as ``celery streams status``: the registry, one ``SCAN``, then
-``XLEN`` / ``XINFO`` / ``XPENDING`` per stream) and the liveness keys
-(``QueueStatus.alive_consumers``: XINFO lists only the consumers that have
-read) into metric families;
-:func:`render` writes families in the Prometheus text format 0.0.4, by hand
-(no client library needed). :class:`Exporter` collects at most every
-``interval`` seconds and serves the cached text in between; a failed
-collection (Redis down, credentials refused...) gives
-``celery_streams_up 0`` / ``celery_streams_last_scrape_error 1`` and no queue
-metric, never an exception. ``celery streams exporter``
-(:mod:`celery_streams.cli.exporter`) serves it over HTTP::
+:class:`Exporter` is a prometheus_client collector: its ``collect()`` yields
+``GaugeMetricFamily`` / ``CounterMetricFamily`` built from one
+:func:`celery_streams.admin.status` (the same look as ``celery streams
+status``: the registry, one ``SCAN``, then ``XLEN`` / ``XINFO`` / ``XPENDING``
+per stream), the liveness keys (``QueueStatus.alive_consumers``: XINFO lists
+only the consumers that have read) and the ledgers. It collects at most every
+``interval`` seconds and yields the cached families in between; a failed
+collection (Redis down, credentials refused...) gives ``celery_streams_up 0``
+/ ``celery_streams_last_scrape_error 1`` and no queue metric, never an
+exception. :func:`registry` puts it in a ``CollectorRegistry`` with
+prometheus_client's process and platform collectors; ``celery streams
+exporter`` (:mod:`celery_streams.cli.exporter`) serves that over HTTP::
 
     from celery_streams import admin, exporter
 
@@ -33,24 +33,30 @@ docs/metrics.md describes each metric.
 """
 from __future__ import annotations
 
-import math
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Union
 
 import redis
+from prometheus_client import (CollectorRegistry, PlatformCollector, ProcessCollector,
+                               generate_latest)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from . import admin, ledger
 from .errors import one_line
 from .keys import FANOUT
 from .slots import Client
 
+#: What a scrape without an Accept header gets: the text format 0.0.4.
 CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8'
 DEFAULT_INTERVAL = 5.0
 
 QUEUE_LENGTH = 'celery_queue_length'
 ACTIVE_CONSUMERS = 'celery_active_consumer_count'
+
+#: A metric family of prometheus_client, its samples added with ``add_metric(labels, value)``.
+Family = Union[GaugeMetricFamily, CounterMetricFamily]
 
 #: Every metric the exporter serves: name -> help text (gauges; the ledger's counters are added
 #: below).
@@ -113,25 +119,27 @@ SCRAPE_METRICS = ('celery_streams_up', 'celery_streams_last_scrape_error',
 #: The metrics of the ledgers (:func:`ledger_families`).
 LEDGER_METRICS = tuple(name for name in METRICS
                        if name.endswith('_total') or name == 'celery_streams_queue_unaccounted')
-
-
-@dataclass
-class Family:
-    """One metric: its name, help text and samples (labels, value)."""
-
-    name: str
-    help: str
-    type: str = 'gauge'
-    samples: list[tuple[dict, float]] = field(default_factory=list)
-
-    def add(self, value: float, **labels: str) -> None:
-        self.samples.append((labels, value))
+#: The label names of the metrics that have others than ``queue_name`` (in this order).
+LABELS: dict[str, tuple[str, ...]] = {
+    **{name: () for name in SCRAPE_METRICS},
+    'celery_streams_queue_info': ('queue_name', 'kind'),
+    'celery_streams_consumer_pending': ('queue_name', 'consumer'),
+    'celery_streams_consumer_idle_seconds': ('queue_name', 'consumer'),
+}
 
 
 def family(name: str) -> Family:
-    """The family serving metric ``name``: a counter for a name ending in ``_total`` (named
-    with the suffix in the text format 0.0.4, as prometheus_client writes it), else a gauge."""
-    return Family(name, METRICS[name], 'counter' if name.endswith('_total') else 'gauge')
+    """The family serving metric ``name``, without samples yet.
+
+    A name ending in ``_total`` is a ``CounterMetricFamily`` named without the
+    suffix: prometheus_client appends ``_total`` to its samples (and, in the text
+    format 0.0.4, to the family), so the exposed name is ``name``. Any other is a
+    ``GaugeMetricFamily``. Its labels are ``LABELS[name]`` (default ``queue_name``).
+    """
+    labels = LABELS.get(name, ('queue_name',))
+    if name.endswith('_total'):
+        return CounterMetricFamily(name[:-len('_total')], METRICS[name], labels=labels)
+    return GaugeMetricFamily(name, METRICS[name], labels=labels)
 
 
 def ledger_families(audits: Iterable[ledger.QueueAudit]) -> list[Family]:
@@ -140,9 +148,9 @@ def ledger_families(audits: Iterable[ledger.QueueAudit]) -> list[Family]:
     unaccounted = family('celery_streams_queue_unaccounted')
     for audit in audits:
         for name, fam in counters.items():
-            fam.add(audit.count(name), queue_name=audit.queue)
+            fam.add_metric([audit.queue], audit.count(name))
         if audit.unaccounted is not None:
-            unaccounted.add(audit.unaccounted, queue_name=audit.queue)
+            unaccounted.add_metric([audit.queue], audit.unaccounted)
     return [*counters.values(), unaccounted]
 
 
@@ -156,23 +164,22 @@ def queue_families(found: admin.Status) -> list[Family]:
     families = {name: family(name) for name in METRICS
                 if name not in SCRAPE_METRICS and name not in LEDGER_METRICS}
 
-    def add(name, value, queue_name, **labels):   # queue_name first: the labels in this order
-        families[name].add(value, queue_name=queue_name, **labels)
+    def add(name: str, value: float, *labels: str) -> None:   # the queue's name first
+        families[name].add_metric(list(labels), value)
 
     for q in found.queues:
-        queue = {'queue_name': q.name}
-        add('celery_streams_queue_info', 1, q.name, kind=q.kind or 'unregistered')
+        add('celery_streams_queue_info', 1, q.name, q.kind or 'unregistered')
         if q.waiting is not None:   # a broadcast queue before Redis 7: unknown
-            add(QUEUE_LENGTH, q.waiting, **queue)
-        add('celery_streams_queue_pending', q.pending, **queue)
-        add('celery_streams_queue_stream_length', q.length, **queue)
-        add('celery_streams_queue_oldest_pending_age_seconds', q.oldest_pending_age or 0, **queue)
-        add('celery_streams_queue_dead_letters', q.dead_letters, **queue)
-        add('celery_streams_queue_scheduled', q.scheduled, **queue)
+            add(QUEUE_LENGTH, q.waiting, q.name)
+        add('celery_streams_queue_pending', q.pending, q.name)
+        add('celery_streams_queue_stream_length', q.length, q.name)
+        add('celery_streams_queue_oldest_pending_age_seconds', q.oldest_pending_age or 0, q.name)
+        add('celery_streams_queue_dead_letters', q.dead_letters, q.name)
+        add('celery_streams_queue_scheduled', q.scheduled, q.name)
         own = [g for g in q.groups if g.name == found.consumer_group]
-        lags = [g.lag for g in own]
-        if own and None not in lags:
-            add('celery_streams_queue_lag', sum(lags), **queue)
+        lags = [g.lag for g in own if g.lag is not None]
+        if own and len(lags) == len(own):
+            add('celery_streams_queue_lag', sum(lags), q.name)
         consumers: dict[str, list] = {}   # name -> [pending, idle_ms, alive] over the buckets
         for c in (c for g in own for c in g.consumers):
             seen = consumers.setdefault(c.name, [0, c.idle_ms, c.alive])
@@ -182,54 +189,20 @@ def queue_families(found: admin.Status) -> list[Family]:
             active = len(consumers)
         else:
             active = len(set(q.alive_consumers) | {n for n, c in consumers.items() if c[2]})
-        add(ACTIVE_CONSUMERS, active, **queue)
-        add('celery_streams_queue_consumers', len(consumers), **queue)
+        add(ACTIVE_CONSUMERS, active, q.name)
+        add('celery_streams_queue_consumers', len(consumers), q.name)
         for name in sorted(consumers):
             pending, idle_ms, _ = consumers[name]
-            add('celery_streams_consumer_pending', pending, q.name, consumer=name)
-            add('celery_streams_consumer_idle_seconds', idle_ms / 1000, q.name, consumer=name)
+            add('celery_streams_consumer_pending', pending, q.name, name)
+            add('celery_streams_consumer_idle_seconds', idle_ms / 1000, q.name, name)
     return list(families.values())
 
 
-# -- the text format ------------------------------------------------------------
+# -- the collector -------------------------------------------------------------------
 
-def escape_label(value: str) -> str:
-    """A label value as the text format wants it: backslash, double quote and newline escaped."""
-    return str(value).replace('\\', '\\\\').replace('\n', '\\n').replace('"', '\\"')
-
-
-def escape_help(text: str) -> str:
-    return text.replace('\\', '\\\\').replace('\n', '\\n')
-
-
-def format_value(value: float) -> str:
-    if isinstance(value, bool) or isinstance(value, int):
-        return str(int(value))
-    if math.isnan(value):
-        return 'NaN'
-    if math.isinf(value):
-        return '+Inf' if value > 0 else '-Inf'
-    return repr(float(value))
-
-
-def render(families: Iterable[Family]) -> str:
-    """The text exposition format (0.0.4) of ``families``; those without samples are left out."""
-    lines = []
-    for fam in families:
-        if not fam.samples:
-            continue
-        lines += ['# HELP %s %s' % (fam.name, escape_help(fam.help)),
-                  '# TYPE %s %s' % (fam.name, fam.type)]
-        for labels, value in fam.samples:
-            text = ','.join('%s="%s"' % (k, escape_label(v)) for k, v in labels.items())
-            lines.append('%s%s %s' % (fam.name, '{%s}' % text if text else '', format_value(value)))
-    return '\n'.join(lines) + '\n'
-
-
-# -- the exporter -------------------------------------------------------------------
-
-class Exporter:
-    """Collects the metrics of one Redis and prefix, at most every ``interval`` seconds.
+class Exporter(Collector):
+    """The prometheus_client collector of one Redis and prefix, collecting at most every
+    ``interval`` seconds.
 
     ``describe(exc)`` makes the one line said of a failed collection (default:
     the error's first line); ``on_change(line)`` is called when that line
@@ -246,24 +219,31 @@ class Exporter:
         self.global_keyprefix = global_keyprefix
         self.consumer_group = consumer_group
         self.interval = interval
-        self.describe = describe
+        self.explain = describe   # not ``describe``: the registry would call it
         self.on_change = on_change
         self.last_error: str | None = None
         self._lock = threading.Lock()
-        self._cached: tuple[float, str] | None = None
+        self._cached: tuple[float, list[Metric]] | None = None
 
-    def metrics(self) -> str:
-        """The text of the last collection, collecting again when it is ``interval`` old."""
+    def collect(self) -> list[Metric]:
+        """The families of the last collection, collecting again when it is ``interval`` old
+        (what the registry calls at each scrape)."""
         with self._lock:
             now = time.monotonic()
             if self._cached is None or now - self._cached[0] >= self.interval:
-                self._cached = (now, render(self.collect()))
+                self._cached = (now, self.gather())
             return self._cached[1]
 
-    def collect(self) -> list[Family]:
-        """Collect now: the queue metrics, then up, scrape duration and error."""
+    def metrics(self) -> str:
+        """This collector's families alone in the text format 0.0.4 (no process metrics)."""
+        return generate_latest(self).decode()
+
+    def gather(self) -> list[Metric]:
+        """Collect now: up, scrape duration and error, then the queue metrics (the families
+        that have samples)."""
         started = time.perf_counter()
-        up, error, queues = 1, None, []
+        up, error = 1, None
+        queues: list[Family] = []
         try:
             found = admin.status(self.client, global_keyprefix=self.global_keyprefix,
                                  consumer_group=self.consumer_group)
@@ -273,12 +253,23 @@ class Exporter:
                 queues=[q.name for q in found.queues], consumer_group=self.consumer_group))
         except Exception as exc:   # a scrape says what failed; it never stops the exporter
             up = 0 if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) else 1
-            error = self.describe(exc)
+            error = self.explain(exc)
         if error != self.last_error and self.on_change is not None:
             self.on_change(error)
         self.last_error = error
         fixed = {name: family(name) for name in SCRAPE_METRICS}
-        fixed['celery_streams_up'].add(up)
-        fixed['celery_streams_last_scrape_error'].add(0 if error is None else 1)
-        fixed['celery_streams_scrape_duration_seconds'].add(round(time.perf_counter() - started, 6))
-        return [*fixed.values(), *queues]
+        fixed['celery_streams_up'].add_metric([], up)
+        fixed['celery_streams_last_scrape_error'].add_metric([], 0 if error is None else 1)
+        fixed['celery_streams_scrape_duration_seconds'].add_metric(
+            [], round(time.perf_counter() - started, 6))
+        return [fam for fam in (*fixed.values(), *queues) if fam.samples]
+
+
+def registry(exporter: Exporter) -> CollectorRegistry:
+    """A registry of ``exporter`` and prometheus_client's process (``process_*``) and platform
+    (``python_info``) collectors: what ``celery streams exporter`` serves."""
+    found = CollectorRegistry()
+    found.register(exporter)
+    ProcessCollector(registry=found)
+    PlatformCollector(registry=found)
+    return found

@@ -71,6 +71,7 @@ Fixtures:
 """
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -217,7 +218,26 @@ def streams_user_app(pytestconfig):
 @pytest.fixture(scope='session')
 def streams_app(streams_user_app, streams_celery_config):
     """Your app on the session's server and prefix, with ``celery.ping``."""
-    return configure_app(streams_user_app, streams_celery_config)
+    app = configure_app(streams_user_app, streams_celery_config)
+    yield app
+    release_results(app)
+
+
+def release_results(app) -> None:
+    """Before the session's server stops: let go of the results the tests left waiting.
+
+    Celery's Redis result backend subscribes to every result a test asked for
+    (``delay()``) and unsubscribes when its ``AsyncResult`` is collected; one
+    collected after the server stopped would retry its reconnect until Celery
+    gives up, at the end of the run. Collected now, while the server answers;
+    what outlives this is forgotten with the backend's subscriber.
+    """
+    gc.collect()
+    consumer = getattr(app.backend, 'result_consumer', None)
+    if consumer is not None and getattr(consumer, '_pubsub', None) is not None:
+        consumer.stop()
+        consumer._pubsub = None   # a later unsubscribe does nothing
+    app.close()
 
 
 @pytest.fixture(scope='session')

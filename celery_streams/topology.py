@@ -3,22 +3,20 @@
 A channel opens one :class:`Topology` (:func:`open_topology`, from its
 :class:`~celery_streams.connection.Address`): the object that owns the
 channel's connections and everything that differs between the two kinds of
-deployment, behind one interface, so no other module asks which kind it runs on:
+deployment, behind one interface, so no other module asks which kind it runs on
+(:class:`ServerTopology` | :class:`ClusterTopology`):
 
-=====================  ==================================  =====================================
-what                   :class:`ServerTopology`             :class:`ClusterTopology`
-=====================  ==================================  =====================================
-``client``             ``redis.Redis`` on a pool           redis-py's ``RedisCluster``
-``dispatcher``         :class:`~.wire.Dispatcher`: one     :class:`~.cluster.ClusterDispatcher`:
-                       held connection                     one batch per master
-:meth:`~Topology.open_pipe`      :class:`~.pipe.Pipe` (replies       :class:`~.cluster.ClusterPipe`
-                       read later)                         (replies read at once)
-:meth:`~Topology.open_lanes`     :class:`~.lanes.ServerLanes`        :class:`~.lanes.ClusterLanes`
-:meth:`~Topology.batches`        everything in one batch             one batch per slot
-``scripts_span_keys``  True: the ``route`` script and      False: a script touches one slot;
-                       registry pruning run in Redis       those run in the client
-:meth:`~Topology.follow_master`  asks the Sentinels (if any)         nothing: ``MOVED`` is followed
-=====================  ==================================  =====================================
+* ``client``: ``redis.Redis`` on a pool | redis-py's ``RedisCluster``;
+* ``dispatcher``: :class:`~.wire.Dispatcher`, one held connection |
+  :class:`~.cluster.ClusterDispatcher`, one batch per master;
+* :meth:`~Topology.open_pipe`: :class:`~.pipe.Pipe` (replies read later) |
+  :class:`~.cluster.ClusterPipe` (replies read at once);
+* :meth:`~Topology.open_lanes`: :class:`~.lanes.ServerLanes` | :class:`~.lanes.ClusterLanes`;
+* :meth:`~Topology.batches`: everything in one batch | one batch per slot;
+* ``scripts_span_keys``: True, the ``route`` script and registry pruning run in
+  Redis | False, a script touches one slot and those run in the client;
+* :meth:`~Topology.follow_master`: asks the Sentinels (if any) | nothing
+  (``MOVED`` is followed).
 
 :meth:`Topology.check_server` asks the server what a channel needs to know
 before it runs (credentials, the schema version, the scripts, the clock) and

@@ -2,7 +2,7 @@
 
 The exporter runs as ``celery -A tests.apps.e2e streams exporter --port 0``
 (it prints the port it got); scrapes are parsed with prometheus_client's
-parser, so the text must be valid exposition format.
+parsers (text format 0.0.4, and OpenMetrics when asked for).
 """
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+from prometheus_client.openmetrics.parser import \
+    text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from celery_streams import exporter, ledger
@@ -51,8 +55,10 @@ class ExporterProcess:
     def err(self):
         return (self.dir / 'err').read_text()
 
-    def get(self, path='/metrics'):
-        with urllib.request.urlopen('http://127.0.0.1:%d%s' % (self.port, path), timeout=30) as reply:
+    def get(self, path='/metrics', method='GET', **headers):
+        request = urllib.request.Request('http://127.0.0.1:%d%s' % (self.port, path),
+                                         headers=headers, method=method)
+        with urllib.request.urlopen(request, timeout=30) as reply:
             return reply.headers['Content-Type'], reply.read().decode()
 
     def scrape(self) -> dict:
@@ -71,11 +77,13 @@ class ExporterProcess:
             raise
 
 
-def parse(text: str) -> dict:
+def parse(text: str, families=text_string_to_metric_families) -> dict:
     found = {}
-    for fam in text_string_to_metric_families(text):
-        # the ledger's counters are counters (samples named <family>_total), the rest gauges
-        assert fam.type == ('counter' if fam.name.startswith(LEDGER_FAMILY) else 'gauge'), fam
+    for fam in families(text):
+        # ours: the ledger's counters are counters (samples named <family>_total), the rest
+        # gauges; prometheus_client's process_* and python_info come with the server
+        if fam.name.startswith('celery_'):
+            assert fam.type == ('counter' if fam.name.startswith(LEDGER_FAMILY) else 'gauge'), fam
         for sample in fam.samples:
             found.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
     return found
@@ -176,7 +184,9 @@ def test_a_redis_that_is_down_gives_up_0_and_the_exporter_serves_on(fresh_redis_
         metrics = served.scrape()
         assert of(metrics, 'celery_streams_up') == 0
         assert of(metrics, 'celery_streams_last_scrape_error') == 1
-        assert set(metrics) == set(exporter.SCRAPE_METRICS)   # no queue metric
+        ours = {name for name in metrics if name.startswith('celery_')}
+        assert ours == set(exporter.SCRAPE_METRICS)   # no queue metric
+        assert 'process_cpu_seconds_total' in metrics
     [line] = served.err().splitlines()
     assert line.startswith('Collection failed: cannot reach Redis at redis-streams://127.0.0.1:%d/0: '
                            % server.port), line
@@ -192,6 +202,7 @@ def test_other_paths_and_a_busy_port(redis_server, prefix, exporters):
     env = app_env(redis_server, prefix)
     served = exporters(env)
     assert served.get('/')[1].startswith('celery_streams exporter')
+    assert served.get(method='HEAD') == (exporter.CONTENT_TYPE, '')
     with pytest.raises(urllib.error.HTTPError) as caught:
         served.get('/nope')
     assert caught.value.code == 404
@@ -220,19 +231,67 @@ def test_collections_are_cached_for_the_interval(redis_server, prefix, streams_s
 
 
 def test_label_values_and_help_are_escaped():
-    fam = exporter.Family('x_total_things', 'Help with \\ and\nnewline.')
+    """Queue and consumer names are label values as they are; prometheus_client escapes them."""
+    fam = exporter.family('celery_streams_consumer_pending')
     odd = 'a"b\\c\nd{e}=,f'
-    fam.add(2, queue_name=odd, consumer='plain')
-    fam.add(0.25, queue_name='')
-    text = exporter.render([fam, exporter.Family('x_empty', 'never rendered')])
-    assert 'x_empty' not in text
+    fam.add_metric([odd, 'plain'], 2)
+    fam.add_metric(['', 'x'], 0.25)
+    registry = CollectorRegistry()
+    registry.register(Fixed([fam, exporter.family('celery_streams_queue_pending')]))
+    text = generate_latest(registry).decode()
+    assert 'celery_streams_queue_pending' not in text.replace('celery_streams_consumer_pending', '')
     assert 'queue_name="a\\"b\\\\c\\nd{e}=,f"' in text
     [parsed] = text_string_to_metric_families(text)
-    assert parsed.documentation == 'Help with \\ and\nnewline.'
+    assert parsed.documentation == exporter.METRICS['celery_streams_consumer_pending']
     assert [(s.labels, s.value) for s in parsed.samples] == [
-        ({'queue_name': odd, 'consumer': 'plain'}, 2), ({'queue_name': ''}, 0.25)]
-    assert [exporter.format_value(v) for v in (True, 3, 1.5, float('nan'), float('-inf'))] == [
-        '1', '3', '1.5', 'NaN', '-Inf']
+        ({'queue_name': odd, 'consumer': 'plain'}, 2), ({'queue_name': '', 'consumer': 'x'}, 0.25)]
+
+
+class Fixed:
+    """A collector of fixed families, those with samples (as :class:`exporter.Exporter`)."""
+
+    def __init__(self, families):
+        self.families = families
+
+    def collect(self):
+        return [fam for fam in self.families if fam.samples]
+
+
+def test_counters_keep_their_names_in_both_formats():
+    """A counter family is named without ``_total`` (prometheus_client adds it): the text
+    format 0.0.4 says ``..._total`` everywhere, OpenMetrics names the family without it;
+    the samples are ``..._total`` in both."""
+    fam = exporter.family('celery_streams_queue_acked_total')
+    fam.add_metric(['q'], 3)
+    registry = CollectorRegistry()
+    registry.register(Fixed([fam]))
+    text = generate_latest(registry).decode()
+    assert text.splitlines() == [
+        '# HELP celery_streams_queue_acked_total ' + exporter.COUNTER_HELP['acked'],
+        '# TYPE celery_streams_queue_acked_total counter',
+        'celery_streams_queue_acked_total{queue_name="q"} 3.0']
+    om = openmetrics_latest(registry).decode()
+    assert '# TYPE celery_streams_queue_acked counter' in om
+    assert 'celery_streams_queue_acked_total{queue_name="q"} 3.0' in om
+    assert om.endswith('# EOF\n')
+
+
+def test_the_endpoint_answers_openmetrics_when_asked_with_process_metrics(
+        redis_server, prefix, streams_state, exporters):
+    streams_state(redis_server, prefix).task_queue('q', published=2)
+    served = exporters(app_env(redis_server, prefix), '--interval', '0')
+    kind, text = served.get(Accept='application/openmetrics-text; version=1.0.0; charset=utf-8')
+    assert kind.startswith('application/openmetrics-text;'), kind
+    assert text.endswith('# EOF\n')
+    metrics = parse(text, openmetrics_families)
+    assert of(metrics, 'celery_queue_length', 'q') == 2
+    assert of(metrics, 'celery_streams_queue_published_total', 'q') == 2
+    assert '# TYPE celery_streams_queue_published counter' in text
+    assert of(metrics, 'process_cpu_seconds_total') > 0
+    assert metrics['python_info']
+    plain = served.scrape()   # no Accept header: the text format 0.0.4
+    assert of(plain, 'process_cpu_seconds_total') > 0
+    assert of(plain, 'celery_streams_queue_published_total', 'q') == 2
 
 
 # -- the dashboard and the docs name what is served -----------------------------------

@@ -149,15 +149,13 @@ def test_first_start_on_a_port_taken_meanwhile_moves_to_another():
 @pytest.mark.needs_server
 def test_parallel_runs_keep_the_tests_of_a_costly_fixture_together():
     """In an xdist run, a cluster's tests form one unit of work per server kind, the
-    packaging tests (built in the source tree) one, and the tests timing the server run
-    alone (tests/conftest.py)."""
+    packaging tests (built in the source tree) one; other tests are units of their own
+    (tests/conftest.py)."""
     from tests.conftest import group_of
     kind = servers.available_servers()[0].name
     assert group_of(f"tests/test_cluster.py::test_x[{kind}]") == f"tests/test_cluster.py:{kind}"
     assert group_of(f"tests/test_cluster_worker.py::test_y[{kind}-kill-master]") \
         == f"tests/test_cluster_worker.py:{kind}"
     assert group_of("tests/test_packaging.py::test_z[redis7]") == "tests/test_packaging.py"
-    assert group_of("tests/test_bounded_drain.py::test_w[x]") == "tests/test_bounded_drain.py"
-    alone = "tests/test_guarantees.py::test_a_long_solo_task_causes_no_false_reconnect_or_redelivery"
-    assert group_of(alone + f"[{kind}]") == alone
+    assert group_of(f"tests/test_bounded_drain.py::test_w[{kind}]") is None
     assert group_of(f"tests/test_transport.py::test_v[{kind}]") is None
