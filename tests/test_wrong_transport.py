@@ -70,8 +70,9 @@ def warnings_of(text):
     return [line for line in text.splitlines() if 'selects kombu' in line]
 
 
-def test_status_and_drain_say_the_app_is_on_kombus_lists(redis_server, tmp_path, unique_name):
-    """The issue's first example: `status` and `drain` on a redis:// app no longer stay silent."""
+def test_status_drain_and_nuke_say_the_app_is_on_kombus_lists(redis_server, tmp_path, unique_name):
+    """The issue's first example: `status`, `drain` and `nuke` on a redis:// app no longer stay
+    silent."""
     prefix = unique_name + ':'
     kombu_publish(redis_server, prefix, 2)
     broker = 'redis://127.0.0.1:%d/0' % redis_server.port
@@ -89,6 +90,12 @@ def test_status_and_drain_say_the_app_is_on_kombus_lists(redis_server, tmp_path,
     lines = drain.stdout.splitlines()
     assert 'nothing to drain' in lines[1] and lines[2] == note, drain.stdout
     assert redis_server.client().llen(prefix + 'celery') == 2   # drain leaves kombu's lists alone
+
+    nuke = celery(tmp_path, 'streams', 'nuke', '-f', broker=broker, prefix=prefix)
+    assert nuke.returncode == 0 and len(warnings_of(nuke.stderr)) == 1, nuke.stderr
+    lines = nuke.stdout.splitlines()
+    assert 'nothing to nuke' in lines[1] and lines[2] == note, nuke.stdout
+    assert redis_server.client().llen(prefix + 'celery') == 2   # not the transport's keys
 
 
 @pytest.mark.parametrize('broker, transport, warns', [

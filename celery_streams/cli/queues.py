@@ -138,6 +138,7 @@ def nuke(ctx, force, dry_run, keep_dead_letters, prefix, **kwargs):
     obj.echo(target.describe())
     if not plan.deleted_keys:
         obj.echo('No keys under %r: nothing to nuke.' % namespace)
+        echo_notes(target.client, target.prefix)   # kombu's lists, other dbs or prefixes
     elif dry_run:
         _echo_nuked(obj, plan, 'Would destroy')
         obj.echo(DRY_RUN_NOTE)
