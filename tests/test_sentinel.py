@@ -21,7 +21,7 @@ import pytest
 from kombu import Exchange, Producer, Queue
 
 import celery_streams  # noqa: F401  (registers sentinel-streams://)
-from celery_streams import errors
+from celery_streams import errors, ledger
 from celery_streams.connection import TRANSPORT_PATH
 from celery_streams.keys import Keys
 from tests import rigs, servers
@@ -66,7 +66,7 @@ def test_no_returned_publish_is_lost_in_a_failover(rig, report, how):
     after the failover (issue #22: with the default options, publishes in the second before
     the clients noticed a ``SENTINEL FAILOVER`` went to the old master, whose demotion threw
     them away). The figures (publishes that returned, lost, raised, ran twice, how long the
-    worker ran nothing, the longest publish) are printed."""
+    worker ran nothing, the longest publish, the ledger's balance) are printed."""
     topology = rig.topology
     worker = rig.worker('-c', '2', vt=3, **({} if OPTED is None else {'wait_replicas': OPTED}))
     app = rig.client_app(**WAIT_OPTIONS)
@@ -93,7 +93,9 @@ def test_no_returned_publish_is_lost_in_a_failover(rig, report, how):
     lost = [t for t in returned if not ran[t]]
     window = publisher.returned_between(started, completed)
     wall_completed = wall_started + (completed - started)
-    report(how=how, publish_wait_replicas='default' if OPTED is None else OPTED,
+    [audit] = ledger.audit(rig.redis(), global_keyprefix=rig.prefix, queues=['celery'])
+    report(how=how, ledger_published=audit.count('published'), ledger_acked=audit.count('acked'),
+           ledger_unaccounted=audit.unaccounted, publish_wait_replicas='default' if OPTED is None else OPTED,
            publish_rate='%.1f/s' % (len(publisher.published) / (publisher.published[-1][2]
                                                                   - publisher.published[0][1])),
            promoted_after=promoted - started, completed_after=completed - started,
@@ -106,6 +108,8 @@ def test_no_returned_publish_is_lost_in_a_failover(rig, report, how):
     assert returned and not lost, (lost, publisher.failed, worker.text()[-3000:])
     assert not publisher.failed, publisher.failed   # the retry policy rode the failover out
     assert worker.alive()
+    # the ledger, on the new master, balances: counters replicate with what they count
+    assert audit.unaccounted == 0, audit.as_dict()
 
 
 @pytest.fixture
