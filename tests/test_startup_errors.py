@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.workers import ROOT, clean_env
+from tests.workers import ROOT, clean_env, output_until_ready
 
 APP = '''
 import celery_streams
@@ -61,17 +61,5 @@ def test_a_password_never_shows_when_a_url_does_not_parse():
 def test_ignored_option_warning_is_printed_once_per_worker(redis_server, tmp_path):
     (tmp_path / 'badapp.py').write_text(APP % ('redis-streams://127.0.0.1:%d/0' % redis_server.port,
                                                {'ack_emulation': True, 'global_keyprefix': 'once:'}))
-    env = dict(clean_env(), PYTHONPATH=str(tmp_path) + ':' + str(ROOT))
-    worker = subprocess.Popen([sys.executable, '-m', 'celery', '-A', 'badapp', 'worker', '-P', 'solo',
-                               '-l', 'info'], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    lines = []
-    try:
-        for line in worker.stdout:
-            lines.append(line)
-            if 'ready.' in line:
-                break
-    finally:
-        worker.terminate()
-        lines += worker.communicate(timeout=30)[0].splitlines()
-    assert sum('mean nothing on Redis Streams' in line for line in lines) == 1, ''.join(lines)[-3000:]
+    output = output_until_ready('badapp', tmp_path)
+    assert output.count('mean nothing on Redis Streams') == 1, output[-3000:]

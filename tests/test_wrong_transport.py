@@ -19,7 +19,7 @@ from kombu import Exchange, Queue
 
 from celery_streams import diagnose
 from tests.helpers import connection, publish
-from tests.workers import ROOT, clean_env
+from tests.workers import ROOT, clean_env, output_until_ready
 
 APP = '''
 from celery import Celery
@@ -107,20 +107,7 @@ def test_a_worker_on_kombus_lists_warns_once_at_startup(redis_server, tmp_path, 
                                                         transport, warns):
     (tmp_path / 'bad.py').write_text(APP % (broker.format(port=redis_server.port), unique_name + ':',
                                             transport))
-    env = dict(clean_env(), PYTHONPATH='%s:%s' % (tmp_path, ROOT))
-    worker = subprocess.Popen([sys.executable, '-m', 'celery', '-A', 'bad', 'worker', '-P', 'solo',
-                               '-l', 'info'], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    lines = []
-    try:
-        for line in worker.stdout:
-            lines.append(line)
-            if 'ready.' in line:
-                break
-    finally:
-        worker.terminate()
-        lines += worker.communicate(timeout=30)[0].splitlines()
-    output = ''.join(lines)
+    output = output_until_ready('bad', tmp_path)
     assert 'ready.' in output, output[-3000:]
     found = warnings_of(output)
     assert len(found) == (1 if warns else 0), output[-3000:]

@@ -46,6 +46,25 @@ def clean_env():
     return {k: v for k, v in os.environ.items() if not k.startswith('CELERY_')}
 
 
+def output_until_ready(app: str, directory, *args: str) -> str:
+    """What ``celery -A app worker -P solo -l info`` (run in ``directory``, which is on its
+    path with the checkout) printed until it was ready, and while it stopped."""
+    env = dict(clean_env(), PYTHONPATH='%s:%s' % (directory, ROOT))
+    worker = subprocess.Popen([sys.executable, '-m', 'celery', '-A', app, 'worker', '-P', 'solo',
+                               '-l', 'info', *args], cwd=directory, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in worker.stdout:
+            lines.append(line)
+            if 'ready.' in line:
+                break
+    finally:
+        worker.terminate()
+        lines += worker.communicate(timeout=30)[0].splitlines(keepends=True)
+    return ''.join(lines)
+
+
 def app_env(server, prefix, *, app=E2E_APP, broker=None, backend=None, **extra):
     """The environment of a ``celery -A app`` process on ``server`` under key prefix ``prefix``.
 
