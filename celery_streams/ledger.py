@@ -78,6 +78,8 @@ EXPLAIN_EXTRA = (
     'entries added by hand (XADD, ZADD)',
     'a publish between its XADD and its HINCRBY (the hot path writes both in one write): '
     'audit again',
+    'a publish whose XADD filled Redis (maxmemory then refuses the HINCRBY behind it; the '
+    'publish returns)',
 )
 
 

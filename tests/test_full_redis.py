@@ -8,6 +8,7 @@ is ``CONFIG SET maxmemory 0``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -229,3 +230,42 @@ def test_a_worker_started_on_a_full_redis_beside_another_survives_mingle(
         assert worker.alive()
     finally:
         other.stop()
+
+
+@pytest.mark.parametrize('confirm', ['now', 'later'])
+def test_a_publish_that_fills_redis_is_reported_as_it_went(broker, prefix, confirm, caplog):
+    """Filling Redis for real (maxmemory just above what it uses, 64 KB messages): the XADD
+    that crosses the limit is accepted, the ledger's HINCRBY behind it in the same write is
+    refused. That publish landed: it must return (not say "NOT published"), and every
+    publish reported refused (raised, or logged lost with ``publish_confirm='later'``) must be
+    absent from the stream -- the caller may retry exactly those."""
+    client = broker.client()
+    client.config_set('maxmemory', int(client.info('memory')['used_memory']) + 300_000)
+    q = Queue('fill', routing_key='fill')
+    returned, refused = [], []
+    with Connection(streams_url(broker), transport_options={
+            'global_keyprefix': prefix, 'publish_confirm': confirm}) as conn:
+        producer = Producer(conn.default_channel)
+        q(conn.default_channel).declare()
+        with caplog.at_level(logging.ERROR, logger='celery_streams'):
+            for n in range(20_000):
+                try:
+                    producer.publish({'n': n, 'pad': 'x' * 200}, routing_key='fill')
+                except errors.OutOfMemory:
+                    refused.append(n)
+                    break
+                returned.append(n)
+            conn.default_channel.publisher.close()   # 'later': read every reply now
+    lost_logged = len([r for r in caplog.records if 'the message is lost' in r.getMessage()])
+    stored = sorted(_n_of(fields) for _, fields in client.xrange(Keys(prefix).stream('fill')))
+    make_room(broker)
+    assert refused or lost_logged, 'never filled: %d returned' % len(returned)
+    assert [n for n in refused if n in stored] == [], (refused, stored[-3:])
+    assert len(stored) == len(returned) - lost_logged, (len(stored), len(returned), lost_logged)
+
+
+def _n_of(fields) -> int:
+    """The ``n`` of a message stored by the test above (the body: JSON, stored as it is)."""
+    envelope = json.loads(fields[b'payload'])
+    body = envelope['body']
+    return json.loads(body)['n'] if isinstance(body, str) else body['n']
