@@ -24,10 +24,10 @@ from time import monotonic
 
 from kombu.utils.json import loads
 
-from . import deadletters, scripts
+from . import deadletters
 from .errors import one_line
 from .worker_state import worker_shutting_down
-from .qos import make_tag
+from .qos import make_tag, settle_commands
 from .wire import text
 
 logger = logging.getLogger(__name__)
@@ -40,12 +40,13 @@ class Inbox:
     """The messages one channel read and has not handed over yet.
 
     Its collaborators: the queue table (what a queue is: no-ack, broadcast,
-    message TTL, healed marks), the ``client`` settling and dead-lettering
-    entries, ``clock()`` (now, in ms by the server's clock) and
+    message TTL, healed marks), the ``client`` dead-lettering entries, the
+    ``scripts`` and ``dispatcher`` settling them, ``clock()`` (now, in ms by the server's clock) and
     ``decode_body`` (kombu's, to refuse a body kombu could not decode later).
     """
 
-    def __init__(self, *, keys, queues, options, consumer: str, client, clock, decode_body):
+    def __init__(self, *, keys, queues, options, consumer: str, client, scripts, dispatcher, clock,
+                 decode_body):
         self.keys = keys
         self.queues = queues
         self.group = options.consumer_group
@@ -57,8 +58,8 @@ class Inbox:
         self.clock = clock
         self.decode_body = decode_body
         self.buffer: deque = deque()   # (queue, payload)
-        #: The ``ack`` script (settles, counting in the ledger), registered on ``client``.
-        self.ack_script = client.register_script(scripts.source('ack'))
+        self.scripts = scripts
+        self.dispatcher = dispatcher
         #: Queue -> entries read (delivered), not yet counted in its ledger.
         self.uncounted: dict = {}
 
@@ -188,7 +189,7 @@ class Inbox:
 
     def settle_noack(self, settled, noack, counter='acked') -> None:
         """Ack (unless read with NOACK) and delete entries of no-ack consumers, counting them
-        ``counter`` in their ledger (the ``ack`` script: one call per stream)."""
+        ``counter`` in their ledger: one write (:func:`~celery_streams.qos.settle_commands`)."""
         by_stream: dict = {}
         for queue, bucket, entry_id in settled:
             broadcast = self.queues.is_broadcast(queue)
@@ -196,9 +197,13 @@ class Inbox:
                 continue   # nothing to ack, nothing to delete: trimmed with the others
             key = (self.keys.stream(queue, bucket), self.keys.ledger(queue), '0' if broadcast else '1')
             by_stream.setdefault(key, []).append(entry_id)
-        for (stream, ledger, delete), ids in by_stream.items():
-            self.ack_script(keys=[stream, ledger], args=['' if noack else self.group, counter, delete, *ids],
-                            client=self.client)
+        commands = settle_commands(self.scripts, '' if noack else self.group, by_stream, counter,
+                                   self.ledger)
+        if commands:
+            failed = next((r for r in self.scripts.run(self.dispatcher, commands)
+                           if isinstance(r, Exception)), None)
+            if failed is not None:
+                raise failed
 
     def ledger_commands(self) -> list:
         """The ``HINCRBY`` commands counting the entries read since the last call (written

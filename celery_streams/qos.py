@@ -47,6 +47,26 @@ class Tag(NamedTuple):
     queue: str
 
 
+def settle_commands(scripts, group: str, by_stream: dict, counter: str, ledger: bool) -> list:
+    """The commands that settle delivered entries, one write for all.
+
+    ``by_stream`` maps ``(stream, ledger key, '1' to delete or '0')`` to entry
+    ids; ``group`` is '' for entries read with NOACK (nothing to ack). With the
+    ledger: one ``ack`` script call per stream, counting what it settled in
+    ``counter``; without: a plain ``XACK`` and ``XDEL``.
+    """
+    if ledger:
+        return [scripts.command('ack', [stream, ledger_key], [group, counter, delete, *ids])
+                for (stream, ledger_key, delete), ids in by_stream.items()]
+    commands: list = []
+    for (stream, _, delete), ids in by_stream.items():
+        if group:
+            commands.append(('XACK', stream, group, *ids))
+        if delete == '1':
+            commands.append(('XDEL', stream, *ids))
+    return commands
+
+
 def make_tag(entry_id: str, consumer: str, queue: str, bucket: int = 0) -> str:
     return '%s/%s/%d/%s' % (entry_id, consumer, bucket, queue)
 
@@ -221,14 +241,9 @@ class QoS(virtual.QoS):
         """
         by_stream: dict = {}
         for tag in map(parse_tag, tags):
-            key = (self.keys.stream(tag.queue, tag.bucket), self.keys.ledger(tag.queue))
+            key = (self.keys.stream(tag.queue, tag.bucket), self.keys.ledger(tag.queue), '1')
             by_stream.setdefault(key, []).append(tag.entry_id)
-        if self.ledger:
-            commands = [self.scripts.command('ack', list(key), [self.group, counter, '1', *ids])
-                        for key, ids in by_stream.items()]
-        else:
-            commands = [command for (stream, _), ids in by_stream.items()
-                        for command in (('XACK', stream, self.group, *ids), ('XDEL', stream, *ids))]
+        commands = settle_commands(self.scripts, self.group, by_stream, counter, self.ledger)
         commands += self.inbox.ledger_commands()
         if not commands:
             self.pipe.collect(wait)

@@ -118,7 +118,8 @@ class Channel(virtual.Channel):
                                    bindings=self.queues.bindings, scripts=scripts,
                                    keys=keys, options=options, clock=self.server_time_ms)
         self.inbox = Inbox(keys=keys, queues=self.queues, options=options, consumer=consumer,
-                           client=client, clock=self.server_time_ms, decode_body=self.decode_body)
+                           client=client, scripts=scripts, dispatcher=topology.dispatcher,
+                           clock=self.server_time_ms, decode_body=self.decode_body)
         self.liveness = Liveness(keys=keys, options=options, consumer=consumer, client=client,
                                  dispatcher=topology.dispatcher, scripts=scripts, queues=self.queues,
                                  batches=topology.batches, consuming=self.consuming_queues,
