@@ -108,6 +108,7 @@ COUNTER_HELP = {
     'expired': 'Messages dropped when read: x-message-ttl or a message expiration.',
     'drained': 'Messages removed by a drain or a purge.',
     'dropped': 'Entries trimmed away by MAXLEN (broadcast queues).',
+    'throttled': 'Deliveries held back by a global rate limit until their reserved start.',
 }
 METRICS.update({'celery_streams_queue_%s_total' % name: COUNTER_HELP[name] for name in ledger.COUNTERS})
 METRICS['celery_streams_queue_unaccounted'] = (

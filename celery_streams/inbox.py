@@ -46,7 +46,7 @@ class Inbox:
     """
 
     def __init__(self, *, keys, queues, options, consumer: str, client, scripts, dispatcher, clock,
-                 decode_body):
+                 decode_body, throttle=None):
         self.keys = keys
         self.queues = queues
         self.group = options.consumer_group
@@ -62,6 +62,8 @@ class Inbox:
         self.dispatcher = dispatcher
         #: Queue -> entries read (delivered), not yet counted in its ledger.
         self.uncounted: dict = {}
+        #: The global rate limits (:class:`celery_streams.limits.Throttle`), or None.
+        self.throttle = throttle
 
     def __bool__(self) -> bool:
         return bool(self.buffer)
@@ -76,8 +78,14 @@ class Inbox:
     # -- taking entries in ------------------------------------------------------
 
     def add_reply(self, replies, noack) -> None:
-        """Decode what a read returned (XREADGROUP or script shape) into the buffer."""
-        settle = []
+        """Decode what a read returned (XREADGROUP or script shape) into the buffer.
+
+        Entries a global rate limit holds (:mod:`celery_streams.limits`) go to
+        the throttle: the ones it admits join the buffer, the others wait in
+        their queue's schedule.
+        """
+        settle, limited = [], []
+        throttle = self.throttle if not noack and self.throttle and self.throttle.look() else None
         for stream, entries in replies:
             queue, bucket = self.keys.parse_stream(text(stream))
             record = self.queues.get(queue)
@@ -94,9 +102,16 @@ class Inbox:
                     continue
                 if record is not None and record.no_ack:
                     settle.append((queue, bucket, entry_id))
+                elif throttle is not None:
+                    held = throttle.limits_of(queue, payload, _is_paced(fields))
+                    if held:
+                        limited.append((queue, bucket, entry_id, payload, held))
+                        continue
                 self.buffer.append((queue, payload))
         if settle:
             self.settle_noack(settle, noack)
+        if limited and throttle is not None:
+            self.buffer.extend(throttle.admit(limited))
 
     def add_claimed(self, claimed) -> dict:
         """Decode the flat reply of the ``reclaim`` script; returns entries taken per queue."""
@@ -257,6 +272,11 @@ class Inbox:
             if not (record and record.no_ack):
                 tags.append(payload['properties']['delivery_tag'])
         return tags
+
+
+def _is_paced(fields) -> bool:
+    """Whether an entry's start was reserved by a rate limit before (``paced``: limits.py)."""
+    return b'paced' in fields or 'paced' in fields
 
 
 def _field_name(name):

@@ -30,6 +30,9 @@ counter            counted by
 ``drained``        removed by a drain or a purge (the ``drain`` and
                    ``drain_scheduled`` scripts)
 ``dropped``        trimmed away by ``MAXLEN`` (broadcast queues, ``fanout_maxlen``)
+``throttled``      held back by a rate limit (``hold``): out of the stream into the
+                   schedule until its reserved start -- the same message, still
+                   counted where it is (a flow counter, like ``delivered``)
 =================  ==============================================================
 
 The audit (:func:`audit`) reads every counter and where the queue's messages
@@ -60,7 +63,7 @@ from .wire import text
 
 #: Every counter of a ledger, in the order the audit shows them.
 COUNTERS = ('published', 'delivered', 'redelivered', 'acked', 'rejected', 'requeued', 'restored',
-            'dead_lettered', 'revived', 'dead_purged', 'expired', 'drained', 'dropped')
+            'dead_lettered', 'revived', 'dead_purged', 'expired', 'drained', 'dropped', 'throttled')
 #: The counters of the messages that left the queue for good: terms of the balance.
 GONE = ('acked', 'rejected', 'dead_lettered', 'expired', 'drained', 'dropped')
 

@@ -75,6 +75,16 @@ option                          default          meaning
                                                  streams audit``); off: publishes, reads
                                                  and acks count nothing (every process
                                                  must agree, or the audit cannot balance)
+``rate_limits``                 ``{}``           global rate limits, by task name or
+                                                 ``'queue:NAME'``: ``{'proj.tasks.charge':
+                                                 '5/s'}`` (Celery's notation; ``{'rate':
+                                                 '10/s', 'burst': 5}`` allows 5 at once);
+                                                 written to Redis when a worker starts
+                                                 consuming (:mod:`celery_streams.limits`)
+``global_task_rate_limits``     ``False``        a task's own ``rate_limit`` holds across
+                                                 all workers (written as a global limit
+                                                 when a worker starts; Celery's per-worker
+                                                 limit is then off for it)
 ==============================  ===============  ===========================================
 
 ``delayed_delivery`` decides how a *publisher* stores a message; every
@@ -105,6 +115,7 @@ from dataclasses import Field, dataclass, field, fields
 from difflib import get_close_matches
 from typing import Any, Callable, Mapping
 
+from . import rates
 from .errors import ConfigurationError
 from .keys import DEFAULT_PRIORITY_STEPS
 
@@ -267,6 +278,15 @@ def _strict_int(step: Any) -> int:
     return number
 
 
+def _rate_limits(name: str, value: Any) -> tuple:
+    try:
+        return tuple(rates.from_option(value).values())
+    except ConfigurationError as exc:
+        message = str(exc)
+        raise ConfigurationError(message if message.startswith('transport option')
+                                 else 'transport option %s: %s' % (name, message)) from None
+
+
 def _option(default: Any, check: Check) -> Any:
     """A field of :class:`Options` whose given value ``check(name, value)`` checks and converts."""
     return field(default=default, metadata={'check': check})
@@ -304,6 +324,8 @@ class Options:
     publish_wait_timeout: float = _option(1.0, _seconds)
     publish_confirm: str = _option('now', _one_of('now', 'later'))
     ledger: bool = _option(True, _flag)
+    rate_limits: tuple = _option((), _rate_limits)
+    global_task_rate_limits: bool = _option(False, _flag)
     ignored: tuple = field(default=(), compare=False)
 
     @classmethod

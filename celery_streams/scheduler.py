@@ -202,6 +202,13 @@ class Scheduler:
             logger.debug('celery_streams: %d scheduled message(s) came due', moved)
         return moved
 
+    def expect(self, queue: str, due_ms: int) -> None:
+        """``queue``'s schedule has an entry due at ``due_ms`` (a rate limit held one back):
+        look at it then."""
+        known = self._due.get(queue)
+        if known is None or due_ms < known:
+            self._due[queue] = due_ms
+
     def next_due_in(self, queues) -> float | None:
         """Seconds (server clock) until the nearest scheduled entry known of ``queues`` is due,
         plus :data:`DUE_MARGIN_MS`, and no sooner than :data:`PROMOTE_GAP` after the last

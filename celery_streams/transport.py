@@ -26,8 +26,8 @@ per concern (see docs/design.md, "Modules"): the queue table
 (:mod:`~celery_streams.queues`), the publisher (:mod:`~celery_streams.publisher`),
 the reader (:mod:`~celery_streams.reader`), the inbox
 (:mod:`~celery_streams.inbox`), the QoS (:mod:`~celery_streams.qos`),
-liveness (:mod:`~celery_streams.liveness`) and, through the reader, the
-scheduler of delayed delivery (:mod:`~celery_streams.scheduler`).
+liveness (:mod:`~celery_streams.liveness`), the scheduler of delayed
+delivery (:mod:`~celery_streams.scheduler`) and the rate limits (:mod:`~celery_streams.limits`).
 
 Transport options: see :mod:`celery_streams.options`. Key schema: see
 :mod:`celery_streams.keys`. URLs: see :mod:`celery_streams.connection`.
@@ -52,6 +52,7 @@ from .connection import SCHEMES, TLS_SCHEMES, Address, refuse_foreign_alternates
 from .inbox import Inbox
 from .inventory import last_entry_id
 from .keys import Keys
+from .limits import Throttle
 from .liveness import Liveness
 from .options import Options
 from .poller import Poller
@@ -84,9 +85,8 @@ class Channel(virtual.Channel):
     #: The server's clock minus this host's, in ms (measured when the channel opens).
     _clock_offset_ms = 0.0
 
-    #: kombu's option, with one more value as the default: ``auto`` stores a
-    #: text body (JSON) as it is and a binary one in base64, where kombu's
-    #: Redis transport base64-encodes every body (a third larger).
+    #: kombu's option, with one more value as the default: ``auto`` stores a text body (JSON)
+    #: as it is and a binary one in base64 (kombu's Redis transport: every body, a third larger).
     body_encoding = 'auto'
 
     def encode_body(self, body, encoding=None):
@@ -117,16 +117,20 @@ class Channel(virtual.Channel):
         self.publisher = Publisher(kombu=self, topology=topology, queues=self.queues,
                                    bindings=self.queues.bindings, scripts=scripts,
                                    keys=keys, options=options, clock=self.server_time_ms)
+        scheduler = Scheduler(keys=keys, queues=self.queues, scripts=scripts,
+                              dispatcher=topology.dispatcher, clock=self.server_time_ms,
+                              options=options)
+        self.throttle = Throttle(keys=keys, client=client, scripts=scripts, dispatcher=topology.dispatcher,
+                                 group=self.group, ledger=options.ledger,
+                                 configured=options.rate_limits, on_held=scheduler.expect)
         self.inbox = Inbox(keys=keys, queues=self.queues, options=options, consumer=consumer,
                            client=client, scripts=scripts, dispatcher=topology.dispatcher,
-                           clock=self.server_time_ms, decode_body=self.decode_body)
+                           clock=self.server_time_ms, decode_body=self.decode_body,
+                           throttle=self.throttle)
         self.liveness = Liveness(keys=keys, options=options, consumer=consumer, client=client,
                                  dispatcher=topology.dispatcher, scripts=scripts, queues=self.queues,
                                  batches=topology.batches, consuming=self.consuming_queues,
                                  held=lambda: self.qos.held_queues())
-        scheduler = Scheduler(keys=keys, queues=self.queues, scripts=scripts,
-                              dispatcher=topology.dispatcher, clock=self.server_time_ms,
-                              options=options)
         self.reader = Reader(options=options, keys=keys, group=self.group, consumer=consumer,
                              lanes=topology.open_lanes(keys.stream), queues=self.queues,
                              inbox=self.inbox, scheduler=scheduler, scripts=scripts, client=client,
@@ -213,6 +217,8 @@ class Channel(virtual.Channel):
             self.queues.start_groups(queue)   # every bucket: the blocking read names them all
         record.consumed = True
         record.no_ack = bool(no_ack)
+        if not no_ack:
+            self.throttle.configure()   # the rate_limits option, once
         return super().basic_consume(queue, no_ack, *args, **kwargs)
 
     def basic_cancel(self, consumer_tag):

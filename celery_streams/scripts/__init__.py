@@ -33,7 +33,8 @@ from .. import wire
 from ..keys import is_dead_letters, ledger_of
 
 NAMES = ('restore', 'drain', 'append', 'reclaim', 'read', 'forget_consumer', 'route', 'requeue_dead',
-         'prune_registry', 'create_group', 'schedule', 'promote', 'drain_scheduled', 'ack')
+         'prune_registry', 'create_group', 'schedule', 'promote', 'drain_scheduled', 'ack',
+         'reserve', 'hold', 'unhold')
 
 #: The most entries one ``drain`` call acks and trims in all, in :meth:`Scripts.drain_stream`.
 #: An ack (XPENDING + XACK) costs about 1 µs of server time, trimming 0.05 µs an entry
@@ -85,6 +86,9 @@ class Scripts:
     promote: Script
     drain_scheduled: Script
     ack: Script
+    reserve: Script
+    hold: Script
+    unhold: Script
 
     def __init__(self, client):
         self.client = client

@@ -17,13 +17,27 @@
 -- a call that fails midway (a full Redis refusing the first write) leaves
 -- every entry either moved or still scheduled, never both.
 -- A member that does not parse moves whole, as the payload, into the main
--- stream: the reader dead-letters it there.
+-- stream: the reader dead-letters it there. One a rate limit held back
+-- (hold.lua) is appended marked 'paced': its start was reserved.
 --
 -- The ledger counts nothing: the message was counted 'published' when it was
 -- scheduled, and is the same message.
 -- Returns {entries moved, due time of the next entry in ms or false when the
 -- schedule is empty}.
 local limit, expires = tonumber(ARGV[1]), tonumber(ARGV[2])
+
+-- The fields of a due message: a rate limit's held one (token 'p<deliveries>.<id>',
+-- hold.lua) is marked 'paced' (its start was reserved) and keeps its delivery count.
+local function paced_fields(payload, token)
+    local deliveries = string.match(token, '^p(%d+)%.')
+    if not deliveries then
+        return {'payload', payload}
+    end
+    if deliveries == '0' then
+        return {'payload', payload, 'paced', '1'}
+    end
+    return {'payload', payload, 'paced', '1', 'deliveries', deliveries}
+end
 local streams = {}
 for i = 3, #ARGV do
     streams[ARGV[i]] = KEYS[i - 1]
@@ -34,14 +48,15 @@ local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
 local renewed = {}   -- streams whose expiry this call renewed
 for _, member in ipairs(due) do
-    local bucket, _, payload = parse_member(member)
-    local stream = KEYS[2]
+    local bucket, _, payload, token = parse_member(member)
+    local stream, fields = KEYS[2], nil
     if bucket then
         stream = streams[bucket] or KEYS[2]
+        fields = paced_fields(payload, token)
     else
-        payload = member
+        fields = {'payload', member}
     end
-    append_payload(stream, payload, 0, renewed[stream] and 0 or expires)
+    append(stream, fields, 0, renewed[stream] and 0 or expires)
     redis.call('ZREM', KEYS[1], member)
     renewed[stream] = true
 end
