@@ -34,7 +34,7 @@ import logging
 from time import monotonic
 from typing import Iterable
 
-from . import rates
+from . import rates, worker_state
 from .errors import one_line
 from .keys import Keys
 from .rates import Limit
@@ -178,10 +178,12 @@ class Throttle:
         self._failed: str | None = None
 
     def configure(self) -> None:
-        """Write the limits of the ``rate_limits`` option (once: when consuming starts)."""
-        if self.configured and not self._configured_written:
+        """Write the limits of the ``rate_limits`` option and, with ``global_task_rate_limits``,
+        the worker's tasks' own (the option's win): once, when consuming starts."""
+        wanted = {limit.field: limit for limit in (*worker_state.task_rate_limits(), *self.configured)}
+        if wanted and not self._configured_written:
             self._configured_written = True
-            write(self.client, self.keys, self.configured)
+            write(self.client, self.keys, wanted.values())
             self._looked = -REFRESH
 
     def look(self) -> bool:

@@ -24,6 +24,7 @@ from typing import Iterable, Mapping
 
 import redis
 
+from . import limits
 from .inventory import Inventory, age_seconds, server_now_ms, stream_groups, stream_info
 from .keys import FANOUT, Keys
 from .slots import Client
@@ -111,6 +112,9 @@ class Status:
     consumer_group: str
     schema: int | None
     queues: list[QueueStatus]
+    #: The global rate limits (:func:`celery_streams.limits.state`: limit, rate, burst, held,
+    #: clear_in).
+    rate_limits: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -124,10 +128,12 @@ def status(client: Client, *, global_keyprefix: str = '', consumer_group: str = 
     now_ms = server_now_ms(client)
     schema = client.get(inventory.keys.schema)
     found = [queue_status(client, inventory, queue, consumer_group, now_ms) for queue in names]
+    keys = inventory.keys
     return Status(server=server_version(client), global_keyprefix=global_keyprefix or '',
-                  namespace=inventory.keys.prefix, consumer_group=consumer_group,
+                  namespace=keys.prefix, consumer_group=consumer_group,
                   schema=int(schema) if schema is not None else None,
-                  queues=[q for q in found if q is not None])
+                  queues=[q for q in found if q is not None],
+                  rate_limits=limits.state(client, keys, limits.read(client, keys).values(), now_ms))
 
 
 def server_version(client: Client) -> dict:

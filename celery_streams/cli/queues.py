@@ -10,6 +10,7 @@ from celery.bin.base import CeleryCommand, CeleryOption
 from .. import admin
 from ..diagnose import echo_notes
 from ..keys import FANOUT, Keys
+from .limits import format_table
 from .base import (DRY_RUN_NOTE, RESERVED_NOTE, Target, age, cell, count, dry_run_option, force_option,
                    interruptible, obj_of, plan_confirm_apply, prefix_option, queues_option, seconds,
                    streams, text_stream)
@@ -270,7 +271,15 @@ def _status_lines(obj, doc, rates=None, verbose=False, groups=False):
         lines.append(obj.style(line, bold=True) if n == 0 else line)
         if n and groups:
             lines += _group_lines(shown[n - 1])
-    return lines + _footer(doc['queues'], shown)
+    return lines + _footer(doc['queues'], shown) + _limit_lines(doc.get('rate_limits') or [])
+
+
+def _limit_lines(shown) -> list:
+    """The global rate limits and what each holds back (celery streams limit list)."""
+    if not shown:
+        return []
+    return ['Rate limits (held: messages waiting in schedules for their turn):',
+            *('  ' + line for line in format_table(shown).splitlines())]
 
 
 def _row(q, verbose, rates) -> tuple:

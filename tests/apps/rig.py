@@ -20,10 +20,13 @@ Configured from the environment, so one module serves every server kind and test
   ``RIG_POLLING`` (``polling_interval``)
 * ``RIG_ACKS_LATE=1`` -- ``task_acks_late`` and ``task_reject_on_worker_lost``
 * ``RIG_ROUTES=1`` -- two task queues, one on a direct exchange, one on a topic exchange
+* ``RIG_RATE_LIMITS`` -- ``rate_limits`` (JSON); ``RIG_GLOBAL_TASK_RATE_LIMITS=1`` --
+  ``global_task_rate_limits`` (the task ``paced`` has ``rate_limit='10/s'``)
 
 No result backend: tasks record into the journal lists ``rig:<prefix>:<what>``
 (:func:`journal_key`), so a test counts runs, losses and duplicates.
 """
+import json
 import os
 import time
 
@@ -52,6 +55,10 @@ transport_options = {
 }
 if os.environ.get('RIG_MASTER'):
     transport_options['master_name'] = os.environ['RIG_MASTER']
+if os.environ.get('RIG_RATE_LIMITS'):
+    transport_options['rate_limits'] = json.loads(os.environ['RIG_RATE_LIMITS'])
+if os.environ.get('RIG_GLOBAL_TASK_RATE_LIMITS') == '1':
+    transport_options['global_task_rate_limits'] = True
 if os.environ.get('RIG_WAIT_REPLICAS'):
     transport_options['publish_wait_replicas'] = int(os.environ['RIG_WAIT_REPLICAS'])
 
@@ -112,6 +119,18 @@ def record(self, token, seconds=0.0):
         pipe.rpush(journal_key('at'), '%s %.6f' % (token, time.time()))
         pipe.execute()
     return token
+
+
+@app.task(bind=True)
+def other(self, token, seconds=0.0):
+    """``record`` under another task name (a rate limit on one does not hold the other)."""
+    return record(token, seconds)
+
+
+@app.task(bind=True, rate_limit='10/s')
+def paced(self, token, seconds=0.0):
+    """``record`` with a task rate limit of its own (``global_task_rate_limits``)."""
+    return record(token, seconds)
 
 
 @app.task
