@@ -7,7 +7,8 @@ persistence) on free loopback ports, and real ``celery worker`` processes
 a small ``visibility_timeout``). For ``--minutes``:
 
 * a publisher thread sends ``--rate`` tasks/s with mixed options (plain,
-  priority 0-9, countdown 1-5 s, ``expires`` 600 s, a mix of the three), each
+  priority 0-9, countdown 1-5 s, ``expires`` 600 s, a mix of the three, and a
+  task under a global rate limit, ``--limit``), each
   with a unique token and its due time (publish time + countdown) kept here; a
   publish that raised is retried until it returns, and only then is the token
   counted as sent. Every ``--unrelated-every``-th publish also sends a message
@@ -59,7 +60,7 @@ from pathlib import Path
 
 import redis
 
-from benchmarks import common
+from benchmarks import common, soak_features
 from benchmarks.common import percentile
 
 PREFIX = 'soak:'
@@ -74,7 +75,10 @@ FAULTS = ((0.25, 'client_kill'), (0.50, 'restart'), (0.70, 'drain'), (0.85, 'dra
 SENTINEL_FAULTS = tuple((at, 'sentinel_failover' if kind == 'restart' else kind) for at, kind in FAULTS)
 MASTER_NAME = 'soak-master'
 PRIORITY_STEPS = (0, 3, 6, 9)
-KINDS = (('plain', 35), ('priority', 20), ('countdown', 20), ('expires', 15), ('mixed', 10))
+KINDS = (('plain', 30), ('priority', 15), ('countdown', 20), ('expires', 15), ('mixed', 10),
+         ('limited', 10))
+#: The task of the kind ``limited``: ``record`` under a name with a global rate limit (``--limit``).
+LIMITED = 'soak.limited'
 
 
 def log(text):
@@ -296,7 +300,8 @@ class Publisher(threading.Thread):
             attempt += 1
             began = time.time()
             try:
-                self.app.send_task(TASK, args=(token, attempt, seconds), retry=False,
+                self.app.send_task(LIMITED if kind == 'limited' else TASK,
+                                   args=(token, attempt, seconds), retry=False,
                                    countdown=countdown or None, queue=queue, **opts)
                 return Sent(token, kind, began, began + countdown, attempt, time.time(),
                             opts.get('priority') or 0)
@@ -422,6 +427,7 @@ class Soak:
                    SOAK_VT=str(self.args.visibility_timeout), SOAK_PREFETCH=str(self.args.prefetch),
                    SOAK_MAX_DELIVERIES=str(self.args.max_deliveries), PYTHONUNBUFFERED='1',
                    SOAK_MASTER=MASTER_NAME if self.args.sentinel else '',
+                   SOAK_RATE_LIMITS=json.dumps({LIMITED: self.args.limit}),
                    PYTHONPATH=str(common.CODE_DIR) + os.pathsep + os.environ.get('PYTHONPATH', ''))
         return env
 
@@ -748,6 +754,10 @@ def analyse(soak: Soak):
         first = min(by_token[worst], key=lambda r: r.start)
         figures['the latest task'] = '%s (%s), first run on %s%s' % (
             worst, sent[worst].kind, first.host, ', redelivered' if first.redelivered else '')
+    figures.update(soak_features.limit_figures(soak.args.limit, [
+        min(runs, key=lambda r: r.start).start for token, runs in by_token.items()
+        if token in sent and sent[token].kind == 'limited'],
+        [f.at for f in soak.faults] + [at for at, _ in soak.kills]))
     figures['code'] = soak.code
     if soak.all_workers:
         ups = [w.ready_at - w.spawned for w in soak.all_workers if w.ready_at]
@@ -902,6 +912,8 @@ def parse(argv):
                         help='one message to the unconsumed queue every N tasks (10)')
     parser.add_argument('--drain-timeout', type=float, default=120,
                         help='seconds to wait for every sent task after publishing (120)')
+    parser.add_argument('--limit', help="the global rate limit of the 'limited' tasks (default: "
+                        '90%% of the rate they are published at, so that it holds them back)')
     parser.add_argument('--seed', type=int, default=1)
     parser.add_argument('--sentinel', action='store_true',
                         help='broker: a master, a replica and 3 Sentinels; SENTINEL FAILOVER at 50%%')
@@ -913,6 +925,9 @@ def parse(argv):
                         help='workers import celery_streams from the work tree, not a copy made at the start')
     args = parser.parse_args(argv)
     args.argv = list(argv)
+    if args.limit is None:
+        share = dict(KINDS)['limited'] / sum(weight for _, weight in KINDS)
+        args.limit = '%.2f/s' % (0.9 * args.rate * share)
     return args
 
 

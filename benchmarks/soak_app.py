@@ -8,6 +8,8 @@
 * ``SOAK_PREFETCH`` -- ``worker_prefetch_multiplier``
 * ``SOAK_MAX_DELIVERIES`` -- ``max_deliveries``
 * ``SOAK_MASTER``   -- ``master_name``, with a ``sentinel-streams://`` broker (``--sentinel``)
+* ``SOAK_RATE_LIMITS`` -- ``rate_limits`` (JSON): the task ``soak.limited`` (``record`` under
+  another name) has a global rate limit
 
 ``task_acks_late`` and ``task_reject_on_worker_lost`` are on; no result backend.
 """
@@ -21,6 +23,7 @@ from celery import Celery
 import celery_streams  # noqa: F401  (registers redis-streams://)
 
 TASK = 'soak.record'
+LIMITED = 'soak.limited'
 RUNS_KEY = 'soak:runs'   # one JSON item per execution, pushed when it starts
 DONE_KEY = 'soak:done'   # one JSON item per execution, pushed when it returns
 
@@ -41,6 +44,8 @@ app.conf.update(
     worker_hijack_root_logger=False,
     worker_send_task_events=False,
 )
+if os.environ.get('SOAK_RATE_LIMITS'):
+    app.conf.broker_transport_options['rate_limits'] = json.loads(os.environ['SOAK_RATE_LIMITS'])
 if os.environ.get('SOAK_MASTER'):
     app.conf.broker_transport_options['master_name'] = os.environ['SOAK_MASTER']
 
@@ -61,9 +66,20 @@ def record(self, token, attempt, seconds):
     ``attempt`` is the publisher's attempt that produced this message: two
     attempts of one token both running means a publish that raised had landed.
     """
+    return _record(self.request, token, attempt, seconds)
+
+
+@app.task(bind=True, name=LIMITED)
+def limited(self, token, attempt, seconds):
+    """``record`` under a name with a global rate limit (``--limit``)."""
+    return _record(self.request, token, attempt, seconds)
+
+
+def _record(request, token, attempt, seconds):
     started = time.time()
-    redelivered = bool((self.request.delivery_info or {}).get('redelivered'))
-    host = self.request.hostname or ''
+    redelivered = bool((request.delivery_info or {}).get('redelivered'))
+    host = request.hostname or ''
     journal().rpush(RUNS_KEY, json.dumps([token, attempt, started, host, os.getpid(), redelivered]))
     time.sleep(seconds)
     journal().rpush(DONE_KEY, json.dumps([token, attempt, host, time.time()]))
+

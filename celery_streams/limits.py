@@ -11,9 +11,11 @@ kept where the read happens, so it costs a waiting task nothing:
   ahead is moved by the ``hold`` script out of the stream into the queue's
   schedule, due at that start -- it holds no worker slot and no memory, and
   the other tasks of the queue are read at once. When it comes due, the
-  scheduler moves it back marked ``paced`` (its start was reserved), and the
-  consumer that reads it starts it without asking again. Waiting costs no
-  polling: the scheduler's timer wakes the consumer at the due time.
+  scheduler moves it back marked ``paced`` (with its reserved start), and the
+  consumer that reads it in time starts it without asking again; one read
+  later than an interval (and :data:`LATE_MS`) past its start is asked again
+  (its reservation is lost: the rate only drops). Waiting costs no polling:
+  the scheduler's timer wakes the consumer at the due time.
 * **Limits live in Redis** (:attr:`Keys.limits <celery_streams.keys.Keys.limits>`):
   the ``rate_limits`` transport option writes them when a worker starts
   consuming, ``celery streams limit`` sets and clears them live. A worker
@@ -45,6 +47,11 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between two looks at which limits exist, while messages come in.
 REFRESH = 1.0
+#: Milliseconds a message held back may be read past its reserved start, on top of one
+#: interval of its limit, and still start without asking again; one read later (its
+#: consumer was killed, Redis failed over, every worker was busy) is asked again, so that
+#: messages that came late do not start together.
+LATE_MS = 50
 #: Schedule members one ``unhold`` call lets go of.
 RELEASE_STEP = 200
 
@@ -154,24 +161,26 @@ def _text(value) -> str:
 class Throttle:
     """Holds the entries a read brought back until their limits let them start.
 
-    Its collaborators: the ``keys``, the ``client`` (the limits are read with
-    it), the ``scripts`` and ``dispatcher`` (``reserve`` and ``hold`` go out
-    through :meth:`Scripts.run <celery_streams.scripts.Scripts.run>`: ``NOSCRIPT``
-    reloads, cluster slots), the consumer ``group``, whether to count in the
-    ledger, the limits the options configure, and ``on_held(queue, start_ms)``
-    (the scheduler: a queue has a message due then).
+    Its collaborators: the ``keys``, the ``options`` (the consumer group,
+    whether to count in the ledger, the ``rate_limits`` to write), the
+    ``client`` (the limits are read with it), the ``scripts`` and
+    ``dispatcher`` (``reserve`` and ``hold`` go out through :meth:`Scripts.run
+    <celery_streams.scripts.Scripts.run>`: ``NOSCRIPT`` reloads, cluster
+    slots), ``on_held(queue, start_ms)``
+    (the scheduler: a queue has a message due then) and ``clock()`` (now, in ms by the
+    server's clock).
     """
 
-    def __init__(self, *, keys: Keys, client, scripts, dispatcher, group: str, ledger: bool,
-                 configured: tuple, on_held):
+    def __init__(self, *, keys: Keys, options, client, scripts, dispatcher, on_held, clock):
         self.keys = keys
         self.client = client
         self.scripts = scripts
         self.dispatcher = dispatcher
-        self.group = group
-        self.ledger = ledger
-        self.configured = configured
+        self.group = options.consumer_group
+        self.ledger = options.ledger
+        self.configured = options.rate_limits   # the rate_limits option (Limits)
         self.on_held = on_held
+        self.clock = clock   # now, in ms by the server's clock
         self.limits: dict[str, Limit] = {}
         self._looked = -REFRESH
         self._configured_written = False
@@ -194,13 +203,16 @@ class Throttle:
             self.limits = read(self.client, self.keys)
         return bool(self.limits)
 
-    def limits_of(self, queue: str, payload: dict, paced: bool) -> tuple:
-        """The fields of the limits that hold this entry: none for one already ``paced``."""
-        if paced:
-            return ()
+    def limits_of(self, queue: str, payload: dict, paced_at: int | None) -> tuple:
+        """The fields of the limits that hold this entry: none for one held before and read in
+        time for the start reserved for it (``paced_at``, ms)."""
         headers = payload.get('headers') or {}
         held = tuple(field for field in (rates.TASK + str(headers.get('task')), rates.QUEUE + queue)
                      if field in self.limits)
+        if held and paced_at is not None:
+            late = self.clock() - paced_at
+            if late <= min(self.limits[field].interval_ms for field in held) + LATE_MS:
+                return ()
         return held
 
     def admit(self, entries: list) -> list:

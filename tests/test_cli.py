@@ -166,7 +166,8 @@ def test_status_json_is_one_document_of_the_documented_shape(run, state):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
     assert set(doc) == {'broker', 'server', 'global_keyprefix', 'namespace', 'consumer_group',
-                        'schema', 'queues'}
+                        'schema', 'queues', 'rate_limits'}
+    assert doc['rate_limits'] == []
     assert doc['consumer_group'] == 'celery' and doc['namespace'] == state.keys.prefix
     queues = {q['name']: q for q in doc['queues']}
     assert set(queues['a']) == {'name', 'kind', 'stream', 'streams', 'exists', 'length', 'waiting',

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from kombu import Producer, Queue
 
 from celery_streams import ledger, limits, rates
+from celery_streams.errors import ConfigurationError
+from celery_streams.options import Options
 from celery_streams.keys import Keys
 from tests.helpers import connection, consume
 
@@ -89,3 +92,25 @@ def test_a_changed_rate_holds_at_once(redis_server, prefix, r):
         limits.write(r, keys, [rates.limit('t.x', '10/s')])
         rest = received_at(conn, 'work', 5, timeout=10)
     assert max(at for *_, at in rest) < 3
+
+
+@pytest.mark.parametrize('given, says', [
+    ({'t': '5/d'}, "transport option rate_limits: rate '5/d' is not a rate"),
+    ({'t': 0}, "rate 0 is not a rate"),
+    ({'t': 'fast'}, "rate 'fast' is not a rate"),
+    (['t'], 'rate_limits must be a dict'),
+    ({'t': {'rate': '1/s', 'burst': 0}}, 'burst of rate limit t must be a whole number'),
+    ({'t': {'rate': '1/s', 'bursts': 2}}, "give {'rate': ..., 'burst': ...}"),
+    ({'': '1/s'}, 'a rate limit needs a task name or queue:NAME'),
+])
+def test_a_limit_that_cannot_work_is_refused_in_one_line(given, says):
+    with pytest.raises(ConfigurationError) as refused:
+        Options.from_transport_options({'rate_limits': given})
+    assert says in str(refused.value) and '\n' not in str(refused.value)
+
+
+def test_rates_in_celerys_notation():
+    assert [rates.per_second(r) for r in ('100/s', '10/m', '360/h', 5, 2.5, ' 3 / m ')] == [
+        100, 10 / 60, 0.1, 5, 2.5, 0.05]
+    assert rates.limit('queue:q', '1/s').name == 'queue:q'
+    assert rates.limit('proj.t', '1/s').field == 'task:proj.t'

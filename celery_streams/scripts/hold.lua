@@ -9,9 +9,10 @@
 --
 -- An entry read by a consumer of the group and over its rate limit
 -- (reserve.lua gave it a start ahead) is acked, deleted and scheduled at its
--- start with a paced token ('p<deliveries>.<entry id>': schedule_member,
--- _library.lua): promote.lua moves it back into the stream marked 'paced', and
--- the consumer that reads it then starts it without asking the limits again.
+-- start with a paced token ('p<deliveries>.<start>.<entry id>': schedule_member,
+-- _library.lua): promote.lua moves it back into the stream marked 'paced' with
+-- its start, and the consumer that reads it in time starts it without asking
+-- the limits again (celery_streams.limits: one read late is asked again).
 -- It holds no worker slot and no memory while it waits, and the entries
 -- behind it in the stream are read at once.
 -- Only an entry still pending in the group moves (one acked or taken over
@@ -31,7 +32,7 @@ for i = 3, #ARGV, 2 do
     end
     if payload and redis.call('XACK', stream, group, id) == 1 then
         redis.call('XDEL', stream, id)
-        redis.call('ZADD', schedule, start, schedule_member(bucket, 'p' .. deliveries .. '.' .. id, payload))
+        redis.call('ZADD', schedule, start, schedule_member(bucket, 'p' .. deliveries .. '.' .. start .. '.' .. id, payload))
         held = held + 1
     end
 end

@@ -18,7 +18,7 @@
 -- every entry either moved or still scheduled, never both.
 -- A member that does not parse moves whole, as the payload, into the main
 -- stream: the reader dead-letters it there. One a rate limit held back
--- (hold.lua) is appended marked 'paced': its start was reserved.
+-- (hold.lua) is appended marked 'paced' with its reserved start.
 --
 -- The ledger counts nothing: the message was counted 'published' when it was
 -- scheduled, and is the same message.
@@ -26,17 +26,18 @@
 -- schedule is empty}.
 local limit, expires = tonumber(ARGV[1]), tonumber(ARGV[2])
 
--- The fields of a due message: a rate limit's held one (token 'p<deliveries>.<id>',
--- hold.lua) is marked 'paced' (its start was reserved) and keeps its delivery count.
+-- The fields of a due message: a rate limit's held one (token
+-- 'p<deliveries>.<start>.<id>', hold.lua) is marked 'paced' with its reserved
+-- start, and keeps its delivery count.
 local function paced_fields(payload, token)
-    local deliveries = string.match(token, '^p(%d+)%.')
+    local deliveries, start = string.match(token, '^p(%d+)%.(%d+)%.')
     if not deliveries then
         return {'payload', payload}
     end
     if deliveries == '0' then
-        return {'payload', payload, 'paced', '1'}
+        return {'payload', payload, 'paced', start}
     end
-    return {'payload', payload, 'paced', '1', 'deliveries', deliveries}
+    return {'payload', payload, 'paced', start, 'deliveries', deliveries}
 end
 local streams = {}
 for i = 3, #ARGV do

@@ -1,7 +1,7 @@
 -- Let go of messages a rate limit holds back: due now, to be read and asked again.
 --
 -- KEYS[1] - a queue's schedule
--- ARGV[1], ARGV[2], ... - members of it that hold.lua added (token 'p<deliveries>.<id>')
+-- ARGV[1], ARGV[2], ... - members of it that hold.lua added (token 'p<deliveries>.<start>.<id>')
 --
 -- For a limit changed or cleared (celery_streams.limits.release): each member
 -- still in the schedule is replaced by one due now (score: the server's time)

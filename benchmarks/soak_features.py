@@ -1,0 +1,54 @@
+"""The soak's figures of the features it runs besides plain delivery (:mod:`benchmarks.soak`).
+
+* Global rate limits: the first runs of the ``limited`` tasks, against their
+  limit (``--limit``): the most started in any 1 s window, and the mean rate
+  while they were held back. Reruns after a kill are left out (a task killed
+  while running starts again, as any other). The limit spaces the starts it
+  reserves; a task starts later than its reserved start when its worker's pool
+  is busy, when its consumer was killed (reclaimed after ``visibility_timeout``)
+  or Redis was down, and starts that came late can bunch: the windows within
+  :data:`SETTLE` seconds after a fault or a kill are shown apart.
+"""
+from __future__ import annotations
+
+import collections
+
+from celery_streams import rates
+
+#: Seconds after a fault or a kill whose windows are shown apart.
+SETTLE = 15.0
+
+
+def most_in_window(starts, width=1.0) -> int:
+    """The most ``starts`` (seconds) in any window of ``width`` seconds."""
+    starts = sorted(starts)
+    most, j = 0, 0
+    for i, start in enumerate(starts):
+        while j < len(starts) and starts[j] < start + width:
+            j += 1
+        most = max(most, j - i)
+    return most
+
+
+def limit_figures(limit: str, starts, disturbances=()) -> dict:
+    """The report's lines on the rate limit, from the first start of each limited task;
+    ``disturbances``: when the faults and kills happened (``time.time()``)."""
+    figures: dict = collections.OrderedDict()
+    per_second = rates.per_second(limit)
+    starts = sorted(starts)
+    figures['rate-limited tasks (limit %s): ran' % limit] = len(starts)
+    if len(starts) < 2:
+        return figures
+    most = most_in_window(starts)
+    bound = int(per_second) + 1   # the rate, and the one a burst of 1 starts at once
+    calm = [t for t in starts if not any(0 <= t - at < SETTLE for at in disturbances)]
+    figures['  most started in any 1 s (bound %d)' % bound] = '%d%s' % (
+        most, '' if most <= bound else ' (within %g s after a fault or kill: see above)' % SETTLE
+        if most_in_window(calm) <= bound else ' **EXCEEDED**')
+    figures['  most started in any 1 s, away from faults and kills'] = most_in_window(calm)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    paced = [gap for gap in gaps if gap < 2.0 / per_second]   # while a backlog was held back
+    if paced:
+        figures['  mean rate while held back (tasks/s)'] = '%.2f over %d starts' % (
+            len(paced) / sum(paced), len(paced))
+    return figures
