@@ -24,14 +24,17 @@ message added after the plan is left alone). Only keys under
   the keys and every consumer group stay, so running workers read on (``DEL``
   would destroy the groups). It empties the queues' schedules (delayed
   delivery) too, unless ``keep_scheduled``: exactly the members added up to
-  the plan (see :func:`plan_drain_queue`).
+  the plan (see :func:`plan_drain_queue`). The messages it removes release the
+  uniqueness keys they hold (:mod:`celery_streams.unique`).
 * :func:`nuke` destroys every consumer group (``XGROUP DESTROY``: a worker blocked
-  on it is woken with ``NOGROUP``), then deletes every key of the prefix.
+  on it is woken with ``NOGROUP``), then deletes every key of the prefix (the
+  held uniqueness keys too).
 * :func:`status` describes each queue (:class:`Status`): kind, lengths, groups,
   consumers, the age of the oldest pending entry, the dead-letter count and
   the scheduled messages; ``as_dict()`` gives the JSON document of ``status --json``.
 * :func:`scheduled` lists the next scheduled messages of queues (delayed
   delivery: tasks waiting for their ETA in Redis).
+* :func:`unique_keys` lists the held uniqueness keys (unique tasks).
 * The dead letters (:func:`dead_letters`, :func:`requeue_dead_letters`,
   :func:`purge_dead_letters`) live in :mod:`celery_streams.deadletters` and
   are importable from here.
@@ -70,6 +73,7 @@ from .inventory import (BroadcastQueue, Inventory, QueueKeys, UnknownQueue,  # n
 from .keys import Keys
 from .scheduler import ScheduledMessage, drain_schedule, plan_stamp, scheduled_messages
 from .scripts import DRAIN_STEP, Scripts  # noqa: F401  (DRAIN_STEP: documented here)
+from .unique import HeldKey, held_keys, queues_with_keys
 from .status import (ConsumerStatus, GroupStatus, QueueStatus, Status,  # noqa: F401
                      consumer_status, group_status, queue_status, server_version, status)
 from .wire import text
@@ -181,16 +185,21 @@ def apply_drain(client: Client, plan: list[DrainedQueue], *, global_keyprefix: s
     time (``scheduled_until``; a plan made by hand without it: up to now).
     """
     keys, scripts = Keys(global_keyprefix), Scripts(client)
+    # The messages of these release their uniqueness keys as they go (their dead letters
+    # released theirs when dead-lettered). A key of a planned message exists now.
+    holding = queues_with_keys(client, keys)
     done = []
     for planned in plan:
         dead = keys.dead_letters(planned.queue)
         targets = list(planned.until) or planned.streams
+        unique = keys.unique_prefix(planned.queue) if planned.queue in holding else None
         counts = {}
         for stream in targets:
             until = planned.until.get(stream, '+')
             if until == '+':   # a plan made by hand: what is there now, not what comes later
                 until = last_entry_id(client, stream)
-            counts[stream] = scripts.drain_stream(stream, until, progress=progress)
+            counts[stream] = scripts.drain_stream(stream, until, progress=progress,
+                                                  unique_prefix=None if stream == dead else unique)
         drained = [counts[s] for s in planned.streams if s in counts]
         result = DrainedQueue(planned.queue, planned.kind, sum(c[0] for c in drained),
                               sum(c[1] for c in drained),
@@ -201,7 +210,8 @@ def apply_drain(client: Client, plan: list[DrainedQueue], *, global_keyprefix: s
         if planned.scheduled_removed is not None:
             key = keys.scheduled(planned.queue)
             stamp = planned.scheduled_until or plan_stamp(node_client(client, key), key)[1]
-            result.scheduled_removed = drain_schedule(scripts, key, stamp, progress=progress)
+            result.scheduled_removed = drain_schedule(scripts, key, stamp, progress=progress,
+                                                      unique_prefix=unique)
             result.scheduled_until = stamp
         logger.info('celery_streams: drained queue %r: %s entries removed, %s pending cleared',
                     result.queue, result.removed, result.pending_cleared)
@@ -330,3 +340,12 @@ def scheduled(client: Client, *, global_keyprefix: str = '', queues: Iterable[st
         total, messages = scheduled_messages(client, inventory.keys, queue, limit, now_ms)
         found.append(ScheduledQueue(queue, inventory.keys.scheduled(queue), total, messages))
     return found
+
+
+# -- held uniqueness keys ------------------------------------------------------------------
+
+def unique_keys(client: Client, *, global_keyprefix: str = '',
+                queues: Iterable[str] | None = None) -> list[HeldKey]:
+    """Every held uniqueness key (of ``queues``, when given): queue, key, mode, the task id
+    that stands for it and the seconds it has left (:mod:`celery_streams.unique`)."""
+    return held_keys(client, Keys(global_keyprefix), list(queues) if queues else None)

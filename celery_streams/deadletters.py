@@ -27,7 +27,8 @@ from .slots import Client, by_node
 from .errors import StreamsError
 from .inventory import Inventory, age_seconds, last_entry_id, server_now_ms
 from .keys import Keys
-from .scripts import Scripts
+from .scripts import Scripts, source
+from .unique import release_of
 from .wire import text as _text
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ def write(client: Client, keys: Keys, group: str, queue: str, bucket: int, entry
     """Move one entry of a queue stream to the queue's dead letters, atomically.
 
     The entry is acked (unless it was read with ``NOACK``) and deleted from
-    its stream in the same transaction, so it is never delivered again.
+    its stream in the same transaction, so it is never delivered again; the
+    uniqueness key its message holds is released there too (:mod:`celery_streams.unique`).
     """
     logger.warning('celery_streams: moved entry %s of queue %r to its dead letters: %s',
                    entry_id, queue, reason)
@@ -73,7 +75,20 @@ def write(client: Client, keys: Keys, group: str, queue: str, bucket: int, entry
             pipe.xack(stream, group, entry_id)
         pipe.xdel(stream, entry_id)
         pipe.hincrby(keys.ledger(queue), 'dead_lettered', 1)   # the ledger (celery_streams.ledger)
+        released = _unique_release(keys, queue, fields)
+        if released is not None:   # EVAL: a rare path, no script of a client's to run
+            pipe.eval(source('unique_hold'), 1, *released)
         pipe.execute()
+
+
+def _unique_release(keys: Keys, queue: str, fields: Mapping[str, Any]) -> tuple | None:
+    """The release of the uniqueness key a dead-lettered entry's message holds, or None."""
+    payload = fields.get('payload', fields.get(b'payload'))   # type: ignore[call-overload]
+    try:
+        message = loads(payload) if payload is not None else None
+    except Exception:   # undecodable: it names no key
+        return None
+    return release_of(keys, queue, message) if isinstance(message, dict) else None
 
 
 @dataclass

@@ -24,7 +24,7 @@ from time import monotonic
 
 from kombu.utils.json import loads
 
-from . import deadletters
+from . import deadletters, unique
 from .errors import one_line
 from .worker_state import worker_shutting_down
 from .qos import make_tag, settle_commands
@@ -84,8 +84,9 @@ class Inbox:
         the throttle: the ones it admits join the buffer, the others wait in
         their queue's schedule.
         """
-        settle, limited = [], []
-        throttle = self.throttle if not noack and self.throttle and self.throttle.look() else None
+        settle: list = []
+        limited: list = []
+        throttle = None if noack else self._throttle()
         for stream, entries in replies:
             queue, bucket = self.keys.parse_stream(text(stream))
             record = self.queues.get(queue)
@@ -102,11 +103,8 @@ class Inbox:
                     continue
                 if record is not None and record.no_ack:
                     settle.append((queue, bucket, entry_id))
-                elif throttle is not None:
-                    held = throttle.limits_of(queue, payload, _is_paced(fields))
-                    if held:
-                        limited.append((queue, bucket, entry_id, payload, held))
-                        continue
+                elif self._limited(throttle, limited, queue, bucket, entry_id, payload, fields):
+                    continue
                 self.buffer.append((queue, payload))
         if settle:
             self.settle_noack(settle, noack)
@@ -116,15 +114,33 @@ class Inbox:
     def add_claimed(self, claimed) -> dict:
         """Decode the flat reply of the ``reclaim`` script; returns entries taken per queue."""
         taken: dict = {}
+        throttle = self._throttle()
+        limited: list = []
         for i in range(0, len(claimed), 4):
             queue, bucket = self.keys.parse_stream(text(claimed[i]))
             entry_id, times, flat = text(claimed[i + 1]), int(claimed[i + 2]), claimed[i + 3]
-            payload = self.decode(queue, entry_id, dict(zip(flat[::2], flat[1::2])),
-                                  noack=False, times_in_pel=times, bucket=bucket)
+            fields = dict(zip(flat[::2], flat[1::2]))
+            payload = self.decode(queue, entry_id, fields, noack=False, times_in_pel=times,
+                                  bucket=bucket)
             taken[queue] = taken.get(queue, 0) + 1
-            if payload is not None:
+            if payload is not None and not self._limited(throttle, limited, queue, bucket,
+                                                         entry_id, payload, fields):
                 self.buffer.append((queue, payload))
+        if limited and throttle is not None:
+            self.buffer.extend(throttle.admit(limited))
         return taken
+
+    def _throttle(self):
+        """The throttle, when any rate limit exists (looked up at most once a second)."""
+        return self.throttle if self.throttle is not None and self.throttle.look() else None
+
+    def _limited(self, throttle, limited, queue, bucket, entry_id, payload, fields) -> bool:
+        """Whether a rate limit holds this entry: then it joins ``limited``, for the throttle
+        (an entry reclaimed from a dead consumer too: it may never have been asked)."""
+        held = () if throttle is None else throttle.limits_of(queue, payload, _paced_at(fields))
+        if held:
+            limited.append((queue, bucket, entry_id, payload, held))
+        return bool(held)
 
     def decode(self, queue, entry_id, fields, noack, times_in_pel=1, bucket=0):
         """The kombu payload of one entry, or None once a bad entry was dead-lettered.
@@ -153,6 +169,7 @@ class Inbox:
             return None
         if self._expired(queue, entry_id, payload, deadline):   # dropped, as AMQP does
             self.settle_noack([(queue, bucket, entry_id)], noack, counter='expired')
+            unique.release_expired(self, queue, payload)   # its uniqueness key, if any
             return None
         properties['delivery_tag'] = make_tag(entry_id, self.consumer, queue, bucket)
         # What a task reads from ``request.delivery_info`` to guard its side effects
@@ -274,9 +291,13 @@ class Inbox:
         return tags
 
 
-def _is_paced(fields) -> bool:
-    """Whether an entry's start was reserved by a rate limit before (``paced``: limits.py)."""
-    return b'paced' in fields or 'paced' in fields
+def _paced_at(fields) -> int | None:
+    """The start a rate limit reserved for an entry it held (``paced``: limits.py), or None."""
+    start = fields.get(b'paced') or fields.get('paced')
+    try:
+        return int(start) if start else None
+    except ValueError:
+        return None
 
 
 def _field_name(name):

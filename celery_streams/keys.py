@@ -26,6 +26,11 @@ key                                     type    holds
                                                 ``acked``...: :mod:`celery_streams.ledger`),
                                                 each counted by the script or command
                                                 that did it
+``{P}celery-streams:{limits}``          hash    global rate limits: ``task:NAME`` or
+                                                ``queue:NAME`` -> ``interval_ms burst rate``
+                                                (:mod:`celery_streams.limits`)
+``{P}celery-streams:{limits}:tat:{F}``  string  rate limit F's next free start, ms
+                                                (server clock; expires when idle)
 ``{P}celery-streams:q:{Q}:alive:{C}``   string  present while consumer C of queue Q lives
                                                 (its worker renews it; expires after
                                                 ``visibility_timeout``)
@@ -34,6 +39,11 @@ key                                     type    holds
                                                 entries up to it may have been in
                                                 flight (expires after
                                                 ``visibility_timeout``)
+``{P}celery-streams:q:{Q}:unique:K``   string  held uniqueness key K of queue Q
+                                                (:mod:`celery_streams.unique`):
+                                                ``mode|where|generation|task id`` of
+                                                the task that stands for K; expires
+                                                (PX) as that module says
 ======================================  ======  =========================================
 
 ``P`` is kombu's ``global_keyprefix`` (empty by default). The braces around a
@@ -71,6 +81,7 @@ DEFAULT_PRIORITY_STEPS = (0, 3, 6, 9)
 NAMESPACE = 'celery-streams:'
 LEDGER_TAIL = ':ledger'   # after the queue's hash tag
 DEAD_TAIL = ':dead'       # after the queue's hash tag
+UNIQUE_TAIL = '}:unique:'  # closes the queue's hash tag; the uniqueness key follows
 SEP = '\x06\x16'   # the separator kombu's Redis transport uses in bindings
 
 TASK = 'task'
@@ -81,8 +92,8 @@ class KeyInfo(NamedTuple):
     """What a per-queue key is: its queue, its role and the role's detail.
 
     Roles: ``stream`` (detail: the priority bucket), ``dead`` (detail: None),
-    ``scheduled`` (detail: None), ``ledger`` (detail: None), ``alive`` (detail: the consumer name) and
-    ``healed`` (detail: the bucket).
+    ``scheduled`` (detail: None), ``ledger`` (detail: None), ``alive`` (detail: the consumer name),
+    ``healed`` (detail: the bucket) and ``unique`` (detail: the uniqueness key).
     """
 
     queue: str
@@ -105,6 +116,8 @@ class Keys:
         #: What every per-queue key starts with.
         self.queue_head = self.prefix + 'q:{'
         self.bindings_head = self.prefix + 'bind:{'
+        #: The rate limits (:mod:`celery_streams.limits`); their state shares its hash tag.
+        self.limits = self.prefix + '{limits}'
 
     # -- building -------------------------------------------------------------
 
@@ -159,6 +172,24 @@ class Keys:
         """The healed mark of a stream of ``queue`` (see the ``create_group`` script)."""
         return '%s%s}:healed:%d' % (self.queue_head, queue, bucket)
 
+    def limit_state(self, field: str) -> str:
+        """The state of rate limit ``field`` (``task:NAME``, ``queue:NAME``): its next free
+        start. In the slot of :attr:`limits`, so one script reads both."""
+        return self.limits + ':tat:' + field
+
+    def unique_prefix(self, queue: str) -> str:
+        """The held uniqueness keys of ``queue`` are this plus the key
+        (:mod:`celery_streams.unique`)."""
+        return self.queue_head + queue + UNIQUE_TAIL
+
+    def unique(self, queue: str, key: str) -> str:
+        return self.unique_prefix(queue) + key
+
+    @property
+    def match_unique(self) -> str:
+        """A SCAN pattern matching every held uniqueness key."""
+        return glob_escape(self.queue_head) + '*' + glob_escape(UNIQUE_TAIL) + '*'
+
     def bindings(self, exchange: str) -> str:
         """The set of bindings of ``exchange``."""
         return self.bindings_head + exchange + '}'
@@ -188,6 +219,9 @@ class Keys:
         if not key.startswith(self.queue_head):
             return None
         body = key[len(self.queue_head):]
+        if UNIQUE_TAIL in body:   # first: a uniqueness key may end with anything
+            queue, _, unique_key = body.partition(UNIQUE_TAIL)
+            return KeyInfo(queue, 'unique', unique_key)
         if body.endswith('}'):
             return KeyInfo(body[:-1], 'stream', 0)
         if '}:alive:' in body:
@@ -254,7 +288,7 @@ def parse_binding(member: bytes | str) -> tuple[str, str, str]:
 #: Every command the transport sends (workers and publishers), for a Redis ACL.
 COMMANDS = (
     'ping', 'time', 'client|setname', 'multi', 'exec', 'get', 'set', 'del', 'exists', 'pexpire',
-    'hset', 'hsetnx', 'hdel', 'hkeys', 'hincrby', 'hgetall', 'pttl', 'sadd', 'srem', 'smembers',
+    'hset', 'hsetnx', 'hdel', 'hkeys', 'hincrby', 'hgetall', 'hget', 'pttl', 'sadd', 'srem', 'smembers',
     'xadd', 'xreadgroup', 'xack', 'xdel', 'xlen', 'xrange', 'xrevrange', 'xtrim', 'xpending', 'xclaim',
     'xgroup|create', 'xgroup|delconsumer', 'xinfo|groups', 'xinfo|consumers', 'xinfo|stream',
     'zadd', 'zrange', 'zrangebyscore', 'zrem',   # delayed delivery (inside its scripts)

@@ -7,6 +7,9 @@
   up and appends in one round trip.
 * Through a fanout exchange, the message is copied into the stream of every
   bound queue, trimmed to ``fanout_maxlen`` (the ``append`` script).
+* A message carrying a uniqueness key (:mod:`celery_streams.unique`) goes
+  through the ``unique`` script instead, which checks the key and appends or
+  schedules in one call per queue (a broadcast ignores the key).
 * A Celery task whose ETA is further ahead than ``delayed_delivery_threshold``
   goes into each queue's schedule instead of its stream (delayed delivery,
   :mod:`celery_streams.scheduler`): the ``schedule`` script through the
@@ -39,7 +42,7 @@ import redis
 from kombu.utils.json import dumps
 from redis.exceptions import NoScriptError
 
-from . import errors, replication, scheduler
+from . import errors, replication, scheduler, unique
 from .keys import SEP, parse_binding
 
 logger = logging.getLogger(__name__)
@@ -92,7 +95,29 @@ class Publisher:
 
     def put(self, queue, message, _publish_batch=None, **kwargs):
         """Append to the stream of a queue by name (created when missing), or schedule it."""
+        claim = unique_claim(message)
+        if claim is not None:
+            return self.put_unique([queue], message, claim)
         self._write(self._put_commands([queue], message), _publish_batch)
+
+    def put_unique(self, queues, message, claim) -> None:
+        """Publish a message that carries a uniqueness key to each of ``queues``: the ``unique``
+        script checks the key and appends (or schedules) in one call per queue.
+
+        Always confirmed now, outside any batch: the caller learns at once
+        whether it was dropped (:func:`celery_streams.unique.take_outcome`).
+        """
+        bucket, now_ms = self.bucket(message), self.clock()
+        payload = serialize(message, now_ms)
+        due = scheduler.due_ms(message, now_ms, self.options)
+        commands = [unique.publish_command(self.scripts, self.keys, queue, claim, payload=payload,
+                                           bucket=bucket, due=due, token=scheduler.new_token(),
+                                           expires=self.queues.expires(queue),
+                                           ledger=self.options.ledger)
+                    for queue in queues]
+        if commands:
+            self.run(commands, lambda replies: [unique.published(claim, r) for r in replies],
+                     now=True)
 
     def _put_commands(self, queues, message) -> list:
         """The commands appending ``message`` to each of ``queues`` (created when missing), or
@@ -130,15 +155,15 @@ class Publisher:
         else:
             self.run(commands, on_replies)
 
-    def run(self, commands, on_replies=None) -> None:
+    def run(self, commands, on_replies=None, now=False) -> None:
         """Send ``commands`` in one write and check their replies, then ``on_replies(replies)``.
 
         ``publish_confirm='now'``: returns once Redis replied (with ``WAIT``
         behind them when publishes are confirmed by replicas), raising the
         first error in one line. ``'later'``: returns once they are written
-        (:meth:`_confirmed` checks the replies).
+        (:meth:`_confirmed` checks the replies); ``now``: as ``'now'`` whatever the option.
         """
-        if self.pipe is not None:
+        if self.pipe is not None and not now:
             self.pipe.write(commands, on_replies=partial(self._confirmed, commands, on_replies),
                             retry=False)
             return
@@ -212,6 +237,11 @@ class Publisher:
         if kind == 'fanout':
             return self.put_fanout(exchange, message, routing_key, **kwargs)
         batch = kwargs.get('_publish_batch')
+        claim = unique_claim(message)
+        if claim is not None:   # routed here, each queue's key checked with its append
+            queues = [q for q in dict.fromkeys(self.kombu._lookup(exchange, routing_key))
+                      if q and q != self.kombu.deadletter_queue]
+            return self.put_unique(queues, message, claim)
         if self.kombu.deadletter_queue:
             return self._put_declared(exchange, routing_key, message, batch)
         return self.route_exchange(exchange, kind, routing_key, message, batch)
@@ -313,6 +343,15 @@ class Publisher:
                 self.bindings.drop_stale(exchange, gone)
 
         self._write(commands, _publish_batch, on_replies=drop_gone)
+
+
+def unique_claim(message) -> unique.Claim | None:
+    """The uniqueness claim of a message (:mod:`celery_streams.unique`), or None: two
+    lookups for a message without one."""
+    headers, properties = message.get('headers'), message['properties']
+    if (headers and unique.KEY in headers) or unique.KEY in properties:
+        return unique.claim_of(headers, properties, give_id=True)
+    return None
 
 
 def refusal(commands, replies) -> Exception | None:

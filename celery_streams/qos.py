@@ -27,6 +27,7 @@ from kombu.transport import virtual
 from redis.exceptions import NoScriptError, ResponseError
 
 from . import errors
+from .unique import Holds
 from .worker_state import running_delivery_tags
 
 logger = logging.getLogger(__name__)
@@ -107,10 +108,20 @@ class QoS(virtual.QoS):
         self.ledger = channel.options.ledger
         self._short_since = None      # since when fewer than half the window is free
         self._base_window = 0         # the smallest prefetch_count seen (refill_wait)
+        #: The uniqueness keys of the messages delivered (:mod:`celery_streams.unique`).
+        self.holds = Holds(keys=self.keys, scripts=self.scripts,
+                           visibility_ms=channel.options.visibility_ms,
+                           renew_every=channel.options.renew_every)
+        self._releases: list = []     # commands releasing keys, sent with the next acks
 
     # -- kombu's QoS ----------------------------------------------------------
 
+    def append(self, message, delivery_tag):
+        super().append(message, delivery_tag)
+        self.holds.delivered(delivery_tag, message)
+
     def ack(self, delivery_tag):
+        self._releases += self.holds.done(delivery_tag)
         self.ack_later(delivery_tag)
         super().ack(delivery_tag)
 
@@ -120,8 +131,14 @@ class QoS(virtual.QoS):
             if failed:
                 raise failed[0][1]
         else:
+            self._releases += self.holds.done(delivery_tag)
             self.ack_tags([delivery_tag], counter='rejected')
         self._quick_ack(delivery_tag)
+
+    def renew_unique(self) -> None:
+        """From the renewal thread: renew or release the uniqueness keys of the messages
+        this channel holds (:meth:`celery_streams.unique.Holds.tick`)."""
+        self.holds.tick()
 
     def restore_unacked(self):
         """Put every unacked message back, in one round trip; return the failures.
@@ -245,6 +262,9 @@ class QoS(virtual.QoS):
             by_stream.setdefault(key, []).append(tag.entry_id)
         commands = settle_commands(self.scripts, self.group, by_stream, counter, self.ledger)
         commands += self.inbox.ledger_commands()
+        if self._releases:   # in the acks' write: a key goes with its message
+            releases, self._releases = self._releases, []
+            commands += releases
         if not commands:
             self.pipe.collect(wait)
             return
@@ -258,7 +278,7 @@ class QoS(virtual.QoS):
         missing = [command for command, reply in zip(commands, replies)
                    if isinstance(reply, NoScriptError)]
         if missing:
-            self.scripts.reload('ack')
+            self.scripts.reload_all()   # the server lost them all (the ack and unique_hold)
             self.pipe.write(missing, wait=True, on_replies=partial(self._acked, missing))
             return
         error = next((reply for command, reply in zip(commands, replies)
@@ -286,7 +306,14 @@ class QoS(virtual.QoS):
             return [(tag, exc) for tag in tags]
         # On a Redis Cluster, a batch per slot: a node that is gone keeps only its own.
         batches = self.batches(tags, lambda tag: self.keys.stream(parse_tag(tag).queue))
-        return [failed for batch in batches for failed in self._restore(batch, attempted)]
+        failures = [failed for batch in batches for failed in self._restore(batch, attempted)]
+        holds = self.holds.put_back(tags)   # waiting again: their keys held for unique_for
+        if holds:
+            try:
+                self.scripts.run(self.dispatcher, holds)
+            except errors.connection_errors as exc:   # lapse after their lease, at worst
+                logger.debug('celery_streams: uniqueness keys not renewed at restore: %s', exc)
+        return failures
 
     def _restore(self, tags, attempted) -> list:
         commands = [self.scripts.command('restore', [self.keys.stream(tag.queue, tag.bucket),

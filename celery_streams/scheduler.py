@@ -311,13 +311,17 @@ def plan_stamp(client: redis.Redis, key: str) -> tuple[int, int]:
 
 
 def drain_schedule(scripts, key: str, stamp: int, *, step: int = DRAIN_SCHEDULED_STEP,
-                   progress=None) -> int:
+                   progress=None, unique_prefix: str | None = None) -> int:
     """Remove the members of schedule ``key`` added up to ``stamp`` (µs, server clock), in
     bounded steps (the ``drain_scheduled`` script, ``ZSCAN`` over about ``step`` members a
-    call); ``progress(n)`` after each step that removed ``n``. Returns how many went."""
+    call); ``progress(n)`` after each step that removed ``n``. ``unique_prefix``
+    (``Keys.unique_prefix`` of the queue): the messages removed release their uniqueness
+    keys (:mod:`celery_streams.unique`). Returns how many went."""
     removed, cursor = 0, '0'
+    unique = [unique_prefix] if unique_prefix else []
     while True:
-        cursor, count = scripts.drain_scheduled(keys=[key, ledger_of(key)], args=[stamp, cursor, step])
+        cursor, count = scripts.drain_scheduled(keys=[key, ledger_of(key)],
+                                                args=[stamp, cursor, step, *unique])
         cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
         removed += count
         if progress is not None and count:

@@ -29,8 +29,7 @@ the reader (:mod:`~celery_streams.reader`), the inbox
 liveness (:mod:`~celery_streams.liveness`), the scheduler of delayed
 delivery (:mod:`~celery_streams.scheduler`) and the rate limits (:mod:`~celery_streams.limits`).
 
-Transport options: see :mod:`celery_streams.options`. Key schema: see
-:mod:`celery_streams.keys`. URLs: see :mod:`celery_streams.connection`.
+Options: :mod:`~celery_streams.options`; keys: :mod:`~celery_streams.keys`; URLs: :mod:`.connection`.
 """
 from __future__ import annotations
 
@@ -120,9 +119,9 @@ class Channel(virtual.Channel):
         scheduler = Scheduler(keys=keys, queues=self.queues, scripts=scripts,
                               dispatcher=topology.dispatcher, clock=self.server_time_ms,
                               options=options)
-        self.throttle = Throttle(keys=keys, client=client, scripts=scripts, dispatcher=topology.dispatcher,
-                                 group=self.group, ledger=options.ledger,
-                                 configured=options.rate_limits, on_held=scheduler.expect)
+        self.throttle = Throttle(keys=keys, options=options, client=client, scripts=scripts,
+                                 dispatcher=topology.dispatcher, on_held=scheduler.expect,
+                                 clock=self.server_time_ms)
         self.inbox = Inbox(keys=keys, queues=self.queues, options=options, consumer=consumer,
                            client=client, scripts=scripts, dispatcher=topology.dispatcher,
                            clock=self.server_time_ms, decode_body=self.decode_body,
@@ -347,6 +346,7 @@ class Channel(virtual.Channel):
         if not self.closed:
             self.follow_master()
         self.liveness.renew_if_due()
+        self.qos.renew_unique()   # the uniqueness keys of the messages held (unique.Holds)
         if not self.closed:
             queues = self.consuming_queues()
             self.queues.refresh_expiry(queues)

@@ -142,6 +142,7 @@ SHARED_FIXTURE_FILES = {
     "tests/test_cluster.py": "kind",           # cluster
     "tests/test_cluster_worker.py": "kind",    # cluster
     "tests/test_ledger_cluster.py": "kind",    # cluster
+    "tests/test_unique_cluster.py": "kind",    # cluster
     "tests/test_rate_limits_cluster.py": "kind",   # cluster
     "tests/test_celery_features.py": "kind",   # pair (two workers); smoke, per kind
     "tests/test_packaging.py": "file",         # dist, clean_venv: built in the tree

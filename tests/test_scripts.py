@@ -55,7 +55,9 @@ def test_affixes_give_exactly_the_keys_of_keys_py(prefix):
 def test_every_script_that_calls_the_library_is_loaded_behind_it():
     library = resources.files(scripts).joinpath(LIBRARY + '.lua').read_text()
     assert 'KEYS' not in _code(LIBRARY) and 'ARGV' not in _code(LIBRARY)
-    assert set(library_functions()) == {'append', 'append_payload', 'schedule_member', 'parse_member'}
+    assert set(library_functions()) == {'append', 'append_payload', 'schedule_member', 'parse_member',
+                                        # uniqueness keys (celery_streams.unique)
+                                        'unique_value', 'unique_held', 'unique_field', 'release_unique'}
     behind = set()
     for name in NAMES:
         text = resources.files(scripts).joinpath(name + '.lua').read_text()
@@ -65,7 +67,8 @@ def test_every_script_that_calls_the_library_is_loaded_behind_it():
         assert text.startswith('-- ') and 'Returns' in text   # each keeps its own header
     # The ones that append or schedule; the read run on every read is not among them.
     assert behind == {'append', 'promote', 'route', 'restore', 'requeue_dead', 'schedule',
-                      'drain_scheduled'}
+                      'drain_scheduled', 'drain', 'unique', 'unique_hold',
+                      'hold', 'unhold'}   # rate limits: into the schedule and out
 
 
 def test_only_the_library_appends_or_writes_a_schedule_member():

@@ -12,6 +12,10 @@
     celery -A proj streams exporter [--port 9808] [--address 127.0.0.1] [--interval N]
     celery -A proj streams scheduled [-Q a,b] [--limit N] [--json]
     celery -A proj streams audit [-Q a,b] [--json] [-v] [--check]
+    celery -A proj streams unique [-Q a,b] [--json]
+    celery -A proj streams limit list [--json]
+    celery -A proj streams limit set NAME RATE [--burst N]
+    celery -A proj streams limit clear NAME
     celery --broker redis://host:6379/0 streams [--prefix P] status
 
 The broker URL, ``global_keyprefix`` and ``consumer_group`` come from the app
@@ -41,7 +45,7 @@ from __future__ import annotations
 from celery.signals import beat_init, celeryd_after_setup
 
 from .. import diagnose
-from . import audit, dead_letters, exporter, queues, scheduled  # noqa: F401  (they add their commands)
+from . import audit, dead_letters, exporter, limits, queues, scheduled, unique  # noqa: F401  (they add their commands)
 from .base import plan_confirm_apply, streams
 
 # `celery worker` and `celery beat` load this plugin too: their log says when the app runs on

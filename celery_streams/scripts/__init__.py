@@ -34,7 +34,8 @@ from ..keys import is_dead_letters, ledger_of
 
 NAMES = ('restore', 'drain', 'append', 'reclaim', 'read', 'forget_consumer', 'route', 'requeue_dead',
          'prune_registry', 'create_group', 'schedule', 'promote', 'drain_scheduled', 'ack',
-         'reserve', 'hold', 'unhold')
+         'reserve', 'hold', 'unhold',
+         'unique', 'unique_hold')   # uniqueness keys (celery_streams.unique)
 
 #: The most entries one ``drain`` call acks and trims in all, in :meth:`Scripts.drain_stream`.
 #: An ack (XPENDING + XACK) costs about 1 µs of server time, trimming 0.05 µs an entry
@@ -89,6 +90,8 @@ class Scripts:
     reserve: Script
     hold: Script
     unhold: Script
+    unique: Script
+    unique_hold: Script
 
     def __init__(self, client):
         self.client = client
@@ -126,7 +129,8 @@ class Scripts:
         return replies
 
     def drain_stream(self, stream, until: str, *, delete_empty: bool = False,
-                     step: int = DRAIN_STEP, progress=None) -> tuple[int, int]:
+                     step: int = DRAIN_STEP, progress=None,
+                     unique_prefix: str | None = None) -> tuple[int, int]:
         """Drain ``stream`` up to entry ``until`` (inclusive) in bounded steps.
 
         Calls the ``drain`` script with ``step`` until nothing up to ``until``
@@ -137,6 +141,8 @@ class Scripts:
         and groupless (a dead-letter stream). ``progress(n)`` is called after
         each call that removed or cleared ``n`` entries. What it removes counts in the
         ledger of the stream's queue: ``drained``, or ``dead_purged`` (a dead-letter stream).
+        ``unique_prefix`` (``Keys.unique_prefix`` of the stream's queue): the messages
+        removed release the uniqueness keys they hold (:mod:`celery_streams.unique`).
         Returns ``(entries removed, pending entries cleared)``.
         """
         removed = cleared = 0
@@ -144,7 +150,8 @@ class Scripts:
             step_removed, step_cleared, more = self.drain(
                 keys=[stream, ledger_of(stream)],
                 args=[until, '1' if delete_empty else '0', step,
-                      'dead_purged' if is_dead_letters(stream) else 'drained'])
+                      'dead_purged' if is_dead_letters(stream) else 'drained',
+                      *([unique_prefix] if unique_prefix else [])])
             removed += step_removed
             cleared += step_cleared
             if progress is not None and (step_removed or step_cleared):

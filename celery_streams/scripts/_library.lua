@@ -22,8 +22,10 @@
 --     digits) now (the format: celery_streams.keys; read in Python by
 --     scheduler.parse_member).
 -- parse_member(member)
---     bucket, stamp and payload of a schedule member (strings), or nil when it
---     does not parse (written by hand).
+--     bucket, stamp, payload and token of a schedule member (strings), or nil
+--     when it does not parse (written by hand). A token
+--     'p<deliveries>.<start>.<id>' marks a message held back by a rate limit
+--     (hold.lua): its start is reserved.
 
 local function append(stream, fields, maxlen, expires, ledger, counter)
     local id, dropped = nil, 0
@@ -59,10 +61,66 @@ local function schedule_member(bucket, token, payload)
 end
 
 local function parse_member(member)
-    local bucket, stamp, start = string.match(member, '^(%d+)|(%d+)|[^|]*|()')
+    local bucket, stamp, token, start = string.match(member, '^(%d+)|(%d+)|([^|]*)|()')
     if not bucket then
         return nil
     end
-    return bucket, stamp, string.sub(member, start)
+    return bucket, stamp, string.sub(member, start), token
 end
 
+
+-- Uniqueness keys (celery_streams.unique): a held key's value is
+-- 'mode|where|generation|task id' ('where': '' for a message in a stream,
+-- 'due:token' for one in a schedule; 'generation': Celery's retries count of
+-- the message, so a retry's key is not released by the ack of the message it
+-- retries), the task id last: it may hold any character.
+--
+-- unique_value(mode, due, token, generation, task)
+--     The value of a held key (due and token nil: the message is in a stream).
+-- unique_held(held)
+--     generation, task id, due and token (nil, nil: in a stream) of a value.
+-- unique_field(message, name)
+--     Field `name` of a decoded kombu message: its header, else its property
+--     (Celery puts apply_async's extra options in the properties).
+-- release_unique(prefix, payload)
+--     The message `payload` (kombu's JSON) is gone for good (drained): delete
+--     its uniqueness key, prefix .. unique_key (Keys.unique_prefix of its
+--     queue), if it is held for this very task and generation, and not for a
+--     period (a throttle's key lives its period out). Returns 1 when it
+--     deleted one.
+
+local function unique_value(mode, due, token, generation, task)
+    local where = due and (string.format('%d', due) .. ':' .. token) or ''
+    return mode .. '|' .. where .. '|' .. generation .. '|' .. task
+end
+
+local function unique_held(held)
+    local where, generation, task = string.match(held, '^[^|]*|([^|]*)|([^|]*)|(.*)$')
+    local due, token = string.match(where or '', '^(%d+):(.*)$')
+    return generation, task, due, token
+end
+
+local function unique_field(message, name)
+    for _, part in ipairs({message['headers'], message['properties']}) do
+        if type(part) == 'table' and type(part[name]) == 'string' then
+            return part[name]
+        end
+    end
+end
+
+local function release_unique(prefix, payload)
+    local ok, message = pcall(cjson.decode, payload)
+    if not ok or type(message) ~= 'table' then return 0 end
+    local key = unique_field(message, 'unique_key')
+    if not key or unique_field(message, 'unique_mode') == 'period' then return 0 end
+    local id = unique_field(message, 'id') or unique_field(message, 'correlation_id')
+    local retries = type(message['headers']) == 'table' and tonumber(message['headers']['retries'])
+    local held = redis.call('GET', prefix .. key)
+    if not held or not id then return 0 end
+    local generation, task = unique_held(held)
+    if task == id and generation == string.format('%d', retries or 0) then
+        redis.call('DEL', prefix .. key)
+        return 1
+    end
+    return 0
+end

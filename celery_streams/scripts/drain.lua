@@ -21,6 +21,10 @@
 -- ARGV[4] - optional (with ARGV[3]), the ledger counter of what is removed:
 --           'drained' (a queue's stream or schedule, the default) or
 --           'dead_purged' (a dead-letter stream)
+-- ARGV[5] - optional (with ARGV[3]), the prefix of the queue's uniqueness keys
+--           (Keys.unique_prefix): the messages removed release the keys they
+--           hold (release_unique, _library.lua). The trim then reads what it
+--           removes (XRANGE, at most the step's budget) and trims exactly.
 --
 -- Trims the stream (DEL would destroy its groups) and acks the entries up to
 -- that id pending in every group, so nothing drained can be restored or
@@ -39,7 +43,7 @@
 -- Returns {entries removed, pending entries cleared} without ARGV[3];
 -- {removed, cleared, more} with it, more = 1 while an entry up to that id is
 -- left in the stream or pending in a group.
-local stream, last, step = KEYS[1], ARGV[1], tonumber(ARGV[3])
+local stream, last, step, unique = KEYS[1], ARGV[1], tonumber(ARGV[3]), ARGV[5]
 local EXACT = 100   -- entries an exact trim step reads (XRANGE) at most
 
 if redis.call('EXISTS', stream) == 0 then
@@ -79,6 +83,17 @@ if budget > 0 then   -- nothing up to `last` is pending any more: trim
             removed = redis.call('XTRIM', stream, 'MAXLEN', 0)
         else
             removed = redis.call('XTRIM', stream, 'MINID', after(last))
+        end
+    elseif unique then   -- read what goes, so that its uniqueness keys are released
+        local batch = redis.call('XRANGE', stream, '-', last, 'COUNT', budget)
+        for _, entry in ipairs(batch) do
+            local fields = entry[2]
+            for i = 1, #fields, 2 do
+                if fields[i] == 'payload' then release_unique(unique, fields[i + 1]) end
+            end
+        end
+        if #batch > 0 then
+            removed = redis.call('XTRIM', stream, 'MINID', after(batch[#batch][1]))
         end
     else
         if last == '+' then

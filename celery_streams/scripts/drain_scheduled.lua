@@ -9,6 +9,9 @@
 --           stream meanwhile), to the microsecond.
 -- ARGV[2] - ZSCAN cursor: '0' for the first call, then the one returned
 -- ARGV[3] - ZSCAN COUNT: about how many members one call looks at
+-- ARGV[4] - optional: the prefix of the queue's uniqueness keys
+--           (Keys.unique_prefix): the members removed release the keys their
+--           messages hold (release_unique, _library.lua)
 --
 -- ZSCAN returns every member present from the first call to the last at
 -- least once, whatever is added or removed meanwhile. A member that does not
@@ -22,6 +25,12 @@ for i = 1, #found, 2 do
     local _, stamp = parse_member(found[i])
     if not stamp or tonumber(stamp) <= limit then
         gone[#gone + 1] = found[i]
+    end
+end
+if ARGV[4] then
+    for _, member in ipairs(gone) do
+        local _, _, payload = parse_member(member)
+        if payload then release_unique(ARGV[4], payload) end
     end
 end
 local removed = 0
