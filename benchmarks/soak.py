@@ -7,8 +7,9 @@ persistence) on free loopback ports, and real ``celery worker`` processes
 a small ``visibility_timeout``). For ``--minutes``:
 
 * a publisher thread sends ``--rate`` tasks/s with mixed options (plain,
-  priority 0-9, countdown 1-5 s, ``expires`` 600 s, a mix of the three, and a
-  task under a global rate limit, ``--limit``), each
+  priority 0-9, countdown 1-5 s, ``expires`` 600 s, a mix of the three, a task
+  under a global rate limit, ``--limit``, and a unique task: a key of its own,
+  and right behind it a duplicate with the same key, which must be dropped), each
   with a unique token and its due time (publish time + countdown) kept here; a
   publish that raised is retried until it returns, and only then is the token
   counted as sent. Every ``--unrelated-every``-th publish also sends a message
@@ -75,8 +76,8 @@ FAULTS = ((0.25, 'client_kill'), (0.50, 'restart'), (0.70, 'drain'), (0.85, 'dra
 SENTINEL_FAULTS = tuple((at, 'sentinel_failover' if kind == 'restart' else kind) for at, kind in FAULTS)
 MASTER_NAME = 'soak-master'
 PRIORITY_STEPS = (0, 3, 6, 9)
-KINDS = (('plain', 30), ('priority', 15), ('countdown', 20), ('expires', 15), ('mixed', 10),
-         ('limited', 10))
+KINDS = (('plain', 25), ('priority', 15), ('countdown', 20), ('expires', 10), ('mixed', 10),
+         ('limited', 10), ('unique', 10))
 #: The task of the kind ``limited``: ``record`` under a name with a global rate limit (``--limit``).
 LIMITED = 'soak.limited'
 
@@ -280,6 +281,7 @@ class Publisher(threading.Thread):
         self.failures: list[tuple[float, str, int, str]] = []   # (time, token, attempt, error)
         self.abandoned: list[str] = []    # tokens whose publish never returned
         self.unrelated_sent = 0
+        self.duplicates: list[str] = []   # tokens of the duplicates of unique tasks (dropped)
         self.error = None
 
     def options(self):
@@ -299,18 +301,32 @@ class Publisher(threading.Thread):
         while True:
             attempt += 1
             began = time.time()
+            if kind == 'unique':   # a key of its own: the token
+                opts['headers'] = {'unique_key': token}
             try:
                 self.app.send_task(LIMITED if kind == 'limited' else TASK,
                                    args=(token, attempt, seconds), retry=False,
                                    countdown=countdown or None, queue=queue, **opts)
-                return Sent(token, kind, began, began + countdown, attempt, time.time(),
+                sent = Sent(token, kind, began, began + countdown, attempt, time.time(),
                             opts.get('priority') or 0)
+                if kind == 'unique':
+                    self.duplicate(token, seconds)
+                return sent
             except Exception as exc:   # Redis down, loading, connection killed...
                 self.failures.append((began, token, attempt, '%s: %s' % (type(exc).__name__, exc)))
             if self.abort.wait(backoff):
                 self.abandoned.append(token)
                 return None
             backoff = min(backoff * 2, 0.5)
+
+    def duplicate(self, token, seconds):
+        """Publish a duplicate of unique task ``token`` (same key), which must be dropped."""
+        try:
+            self.app.send_task(TASK, args=('d' + token, 1, seconds), retry=False,
+                               headers={'unique_key': token})
+            self.duplicates.append('d' + token)
+        except Exception as exc:   # a fault: it may or may not have been checked
+            self.failures.append((time.time(), 'd' + token, 1, '%s: %s' % (type(exc).__name__, exc)))
 
     def run(self):
         try:
@@ -618,9 +634,11 @@ class Soak:
             entries += [('queued', stream, eid, fields) for eid, fields in client.xrange(stream)]
         dead = self.keys.dead_letters(QUEUE)
         entries += [('dead-lettered', dead, eid, fields) for eid, fields in client.xrange(dead)]
+        from celery_streams import admin, ledger
         self.leftover = {'queued': self.queued(client), 'pending': self.pending(client),
-                         'dead letters': client.xlen(dead), 'entries': entries}
-        from celery_streams import ledger
+                         'dead letters': client.xlen(dead), 'entries': entries,
+                         'unique keys': [(k.key, k.mode, k.ttl) for k in admin.unique_keys(
+                             client, global_keyprefix=PREFIX) if k.mode != 'period']}
         self.audit = ledger.audit(client, global_keyprefix=PREFIX, queues=[QUEUE, UNRELATED])
         client.close()
 
@@ -672,7 +690,8 @@ def analyse(soak: Soak):
     by_token = journal.by_token
     lost = sorted(t for t in sent if t not in by_token)
     ran_distinct = sum(1 for t in sent if t in by_token)
-    not_counted = sorted(t for t in by_token if t not in sent)   # ran, though no publish returned
+    duplicates = set(pub.duplicates)
+    not_counted = sorted(t for t in by_token if t not in sent and t not in duplicates)
     killed = {w.hostname: w.killed_at for _, w in soak.kills}
     per_kill = collections.Counter()
     reasons = collections.Counter()
@@ -758,6 +777,9 @@ def analyse(soak: Soak):
         min(runs, key=lambda r: r.start).start for token, runs in by_token.items()
         if token in sent and sent[token].kind == 'limited'],
         [f.at for f in soak.faults] + [at for at, _ in soak.kills]))
+    figures.update(soak_features.unique_figures(
+        sum(1 for s in sent.values() if s.kind == 'unique'), duplicates, by_token,
+        soak.leftover.get('unique keys', [])))
     figures['code'] = soak.code
     if soak.all_workers:
         ups = [w.ready_at - w.spawned for w in soak.all_workers if w.ready_at]

@@ -1,5 +1,8 @@
 """The soak's figures of the features it runs besides plain delivery (:mod:`benchmarks.soak`).
 
+* Unique tasks: each has a key of its own, and a duplicate published right
+  behind it with the same key, while the first is sure to hold it: every
+  duplicate must be dropped, and once every task ran no key may be left.
 * Global rate limits: the first runs of the ``limited`` tasks, against their
   limit (``--limit``): the most started in any 1 s window, and the mean rate
   while they were held back. Reruns after a kill are left out (a task killed
@@ -52,3 +55,14 @@ def limit_figures(limit: str, starts, disturbances=()) -> dict:
         figures['  mean rate while held back (tasks/s)'] = '%.2f over %d starts' % (
             len(paced) / sum(paced), len(paced))
     return figures
+
+
+def unique_figures(sent: int, duplicates, by_token, leaked) -> dict:
+    """The report's lines on unique tasks: duplicates dropped, and keys left at the end."""
+    ran = sorted(t for t in duplicates if t in by_token)
+    return collections.OrderedDict([
+        ('unique tasks sent / duplicates published behind them', '%d / %d' % (sent, len(duplicates))),
+        ('  duplicates that ran (must be 0)', '%d%s' % (len(ran), ' **%s**' % ran[:5] if ran else '')),
+        ('  uniqueness keys left once all ran (must be 0)', '%d%s' % (
+            len(leaked), ' **%s**' % leaked[:5] if leaked else '')),
+    ])

@@ -107,7 +107,8 @@ COUNTER_HELP = {
     'dead_purged': 'Dead letters purged by an operator.',
     'expired': 'Messages dropped when read: x-message-ttl or a message expiration.',
     'drained': 'Messages removed by a drain or a purge.',
-    'dropped': 'Entries trimmed away by MAXLEN (broadcast queues).',
+    'dropped': 'Entries trimmed away by MAXLEN (broadcast queues), or scheduled tasks a debounce '
+               'replaced.',
     'throttled': 'Deliveries held back by a global rate limit until their reserved start.',
 }
 METRICS.update({'celery_streams_queue_%s_total' % name: COUNTER_HELP[name] for name in ledger.COUNTERS})

@@ -77,16 +77,17 @@ class Inbox:
 
     # -- taking entries in ------------------------------------------------------
 
-    def add_reply(self, replies, noack) -> None:
+    def add_reply(self, replies, noack) -> int:
         """Decode what a read returned (XREADGROUP or script shape) into the buffer.
 
         Entries a global rate limit holds (:mod:`celery_streams.limits`) go to
         the throttle: the ones it admits join the buffer, the others wait in
-        their queue's schedule.
+        their queue's schedule. Returns how many entries the reply held.
         """
         settle: list = []
         limited: list = []
-        throttle = None if noack else self._throttle()
+        read = sum(len(entries) for _, entries in replies)
+        throttle = None if noack or not read else self._throttle()   # an empty read asks nothing
         for stream, entries in replies:
             queue, bucket = self.keys.parse_stream(text(stream))
             record = self.queues.get(queue)
@@ -110,6 +111,7 @@ class Inbox:
             self.settle_noack(settle, noack)
         if limited and throttle is not None:
             self.buffer.extend(throttle.admit(limited))
+        return read
 
     def add_claimed(self, claimed) -> dict:
         """Decode the flat reply of the ``reclaim`` script; returns entries taken per queue."""

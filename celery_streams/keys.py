@@ -291,7 +291,7 @@ COMMANDS = (
     'hset', 'hsetnx', 'hdel', 'hkeys', 'hincrby', 'hgetall', 'hget', 'pttl', 'sadd', 'srem', 'smembers',
     'xadd', 'xreadgroup', 'xack', 'xdel', 'xlen', 'xrange', 'xrevrange', 'xtrim', 'xpending', 'xclaim',
     'xgroup|create', 'xgroup|delconsumer', 'xinfo|groups', 'xinfo|consumers', 'xinfo|stream',
-    'zadd', 'zrange', 'zrangebyscore', 'zrem',   # delayed delivery (inside its scripts)
+    'zadd', 'zrange', 'zrangebyscore', 'zrem', 'zscan',   # delayed delivery (inside its scripts)
     'zcard', 'unlink',                           # purge of a schedule
     'eval', 'evalsha', 'script|load', 'script|exists', 'scan',
 )

@@ -29,7 +29,8 @@ counter            counted by
 ``expired``        dropped when read: ``x-message-ttl``, a message ``expiration``
 ``drained``        removed by a drain or a purge (the ``drain`` and
                    ``drain_scheduled`` scripts)
-``dropped``        trimmed away by ``MAXLEN`` (broadcast queues, ``fanout_maxlen``)
+``dropped``        trimmed away by ``MAXLEN`` (broadcast queues, ``fanout_maxlen``), or
+                   a scheduled task a debounce replaced (``unique``)
 ``throttled``      held back by a rate limit (``hold``): out of the stream into the
                    schedule until its reserved start -- the same message, still
                    counted where it is (a flow counter, like ``delivered``)

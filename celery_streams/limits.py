@@ -19,9 +19,11 @@ kept where the read happens, so it costs a waiting task nothing:
 * **Limits live in Redis** (:attr:`Keys.limits <celery_streams.keys.Keys.limits>`):
   the ``rate_limits`` transport option writes them when a worker starts
   consuming, ``celery streams limit`` sets and clears them live. A worker
-  looks at which limits exist at most every :data:`REFRESH` seconds while
-  messages come in (none: nothing to ask); the ``reserve`` script reads each
-  limit's rate on every call, so a changed rate holds at once.
+  reads which limits exist when it starts consuming, then asks again every
+  :data:`REFRESH` seconds while messages come in, on its pipe of acks (the
+  answer comes back with later replies: no read waits for it; an idle
+  worker asks nothing); the ``reserve`` script reads each limit's rate on
+  every call, so a changed rate holds at once.
 * **Changing or clearing** a limit lets go of what it holds back
   (:func:`release`): those messages come due now, unmarked, and are asked
   again -- paced anew under the new rate, or started at once without one.
@@ -36,7 +38,7 @@ import logging
 from time import monotonic
 from typing import Iterable
 
-from . import rates, worker_state
+from . import errors, rates, worker_state
 from .errors import one_line
 from .keys import Keys
 from .rates import Limit
@@ -163,7 +165,8 @@ class Throttle:
 
     Its collaborators: the ``keys``, the ``options`` (the consumer group,
     whether to count in the ledger, the ``rate_limits`` to write), the
-    ``client`` (the limits are read with it), the ``scripts`` and
+    ``client`` (the limits are read with it at first), the ``pipe`` (the
+    channel's, of acks: asked again there), the ``scripts`` and
     ``dispatcher`` (``reserve`` and ``hold`` go out through :meth:`Scripts.run
     <celery_streams.scripts.Scripts.run>`: ``NOSCRIPT`` reloads, cluster
     slots), ``on_held(queue, start_ms)``
@@ -171,9 +174,10 @@ class Throttle:
     server's clock).
     """
 
-    def __init__(self, *, keys: Keys, options, client, scripts, dispatcher, on_held, clock):
+    def __init__(self, *, keys: Keys, options, client, pipe, scripts, dispatcher, on_held, clock):
         self.keys = keys
         self.client = client
+        self.pipe = pipe   # the channel's pipe (acks): the limits are asked there
         self.scripts = scripts
         self.dispatcher = dispatcher
         self.group = options.consumer_group
@@ -183,25 +187,48 @@ class Throttle:
         self.clock = clock   # now, in ms by the server's clock
         self.limits: dict[str, Limit] = {}
         self._looked = -REFRESH
+        self._looked_ever = False
         self._configured_written = False
         self._failed: str | None = None
 
     def configure(self) -> None:
         """Write the limits of the ``rate_limits`` option and, with ``global_task_rate_limits``,
-        the worker's tasks' own (the option's win): once, when consuming starts."""
+        the worker's tasks' own (the option's win): once, when consuming starts. Then read
+        which limits exist, before the first read."""
         wanted = {limit.field: limit for limit in (*worker_state.task_rate_limits(), *self.configured)}
         if wanted and not self._configured_written:
             self._configured_written = True
             write(self.client, self.keys, wanted.values())
-            self._looked = -REFRESH
+        self.limits, self._looked, self._looked_ever = read(self.client, self.keys), monotonic(), True
 
     def look(self) -> bool:
-        """Whether any limit exists; looks in Redis at most every :data:`REFRESH` seconds."""
+        """Whether any limit exists. What exists is asked again every :data:`REFRESH` seconds,
+        on the channel's pipe: the answer comes with the replies of later acks, and a read
+        never waits for it (on a slow network, a round trip per read would be seconds)."""
         now = monotonic()
         if now - self._looked >= REFRESH:
             self._looked = now
-            self.limits = read(self.client, self.keys)
+            if self._looked_ever and self.pipe is not None:
+                try:
+                    self.pipe.write([('HGETALL', self.keys.limits)], on_replies=self._learn, retry=False)
+                except errors.connection_errors as exc:   # the read that follows will say
+                    logger.debug('celery_streams: rate limits not asked: %s', exc)
+            else:
+                self.limits = read(self.client, self.keys)
+            self._looked_ever = True
         return bool(self.limits)
+
+    def _learn(self, replies) -> None:
+        [found] = replies
+        if isinstance(found, Exception):
+            return
+        pairs = found.items() if isinstance(found, dict) else zip(found[::2], found[1::2])
+        limits = {}
+        for field, value in pairs:
+            parsed = rates.parse_stored(_text(field), _text(value))
+            if parsed is not None:
+                limits[parsed.field] = parsed
+        self.limits = limits
 
     def limits_of(self, queue: str, payload: dict, paced_at: int | None) -> tuple:
         """The fields of the limits that hold this entry: none for one held before and read in

@@ -254,9 +254,9 @@ class Reader:
             if self.lanes.redirected(lane, read, exc):
                 return False
             raise
-        before = len(self.inbox)
-        self.inbox.add_reply(replies or (), read.noack)
-        lane.block_next = len(self.inbox) <= before
+        # Block next only when this read found nothing: entries a rate limit held back, or
+        # dead-lettered, leave the buffer as it was, and more may be waiting behind them.
+        lane.block_next = not self.inbox.add_reply(replies or (), read.noack)
         return bool(self.inbox)
 
     def finish_all(self) -> None:

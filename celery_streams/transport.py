@@ -46,7 +46,7 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.transport.virtual.base import queue_declare_ok_t
 
-from . import errors, worker_state
+from . import errors, unique, worker_state
 from .connection import SCHEMES, TLS_SCHEMES, Address, refuse_foreign_alternates, safe_url  # noqa: F401
 from .inbox import Inbox
 from .inventory import last_entry_id
@@ -61,8 +61,9 @@ from .depth import queue_depth
 from .queues import QueueTable
 from .reader import Reader
 from .publisher import Publisher
-from .scheduler import Scheduler
+from .scheduler import Scheduler, drain_schedule, plan_stamp
 from .scripts import Scripts
+from .slots import node_client
 from .topology import open_topology, topology_class
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ class Channel(virtual.Channel):
         scheduler = Scheduler(keys=keys, queues=self.queues, scripts=scripts,
                               dispatcher=topology.dispatcher, clock=self.server_time_ms,
                               options=options)
-        self.throttle = Throttle(keys=keys, options=options, client=client, scripts=scripts,
+        self.throttle = Throttle(keys=keys, options=options, client=client, pipe=self.pipe, scripts=scripts,
                                  dispatcher=topology.dispatcher, on_held=scheduler.expect,
                                  clock=self.server_time_ms)
         self.inbox = Inbox(keys=keys, queues=self.queues, options=options, consumer=consumer,
@@ -369,15 +370,14 @@ class Channel(virtual.Channel):
         return queue_depth(self.pool_client, self.keys, self.group, queue)
 
     def _purge(self, queue):
-        """Empty the queue up to its last entry now, in bounded steps; its consumer groups stay
-        (``DEL`` would destroy them). Its scheduled messages go too (``UNLINK`` of the schedule)."""
-        removed = sum(self.scripts.drain_stream(key, last_entry_id(self.pool_client, key))[0]
+        """Empty the queue up to its last entry now, and its schedule up to now, in bounded steps
+        (its groups stay: ``DEL`` would destroy them); what goes releases its uniqueness keys."""
+        client, held = self.pool_client, unique.held_prefix(self.pool_client, self.keys, queue)
+        removed = sum(self.scripts.drain_stream(key, last_entry_id(client, key), unique_prefix=held)[0]
                       for key in self.keys.streams(queue))
-        with self.pool_client.pipeline(transaction=True) as pipe:
-            pipe.zcard(self.keys.scheduled(queue))
-            pipe.unlink(self.keys.scheduled(queue))
-            scheduled, _ = pipe.execute()
-        return removed + scheduled
+        key = self.keys.scheduled(queue)
+        return removed + drain_schedule(self.scripts, key, plan_stamp(node_client(client, key), key)[1],
+                                        unique_prefix=held)
 
     def mark_collected(self):
         """The connection was lost: :meth:`close` keeps what the worker comes back for."""

@@ -48,7 +48,8 @@ from dataclasses import asdict, dataclass
 from time import monotonic
 from typing import NamedTuple
 
-from .keys import Keys
+from .keys import Keys, glob_escape
+from .slots import node_client
 from .wire import text
 from .worker_state import running_delivery_tags
 
@@ -366,3 +367,11 @@ def queues_with_keys(client, keys: Keys) -> set:
     return {info.queue for info in (keys.parse(text(k)) for k in
                                     client.scan_iter(match=keys.match_unique, count=1000))
             if info is not None and info.role == 'unique'}
+
+
+def held_prefix(client, keys: Keys, queue: str) -> str | None:
+    """``Keys.unique_prefix`` of ``queue`` when it holds uniqueness keys now (a purge then
+    releases those of what it removes), else None (one ``SCAN`` of its node)."""
+    prefix = keys.unique_prefix(queue)
+    node = node_client(client, prefix)
+    return prefix if next(node.scan_iter(match=glob_escape(prefix) + '*', count=1000), None) else None

@@ -65,21 +65,26 @@ def test_one_limit_holds_across_workers_and_pools(rig, report):
     span = times[-1] - times[0]
     report(span=span, most_in_1s=per_window(times))
     assert 59 / 20 * 0.9 < span < 59 / 20 * 1.5
-    assert per_window(times) <= 21
+    # 20 a second and the one a burst of 1 starts at once; the times are taken in the
+    # tasks, each a few ms after its start (one more under load)
+    assert per_window(times) <= 22
     assert sum(rig.ran().values()) == 60
 
 
 def test_a_limited_task_does_not_hold_back_the_others(rig):
-    """'2/s' on one task name; 50 tasks of another, published behind 10 of the limited one,
-    all run before the limited ones are half done."""
-    rig.worker('-c', '2', rate_limits=json.dumps({RECORD: '2/s'}))
+    """'1/s' on one task name; 50 tasks of another, published behind 10 of the limited one,
+    all run before the limited ones are done (without the limit, one worker of 2 processes
+    runs the 10 first, in well under a second)."""
+    rig.worker('-c', '2', rate_limits=json.dumps({RECORD: '1/s'}))
     app = rig.client_app()
     send(app, RECORD, ['slow%d' % i for i in range(10)])
     send(app, OTHER, ['fast%d' % i for i in range(50)])
-    assert rig.wait_ran(['fast%d' % i for i in range(50)], timeout=15) is not None
+    took = rig.wait_ran(['fast%d' % i for i in range(50)], timeout=15)
+    assert took is not None
     slow_done = [token for token in rig.listed('ran') if token.startswith('slow')]
-    assert len(slow_done) < 5, slow_done
-    assert rig.wait_ran(['slow%d' % i for i in range(10)], timeout=15) is not None
+    assert len(slow_done) <= took + 2, (took, slow_done)   # 1 a second while the others ran
+    assert len(slow_done) < 10
+    assert rig.wait_ran(['slow%d' % i for i in range(10)], timeout=20) is not None
 
 
 def test_a_tasks_own_rate_limit_becomes_global(rig):
@@ -93,7 +98,7 @@ def test_a_tasks_own_rate_limit_becomes_global(rig):
     assert rig.wait_ran(tokens, timeout=20) is not None
     times = [t for t, _ in rig.run_times()]
     assert times[-1] - times[0] > 29 / 10 * 0.9   # 20/s would take 1.45 s
-    assert per_window(times) <= 11
+    assert per_window(times) <= 12
 
 
 def test_a_limit_changed_and_cleared_while_workers_run(rig):

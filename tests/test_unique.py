@@ -289,6 +289,20 @@ def test_drain_releases_what_it_removes_and_nuke_deletes_the_rest(make_app, r, k
     assert held(r, prefix) == {} and not r.keys(keys.prefix + '*')
 
 
+def test_celery_purge_releases_what_it_removes(make_app, r, keys, prefix):
+    """`celery purge` (kombu's queue purge): the keys of the messages it removes, waiting and
+    scheduled, are free again at once; a period key runs its course."""
+    app = make_app()
+    app.send_task('t', queue='uq', headers=unique_headers('waiting'))
+    app.send_task('t', queue='uq', countdown=60, headers=unique_headers('scheduled'))
+    app.send_task('t', queue='uq', headers=unique_headers('tick', 'period', 60))
+    with app.connection_for_write() as conn:
+        assert Queue('uq', routing_key='uq')(conn.default_channel).purge() == 3
+    assert set(held(r, prefix)) == {'tick'}
+    app.send_task('t', queue='uq', headers=unique_headers('waiting'))
+    assert len(entries(r, keys, 'uq')) == 1
+
+
 # -- the listing ------------------------------------------------------------------------------
 
 def test_celery_streams_unique_lists_the_held_keys(make_app, redis_server, prefix):
