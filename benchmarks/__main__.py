@@ -1,7 +1,8 @@
 """``python -m benchmarks``: see :mod:`benchmarks.run`; ``... soak``: see :mod:`benchmarks.soak`;
 ``... drain-latency``: see :mod:`benchmarks.drain_latency`; ``... delayed-delivery``: see
 :mod:`benchmarks.delayed_delivery`; ``... client-cost``: see :mod:`benchmarks.client_cost`; ``... idle``: see
-:mod:`benchmarks.idle`; ``... cluster``: see :mod:`benchmarks.cluster`."""
+:mod:`benchmarks.idle`; ``... cluster``: see :mod:`benchmarks.cluster`; ``... rate-limits``: see
+:mod:`benchmarks.rate_limits`."""
 import sys
 
 if sys.argv[1:2] == ['soak']:
@@ -31,6 +32,11 @@ if sys.argv[1:2] == ['client-cost']:
 
 if sys.argv[1:2] == ['cluster']:
     from benchmarks.cluster import main
+
+    sys.exit(main(sys.argv[2:]))
+
+if sys.argv[1:2] == ['rate-limits']:
+    from benchmarks.rate_limits import main
 
     sys.exit(main(sys.argv[2:]))
 
