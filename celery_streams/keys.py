@@ -39,7 +39,7 @@ key                                     type    holds
                                                 entries up to it may have been in
                                                 flight (expires after
                                                 ``visibility_timeout``)
-``{P}celery-streams:q:{Q}:unique:K``   string  held uniqueness key K of queue Q
+``{P}celery-streams:q:{Q}:unique:K``    string  held uniqueness key K of queue Q
                                                 (:mod:`celery_streams.unique`):
                                                 ``mode|where|generation|task id`` of
                                                 the task that stands for K; expires
