@@ -43,12 +43,14 @@ def limit_figures(limit: str, starts, disturbances=()) -> dict:
     if len(starts) < 2:
         return figures
     most = most_in_window(starts)
-    bound = int(per_second) + 1   # the rate, and the one a burst of 1 starts at once
-    calm = [t for t in starts if not any(0 <= t - at < SETTLE for at in disturbances)]
-    figures['  most started in any 1 s (bound %d)' % bound] = '%d%s' % (
-        most, '' if most <= bound else ' (within %g s after a fault or kill: see above)' % SETTLE
-        if most_in_window(calm) <= bound else ' **EXCEEDED**')
-    figures['  most started in any 1 s, away from faults and kills'] = most_in_window(calm)
+    # The limit spaces the starts it reserves; a task starts a little after (its worker's
+    # pool, the read), and one read up to an interval late still starts (limits.LATE_MS):
+    # a window can hold one or two more than the rate without the limit being broken.
+    at_rate = int(per_second) + 1   # the rate, and the one a burst of 1 starts at once
+    calm = most_in_window([t for t in starts if not any(0 <= t - at < SETTLE for at in disturbances)])
+    figures['  most started in any 1 s (at the rate: %d)' % at_rate] = most
+    figures['  most started in any 1 s, away from faults and kills'] = '%d%s' % (
+        calm, ' **EXCEEDED**' if calm > at_rate + 2 else '')
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     paced = [gap for gap in gaps if gap < 2.0 / per_second]   # while a backlog was held back
     if paced:
