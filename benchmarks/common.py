@@ -186,6 +186,18 @@ def wait_until(predicate, timeout, interval=0.002, what='condition'):
         time.sleep(interval)
 
 
+def wait_for_workers(app, names, procs, timeout, log_tail):
+    """Wait until every worker of ``names`` answers ``ping``; raise with ``log_tail()`` when
+    one of ``procs`` exited or ``timeout`` seconds passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        replies = app.control.ping(destination=names, timeout=0.5)
+        if len(replies) == len(names):
+            return
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            raise RuntimeError('workers not ready; log tail: %s' % log_tail())
+
+
 def median(values):
     return statistics.median(values) if values else float('nan')
 

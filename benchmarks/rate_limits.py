@@ -104,13 +104,8 @@ class Workers:
                 self.procs.append(subprocess.Popen(command, env=self.env, cwd=common.CODE_DIR,
                                                    stdout=out, stderr=subprocess.STDOUT,
                                                    start_new_session=True))
-        deadline = time.monotonic() + timeout
-        while True:
-            replies = app.control.ping(destination=self.names, timeout=0.5)
-            if len(replies) == len(self.names):
-                return self
-            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
-                raise RuntimeError('workers not ready; log tail: %s' % self.log_tail())
+        common.wait_for_workers(app, self.names, self.procs, timeout, self.log_tail)
+        return self
 
     def log_tail(self) -> str:
         return ' | '.join(p.read_text(errors='replace')[-800:] for p in self.dir.glob('*.log'))

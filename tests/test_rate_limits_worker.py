@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from benchmarks.soak_features import most_in_window
 from celery_streams import limits
 from tests import rigs
 from tests.rigs import RECORD, SentinelRig, ServerRig
@@ -36,14 +37,8 @@ def rig(redis_server, journal_server, unique_name):
 
 
 def per_window(times, width=1.0):
-    """The most runs in any window of ``width`` seconds starting at a run."""
-    times = sorted(times)
-    most, j = 0, 0
-    for i, start in enumerate(times):
-        while j < len(times) and times[j] < start + width:
-            j += 1
-        most = max(most, j - i)
-    return most
+    """The most runs in any window of ``width`` seconds."""
+    return most_in_window(times, width)
 
 
 def send(app, task, tokens, **options):
