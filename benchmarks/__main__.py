@@ -2,7 +2,7 @@
 ``... drain-latency``: see :mod:`benchmarks.drain_latency`; ``... delayed-delivery``: see
 :mod:`benchmarks.delayed_delivery`; ``... client-cost``: see :mod:`benchmarks.client_cost`; ``... idle``: see
 :mod:`benchmarks.idle`; ``... cluster``: see :mod:`benchmarks.cluster`; ``... rate-limits``: see
-:mod:`benchmarks.rate_limits`."""
+:mod:`benchmarks.rate_limits`; ``... server-cost``: see :mod:`benchmarks.server_cost`."""
 import sys
 
 if sys.argv[1:2] == ['soak']:
@@ -37,6 +37,11 @@ if sys.argv[1:2] == ['cluster']:
 
 if sys.argv[1:2] == ['rate-limits']:
     from benchmarks.rate_limits import main
+
+    sys.exit(main(sys.argv[2:]))
+
+if sys.argv[1:2] == ['server-cost']:
+    from benchmarks.server_cost import main
 
     sys.exit(main(sys.argv[2:]))
 
