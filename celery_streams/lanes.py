@@ -25,6 +25,22 @@ from .slots import slot_of
 logger = logging.getLogger(__name__)
 
 
+class Carried(NamedTuple):
+    """Commands a read carries: written just before it, in the same write (the acks of the
+    tasks that finished, the ledger's counts), so that Redis takes both in one socket read.
+
+    ``on_replies(replies)`` gets their replies (an error reply as its exception) when the
+    read's reply is taken; ``on_lost()`` is called instead when the connection broke before
+    they could be read: whether they ran is unknown, and the caller writes them again (an
+    ack again does nothing).
+    """
+
+    packed: bytes
+    replies: int
+    on_replies: Callable
+    on_lost: Callable
+
+
 class Read(NamedTuple):
     """A read sent on a channel's reader connection, its reply not yet parsed."""
 
@@ -34,6 +50,7 @@ class Read(NamedTuple):
     noack: bool
     sent_at: float
     max_messages: int = 0    # the most it may bring (not `count`: that is tuple.count)
+    carried: Carried | None = None
 
 
 class Lane:
@@ -56,11 +73,17 @@ class Lane:
         sock = self.outstanding.connection._sock if self.outstanding is not None else None
         return None if sock is None else sock.fileno()
 
-    def send(self, kind: str, command: bytes, queues, noack, count) -> int | None:
-        """Send a read; returns the file descriptor its reply arrives on."""
+    def send(self, kind: str, command: bytes, queues, noack, count,
+             carried: Carried | None = None) -> int | None:
+        """Send a read, after the commands it ``carried``; returns the file descriptor its
+        reply arrives on."""
         connection = self.client.connection
         if connection is None:   # closed (:meth:`close`): its client holds no connection any more
+            if carried is not None:
+                carried.on_lost()
             raise redis.ConnectionError('celery_streams: read on a closed lane')
+        if carried is not None:
+            command = carried.packed + command
         if self.asking:
             command = wire.pack(['ASKING']) + command
         try:
@@ -69,16 +92,23 @@ class Lane:
             connection.send_packed_command([command])
         except errors.connection_errors:
             connection.disconnect()
+            if carried is not None:
+                carried.on_lost()
             raise
-        self.outstanding = Read(connection, kind, queues, noack, monotonic(), count)
+        self.outstanding = Read(connection, kind, queues, noack, monotonic(), count, carried)
         return self.fileno()
 
     def receive(self):
-        """The reply of the outstanding read (its error raised); the read is no longer out."""
+        """The reply of the outstanding read (its error raised); the read is no longer out.
+        The replies of the commands it carried go to their ``on_replies`` (once read, whatever
+        the read's own reply)."""
         read, self.outstanding = self.outstanding, None
+        carried, answered = read.carried, None
         try:
             if self.asking:
                 self.client.parse_response(read.connection, 'ASKING')
+            if carried is not None:
+                answered = [_reply(read.connection) for _ in range(carried.replies)]
             if read.command == 'EVALSHA':
                 [replies] = self.client.parse_response(read.connection, 'EVALSHA')
                 return replies
@@ -87,16 +117,36 @@ class Lane:
             raise
         except BaseException:
             read.connection.disconnect()
+            if carried is not None and answered is None:
+                carried.on_lost()
             raise
+        finally:
+            if answered is not None and carried is not None:
+                carried.on_replies(answered)
 
     def drop(self) -> None:
         if self.client.connection is not None:
             self.client.connection.disconnect()
-        self.outstanding = None
+        self._lose()
 
     def close(self) -> None:
+        self._lose()
         self.client.close()
         self.client.connection_pool.disconnect()
+
+    def _lose(self) -> None:
+        """The outstanding read is given up: the commands it carried are written again."""
+        read, self.outstanding = self.outstanding, None
+        if read is not None and read.carried is not None:
+            read.carried.on_lost()
+
+
+def _reply(connection):
+    """One reply off ``connection``; an error reply as its exception, not raised."""
+    try:
+        return connection.read_response()
+    except redis.ResponseError as exc:
+        return exc
 
 
 class ServerLanes:
@@ -106,6 +156,10 @@ class ServerLanes:
     ``moves()`` counts the times the Sentinels moved the master: when it
     changed, the lane drops its connection and reads from the new master.
     """
+
+    #: Whether a read may carry the channel's queued acks in its write (:class:`Carried`):
+    #: here they go to the server the pipe writes to, and Redis takes both in one socket read.
+    carry_acks = True
 
     def __init__(self, open_pool: Callable[[], redis.ConnectionPool], moves: Callable[[], int]):
         self._open_pool = open_pool
@@ -162,6 +216,9 @@ class ClusterLanes:
     away breaks its lane's connection: the channel's connection is lost, and
     kombu's reconnect finds the masters anew.
     """
+
+    #: A lane reads one slot, and may be redirected: acks go on the cluster pipe.
+    carry_acks = False
 
     def __init__(self, cluster, open_pool: Callable[[str, int], redis.ConnectionPool],
                  stream_of: Callable[[str], str]):

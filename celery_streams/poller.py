@@ -54,7 +54,9 @@ class ConsumingChannel(Protocol):
     def loop_turn(self, thread_ident: Optional[int]) -> None:
         """Acks made on that thread wait for the next :meth:`flush_acks` (None: sent at once)."""
 
-    def flush_acks(self) -> None: ...
+    def flush_acks(self, carry: bool = False) -> bool:
+        """Send the queued acks; ``carry``: unless the next read goes out soon and will carry
+        them (then True: they wait for it)."""
     def maybe_reclaim(self) -> None: ...
     def deliver_buffered(self, limit: Optional[int] = None) -> bool: ...
     def has_buffered(self) -> bool: ...
@@ -164,8 +166,7 @@ class Poller:
         self._in_tick = True
         try:
             for channel in list(self.channels):
-                channel.flush_acks()
-                self._start(channel)
+                self._start_and_flush(channel)
         finally:
             self._in_tick = False
 
@@ -200,8 +201,24 @@ class Poller:
         try:
             channel.deliver_buffered()
         finally:
-            channel.flush_acks()
+            self._start_and_flush(channel)
+
+    def _start_and_flush(self, channel):
+        """Read on, then send the acks of this turn: those the next read will carry (it went
+        out now, or goes out within ``REFILL_WAIT``) wait for it.
+
+        Acks waiting for a held-back read need its timer on time: armed from ``on_tick``,
+        the hub would sleep past it (see :meth:`_timer_armed`) and, on an idle worker, the
+        acks with it, so the hub is woken then.
+        """
+        armed = channel in self._refill_timers
+        try:
             self._start(channel)
+        except BaseException:
+            channel.flush_acks()
+            raise
+        if channel.flush_acks(carry=True) and not armed and channel in self._refill_timers:
+            self._timer_armed()   # once, when the timer is new: from on_tick, a wake-up
 
     def _start(self, channel):
         channel.loop_turn(threading.get_ident())   # acks wait for the next tick
@@ -262,7 +279,7 @@ class Poller:
     def _on_refill(self, channel):
         self._refill_timers.pop(channel, None)
         if channel in self.channels and self.hub is not None:
-            self._start(channel)
+            self._start_and_flush(channel)
 
     def _on_due(self, channel):
         """The hub timer: move the channel's due messages; the XADD wakes its blocked read."""

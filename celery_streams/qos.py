@@ -26,7 +26,8 @@ from typing import NamedTuple
 from kombu.transport import virtual
 from redis.exceptions import NoScriptError, ResponseError
 
-from . import errors
+from . import errors, wire
+from .lanes import Carried
 from .unique import Holds
 from .worker_state import running_delivery_tags
 
@@ -113,6 +114,7 @@ class QoS(virtual.QoS):
                            visibility_ms=channel.options.visibility_ms,
                            renew_every=channel.options.renew_every)
         self._releases: list = []     # commands releasing keys, sent with the next acks
+        self._resend: list = []       # commands a read carried, lost with its connection
 
     # -- kombu's QoS ----------------------------------------------------------
 
@@ -235,18 +237,55 @@ class QoS(virtual.QoS):
     def has_acks(self) -> bool:
         return bool(self._acks)
 
-    def flush_acks(self, wait=False) -> None:
-        """Write the queued acks; read the replies that came (``wait``: all of them)."""
+    def flush_acks(self, wait=False, keep=()) -> bool:
+        """Write the queued acks; read the replies that came (``wait``: all of them).
+
+        ``keep``: the queues whose next read goes out soon (:attr:`Reader.carrying`): if
+        every queued ack is of one of them, they wait and that read carries them
+        (:meth:`carry`): one write, and one socket read for Redis, instead of two.
+        Returns True if acks wait so.
+        """
+        if keep and not wait and self._carriable(keep):
+            self.pipe.collect(False)
+            return True
+        tags = self._take_acks()
+        if tags or self.inbox.uncounted or self._resend:
+            self.ack_tags(tags, wait=wait)
+        else:
+            self.pipe.collect(wait)
+        return False
+
+    def carry(self, queues) -> Carried | None:
+        """The queued acks (and the ``delivered`` counts of the last reads) as commands a read
+        of ``queues`` writes before itself, or None: nothing queued, or something the read
+        cannot carry (an ack of another queue, a uniqueness key's release: sent on the pipe).
+
+        Until the read's reply comes, its acks are in flight: if its connection breaks,
+        they are written again (:meth:`_carried_lost`).
+        """
+        if not self._carriable(queues):
+            return None
+        commands = self._ack_commands(self._take_acks(), 'acked')
+        if not commands:
+            return None
+        return Carried(b''.join(map(wire.pack, commands)), len(commands),
+                       partial(self._acked, commands), partial(self._carried_lost, commands))
+
+    def _carriable(self, queues) -> bool:
+        if self._releases or self._resend or not (self._acks or self.inbox.uncounted):
+            return False
+        return all(parse_tag(tag).queue in queues for tag in list(self._acks))
+
+    def _carried_lost(self, commands) -> None:
+        self._resend += commands
+
+    def _take_acks(self) -> list:
         tags = []
         while True:
             try:
                 tags.append(self._acks.popleft())
             except IndexError:
-                break
-        if tags or self.inbox.uncounted:
-            self.ack_tags(tags, wait=wait)
-        else:
-            self.pipe.collect(wait)
+                return tags
 
     def ack_tags(self, tags, wait=True, counter='acked') -> None:
         """XACK and XDEL the entries of ``tags``, counted ``counter`` in their queue's ledger:
@@ -256,12 +295,10 @@ class QoS(virtual.QoS):
         With ``wait`` it returns once Redis replied to them (and to every ack
         written before); else the replies are read by a later call.
         """
-        by_stream: dict = {}
-        for tag in map(parse_tag, tags):
-            key = (self.keys.stream(tag.queue, tag.bucket), self.keys.ledger(tag.queue), '1')
-            by_stream.setdefault(key, []).append(tag.entry_id)
-        commands = settle_commands(self.scripts, self.group, by_stream, counter, self.ledger)
-        commands += self.inbox.ledger_commands()
+        commands = self._ack_commands(tags, counter)
+        if self._resend:   # carried by a read whose connection broke: again (an ack again does nothing)
+            resend, self._resend = self._resend, []
+            commands = resend + commands
         if self._releases:   # in the acks' write: a key goes with its message
             releases, self._releases = self._releases, []
             commands += releases
@@ -269,6 +306,14 @@ class QoS(virtual.QoS):
             self.pipe.collect(wait)
             return
         self.pipe.write(commands, wait=wait, on_replies=partial(self._acked, commands))
+
+    def _ack_commands(self, tags, counter) -> list:
+        by_stream: dict = {}
+        for tag in map(parse_tag, tags):
+            key = (self.keys.stream(tag.queue, tag.bucket), self.keys.ledger(tag.queue), '1')
+            by_stream.setdefault(key, []).append(tag.entry_id)
+        commands = settle_commands(self.scripts, self.group, by_stream, counter, self.ledger)
+        return commands + self.inbox.ledger_commands()
 
     def _acked(self, commands, replies) -> None:
         """The replies of an ack write: commands refused with ``NOSCRIPT`` (the server lost its

@@ -56,11 +56,13 @@ class Reader:
     :mod:`celery_streams.lanes`), the queue table, the inbox replies go into,
     the scheduler of delayed delivery, the scripts and the client (for
     ``basic_get``'s read); ``refill_wait(budget)`` (the QoS: seconds to hold a
-    read back) and ``ensure_alive()`` (liveness: before a read with acks).
+    read back), ``ensure_alive()`` (liveness: before a read with acks) and
+    ``carry(queues)`` (the QoS: the queued acks a read of ``queues`` writes before
+    itself, or None; unused where the lanes cannot carry them: on a Redis Cluster).
     """
 
     def __init__(self, *, options, keys, group: str, consumer: str, lanes, queues, inbox,
-                 scheduler, scripts, client, refill_wait, ensure_alive):
+                 scheduler, scripts, client, refill_wait, ensure_alive, carry=None):
         self.options = options
         self.keys = keys
         self.group = group
@@ -73,11 +75,15 @@ class Reader:
         self.client = client
         self.refill_wait = refill_wait
         self.ensure_alive = ensure_alive
+        self.carry = carry if lanes.carry_acks else None
         self.block_ms = options.block_ms
         self._rotations: dict = {}      # queues -> how many plans of them were made
         self._layouts: dict = {}        # (queues, table version) -> Reader._lay_out
         #: Seconds the last :meth:`start` held a read back to fill more of the window (0: none).
         self.held_back = 0.0
+        #: The queues whose next read goes out soon (held back, or after a budgeted read out
+        #: now): their acks can wait for it and ride with it (:meth:`QoS.flush_acks`).
+        self.carrying: frozenset = frozenset()
 
     def lane_of(self, fd) -> Lane | None:
         """The lane whose outstanding read came on socket ``fd``."""
@@ -185,11 +191,27 @@ class Reader:
         """
         self.held_back = 0.0
         self.lanes.follow_master()
-        idle = [(lane, lane_queues) for lane, lane_queues in self.lanes.route(queues)
-                if lane.outstanding is None]
+        routes = self.lanes.route(queues)
+        idle = [(lane, lane_queues) for lane, lane_queues in routes if lane.outstanding is None]
         if idle:
             self._send_reads(queues, idle, budget)
+        self.carrying = frozenset(self._carrying(routes)) if self.carry is not None else frozenset()
         return self.fds()
+
+    def pause(self) -> None:
+        """No read goes out now (the channel holds messages, or consumes nothing)."""
+        self.held_back = 0.0
+        self.carrying = frozenset()
+
+    def _carrying(self, routes):
+        """The queues of lanes whose next read is sure to go out soon: a read held back for a
+        fuller window (it goes out when the wait ends), or a budgeted read out now (its reply
+        comes at once, and the read after it carries them). Not behind a blocking read: that
+        one may wait ``polling_interval``."""
+        for lane, lane_queues in routes:
+            read = lane.outstanding
+            if (read.command == 'EVALSHA') if read is not None else bool(self.held_back):
+                yield from lane_queues
 
     def fds(self) -> list:
         """The file descriptors of the sockets with a read outstanding."""
@@ -217,12 +239,15 @@ class Reader:
             if not noack and not alive:
                 self.ensure_alive()
                 alive = True
+            carried = self.carry(plan.queues) if self.carry is not None else None
             if lane.block_next:
                 count = len(plan.streams)
-                lane.send('XREADGROUP', self._packed_blocking_read(plan, noack), plan.queues, noack, count)
+                lane.send('XREADGROUP', self._packed_blocking_read(plan, noack), plan.queues, noack, count,
+                          carried)
             else:
                 count = budget
-                lane.send('EVALSHA', self._packed_budget_read(plan, budget, noack), plan.queues, noack, count)
+                lane.send('EVALSHA', self._packed_budget_read(plan, budget, noack), plan.queues, noack, count,
+                          carried)
             budget -= count
             if budget <= 0:
                 return

@@ -28,7 +28,6 @@ the reader (:mod:`~celery_streams.reader`), the inbox
 (:mod:`~celery_streams.inbox`), the QoS (:mod:`~celery_streams.qos`),
 liveness (:mod:`~celery_streams.liveness`), the scheduler of delayed
 delivery (:mod:`~celery_streams.scheduler`) and the rate limits (:mod:`~celery_streams.limits`).
-
 Options: :mod:`~celery_streams.options`; keys: :mod:`~celery_streams.keys`; URLs: :mod:`.connection`.
 """
 from __future__ import annotations
@@ -135,7 +134,8 @@ class Channel(virtual.Channel):
                              lanes=topology.open_lanes(keys.stream), queues=self.queues,
                              inbox=self.inbox, scheduler=scheduler, scripts=scripts, client=client,
                              refill_wait=lambda budget: self.qos.refill_wait(budget),
-                             ensure_alive=self.liveness.ensure_alive)
+                             ensure_alive=self.liveness.ensure_alive,
+                             carry=lambda queues: self.qos.carry(queues))
         try:
             self._clock_offset_ms = topology.check_server(keys, scripts)
             topology.warn_once()
@@ -267,7 +267,7 @@ class Channel(virtual.Channel):
         """Send a read on each lane with none out, unless nothing may be read; the file
         descriptors of the sockets with a read out."""
         if self.closed or self.inbox or not self._active_queues:
-            self.reader.held_back = 0.0
+            self.reader.pause()
             return self.reader.fds()
         return self.reader.start(self.consuming_queues(), self.qos.read_budget())
 
@@ -297,8 +297,8 @@ class Channel(virtual.Channel):
     def loop_turn(self, thread_ident):
         self.qos.loop_turn(thread_ident)
 
-    def flush_acks(self):
-        self.qos.flush_acks()
+    def flush_acks(self, carry=False):   # carry: unless the next read goes out soon and takes them
+        return self.qos.flush_acks(keep=self.reader.carrying if carry else ())
 
     def maybe_reclaim(self):
         """Take over the messages of dead consumers when due, between reads (not while a read
@@ -388,7 +388,7 @@ class Channel(virtual.Channel):
             return
         self.publisher.close()   # publishes confirmed later: read their replies
         # Each step on its own: on a Redis Cluster, one node gone leaves the others'.
-        for step in (partial(self.qos.flush_acks, wait=True), self.reader.finish_all,
+        for step in (self.reader.finish_all, partial(self.qos.flush_acks, wait=True),
                      lambda: self.qos.restore_tags(self.inbox.take_back())):
             try:
                 step()

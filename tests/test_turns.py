@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
 from kombu import Consumer, Exchange, Queue
 
+from celery_streams import errors
 from tests.helpers import connection, drop_connection, publish, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -141,3 +143,46 @@ def test_a_restore_after_the_server_killed_the_connections_puts_messages_back(
         entries = [e for stream in keys.streams(unique_name) if r.exists(stream)
                    for e in r.xrange(stream)]
         assert len(entries) == 5
+
+
+def test_a_read_carries_the_acks_of_its_turn(redis_server, prefix, unique_name, r, keys):
+    """Acks queued in a turn of the consume loop go out with the next read, in its write: the
+    read's reply taken, they are in Redis without any write of their own."""
+    q = queue(unique_name)
+    with connection(redis_server, prefix) as conn:
+        channel, got = take_unacked(conn, q, prefetch=10, bodies=list(range(5)))
+        qos = channel.qos
+        qos.loop_turn(threading.get_ident())   # acks wait for the turn's end
+        for message in got:
+            message.ack()
+        assert qos.has_acks() and pending(r, keys, unique_name) == 5
+        publish(conn, q.exchange, unique_name, [5])
+        channel.start_read()
+        assert not qos.has_acks(), 'the read did not take the acks'
+        channel.finish_read()
+        assert pending(r, keys, unique_name) == 1, 'the acks a read carried did not land'
+        assert r.hget(keys.ledger(unique_name), 'acked') == b'5'
+
+
+def test_acks_a_read_carried_land_when_the_server_killed_its_connection(
+        redis_server, prefix, unique_name, r, keys):
+    """The server killed the reader's connection (the client does not know) just before a
+    read carried the turn's acks: the read fails, and the acks are written again on the
+    pipe, counted once."""
+    q = queue(unique_name)
+    with connection(redis_server, prefix) as conn:
+        channel, got = take_unacked(conn, q, prefetch=10, bodies=list(range(5)))
+        qos = channel.qos
+        qos.loop_turn(threading.get_ident())
+        for message in got:
+            message.ack()
+        publish(conn, q.exchange, unique_name, [5])
+        [lane] = channel.reader.lanes.lanes()
+        kill_from_the_server(r, lane.client.connection)
+        with pytest.raises(errors.connection_errors):   # the write may pass; no reply comes
+            channel.start_read()
+            channel.finish_read()
+        assert pending(r, keys, unique_name) == 5   # they never ran
+        qos.flush_acks(wait=True)
+        assert pending(r, keys, unique_name) == 0, 'acks lost with the read that carried them'
+        assert r.hget(keys.ledger(unique_name), 'acked') == b'5'

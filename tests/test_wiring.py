@@ -430,6 +430,8 @@ class FakeScheduler:
 
 
 class NoLanes:
+    carry_acks = False
+
     def lanes(self):
         return []
 
@@ -677,7 +679,7 @@ def test_route_closes_a_lane_no_queue_needs_once_its_read_is_in(no_sockets):
     cluster, _ = cluster_lanes()
     routes = dict((lane_queues[0], lane) for lane, lane_queues in cluster.route(['{a}1', '{b}1', '{c}1']))
     b_lane, c_lane = routes['{b}1'], routes['{c}1']
-    c_lane.outstanding = object()   # a read is out on c's lane
+    c_lane.outstanding = SimpleNamespace(carried=None)   # a read is out on c's lane
 
     routed = cluster.route(['{a}1'])
     assert [lane_queues for _, lane_queues in routed] == [['{a}1']]
@@ -715,7 +717,7 @@ def test_follow_master_drops_the_lanes_connection_once_per_move(no_sockets):
     assert server.lanes() == []
 
     lane = server.lane()
-    lane.outstanding = object()
+    lane.outstanding = SimpleNamespace(carried=None)
     server.follow_master()
     assert lane.client.disconnects == 0 and lane.outstanding is not None
 
