@@ -7,7 +7,10 @@ with ``--publish one``) and one ``celery worker -P prefork -c 2`` consumes them,
 with acks early and with ``task_acks_late=True``, for celery_streams
 (``redis-streams://``) and kombu's Redis transport (``redis://``) side by side.
 The worker starts on an idle queue first and is told to consume the tasks with
-``add_consumer`` once they are all queued; default transport options.
+``add_consumer`` once they are all queued, then to stop consuming the idle queue
+(``cancel_consumer``), so that it reads the tasks' queue alone, as a default worker
+reads ``celery`` alone (``--also-idle``: it keeps both, as the figures measured
+before 2026-12-08 did); default transport options.
 
 Two passes per configuration:
 
@@ -88,6 +91,8 @@ def parse(argv):
     parser.add_argument('--no-cost', action='store_true', help='only the scaling run')
     parser.add_argument('--transports', default='%s,%s' % (STREAMS, KOMBU_REDIS),
                         help='comma-separated, among: %s, %s' % (STREAMS, KOMBU_REDIS))
+    parser.add_argument('--also-idle', action='store_true',
+                        help="the worker keeps consuming its idle queue next to the tasks' queue")
     parser.add_argument('--code', help='measure the celery_streams package of this checkout')
     parser.add_argument('--output', type=Path, help='also write the markdown report here')
     args = parser.parse_args(argv)
@@ -173,6 +178,21 @@ def publish(app, queue, n, how):
                 app.send_task(NOOP, queue=queue, producer=producer)
 
 
+#: ``--also-idle``: the workers keep consuming their idle queue next to the tasks' queue.
+KEEP_IDLE = False
+
+
+def switch_to(app, queue, idle, names) -> None:
+    """Make the workers ``names`` consume ``queue`` (and leave ``idle`` unless :data:`KEEP_IDLE`)."""
+    replies = app.control.add_consumer(queue, destination=names, reply=True, timeout=10)
+    if len(replies) != len(names):
+        raise RuntimeError('add_consumer answered by %d of %d workers' % (len(replies), len(names)))
+    if not KEEP_IDLE:
+        replies = app.control.cancel_consumer(idle, destination=names, reply=True, timeout=10)
+        if len(replies) != len(names):
+            raise RuntimeError('cancel_consumer answered by %d of %d workers' % (len(replies), len(names)))
+
+
 def run_cost(name, acks_late, n, how, trace=False, settle=1.0) -> dict:
     """One configuration on a fresh server: commandstats/CPU deltas, and the slow log if ``trace``."""
     from . import celery_workloads as cw
@@ -196,9 +216,7 @@ def run_cost(name, acks_late, n, how, trace=False, settle=1.0) -> dict:
         s0, t0 = stats(server), time.perf_counter()
         publish(app, queue, n, how)
         s1, t1 = stats(server), time.perf_counter()
-        replies = app.control.add_consumer(queue, destination=group.names, reply=True, timeout=10)
-        if len(replies) != 1:
-            raise RuntimeError('add_consumer not answered')
+        switch_to(app, queue, idle, group.names)
         wait_until(lambda: counter.exists(key + ':last'), timeout=600, interval=0.02,
                    what='%d tasks done (%s so far)' % (n, counter.get(key + ':done')))
         s2, t2 = stats(server), time.perf_counter()
@@ -237,9 +255,7 @@ def run_scaling(name, workers, n, how) -> dict:
         time.sleep(1.0)
         publish(app, queue, n, how)
         s0, t0 = stats(server), time.perf_counter()
-        replies = app.control.add_consumer(queue, destination=group.names, reply=True, timeout=10)
-        if len(replies) != workers:
-            raise RuntimeError('add_consumer answered by %d of %d workers' % (len(replies), workers))
+        switch_to(app, queue, idle, group.names)
         wait_until(lambda: counter.exists(key + ':last'), timeout=600, interval=0.02,
                    what='%d tasks done' % n)
         s1, t1 = stats(server), time.perf_counter()
@@ -475,7 +491,9 @@ def command_table(out, title, result):
 
 
 def main(argv=None) -> int:
+    global KEEP_IDLE
     args = parse(argv)
+    KEEP_IDLE = args.also_idle
     prepare_code(args.code)
     out = Report()
     started = time.monotonic()

@@ -61,6 +61,9 @@ class Lane:
         self.outstanding: Read | None = None
         #: The last read found nothing: the next one waits for new entries (``BLOCK``).
         self.block_next = False
+        #: The stream the last read took its whole budget from (a backlog), or None: the next
+        #: read of it may be a plain ``XREADGROUP`` (:meth:`celery_streams.reader.Reader.start`).
+        self.backlog: str | None = None
         #: Redis Cluster: the slot is migrating here; each read goes after ``ASKING``.
         self.asking = asking
 

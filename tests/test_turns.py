@@ -186,3 +186,49 @@ def test_acks_a_read_carried_land_when_the_server_killed_its_connection(
         qos.flush_acks(wait=True)
         assert pending(r, keys, unique_name) == 0, 'acks lost with the read that carried them'
         assert r.hget(keys.ledger(unique_name), 'acked') == b'5'
+
+
+def script_calls(r, sha, run) -> int:
+    """How many times the server ran the script ``sha`` during ``run()``, from its slow log."""
+    r.config_set('slowlog-log-slower-than', 0)
+    r.config_set('slowlog-max-len', 100000)
+    r.slowlog_reset()
+    try:
+        run()
+        entries = r.slowlog_get(100000)
+    finally:
+        r.config_set('slowlog-log-slower-than', 10000)
+    return sum(1 for entry in entries if entry['command'].split()[:2] == [b'EVALSHA', sha.encode()])
+
+
+def test_a_backlog_is_read_with_plain_reads_in_order(redis_server, prefix, unique_name, r):
+    """While the queue's stream holds more than a read's budget, reads are a plain
+    ``XREADGROUP ... COUNT``, not the ``read`` script: the same messages, in order."""
+    q = queue(unique_name)
+    with connection(redis_server, prefix) as conn:
+        publish(conn, q.exchange, unique_name, list(range(40)), declare=[q])
+        got = []
+        channel = conn.channel()
+        Consumer(channel, [q], callbacks=[lambda body, message: (got.append(body), message.ack())],
+                 prefetch_count=4).consume()
+        scripted = script_calls(r, channel.scripts.read.sha,
+                                lambda: drain_until(conn, lambda: len(got) == 40))
+    assert got == list(range(40))
+    assert scripted <= 2, scripted   # 10 reads of 4: the first the script's, the next ones plain
+
+
+def test_a_backlog_does_not_starve_the_other_queues(redis_server, prefix, unique_name):
+    """Two queues with backlogs, round robin: the plain read of one queue's backlog goes out only
+    when that queue comes first, so both are read all along."""
+    a, b = queue(unique_name + 'a'), queue(unique_name + 'b')
+    with connection(redis_server, prefix) as conn:
+        publish(conn, a.exchange, a.name, ['a%d' % i for i in range(40)], declare=[a])
+        publish(conn, b.exchange, b.name, ['b%d' % i for i in range(40)], declare=[b])
+        got = []
+        channel = conn.channel()
+        Consumer(channel, [a, b], callbacks=[lambda body, message: (got.append(body), message.ack())],
+                 prefetch_count=4).consume()
+        assert drain_until(conn, lambda: len(got) >= 24)
+    first = got[:24]
+    assert sum(body.startswith('a') for body in first) >= 8, first
+    assert sum(body.startswith('b') for body in first) >= 8, first
