@@ -121,6 +121,9 @@ class DrainedQueue:
     scheduled_removed: int | None = None   # scheduled messages; None: the schedule left alone
     #: The server time (µs) of the plan: scheduled messages added up to it go, later ones stay.
     scheduled_until: int | None = None
+    #: A sharded queue (:mod:`celery_streams.shards`): what each shard's drain covers (this
+    #: queue's own first); the counts above are their sums.
+    shards: list[DrainedQueue] = field(default_factory=list)
 
 
 def drain(client: Client, *, global_keyprefix: str = '', queues: Iterable[str] | None = None,
@@ -137,10 +140,10 @@ def drain(client: Client, *, global_keyprefix: str = '', queues: Iterable[str] |
     ``progress``: see :func:`apply_drain`.
     """
     inventory = Inventory(client, Keys(global_keyprefix))
-    plan = [plan_drain_queue(client, inventory.keys, queue, kind=inventory.kind(queue),
-                             streams=inventory.streams(queue), dead_letters=dead_letters,
-                             scheduled=not keep_scheduled)
-            for queue in inventory.select(queues, include_broadcast)]
+    plan = [fold_drained([plan_drain_queue(client, inventory.keys, name, kind=inventory.kind(name),
+                                           streams=inventory.streams(name), dead_letters=dead_letters,
+                                           scheduled=not keep_scheduled) for name in members])
+            for members in inventory.sharded(inventory.select(queues, include_broadcast)).values()]
     return plan if dry_run else apply_drain(client, plan, global_keyprefix=global_keyprefix,
                                             progress=progress)
 
@@ -188,35 +191,61 @@ def apply_drain(client: Client, plan: list[DrainedQueue], *, global_keyprefix: s
     # The messages of these release their uniqueness keys as they go (their dead letters
     # released theirs when dead-lettered). A key of a planned message exists now.
     holding = queues_with_keys(client, keys)
-    done = []
-    for planned in plan:
-        dead = keys.dead_letters(planned.queue)
-        targets = list(planned.until) or planned.streams
-        unique = keys.unique_prefix(planned.queue) if planned.queue in holding else None
-        counts = {}
-        for stream in targets:
-            until = planned.until.get(stream, '+')
-            if until == '+':   # a plan made by hand: what is there now, not what comes later
-                until = last_entry_id(client, stream)
-            counts[stream] = scripts.drain_stream(stream, until, progress=progress,
-                                                  unique_prefix=None if stream == dead else unique)
-        drained = [counts[s] for s in planned.streams if s in counts]
-        result = DrainedQueue(planned.queue, planned.kind, sum(c[0] for c in drained),
-                              sum(c[1] for c in drained),
-                              _names({s: stream_groups(client, s) for s in planned.streams}),
-                              planned.streams, until=planned.until)
-        if dead in counts:
-            result.dead_letters_removed = counts[dead][0]
-        if planned.scheduled_removed is not None:
-            key = keys.scheduled(planned.queue)
-            stamp = planned.scheduled_until or plan_stamp(node_client(client, key), key)[1]
-            result.scheduled_removed = drain_schedule(scripts, key, stamp, progress=progress,
-                                                      unique_prefix=unique)
-            result.scheduled_until = stamp
+    done = [fold_drained([_apply_drain_queue(client, keys, scripts, holding, part, progress)
+                          for part in planned.shards or [planned]]) for planned in plan]
+    for result in done:
         logger.info('celery_streams: drained queue %r: %s entries removed, %s pending cleared',
                     result.queue, result.removed, result.pending_cleared)
-        done.append(result)
     return done
+
+
+def fold_drained(parts: list[DrainedQueue]) -> DrainedQueue:
+    """One sharded queue's drain from its shards' (the queue's own first); one part: itself."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+
+    def total(counts):
+        counts = [c for c in counts if c is not None]
+        return sum(counts) if counts else None
+
+    return DrainedQueue(first.queue, first.kind, sum(p.removed for p in parts),
+                        sum(p.pending_cleared for p in parts),
+                        sorted({g for p in parts for g in p.groups_kept}),
+                        [s for p in parts for s in p.streams],
+                        total(p.dead_letters_removed for p in parts),
+                        {s: u for p in parts for s, u in p.until.items()},
+                        total(p.scheduled_removed for p in parts), first.scheduled_until,
+                        shards=list(parts))
+
+
+def _apply_drain_queue(client: Client, keys: Keys, scripts, holding, planned: DrainedQueue,
+                       progress: Progress | None) -> DrainedQueue:
+    """Drain one queue (or shard) as ``planned``."""
+    dead = keys.dead_letters(planned.queue)
+    targets = list(planned.until) or planned.streams
+    unique = keys.unique_prefix(planned.queue) if planned.queue in holding else None
+    counts = {}
+    for stream in targets:
+        until = planned.until.get(stream, '+')
+        if until == '+':   # a plan made by hand: what is there now, not what comes later
+            until = last_entry_id(client, stream)
+        counts[stream] = scripts.drain_stream(stream, until, progress=progress,
+                                              unique_prefix=None if stream == dead else unique)
+    drained = [counts[s] for s in planned.streams if s in counts]
+    result = DrainedQueue(planned.queue, planned.kind, sum(c[0] for c in drained),
+                          sum(c[1] for c in drained),
+                          _names({s: stream_groups(client, s) for s in planned.streams}),
+                          planned.streams, until=planned.until)
+    if dead in counts:
+        result.dead_letters_removed = counts[dead][0]
+    if planned.scheduled_removed is not None:
+        key = keys.scheduled(planned.queue)
+        stamp = planned.scheduled_until or plan_stamp(node_client(client, key), key)[1]
+        result.scheduled_removed = drain_schedule(scripts, key, stamp, progress=progress,
+                                                  unique_prefix=unique)
+        result.scheduled_until = stamp
+    return result
 
 
 def _names(groups: Mapping[str, list[dict]]) -> list[str]:
@@ -336,9 +365,11 @@ def scheduled(client: Client, *, global_keyprefix: str = '', queues: Iterable[st
         q for q, found in inventory.found.items() if found.scheduled)
     now_ms = server_now_ms(client)
     found = []
-    for queue in names:
-        total, messages = scheduled_messages(client, inventory.keys, queue, limit, now_ms)
-        found.append(ScheduledQueue(queue, inventory.keys.scheduled(queue), total, messages))
+    for queue, members in inventory.sharded(names).items():   # a sharded queue: its shards'
+        parts = [scheduled_messages(client, inventory.keys, name, limit, now_ms) for name in members]
+        messages = sorted((m for _, listed in parts for m in listed), key=lambda m: m.due)
+        found.append(ScheduledQueue(queue, inventory.keys.scheduled(queue), sum(n for n, _ in parts),
+                                    messages[:limit] if limit else messages))
     return found
 
 

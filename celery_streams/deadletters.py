@@ -26,7 +26,7 @@ from kombu.utils.json import loads
 from .slots import Client, by_node
 from .errors import StreamsError
 from .inventory import Inventory, age_seconds, last_entry_id, server_now_ms
-from .keys import Keys
+from .keys import Keys, origin_of
 from .scripts import Scripts, source
 from .unique import release_of
 from .wire import text as _text
@@ -165,10 +165,14 @@ def dead_letter_queues(client: Client, keys: Keys, queues: Iterable[str] | None 
 
     Without ``queues``: every queue with a dead-letter stream (``SCAN``). With
     ``queues``: those, checked like :meth:`Inventory.check_known` (a known queue
-    without dead letters is fine; a name never seen raises :class:`UnknownQueue`).
+    without dead letters is fine; a name never seen raises :class:`UnknownQueue`),
+    a sharded queue with its shards (:mod:`celery_streams.shards`).
     """
     inventory = Inventory(client, keys)
-    return inventory.check_known(queues) if queues else inventory.with_dead_letters()
+    if not queues:
+        return inventory.with_dead_letters()
+    return [name for members in inventory.sharded(inventory.check_known(queues)).values()
+            for name in members]
 
 
 def dead_letters(client: Client, *, global_keyprefix: str = '',
@@ -180,14 +184,19 @@ def dead_letters(client: Client, *, global_keyprefix: str = '',
     keys = Keys(global_keyprefix)
     names = dead_letter_queues(client, keys, queues)
     now_ms = server_now_ms(client)
-    result = []
-    for queue in names:
+    result: dict[str, DeadLetterQueue] = {}
+    for queue in names:   # the shards of a sharded queue in one (each letter names its shard)
         stream = keys.dead_letters(queue)
         entries = _read_entries(client, stream, limit or None)
-        result.append(DeadLetterQueue(queue, stream, client.xlen(stream),
-                                      [describe_dead_letter(queue, entry_id, fields, now_ms)
-                                       for entry_id, fields in entries]))
-    return result
+        listed = result.setdefault(origin_of(queue), DeadLetterQueue(
+            origin_of(queue), keys.dead_letters(origin_of(queue)), 0))
+        listed.count += client.xlen(stream)
+        listed.dead_letters += [describe_dead_letter(queue, entry_id, fields, now_ms)
+                                for entry_id, fields in entries]
+    for listed in result.values():
+        if limit:
+            del listed.dead_letters[limit:]
+    return list(result.values())
 
 
 def requeue_dead_letters(client: Client, *, global_keyprefix: str = '',

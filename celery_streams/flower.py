@@ -13,7 +13,8 @@ and Flower asks this transport instead, for ``redis-streams://`` and
 'celery_streams.transport:Transport'``: a queue's length (``messages``, and
 Ready) is the messages no worker received yet, over every priority bucket (as
 ``queue_declare(passive=True).message_count`` counts them); Unacked is what the
-consumer group's workers hold, Consumers the live consumers (:func:`queue_rows`).
+consumer group's workers hold, Consumers the live consumers (:func:`queue_rows`);
+a sharded queue (:mod:`celery_streams.shards`) is one row, its shards' counts summed.
 The Redis calls run in Flower's executor, off its event loop. Without Flower
 installed, importing this module does nothing.
 """
@@ -25,8 +26,8 @@ from redis.exceptions import NoPermissionError
 
 from .connection import SCHEMES, TRANSPORT_PATH, client_from_url, first_seed
 from .depth import queue_counts
-from .inventory import scan_queue_keys, stream_groups
-from .keys import FANOUT, Keys
+from .inventory import scan_queue_keys, shard_order, stream_groups
+from .keys import FANOUT, SHARD_SEP, Keys, origin_of
 from .options import Options
 from .wire import text
 
@@ -51,19 +52,31 @@ def redis_url(broker_url: str) -> str | None:
 def queue_rows(client, keys: Keys, group: str, names: list) -> list:
     """One row of Flower's Broker page per queue: ``messages`` (ready: what no worker received
     yet, as before), ``messages_ready``, ``messages_unacknowledged`` (held by ``group``'s
-    consumers) and ``consumers`` (see :func:`live_consumers`)."""
-    counts = queue_counts(client, keys, group, names)
-    consumers = live_consumers(client, keys, group, names)
-    return [{'name': name, 'messages': ready, 'messages_ready': ready,
-             'messages_unacknowledged': unacked, 'consumers': consumers[name]}
-            for name, (ready, unacked) in zip(names, counts)]
-
-
-def live_consumers(client, keys: Keys, group: str, names: list) -> dict:
-    """Queue -> its live consumers: those with a liveness key (found with one ``SCAN``), or,
-    on a broadcast queue (whose consumers keep none), the consumers of ``group``."""
+    consumers) and ``consumers`` (see :func:`live_consumers`); a sharded queue's over its shards."""
     found = scan_queue_keys(client, keys)
-    live = {name: len(found[name].alive) if name in found else 0 for name in names}
+    members = {name: [name, *sorted((q for q in found if SHARD_SEP in q and origin_of(q) == name),
+                                    key=shard_order)] for name in names}
+    every = [member for name in names for member in members[name]]
+    counts = dict(zip(every, queue_counts(client, keys, group, every)))
+    consumers = live_consumers(client, keys, group, names, found)
+    rows = []
+    for name in names:
+        ready, unacked = (sum(counts[m][i] for m in members[name]) for i in (0, 1))
+        rows.append({'name': name, 'messages': ready, 'messages_ready': ready,
+                     'messages_unacknowledged': unacked, 'consumers': consumers[name]})
+    return rows
+
+
+def live_consumers(client, keys: Keys, group: str, names: list, found=None) -> dict:
+    """Queue -> its live consumers: those with a liveness key (found with one ``SCAN``, or in
+    ``found``; on a sharded queue, on any shard), or, on a broadcast queue (whose consumers
+    keep none), the consumers of ``group``."""
+    found = scan_queue_keys(client, keys) if found is None else found
+    alive: dict[str, set] = {name: set() for name in names}
+    for queue, queue_keys in found.items():
+        if origin_of(queue) in alive:
+            alive[origin_of(queue)].update(queue_keys.alive)
+    live = {name: len(alive[name]) for name in names}
     for name in broadcast_queues(client, keys, [name for name in names if not live[name]]):
         live[name] = sum(g['consumers'] for g in stream_groups(client, keys.stream(name))
                          if g['name'] == group)

@@ -14,7 +14,7 @@ from typing import Iterable
 import redis
 
 from .errors import StreamsError
-from .keys import FANOUT, TASK, Keys
+from .keys import FANOUT, SHARD_SEP, TASK, Keys, origin_of
 from .slots import Client
 from .wire import text
 
@@ -99,6 +99,16 @@ class Inventory:
         """Registered queues plus every queue with a stream, dead letters or a schedule."""
         return sorted(set(self.registry) | {q for q, f in self.found.items() if f.found})
 
+    def sharded(self, names: Iterable[str]) -> dict[str, list[str]]:
+        """``names`` by the queue they belong to: each queue, then the shards found of it
+        when it is sharded (:mod:`celery_streams.shards`, in shard order); a shard named
+        stands for its queue. An operator sees and acts on a sharded queue as one."""
+        found: dict[str, list[str]] = {origin_of(name): [origin_of(name)] for name in names}
+        shards = [name for name in self.all_queues() if SHARD_SEP in name and origin_of(name) in found]
+        for name in sorted(shards, key=shard_order):
+            found[origin_of(name)].append(name)
+        return found
+
     def with_dead_letters(self) -> list[str]:
         return sorted(q for q, f in self.found.items() if f.dead_letters)
 
@@ -131,6 +141,12 @@ class Inventory:
                                  % (', '.join(map(repr, broadcast)),
                                     'are' if len(broadcast) > 1 else 'is'))
         return names
+
+
+def shard_order(name: str) -> tuple:
+    """Sort key of shard names: by queue, then by suffix as a number."""
+    queue, _, suffix = name.partition(SHARD_SEP)
+    return (queue, int(suffix) if suffix.isdigit() else -1, suffix)
 
 
 def stream_groups(client: Client, stream: str) -> list[dict]:

@@ -31,6 +31,11 @@ key                                     type    holds
                                                 (:mod:`celery_streams.limits`)
 ``{P}celery-streams:{limits}:tat:{F}``  string  rate limit F's next free start, ms
                                                 (server clock; expires when idle)
+``{P}celery-streams:{shards}``          hash    sharded queues: queue name -> JSON
+                                                ``{"count": N, "shards": [Q, Q{S...]}``:
+                                                publishers use the first N shards,
+                                                consumers read them all
+                                                (:mod:`celery_streams.shards`)
 ``{P}celery-streams:q:{Q}:alive:{C}``   string  present while consumer C of queue Q lives
                                                 (its worker renews it; expires after
                                                 ``visibility_timeout``)
@@ -49,6 +54,12 @@ key                                     type    holds
 ``P`` is kombu's ``global_keyprefix`` (empty by default). The braces around a
 queue or exchange name are a Redis Cluster hash tag: every key of one queue
 lands in one slot, so cluster support needs no new schema.
+
+A sharded queue Q (:mod:`celery_streams.shards`) is Q itself (shard 0) plus
+internal queues named ``Q{S`` (:data:`SHARD_SEP`, then a small integer S): a
+brace cannot be in a queue name, so a shard's name never collides with one, and
+its hash tag (``{Q{S}``: from the first ``{`` to the first ``}``) gives each
+shard a slot of its own. :func:`origin_of` gives the queue of a shard.
 
 A stream entry has the fields ``payload`` (kombu's JSON envelope) and, once a
 message was put back after a delivery, ``deliveries`` (how many times it was
@@ -83,6 +94,8 @@ LEDGER_TAIL = ':ledger'   # after the queue's hash tag
 DEAD_TAIL = ':dead'       # after the queue's hash tag
 UNIQUE_TAIL = '}:unique:'  # closes the queue's hash tag; the uniqueness key follows
 SEP = '\x06\x16'   # the separator kombu's Redis transport uses in bindings
+#: Between a sharded queue's name and a shard's suffix (no queue name holds a brace).
+SHARD_SEP = '{'
 
 TASK = 'task'
 FANOUT = 'fanout'
@@ -118,6 +131,8 @@ class Keys:
         self.bindings_head = self.prefix + 'bind:{'
         #: The rate limits (:mod:`celery_streams.limits`); their state shares its hash tag.
         self.limits = self.prefix + '{limits}'
+        #: The registry of sharded queues (:mod:`celery_streams.shards`).
+        self.shards = self.prefix + '{shards}'
 
     # -- building -------------------------------------------------------------
 
@@ -269,6 +284,16 @@ def ledger_of(key: str) -> str:
     return key[:key.rindex('}') + 1] + LEDGER_TAIL
 
 
+def shard_name(queue: str, suffix: int) -> str:
+    """The name of the shard of sharded ``queue`` with ``suffix`` (shard 0 is ``queue``)."""
+    return '%s%s%d' % (queue, SHARD_SEP, suffix)
+
+
+def origin_of(name: str) -> str:
+    """The queue a shard belongs to (``name`` itself for any other queue)."""
+    return name.partition(SHARD_SEP)[0] if SHARD_SEP in name else name
+
+
 def is_dead_letters(key: str) -> bool:
     """Whether per-queue ``key`` is a queue's dead-letter stream (see :meth:`Keys.dead_letters`)."""
     return key.endswith('}' + DEAD_TAIL)
@@ -294,6 +319,7 @@ COMMANDS = (
     'zadd', 'zrange', 'zrangebyscore', 'zrem', 'zscan',   # delayed delivery (inside its scripts)
     'zcard', 'unlink',                           # purge of a schedule
     'eval', 'evalsha', 'script|load', 'script|exists', 'scan',
+    'watch', 'unwatch',                          # placing the shards of a sharded queue
 )
 
 

@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 from .inventory import registered_queues, scan_keys
-from .keys import FANOUT, Keys
+from .keys import FANOUT, Keys, origin_of
 from .slots import Client, node_client
 from .wire import text
 
@@ -171,11 +171,29 @@ def read_queue(client: Client, keys: Keys, queue: str, streams: list[str], *,
 
 def audit(client: Client, *, global_keyprefix: str = '', queues: Iterable[str] | None = None,
           consumer_group: str = 'celery') -> list[QueueAudit]:
-    """The audit of every queue under the prefix (or of ``queues``), by name."""
+    """The audit of every queue under the prefix (or of ``queues``), by name; a sharded
+    queue's (:mod:`celery_streams.shards`) sums its shards'."""
     keys = Keys(global_keyprefix)
     found = queue_streams(client, keys)
     kinds = registered_queues(client, keys)
-    names = sorted(set(found) | set(kinds)) if queues is None else list(queues)
-    return [read_queue(client, keys, name, found.get(name, []), kind=kinds.get(name),
-                       consumer_group=consumer_group)
-            for name in names]
+    every = sorted(set(found) | set(kinds))
+    names = every if queues is None else list(queues)
+    members: dict[str, list[str]] = {origin_of(name): [] for name in names}
+    for name in dict.fromkeys([*names, *(n for n in every if origin_of(n) in members)]):
+        members[origin_of(name)].append(name)
+    return [_fold(queue, [read_queue(client, keys, name, found.get(name, []), kind=kinds.get(name),
+                                     consumer_group=consumer_group) for name in parts])
+            for queue, parts in members.items()]
+
+
+def _fold(queue: str, parts: list[QueueAudit]) -> QueueAudit:
+    """One queue's audit from its shards' (itself alone: its own)."""
+    if len(parts) == 1:
+        return parts[0]
+    counters: dict[str, int] = {}
+    for part in parts:
+        for name, value in part.counters.items():
+            counters[name] = counters.get(name, 0) + value
+    return QueueAudit(queue, parts[0].kind, counters, sum(p.waiting for p in parts),
+                      sum(p.pending for p in parts), sum(p.scheduled for p in parts),
+                      sum(p.dead_letters for p in parts))

@@ -40,7 +40,7 @@ from typing import Iterable
 
 from . import errors, rates, worker_state
 from .errors import one_line
-from .keys import Keys
+from .keys import Keys, origin_of
 from .rates import Limit
 from .scheduler import parse_member
 from .slots import Client, node_client
@@ -131,7 +131,7 @@ def _held_by(member, field: str, queue: str) -> bool:
     parsed = parse_member(member)
     if parsed is None or not parsed.token.startswith('p'):
         return False
-    if field == rates.QUEUE + queue:
+    if field == rates.QUEUE + origin_of(queue):   # a shard's: its queue's limit
         return True
     return field.startswith(rates.TASK) and task_of(parsed.payload) == field[len(rates.TASK):]
 
@@ -234,7 +234,8 @@ class Throttle:
         """The fields of the limits that hold this entry: none for one held before and read in
         time for the start reserved for it (``paced_at``, ms)."""
         headers = payload.get('headers') or {}
-        held = tuple(field for field in (rates.TASK + str(headers.get('task')), rates.QUEUE + queue)
+        held = tuple(field for field in (rates.TASK + str(headers.get('task')),
+                                         rates.QUEUE + origin_of(queue))   # a shard: its queue's
                      if field in self.limits)
         if held and paced_at is not None:
             late = self.clock() - paced_at

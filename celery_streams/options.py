@@ -85,6 +85,13 @@ option                          default          meaning
                                                  all workers (written as a global limit
                                                  when a worker starts; Celery's per-worker
                                                  limit is then off for it)
+``sharded_queues``              ``{}``           queue name -> number of shards N >= 1:
+                                                 ``{'celery': 3}`` spreads the queue over
+                                                 N streams, on distinct masters of a Redis
+                                                 Cluster; written to Redis when a worker
+                                                 starts consuming, ``celery streams shards
+                                                 set`` changes it live (docs/shards.md,
+                                                 :mod:`celery_streams.shards`)
 ==============================  ===============  ===========================================
 
 ``delayed_delivery`` decides how a *publisher* stores a message; every
@@ -145,6 +152,8 @@ KOMBU_OWN = frozenset({
 MAX_SECONDS = 1e9
 #: The largest whole number an option may give: Redis' (a signed 64-bit integer).
 MAX_WHOLE = 2 ** 63 - 1
+#: The most shards a sharded queue may have (``sharded_queues``).
+MAX_SHARDS = 256
 
 #: A check: ``check(name, value)`` returns the value to keep, or raises ConfigurationError.
 Check = Callable[[str, Any], Any]
@@ -287,6 +296,19 @@ def _rate_limits(name: str, value: Any) -> tuple:
                                  else 'transport option %s: %s' % (name, message)) from None
 
 
+def _sharded_queues(name: str, value: Any) -> tuple:
+    """Queue name -> number of shards: kept as sorted ``(queue, N)`` pairs."""
+    expected = "a dict of queue name -> number of shards from 1 to %d (as {'celery': 3})" % MAX_SHARDS
+    if not isinstance(value, Mapping):
+        raise _refused(name, expected, value)
+    for queue, number in value.items():
+        if (not isinstance(queue, str) or not queue or '{' in queue or '}' in queue
+                or isinstance(number, bool) or not isinstance(number, int)
+                or not 1 <= number <= MAX_SHARDS):
+            raise _refused(name, expected, dict(value))
+    return tuple(sorted(value.items()))
+
+
 def _option(default: Any, check: Check) -> Any:
     """A field of :class:`Options` whose given value ``check(name, value)`` checks and converts."""
     return field(default=default, metadata={'check': check})
@@ -326,6 +348,7 @@ class Options:
     ledger: bool = _option(True, _flag)
     rate_limits: tuple = _option((), _rate_limits)
     global_task_rate_limits: bool = _option(False, _flag)
+    sharded_queues: tuple = _option((), _sharded_queues)
     ignored: tuple = field(default=(), compare=False)
 
     @classmethod

@@ -10,6 +10,9 @@
 * A message carrying a uniqueness key (:mod:`celery_streams.unique`) goes
   through the ``unique`` script instead, which checks the key and appends or
   schedules in one call per queue (a broadcast ignores the key).
+* A message to a sharded queue (:mod:`celery_streams.shards`) goes to one of
+  its shards: by its ``shard_key`` header, else round robin. A direct or topic
+  exchange then routes in the client (the ``route`` script knows no shards).
 * A Celery task whose ETA is further ahead than ``delayed_delivery_threshold``
   goes into each queue's schedule instead of its stream (delayed delivery,
   :mod:`celery_streams.scheduler`): the ``schedule`` script through the
@@ -58,14 +61,17 @@ class Publisher:
 
     Its collaborators: the channel's ``topology`` (the dispatcher publishes go
     through, the pipe of ``publish_confirm='later'``, following the master,
-    whether the ``route`` script may run), the queue table and its bindings, the scripts and
-    ``clock()`` (now, in ms by the server's clock). ``kombu`` is the kombu
+    whether the ``route`` script may run), the queue table and its bindings, the scripts,
+    ``clock()`` (now, in ms by the server's clock) and ``shards`` (the shard a message
+    to a sharded queue goes to). ``kombu`` is the kombu
     channel, for what kombu knows: exchange types and lookups, the dead-letter
     queue, a message's priority.
     """
 
-    def __init__(self, *, kombu, topology, queues, bindings, scripts, keys, options, clock):
+    def __init__(self, *, kombu, topology, queues, bindings, scripts, keys, options, clock, shards):
         self.kombu = kombu
+        #: The shards of sharded queues (:class:`celery_streams.shards.ShardTable`).
+        self.shards = shards
         self.topology = topology
         self.dispatcher = topology.dispatcher
         self.queues = queues
@@ -98,6 +104,9 @@ class Publisher:
         claim = unique_claim(message)
         if claim is not None:
             return self.put_unique([queue], message, claim)
+        route = self.shards.routes.get(queue)
+        if route is not None:   # a sharded queue (celery_streams.shards): one of its shards
+            queue = route.pick(message)
         self._write(self._put_commands([queue], message), _publish_batch)
 
     def put_unique(self, queues, message, claim) -> None:
@@ -108,6 +117,7 @@ class Publisher:
         whether it was dropped (:func:`celery_streams.unique.take_outcome`).
         """
         bucket, now_ms = self.bucket(message), self.clock()
+        queues = [self.shards.pick(queue, message, claim.key) for queue in queues]   # one key, one shard
         payload = serialize(message, now_ms)
         due = scheduler.due_ms(message, now_ms, self.options)
         commands = [unique.publish_command(self.scripts, self.keys, queue, claim, payload=payload,
@@ -244,6 +254,8 @@ class Publisher:
             return self.put_unique(queues, message, claim)
         if self.kombu.deadletter_queue:
             return self._put_declared(exchange, routing_key, message, batch)
+        if self.shards.routes:   # the route script knows no shards
+            return self._route_in_client(exchange, kind, routing_key, message, batch)
         return self.route_exchange(exchange, kind, routing_key, message, batch)
 
     def _route_in_script(self, exchange, kind, routing_key, message, batch=None):
@@ -283,9 +295,10 @@ class Publisher:
             table = [parse_binding(member) for member in members]
             others = sorted(lookup(table, exchange, routing_key, None) - set(here))
             if others:
-                self._append_if_exists(exchange, others, message, self.bucket(message), 0)
+                self._append_elsewhere(exchange, others, message)
 
-        self._write([bindings, *self._put_commands(here, message)], batch, on_replies=route_others)
+        shards = [self.shards.pick(queue, message) for queue in here]
+        self._write([bindings, *self._put_commands(shards, message)], batch, on_replies=route_others)
 
     def _put_declared(self, exchange, routing_key, message, batch=None):
         """Route with kombu's lookup: to the queues this process declared (created when
@@ -298,7 +311,18 @@ class Publisher:
                 self.put(queue, message, _publish_batch=batch)
         elsewhere = [q for q in queues if q not in declared_here]
         if elsewhere:
-            self._append_if_exists(exchange, elsewhere, message, self.bucket(message), 0,
+            self._append_elsewhere(exchange, elsewhere, message, batch)
+
+    def _append_elsewhere(self, exchange, queues, message, batch=None):
+        """Route to ``queues`` that other processes bound: each while it exists, but a
+        sharded queue to one of its shards, created when missing (it is in the registry)."""
+        routes = self.shards.routes
+        sharded = [routes[q].pick(message) for q in queues if q in routes]
+        if sharded:
+            self._write(self._put_commands(sharded, message), batch)
+        plain = [q for q in queues if q not in routes]
+        if plain:
+            self._append_if_exists(exchange, plain, message, self.bucket(message), 0,
                                    _publish_batch=batch)
 
     def _route_argv(self, exchange, kind, routing_key, message) -> list:

@@ -127,15 +127,17 @@ class QueueTable:
 
     # -- declaring ------------------------------------------------------------
 
-    def declare(self, queue: str, auto_delete: bool = False, arguments=None) -> int:
+    def declare(self, queue: str, auto_delete: bool = False, arguments=None, internal=False) -> int:
         """Create ``queue``'s main stream and group (at ``0``) and register it; return how
         many messages it holds for a consumer (kombu's ``queue_declare`` message count).
+        ``internal``: a shard of a sharded queue (:mod:`celery_streams.shards`), whose
+        name holds a brace.
 
         One packed write with the count's commands: a consumer of 100 queues
         declared them in 38 ms with a redis-py pipeline for each and another
         for the count.
         """
-        if '{' in queue or '}' in queue:
+        if '}' in queue or ('{' in queue and not internal):
             raise errors.ConfigurationError(
                 'queue name %r: braces are not allowed (they delimit the queue in its Redis keys)'
                 % queue)

@@ -348,6 +348,15 @@ class Reader:
 
     # -- basic_get ------------------------------------------------------------
 
+    def read_first(self, queues) -> tuple:
+        """``(queue, payload)`` of one message of the first of ``queues`` that has one (the
+        shards of a sharded queue, in turn), or ``(None, None)``; never blocks."""
+        for queue in queues:
+            payload = self.read_now(queue)
+            if payload is not None:
+                return queue, payload
+        return None, None
+
     def read_now(self, queue):
         """The payload of one message of ``queue``, highest priority first, or None; never blocks.
 

@@ -100,6 +100,9 @@ class QueueStatus:
     consumers: int = 0
     #: Consumers of the group whose liveness key expired: dead workers not yet forgotten.
     stale_consumers: list[str] = field(default_factory=list)
+    #: A sharded queue (:mod:`celery_streams.shards`): each shard's counts (the queue's are
+    #: their sums); empty for any other queue.
+    shards: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -127,8 +130,10 @@ def status(client: Client, *, global_keyprefix: str = '', consumer_group: str = 
     names = inventory.check_known(queues) if queues else inventory.all_queues()
     now_ms = server_now_ms(client)
     schema = client.get(inventory.keys.schema)
-    found = [queue_status(client, inventory, queue, consumer_group, now_ms) for queue in names]
     keys = inventory.keys
+    found = [fold_shards(queue, keys.stream(queue), [
+                 queue_status(client, inventory, name, consumer_group, now_ms) for name in members])
+             for queue, members in inventory.sharded(names).items()]
     return Status(server=server_version(client), global_keyprefix=global_keyprefix or '',
                   namespace=keys.prefix, consumer_group=consumer_group,
                   schema=int(schema) if schema is not None else None,
@@ -178,6 +183,35 @@ def queue_status(client: Client, inventory: Inventory, queue: str, consumer_grou
         next_due_in=next_due_in, internal=is_internal(queue),
         consumers=len({c.name for c in own}) if alive is None else len(alive),
         stale_consumers=sorted({c.name for c in own if c.alive is False}))
+
+
+def fold_shards(queue: str, stream: str, parts: list[QueueStatus | None]) -> QueueStatus | None:
+    """The status of ``queue`` from those of its shards (``parts``, the queue itself first):
+    their counts summed, their groups and streams listed, each shard's counts in ``shards``."""
+    found = [part for part in parts if part is not None]
+    if len(parts) == 1 or not found:
+        return parts[0]
+    ages = [p.oldest_pending_age for p in found if p.oldest_pending_age is not None]
+    dues = [p.next_due_in for p in found if p.next_due_in is not None]
+    alive = sorted({c for p in found for c in p.alive_consumers})
+    return QueueStatus(
+        name=queue, kind=found[0].kind, stream=stream, streams=[s for p in found for s in p.streams],
+        exists=any(p.exists for p in found), length=sum(p.length for p in found),
+        waiting=_sum_or_none(p.waiting for p in found), pending=sum(p.pending for p in found),
+        oldest_pending_age=max(ages) if ages else None,
+        dead_letters=sum(p.dead_letters for p in found), groups=[g for p in found for g in p.groups],
+        entries_added=_sum_or_none(p.entries_added for p in found), alive_consumers=alive,
+        scheduled=sum(p.scheduled for p in found), next_due_in=min(dues) if dues else None,
+        internal=is_internal(queue), consumers=len(alive) or max(p.consumers for p in found),
+        stale_consumers=sorted({c for p in found for c in p.stale_consumers}),
+        shards=[{'name': p.name, 'stream': p.stream, 'length': p.length, 'waiting': p.waiting,
+                 'pending': p.pending, 'scheduled': p.scheduled, 'dead_letters': p.dead_letters,
+                 'consumers': p.consumers} for p in found])
+
+
+def _sum_or_none(values: Iterable[int | None]) -> int | None:
+    values = list(values)
+    return None if any(v is None for v in values) else sum(v for v in values if v is not None)
 
 
 def add_stream(client: Client, sums: _Sums, stream: str, bucket: int, kind: str | None,

@@ -45,10 +45,9 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.transport.virtual.base import queue_declare_ok_t
 
-from . import errors, unique, worker_state
+from . import errors, worker_state
 from .connection import SCHEMES, TLS_SCHEMES, Address, refuse_foreign_alternates, safe_url  # noqa: F401
 from .inbox import Inbox
-from .inventory import last_entry_id
 from .keys import Keys
 from .limits import Throttle
 from .liveness import Liveness
@@ -56,13 +55,12 @@ from .options import Options
 from .poller import Poller
 from .batch import PublishBatch
 from .qos import ACK_BATCH, UNLIMITED_BATCH, QoS  # noqa: F401  (documented here)
-from .depth import queue_depth
 from .queues import QueueTable
 from .reader import Reader
 from .publisher import Publisher
-from .scheduler import Scheduler, drain_schedule, plan_stamp
+from .scheduler import Scheduler
 from .scripts import Scripts
-from .slots import node_client
+from .shards import ShardTable, purge, size
 from .topology import open_topology, topology_class
 
 if TYPE_CHECKING:
@@ -113,9 +111,10 @@ class Channel(virtual.Channel):
         self.queues = QueueTable(client=client, dispatcher=topology.dispatcher, pipe=self.pipe,
                                  scripts=scripts, keys=keys, options=options, state=self.state,
                                  typeof=self.typeof, scripts_span_keys=topology.scripts_span_keys)
+        self.shards = ShardTable(client, keys, options.sharded_queues, self.queues, connection._callbacks)
         self.publisher = Publisher(kombu=self, topology=topology, queues=self.queues,
-                                   bindings=self.queues.bindings, scripts=scripts,
-                                   keys=keys, options=options, clock=self.server_time_ms)
+                                   bindings=self.queues.bindings, scripts=scripts, keys=keys,
+                                   options=options, clock=self.server_time_ms, shards=self.shards)
         scheduler = Scheduler(keys=keys, queues=self.queues, scripts=scripts,
                               dispatcher=topology.dispatcher, clock=self.server_time_ms,
                               options=options)
@@ -139,6 +138,7 @@ class Channel(virtual.Channel):
         try:
             self._clock_offset_ms = topology.check_server(keys, scripts)
             topology.warn_once()
+            self.shards.refresh()   # sharded queues: their shards, before the first publish
         except Exception:
             topology.disconnect()
             raise
@@ -179,7 +179,8 @@ class Channel(virtual.Channel):
     def queue_delete(self, queue, if_unused=False, if_empty=False, **kwargs):
         if if_empty and self._size(queue):
             return
-        self.queues.delete(queue)
+        for name in self.shards.names(queue):   # a sharded queue: every shard (not the registry's entry)
+            self.queues.delete(name)
 
     def list_bindings(self):
         """Every binding stored in Redis (``celery list bindings``), not only this process's."""
@@ -219,12 +220,14 @@ class Channel(virtual.Channel):
         record.no_ack = bool(no_ack)
         if not no_ack:
             self.throttle.configure()   # the rate_limits option, once
+            self.shards.configure()   # the sharded_queues option, once
         return super().basic_consume(queue, no_ack, *args, **kwargs)
 
     def basic_cancel(self, consumer_tag):
-        queue = self._tag_to_queue.get(consumer_tag)
+        cancelled = self._tag_to_queue.get(consumer_tag)
         result = super().basic_cancel(consumer_tag)
-        if queue is not None and queue not in self._active_queues:
+        for queue in () if cancelled is None or cancelled in self._active_queues else (
+                cancelled, *self.shards.detach(cancelled)):   # a sharded queue: its shards too
             self.qos.restore_tags(self.inbox.take_back(queue))   # read, never handed over
             self.queues[queue].no_ack = False
             if not self.closed:
@@ -235,15 +238,16 @@ class Channel(virtual.Channel):
         return result
 
     def consuming_queues(self):
-        """The queues with an active consumer on this channel."""
-        return list(self._active_queues)
+        """The queues with an active consumer on this channel (a sharded queue: its shards)."""
+        return self.shards.expand(self._active_queues)
 
     def _get(self, queue):
-        """Read one message of ``queue``, highest priority first, without blocking (``basic_get``)."""
-        payload = self.reader.read_now(queue)
+        """Read one message of ``queue`` (its shards in turn), highest priority first, without
+        blocking (``basic_get``)."""
+        shard, payload = self.reader.read_first(self.shards.names(queue))
         if payload is None:
             raise virtual.Empty()
-        self.liveness.mark_alive(queue)
+        self.liveness.mark_alive(shard)
         return payload
 
     def basic_get(self, queue, no_ack=False, **kwargs):
@@ -302,7 +306,8 @@ class Channel(virtual.Channel):
 
     def maybe_reclaim(self):
         """Take over the messages of dead consumers when due, between reads (not while a read
-        is out or messages wait in the inbox)."""
+        is out or messages wait in the inbox); first, attach the shards placed since."""
+        self.shards.sync(self._active_queues)
         if not (self.inbox or self.reader.outstanding):
             self.liveness.maybe_reclaim(self.qos.read_budget, self.inbox.add_claimed)
 
@@ -329,12 +334,11 @@ class Channel(virtual.Channel):
         """From the renewal thread, about every second: renew what is due; False once a
         closed channel holds nothing more.
 
-        Liveness every third of ``visibility_timeout``; the expiry of consumed
-        queues with an ``x-expires`` every third of it -- off the hub, so a full
-        prefetch window or a long task under ``-P solo`` never lets a consumed
-        queue expire. With Sentinel, where the master is: a channel follows a
-        failover within about a second, even while the old master still takes
-        writes (after ``SENTINEL FAILOVER`` it does so for about 10 s).
+        Liveness every third of ``visibility_timeout``; the expiry of consumed queues with an
+        ``x-expires`` every third of it -- off the hub, so a full prefetch window or a long
+        task under ``-P solo`` never lets a consumed queue expire. With Sentinel, where the
+        master is: a channel follows a failover within about a second, even while the old
+        master still takes writes (after ``SENTINEL FAILOVER`` it does so for about 10 s).
         """
         if self.closed and self.pipe.unconfirmed:
             try:   # acks written on a connection that broke: again, until they land
@@ -352,6 +356,7 @@ class Channel(virtual.Channel):
             queues = self.consuming_queues()
             self.queues.refresh_expiry(queues)
             self.queues.retry_refused(queues)
+            self.shards.tick()   # the registry of sharded queues, every second
         return True
 
     def prune_registry(self):
@@ -366,18 +371,13 @@ class Channel(virtual.Channel):
             raise failed[0][1]
 
     def _size(self, queue):
-        """Messages no consumer received yet, over every priority bucket."""
-        return queue_depth(self.pool_client, self.keys, self.group, queue)
+        """Messages no consumer received yet, over every priority bucket (and every shard)."""
+        return size(self.pool_client, self.keys, self.group, self.shards.names(queue))
 
     def _purge(self, queue):
-        """Empty the queue up to its last entry now, and its schedule up to now, in bounded steps
-        (its groups stay: ``DEL`` would destroy them); what goes releases its uniqueness keys."""
-        client, held = self.pool_client, unique.held_prefix(self.pool_client, self.keys, queue)
-        removed = sum(self.scripts.drain_stream(key, last_entry_id(client, key), unique_prefix=held)[0]
-                      for key in self.keys.streams(queue))
-        key = self.keys.scheduled(queue)
-        return removed + drain_schedule(self.scripts, key, plan_stamp(node_client(client, key), key)[1],
-                                        unique_prefix=held)
+        """Empty the queue (every shard) up to its last entry and its schedule up to now, in bounded
+        steps (groups stay: ``DEL`` would destroy them), releasing their uniqueness keys."""
+        return purge(self.pool_client, self.scripts, self.keys, self.shards.names(queue))
 
     def mark_collected(self):
         """The connection was lost: :meth:`close` keeps what the worker comes back for."""

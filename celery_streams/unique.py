@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass
 from time import monotonic
 from typing import NamedTuple
 
-from .keys import Keys, glob_escape
+from .keys import Keys, glob_escape, origin_of
 from .slots import node_client
 from .wire import text
 from .worker_state import running_delivery_tags
@@ -342,13 +342,15 @@ class HeldKey:
 
 def held_keys(client, keys: Keys, queues=None) -> list[HeldKey]:
     """Every held uniqueness key under the prefix (of ``queues`` only, when given), by queue
-    and key (one ``SCAN``; on a Redis Cluster, of every master)."""
+    and key (one ``SCAN``; on a Redis Cluster, of every master); a shard's under its sharded
+    queue (:mod:`celery_streams.shards`)."""
     found = sorted({text(k) for k in client.scan_iter(match=keys.match_unique, count=1000)})
     wanted = set(queues) if queues else None
     held = []
     for key in found:
         info = keys.parse(key)
-        if info is None or info.role != 'unique' or (wanted is not None and info.queue not in wanted):
+        if info is None or info.role != 'unique' or (
+                wanted is not None and origin_of(info.queue) not in wanted):   # a shard: its queue
             continue
         with client.pipeline(transaction=False) as pipe:   # one key a pipeline: one node each
             pipe.get(key)
@@ -357,7 +359,7 @@ def held_keys(client, keys: Keys, queues=None) -> list[HeldKey]:
         if value is None:
             continue   # released meanwhile
         mode, where, _, task_id = text(value).split('|', 3)
-        held.append(HeldKey(info.queue, info.detail, mode, task_id,
+        held.append(HeldKey(origin_of(info.queue), info.detail, mode, task_id,
                             None if ttl is None or ttl < 0 else round(ttl / 1000, 3), bool(where)))
     return sorted(held, key=lambda h: (h.queue, h.key))
 

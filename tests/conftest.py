@@ -144,6 +144,8 @@ SHARED_FIXTURE_FILES = {
     "tests/test_ledger_cluster.py": "kind",    # cluster
     "tests/test_unique_cluster.py": "kind",    # cluster
     "tests/test_rate_limits_cluster.py": "kind",   # cluster
+    "tests/test_shards_cluster.py": "kind",    # cluster
+    "tests/test_shards_worker.py": "kind",     # cluster
     "tests/test_celery_features.py": "kind",   # pair (two workers); smoke, per kind
     "tests/test_packaging.py": "file",         # dist, clean_venv: built in the tree
     "tests/test_topology.py": "kind",          # cluster, single
@@ -162,6 +164,7 @@ START_FIRST = (
     "tests/test_packaging.py",            # ~40 s: a wheel, an sdist, a venv
     "tests/test_network.py",              # blackholes and slow links, ~20-40 s each
     "tests/test_cluster_worker.py",       # ~30 s per server kind
+    "tests/test_shards_worker.py",        # ~60 s per server kind
     "tests/test_sentinel.py",             # failovers, ~25 s each
     "tests/test_faults.py",               # ~10-20 s each
 )

@@ -173,7 +173,7 @@ def test_status_json_is_one_document_of_the_documented_shape(run, state):
     assert set(queues['a']) == {'name', 'kind', 'stream', 'streams', 'exists', 'length', 'waiting',
                                 'pending', 'oldest_pending_age', 'dead_letters', 'groups',
                                 'entries_added', 'alive_consumers', 'scheduled', 'next_due_in',
-                                'internal', 'consumers', 'stale_consumers'}
+                                'internal', 'consumers', 'stale_consumers', 'shards'}
     a = queues['a']
     assert (a['scheduled'], a['next_due_in']) == (0, None)
     assert a['entries_added'] in (None, 6)   # 5 tasks + 1 dead-lettered entry; None on Redis 6.2

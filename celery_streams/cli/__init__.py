@@ -16,6 +16,8 @@
     celery -A proj streams limit list [--json]
     celery -A proj streams limit set NAME RATE [--burst N]
     celery -A proj streams limit clear NAME
+    celery -A proj streams shards list [--json]
+    celery -A proj streams shards set QUEUE N
     celery --broker redis://host:6379/0 streams [--prefix P] status
 
 The broker URL, ``global_keyprefix`` and ``consumer_group`` come from the app
@@ -45,7 +47,8 @@ from __future__ import annotations
 from celery.signals import beat_init, celeryd_after_setup
 
 from .. import diagnose
-from . import audit, dead_letters, exporter, limits, queues, scheduled, unique  # noqa: F401  (they add their commands)
+from . import (audit, dead_letters, exporter, limits, queues, scheduled, shards,  # noqa: F401
+               unique)  # (they add their commands)
 from .base import plan_confirm_apply, streams
 
 # `celery worker` and `celery beat` load this plugin too: their log says when the app runs on

@@ -313,6 +313,10 @@ def _group_lines(queue):
     if queue['scheduled']:
         lines.append('    scheduled %s, the next due in %s' % (
             queue['scheduled'], seconds(queue['next_due_in'])))
+    for shard in queue.get('shards') or ():   # a sharded queue: its counts by shard
+        lines.append('    shard %s: ready %s, unacked %s, scheduled %s, dead letters %s'
+                     % (shard['name'], cell(shard['waiting']), shard['pending'], shard['scheduled'],
+                        shard['dead_letters']))
     for g in queue['groups']:
         lines.append('    group %s%s: %s, pending %s, last delivered %s, entries read %s, lag %s, oldest %s'
                      % (g['name'], ' (priority bucket %s)' % g['bucket'] if g['bucket'] else '',
