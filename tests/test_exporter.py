@@ -12,6 +12,8 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -358,3 +360,27 @@ def test_the_ledger_is_served_as_counters_and_its_balance_as_a_gauge(redis_serve
     r.xdel(keys.stream('work'), r.xrange(keys.stream('work'))[0][0])
     metrics = parse(exporter.Exporter(r, global_keyprefix=prefix, interval=0).metrics())
     assert of(metrics, 'celery_streams_queue_unaccounted', 'work') == 1
+
+
+def test_sigterm_while_scrapes_arrive_stops_the_exporter(redis_server, prefix, exporters):
+    """SIGTERM lands while the main thread accepts scrapes (``socketserver`` catches ``Exception``
+    around handing a request over): the exporter stops all the same, with status 0."""
+    for _ in range(3):
+        served = exporters(app_env(redis_server, prefix), '--interval', '60')
+        going = threading.Event()
+
+        def hammer(served, going):
+            while not going.is_set():
+                try:
+                    served.get('/')
+                except OSError:
+                    return
+
+        threads = [threading.Thread(target=hammer, args=(served, going), daemon=True) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        try:
+            assert served.stop(signal.SIGTERM) == 0
+        finally:
+            going.set()

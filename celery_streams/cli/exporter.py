@@ -32,8 +32,10 @@ NOT_FOUND = b'not found: see /metrics\n'
 TEXT = [('Content-Type', 'text/plain; charset=utf-8')]
 
 
-class _Stop(Exception):
-    """SIGTERM: leave serve_forever like Ctrl-C does."""
+class _Stop(BaseException):
+    """SIGTERM: leave serve_forever like Ctrl-C does. A BaseException, as KeyboardInterrupt:
+    a SIGTERM that lands while the main thread hands a scrape over (``socketserver`` catches
+    ``Exception`` there) must not be swallowed, or the exporter serves on."""
 
 
 class MetricsServer(ThreadingMixIn, WSGIServer):
