@@ -103,10 +103,24 @@ def by_master(found) -> Counter:
 
 
 def run_all(rig, tokens, timeout=60):
-    """Wait until every token ran; the journal's counts."""
-    assert rig.wait_ran(tokens, timeout=timeout) is not None, \
-        sorted(set(tokens) - set(rig.ran()))[:10]
+    """Wait until every token ran; the journal's counts (what did not run, and where the
+    rig's streams stand, in the failure)."""
+    if rig.wait_ran(tokens, timeout=timeout) is None:
+        missing = sorted(set(tokens) - set(rig.ran()))
+        raise AssertionError('%d did not run, e.g. %s; streams: %s' % (
+            len(missing), missing[:10], stream_states(rig)))
     return rig.ran()
+
+
+def stream_states(rig) -> dict:
+    """``{stream key: (length, groups and their pending)}`` of the rig's streams, every master."""
+    states = {}
+    for master in rig.cluster.primaries():
+        with master.client() as node:
+            for key in node.scan_iter(match=rig.keys.prefix + '*', count=1000, _type='stream'):
+                groups = [(g['name'], g['pending'], g['last-delivered-id']) for g in node.xinfo_groups(key)]
+                states[key] = (node.xlen(key), groups)
+    return states
 
 
 def settle_pending(rig, names, timeout=10):
