@@ -66,6 +66,9 @@ class Lane:
         self.backlog: str | None = None
         #: Redis Cluster: the slot is migrating here; each read goes after ``ASKING``.
         self.asking = asking
+        #: When a read last went out on this lane (monotonic; 0: never): the lanes that waited
+        #: longest read first when the prefetch budget cannot cover them all.
+        self.last_sent = 0.0
 
     @property
     def connection(self) -> redis.Connection | None:
@@ -99,6 +102,7 @@ class Lane:
                 carried.on_lost()
             raise
         self.outstanding = Read(connection, kind, queues, noack, monotonic(), count, carried)
+        self.last_sent = self.outstanding.sent_at
         return self.fileno()
 
     def receive(self):

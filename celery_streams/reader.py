@@ -244,6 +244,11 @@ class Reader:
             return
         self.queues.confirm_groups()
         alive = False
+        if len(idle) > 1:
+            # The budget may not cover every lane (a blocking read holds one slot per stream it
+            # names): the lane that waited longest goes first, so none waits for ever behind
+            # the others' blocking reads (a sharded queue's shards, on a Redis Cluster).
+            idle = sorted(idle, key=lambda route: route[0].last_sent)
         for lane, lane_queues in idle:
             plan = self.plan(lane_queues)
             if not plan.streams:
